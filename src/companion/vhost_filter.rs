@@ -1,0 +1,361 @@
+//! A message filter between QEMU and the vhost-user backend crate.
+//!
+//! QEMU 10.0 talks to a vhost-user-net backend in two ways the `vhost` crate (0.18) does not
+//! accept, and the crate drops the connection on either:
+//! - `SET_VRING_ENABLE` before `SET_FEATURES` has acked `VHOST_USER_F_PROTOCOL_FEATURES` (QEMU
+//!   enables the rings when the NIC is set up, before the guest driver negotiates features, and
+//!   repeats it on a migration destination before the rings exist);
+//! - `SEND_RARP` at the end of a migration, on the destination.
+//!
+//! The filter sits on the socket QEMU connects to and forwards every message, with its file
+//! descriptors, to the crate over a private socket, except that it:
+//! - remembers an early `SET_VRING_ENABLE` and replays it right after the `SET_FEATURES` that
+//!   makes it valid;
+//! - answers `SEND_RARP` itself (counted; the guest's MAC is announced by the fabric later).
+//!
+//! It also timestamps the messages that matter to migration, for the status and the trace.
+
+use std::collections::BTreeMap;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Most file descriptors one message carries.
+const MAX_FDS: usize = 32;
+/// Largest payload the protocol allows.
+const MAX_PAYLOAD: usize = 0x1000 + 0x100;
+
+/// Front-end request codes the filter looks at.
+mod code {
+    pub const SET_FEATURES: u32 = 2;
+    pub const SET_MEM_TABLE: u32 = 5;
+    pub const SET_LOG_BASE: u32 = 6;
+    pub const GET_VRING_BASE: u32 = 11;
+    pub const SET_VRING_ENABLE: u32 = 18;
+    pub const SEND_RARP: u32 = 19;
+}
+
+/// Flag bits of a message header.
+const FLAG_VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// A vhost-user message: header fields, payload and attached fds.
+#[derive(Debug)]
+pub struct Message {
+    /// Request code.
+    pub request: u32,
+    /// Flags.
+    pub flags: u32,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Attached file descriptors.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn u64_at(&self, at: usize) -> Option<u64> {
+        self.payload
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    }
+
+    fn u32_at(&self, at: usize) -> Option<u32> {
+        self.payload
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    }
+}
+
+/// Reads one message from `sock`; `Ok(None)` on a clean end of stream.
+pub fn read_message(sock: &UnixStream) -> io::Result<Option<Message>> {
+    let mut header = [0u8; 12];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (got, fds) = {
+        let mut iov = [IoSliceMut::new(&mut header)];
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed `fd` in this process for us via
+                    // SCM_RIGHTS; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        (msg.bytes, fds)
+    };
+    if got == 0 {
+        return Ok(None);
+    }
+    let mut reader = sock;
+    if got < header.len() {
+        reader.read_exact(&mut header[got..])?;
+    }
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8) as usize);
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("vhost-user message {request} announces {size} bytes of payload, more than the protocol allows"),
+        ));
+    }
+    let mut payload = vec![0u8; size];
+    reader.read_exact(&mut payload)?;
+    Ok(Some(Message {
+        request,
+        flags,
+        payload,
+        fds,
+    }))
+}
+
+/// Writes one message, with its fds, to `sock`.
+pub fn write_message(sock: &UnixStream, m: &Message) -> io::Result<()> {
+    let mut header = Vec::with_capacity(12);
+    header.extend_from_slice(&m.request.to_le_bytes());
+    header.extend_from_slice(&m.flags.to_le_bytes());
+    header.extend_from_slice(&(m.payload.len() as u32).to_le_bytes());
+    let raw: Vec<RawFd> = m.fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsgs: Vec<ControlMessage> = if raw.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    let iov = [IoSlice::new(&header), IoSlice::new(&m.payload)];
+    let total = header.len() + m.payload.len();
+    let sent = sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)?;
+    if sent < total {
+        // The fds went with the first bytes; send the rest plainly.
+        let mut all = header;
+        all.extend_from_slice(&m.payload);
+        let mut w = sock;
+        w.write_all(&all[sent..])?;
+    }
+    Ok(())
+}
+
+/// When the messages that matter to migration arrived, in µs since the filter started.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct MessageLog {
+    /// Message counts by name.
+    pub counts: BTreeMap<&'static str, u64>,
+    /// Last arrival of each, µs since start.
+    pub last_us: BTreeMap<&'static str, u64>,
+    /// `SET_VRING_ENABLE`s held until `SET_FEATURES` and then replayed.
+    pub enables_replayed: u64,
+    /// `SEND_RARP`s answered by the filter.
+    pub rarp: u64,
+}
+
+fn name_of(request: u32) -> Option<&'static str> {
+    Some(match request {
+        code::SET_FEATURES => "set_features",
+        code::SET_MEM_TABLE => "set_mem_table",
+        code::SET_LOG_BASE => "set_log_base",
+        code::GET_VRING_BASE => "get_vring_base",
+        code::SET_VRING_ENABLE => "set_vring_enable",
+        code::SEND_RARP => "send_rarp",
+        _ => return None,
+    })
+}
+
+/// Shared view of the filter's log.
+pub type SharedMessageLog = Arc<Mutex<MessageLog>>;
+
+/// Pumps messages between QEMU and the backend until either side closes.
+pub fn run(qemu: UnixStream, backend: UnixStream, log: SharedMessageLog) -> io::Result<()> {
+    let start = Instant::now();
+    let (qemu_r, backend_w) = (qemu.try_clone()?, backend.try_clone()?);
+    // Backend → QEMU: replies, passed through untouched.
+    let replies = std::thread::Builder::new()
+        .name("vfmig-vhost-replies".into())
+        .spawn(move || -> io::Result<()> {
+            while let Some(m) = read_message(&backend)? {
+                write_message(&qemu, &m)?;
+            }
+            let _ = qemu.shutdown(std::net::Shutdown::Both);
+            Ok(())
+        })?;
+
+    let mut acked_protocol_features = false;
+    let mut held_enables: BTreeMap<u32, u32> = BTreeMap::new();
+    let result = (|| -> io::Result<()> {
+        while let Some(m) = read_message(&qemu_r)? {
+            if let Some(name) = name_of(m.request) {
+                let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+                *l.counts.entry(name).or_default() += 1;
+                l.last_us.insert(name, start.elapsed().as_micros() as u64);
+            }
+            match m.request {
+                code::SET_VRING_ENABLE if !acked_protocol_features => {
+                    let (index, num) = (m.u32_at(0).unwrap_or(0), m.u32_at(4).unwrap_or(0));
+                    tracing::debug!(index, num, "SET_VRING_ENABLE before SET_FEATURES: held");
+                    held_enables.insert(index, num);
+                    ack_if_asked(&qemu_r, &m)?;
+                }
+                code::SEND_RARP => {
+                    tracing::info!("SEND_RARP: the VM runs here now");
+                    log.lock().unwrap_or_else(|e| e.into_inner()).rarp += 1;
+                    ack_if_asked(&qemu_r, &m)?;
+                }
+                code::SET_FEATURES => {
+                    acked_protocol_features = m.u64_at(0).unwrap_or(0) & PROTOCOL_FEATURES != 0;
+                    write_message(&backend_w, &m)?;
+                    if acked_protocol_features {
+                        for (index, num) in std::mem::take(&mut held_enables) {
+                            let mut payload = index.to_le_bytes().to_vec();
+                            payload.extend_from_slice(&num.to_le_bytes());
+                            write_message(
+                                &backend_w,
+                                &Message {
+                                    request: code::SET_VRING_ENABLE,
+                                    flags: FLAG_VERSION_1,
+                                    payload,
+                                    fds: vec![],
+                                },
+                            )?;
+                            log.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .enables_replayed += 1;
+                        }
+                    }
+                }
+                _ => write_message(&backend_w, &m)?,
+            }
+        }
+        Ok(())
+    })();
+    let _ = backend_w.shutdown(std::net::Shutdown::Both);
+    let _ = qemu_r.shutdown(std::net::Shutdown::Both);
+    let _ = replies.join();
+    result
+}
+
+/// Sends the success reply a `NEED_REPLY` message asks for.
+fn ack_if_asked(qemu: &UnixStream, m: &Message) -> io::Result<()> {
+    if m.flags & FLAG_NEED_REPLY == 0 {
+        return Ok(());
+    }
+    write_message(
+        qemu,
+        &Message {
+            request: m.request,
+            flags: FLAG_VERSION_1 | FLAG_REPLY,
+            payload: 0u64.to_le_bytes().to_vec(),
+            fds: vec![],
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(request: u32, payload: Vec<u8>) -> Message {
+        Message {
+            request,
+            flags: FLAG_VERSION_1,
+            payload,
+            fds: vec![],
+        }
+    }
+
+    fn enable(index: u32, num: u32) -> Vec<u8> {
+        let mut p = index.to_le_bytes().to_vec();
+        p.extend_from_slice(&num.to_le_bytes());
+        p
+    }
+
+    #[test]
+    fn messages_and_fds_cross_intact() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let memfd =
+            nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MemFdCreateFlag::empty()).unwrap();
+        let mut m = msg(code::SET_MEM_TABLE, vec![1, 2, 3]);
+        m.fds.push(memfd);
+        write_message(&a, &m).unwrap();
+        let got = read_message(&b).unwrap().unwrap();
+        assert_eq!(
+            (got.request, got.payload.clone(), got.fds.len()),
+            (5, vec![1, 2, 3], 1)
+        );
+        drop(a);
+        assert!(read_message(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_oversized_payload_is_an_error_not_an_allocation() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut hdr = 1u32.to_le_bytes().to_vec();
+        hdr.extend_from_slice(&1u32.to_le_bytes());
+        hdr.extend_from_slice(&u32::MAX.to_le_bytes());
+        (&a).write_all(&hdr).unwrap();
+        assert!(read_message(&b).is_err());
+    }
+
+    #[test]
+    fn early_enables_are_held_and_replayed_after_set_features_and_rarp_is_answered() {
+        let (qemu, qemu_side) = UnixStream::pair().unwrap();
+        let (backend_side, backend) = UnixStream::pair().unwrap();
+        let log = SharedMessageLog::default();
+        let l2 = log.clone();
+        let t = std::thread::spawn(move || run(qemu_side, backend_side, l2));
+        write_message(&qemu, &msg(code::SET_VRING_ENABLE, enable(0, 1))).unwrap();
+        write_message(&qemu, &msg(code::SET_VRING_ENABLE, enable(1, 1))).unwrap();
+        let mut rarp = msg(code::SEND_RARP, vec![0; 8]);
+        rarp.flags |= FLAG_NEED_REPLY;
+        write_message(&qemu, &rarp).unwrap();
+        let reply = read_message(&qemu).unwrap().unwrap();
+        assert_eq!(reply.request, code::SEND_RARP);
+        assert_ne!(reply.flags & FLAG_REPLY, 0);
+        write_message(
+            &qemu,
+            &msg(code::SET_FEATURES, PROTOCOL_FEATURES.to_le_bytes().to_vec()),
+        )
+        .unwrap();
+        // The backend sees SET_FEATURES first, then both enables; never SEND_RARP.
+        let seen: Vec<(u32, Vec<u8>)> = (0..3)
+            .map(|_| {
+                let m = read_message(&backend).unwrap().unwrap();
+                (m.request, m.payload)
+            })
+            .collect();
+        assert_eq!(seen[0].0, code::SET_FEATURES);
+        assert_eq!(seen[1], (code::SET_VRING_ENABLE, enable(0, 1)));
+        assert_eq!(seen[2], (code::SET_VRING_ENABLE, enable(1, 1)));
+        // After the features, enables pass straight through.
+        write_message(&qemu, &msg(code::SET_VRING_ENABLE, enable(1, 0))).unwrap();
+        let m = read_message(&backend).unwrap().unwrap();
+        assert_eq!(
+            (m.request, m.payload),
+            (code::SET_VRING_ENABLE, enable(1, 0))
+        );
+        // Replies flow back.
+        write_message(&backend, &msg(code::GET_VRING_BASE, vec![9; 8])).unwrap();
+        assert_eq!(read_message(&qemu).unwrap().unwrap().payload, vec![9; 8]);
+        drop(qemu);
+        t.join().unwrap().unwrap();
+        let l = log.lock().unwrap();
+        assert_eq!(l.enables_replayed, 2);
+        assert_eq!(l.rarp, 1);
+        assert_eq!(l.counts["set_vring_enable"], 3);
+    }
+}

@@ -1,0 +1,197 @@
+//! The companion as a vhost-user-net backend.
+//!
+//! QEMU's virtio-net device, with `-netdev vhost-user`, hands this backend the guest RAM
+//! (`SET_MEM_TABLE`), the virtqueues, and during a migration its dirty log (`SET_LOG_BASE`) —
+//! the one channel through which an unmodified QEMU merges another process's dirty pages into
+//! precopy. The hooks that matter to migration:
+//! - `features` offers `VHOST_F_LOG_ALL` and `protocol_features` offers `LOG_SHMFD`; without
+//!   either, QEMU blocks migration;
+//! - `acked_features` learns from `LOG_ALL` that a migration runs (and, after a quiesce, that
+//!   QEMU restarted the device);
+//! - `update_memory` adopts each new memory table;
+//! - `stop_vring`, called inside `GET_VRING_BASE` before the reply, is the switchover point:
+//!   the device is quiesced there, so its last writes are logged before QEMU's final sync.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_queue::QueueOwnedT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+
+use crate::dirty::QemuLogBitmap;
+use crate::guest_ram::GuestRam;
+use crate::vf::DmaEngine;
+
+/// Receive queue index.
+pub const RX_QUEUE: u16 = 0;
+/// Transmit queue index.
+pub const TX_QUEUE: u16 = 1;
+const NUM_QUEUES: usize = 2;
+const QUEUE_SIZE: usize = 256;
+/// Size of `virtio_net_hdr_v1` (VERSION_1 always carries `num_buffers`).
+pub const NET_HDR_LEN: u32 = 12;
+
+/// Counters of the net device.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct NetStats {
+    /// Frames the guest transmitted (counted and dropped for now).
+    pub tx_frames: u64,
+    /// Bytes of those frames, without the virtio-net header.
+    pub tx_bytes: u64,
+    /// Quiesces at switchover (`GET_VRING_BASE`).
+    pub quiesces: u64,
+    /// Memory tables received.
+    pub mem_tables: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    tx_frames: AtomicU64,
+    tx_bytes: AtomicU64,
+    quiesces: AtomicU64,
+    mem_tables: AtomicU64,
+}
+
+/// The vhost-user-net backend. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct NetBackend {
+    dma: Arc<DmaEngine>,
+    event_idx: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+}
+
+impl NetBackend {
+    /// A backend whose device writes go through `dma`.
+    pub fn new(dma: Arc<DmaEngine>) -> Self {
+        Self {
+            dma,
+            event_idx: Arc::new(AtomicBool::new(false)),
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> NetStats {
+        let c = &self.counters;
+        NetStats {
+            tx_frames: c.tx_frames.load(Ordering::Relaxed),
+            tx_bytes: c.tx_bytes.load(Ordering::Relaxed),
+            quiesces: c.quiesces.load(Ordering::Relaxed),
+            mem_tables: c.mem_tables.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes every frame the guest queued for transmission, counts it and returns the buffer.
+    fn drain_tx(&self, vring: &VringRwLock<GuestRam>) -> io::Result<()> {
+        let mem = self.dma.ram().memory();
+        let mut state = vring.get_mut();
+        let chains: Vec<_> = state
+            .get_queue_mut()
+            .iter(mem.clone())
+            .map_err(|e| io::Error::other(format!("TX queue: {e}")))?
+            .collect();
+        if chains.is_empty() {
+            return Ok(());
+        }
+        for chain in chains {
+            let head = chain.head_index();
+            let len: u64 = chain.map(|d| u64::from(d.len())).sum();
+            self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+            self.counters.tx_bytes.fetch_add(
+                len.saturating_sub(u64::from(NET_HDR_LEN)),
+                Ordering::Relaxed,
+            );
+            state
+                .add_used(head, 0)
+                .map_err(|e| io::Error::other(format!("TX used ring: {e}")))?;
+        }
+        state.signal_used_queue()
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = QemuLogBitmap;
+    type Vring = VringRwLock<GuestRam>;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_NET_F_MAC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        self.dma.set_log_requested(log_all);
+        // SET_FEATURES after a quiesce means QEMU is starting the device again: the source
+        // VM runs again (a failed or cancelled migration), so the VF may work again.
+        if self.dma.gate_state().quiesced {
+            self.dma.resume();
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // SEND_RARP is answered by the message filter (the crate would reject it). REPLY_ACK
+        // is not offered, so the filter never owes QEMU an ack for a message it holds.
+        VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::RARP
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn update_memory(&self, _mem: GuestRam) -> io::Result<()> {
+        self.counters.mem_tables.fetch_add(1, Ordering::Relaxed);
+        self.dma.adopt_memory();
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // For net QEMU sends GET_VRING_BASE for queue 0 then 1 at stop-and-copy; quiesce on
+        // the first, the second finds the gate closed already.
+        if !self.dma.gate_state().quiesced {
+            let waited = self.dma.quiesce();
+            self.counters.quiesces.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                queue = queue_index,
+                waited_us = waited.as_micros() as u64,
+                "GET_VRING_BASE: VF quiesced before the reply"
+            );
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!(
+                "unexpected event set {evset:?} on queue {device_event}"
+            )));
+        }
+        match device_event {
+            TX_QUEUE => self.drain_tx(&vrings[TX_QUEUE as usize]),
+            // RX: the guest posted buffers; nothing to deliver yet.
+            RX_QUEUE => Ok(()),
+            other => Err(io::Error::other(format!("event for unknown queue {other}"))),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The companion's own record of the pages its device wrote during one migration epoch.
+//!
+//! One bit per 4 KiB page of guest-physical address, in 64-bit atomic words, so that device
+//! writes from any thread can mark it without a lock, and a harvest can take a whole word at a
+//! time with `swap(0)` and walk only the set bits.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::LOG_PAGE_SIZE;
+
+/// Pages written by the device, by GPA page number.
+#[derive(Debug)]
+pub struct DeviceDirtyBitmap {
+    words: Vec<AtomicU64>,
+}
+
+impl DeviceDirtyBitmap {
+    /// An empty bitmap for `guest_bytes` of guest-physical address space (from GPA 0).
+    pub fn new(guest_bytes: u64) -> Self {
+        let pages = guest_bytes.div_ceil(LOG_PAGE_SIZE);
+        Self {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Number of pages the bitmap can record.
+    pub fn capacity_pages(&self) -> u64 {
+        self.words.len() as u64 * 64
+    }
+
+    /// Marks the pages touched by `[gpa, gpa + len)`. Pages past the bitmap's end are ignored
+    /// (the DMA engine has already refused writes outside guest RAM).
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / LOG_PAGE_SIZE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE_SIZE;
+        for page in first..=last.min(self.capacity_pages().saturating_sub(1)) {
+            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the page holding `gpa` is marked.
+    pub fn is_marked(&self, gpa: u64) -> bool {
+        let page = gpa / LOG_PAGE_SIZE;
+        self.words
+            .get((page / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
+    }
+
+    /// Number of marked pages.
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Takes every marked page, clearing the bitmap, and calls `f` with each page number in
+    /// ascending order. Returns how many pages were taken. Words are taken with `swap`, so a
+    /// page marked during the harvest is either taken now or kept for the next one, never lost.
+    pub fn harvest(&self, mut f: impl FnMut(u64)) -> u64 {
+        let mut taken = 0;
+        for (i, word) in self.words.iter().enumerate() {
+            if word.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as u64;
+                f(i as u64 * 64 + bit);
+                bits &= bits - 1;
+                taken += 1;
+            }
+        }
+        taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn marks_every_page_a_write_touches() {
+        let b = DeviceDirtyBitmap::new(1 << 20);
+        b.mark(0x0fff, 2); // pages 0 and 1
+        b.mark(0x5000, 0x1000); // page 5 only
+        assert_eq!(b.count(), 3);
+        assert!(b.is_marked(0x1000) && b.is_marked(0x5fff) && !b.is_marked(0x6000));
+    }
+
+    #[test]
+    fn marks_past_the_end_are_ignored() {
+        let b = DeviceDirtyBitmap::new(64 * 4096);
+        b.mark(63 * 4096, 8192);
+        assert_eq!(b.count(), 1);
+    }
+
+    #[test]
+    fn harvest_takes_pages_in_order_and_clears() {
+        let b = DeviceDirtyBitmap::new(1 << 30);
+        for p in [3u64, 64, 65, 200_000] {
+            b.mark(p * 4096, 1);
+        }
+        let mut seen = vec![];
+        assert_eq!(b.harvest(|p| seen.push(p)), 4);
+        assert_eq!(seen, vec![3, 64, 65, 200_000]);
+        assert_eq!(b.count(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn harvest_returns_exactly_the_marked_pages(pages in proptest::collection::btree_set(0u64..100_000, 0..200)) {
+            let b = DeviceDirtyBitmap::new(100_000 * 4096);
+            for p in &pages {
+                b.mark(p * 4096 + 17, 1);
+            }
+            let mut got = vec![];
+            b.harvest(|p| got.push(p));
+            prop_assert_eq!(got, pages.into_iter().collect::<Vec<_>>());
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! `vfmig`: one binary, one subcommand per job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use vfmig::companion::{self, CompanionConfig};
+use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
+use vfmig::orchestrator::launch::{mac_for, GuestImage, Role, RunningVm, VmSpec};
+use vfmig::orchestrator::migrate::{self, MigrateOptions, Observer, Quiet, TerminalProgress};
+use vfmig::qmp::QmpClient;
+
+/// Live migration of VMs whose MPI jobs use an SR-IOV RDMA VF, with a stock QEMU.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the per-VM companion: QEMU's vhost-user-net backend, owner of the VF's path into
+    /// guest RAM, which logs every page the VF writes into QEMU's dirty log.
+    Companion {
+        /// The VM's name, for logs and status.
+        #[arg(long)]
+        name: String,
+        /// vhost-user socket to listen on; QEMU's `-chardev socket,path=…` connects to it.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Control socket (JSON lines, mode 0600) for the orchestrator.
+        #[arg(long)]
+        control: PathBuf,
+        /// Start with dirty tracking of device writes OFF. Loses writes during a migration:
+        /// only for the negative control that proves the checks can fail.
+        #[arg(long)]
+        unsafe_no_tracking: bool,
+    },
+    /// Start a VM's companion and then QEMU, with all files in one run directory; stop both on
+    /// Ctrl-C or when QEMU exits.
+    Launch {
+        /// The VM's name.
+        #[arg(long)]
+        name: String,
+        /// Run directory (sockets, serial log, logs, pid files).
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// Start as a migration source (boots the guest) or destination (`-incoming defer -S`).
+        #[arg(long, value_enum, default_value = "source")]
+        role: Role,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        mem_mib: u64,
+        /// QEMU accelerator: `tcg`, or `kvm` where KVM can boot the guest.
+        #[arg(long, default_value = "tcg")]
+        accel: String,
+        /// Directory with edited copies of qemu-patches-free-config/*.args (default: built in).
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// Guest kernel (default: the one tools/setup.sh fetched).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Guest initramfs (default: the one tools/setup.sh built).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// QEMU binary.
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: String,
+    },
+    /// Migrate a VM: sets capabilities on both sides, `migrate-incoming` then `migrate`, follows
+    /// progress, resumes the destination once, and prints a JSON summary.
+    Migrate {
+        /// QMP socket of the source QEMU.
+        #[arg(long)]
+        src_qmp: PathBuf,
+        /// QMP socket of the destination QEMU (started with `-incoming defer -S`).
+        #[arg(long)]
+        dst_qmp: PathBuf,
+        /// Migration stream URI the destination listens on, e.g. `tcp:127.0.0.1:4444`.
+        #[arg(long)]
+        uri: String,
+        /// Leave the destination paused after completion (no `cont`), e.g. to compare RAM.
+        #[arg(long)]
+        keep_paused: bool,
+        /// QEMU `max-bandwidth`, bytes per second (QEMU's default: 128 MiB/s).
+        #[arg(long)]
+        max_bandwidth: Option<u64>,
+        /// QEMU `downtime-limit`, ms (QEMU's default: 300).
+        #[arg(long)]
+        downtime_limit: Option<u64>,
+        /// Cancel the migration if it has not finished after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// The main job on this machine: two VMs with companions, a device writing guest RAM during
+    /// precopy, one migration, and a check that no device write was lost. Its last output line
+    /// is a JSON object.
+    Demo {
+        /// `transparent` (device writes logged into QEMU's dirty log) or `unsafe-no-tracking`
+        /// (the negative control: the same load, no logging; must report lost writes).
+        #[arg(long, value_enum, default_value = "transparent")]
+        strategy: Strategy,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        mem_mib: u64,
+        /// Device writes per second of the traffic generator.
+        #[arg(long, default_value_t = 4000)]
+        rate: u64,
+        /// Bytes per device write (one record per 4 KiB page; 64 to 4096).
+        #[arg(long, default_value_t = 256)]
+        record_size: u32,
+        /// QEMU `max-bandwidth`, bytes/s: lower keeps precopy open longer.
+        #[arg(long, default_value_t = 64 << 20)]
+        max_bandwidth: u64,
+        /// QEMU `downtime-limit`, ms.
+        #[arg(long)]
+        downtime_limit: Option<u64>,
+        /// Leave the destination paused and compare every page of both RAM images by hash.
+        #[arg(long)]
+        keep_paused: bool,
+        /// Where to put the VMs' run directories (default: a fresh temporary directory).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// QEMU accelerator.
+        #[arg(long, default_value = "tcg")]
+        accel: String,
+        /// Seconds the generator runs before the migration starts.
+        #[arg(long, default_value_t = 0.5)]
+        lead_time: f64,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn image(kernel: Option<PathBuf>, initrd: Option<PathBuf>) -> Result<GuestImage> {
+    match (kernel, initrd) {
+        (Some(kernel), Some(initrd)) => Ok(GuestImage { kernel, initrd }),
+        (None, None) => GuestImage::from_setup().map_err(anyhow::Error::msg),
+        _ => bail!("give both --kernel and --initrd, or neither"),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Companion {
+            name,
+            socket,
+            control,
+            unsafe_no_tracking,
+        } => {
+            init_logging("info");
+            companion::run(CompanionConfig {
+                name,
+                socket,
+                control,
+                unsafe_no_tracking,
+            })?;
+        }
+        Command::Launch {
+            name,
+            run_dir,
+            role,
+            mem_mib,
+            accel,
+            config_dir,
+            kernel,
+            initrd,
+            qemu,
+        } => {
+            init_logging("info");
+            let mut vm = RunningVm::launch(VmSpec {
+                mac: mac_for(&name),
+                name,
+                run_dir,
+                mem_mib,
+                role,
+                accel,
+                image: image(kernel, initrd)?,
+                vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                qemu_bin: qemu,
+                config_dir,
+            })?;
+            println!("{}", serde_json::to_string(&vm.paths)?);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook_consts::SIGINT, signal_hook_consts::SIGTERM] {
+                let stop = stop.clone();
+                // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+                unsafe {
+                    nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::Handler(on_signal))
+                }
+                .context("cannot install the signal handler")?;
+                let _ = stop;
+            }
+            while vm.qemu_running() && !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            tracing::info!("stopping QEMU and the companion");
+            vm.stop();
+        }
+        Command::Migrate {
+            src_qmp,
+            dst_qmp,
+            uri,
+            keep_paused,
+            max_bandwidth,
+            downtime_limit,
+            timeout,
+        } => {
+            init_logging("warn");
+            let src = QmpClient::connect(&src_qmp, Duration::from_secs(10))
+                .context("connecting to the source QEMU")?;
+            let dst = QmpClient::connect(&dst_qmp, Duration::from_secs(10))
+                .context("connecting to the destination QEMU")?;
+            let mut progress = TerminalProgress::on_stderr();
+            let observer: &mut dyn Observer = match progress.as_mut() {
+                Some(p) => p,
+                None => &mut Quiet,
+            };
+            let summary = migrate::migrate(
+                &src,
+                &dst,
+                &MigrateOptions {
+                    uri,
+                    keep_paused,
+                    max_bandwidth,
+                    downtime_limit_ms: downtime_limit,
+                    timeout: Duration::from_secs(timeout),
+                },
+                observer,
+            )?;
+            println!("{}", serde_json::to_string(&summary)?);
+        }
+        Command::Demo {
+            strategy,
+            mem_mib,
+            rate,
+            record_size,
+            max_bandwidth,
+            downtime_limit,
+            keep_paused,
+            run_dir,
+            accel,
+            lead_time,
+        } => {
+            init_logging("vfmig=info,warn");
+            let tmp;
+            let run_dir = match run_dir {
+                Some(d) => d,
+                None => {
+                    tmp = tempfile_dir()?;
+                    tmp.clone()
+                }
+            };
+            let opts = DemoOptions {
+                strategy,
+                mem_mib,
+                rate,
+                record_size,
+                max_bandwidth: Some(max_bandwidth),
+                downtime_limit_ms: downtime_limit,
+                keep_paused,
+                run_dir: run_dir.clone(),
+                accel,
+                image: image(None, None)?,
+                vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                lead_time: Duration::from_secs_f64(lead_time),
+                timeout: Duration::from_secs(600),
+            };
+            let mut progress = TerminalProgress::on_stderr();
+            let observer: &mut dyn Observer = match progress.as_mut() {
+                Some(p) => p,
+                None => &mut Quiet,
+            };
+            let report = demo::run(&opts, observer)?;
+            eprintln!(
+                "demo: strategy {:?}: {} device writes on {} distinct pages during the migration; \
+                 {} lost at the destination (checked through the {}); migration {} ms, downtime {} ms",
+                report.strategy,
+                report.device_writes,
+                report.device_dirty_pages,
+                report.lost_writes,
+                report.verified_through,
+                report.total_ms,
+                report.downtime_ms
+            );
+            eprintln!("demo: run directories kept in {}", run_dir.display());
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
+    Ok(())
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+mod signal_hook_consts {
+    pub const SIGINT: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGINT;
+    pub const SIGTERM: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGTERM;
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let base = std::env::temp_dir().join(format!("vfmig-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    Ok(base)
+}

@@ -1,0 +1,267 @@
+//! The main job on one machine: a source and a destination VM with their companions, the
+//! traffic generator writing guest RAM as a remote RDMA peer would, one migration, and the
+//! check that no device write was lost.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::launch::{mac_for, GuestImage, LaunchError, Role, RunningVm, VmSpec};
+use super::migrate::{migrate, MigrateError, MigrateOptions, MigrationSummary, Observer};
+use super::verify::{self, RamComparison, VerifyError};
+use crate::companion::control::{ControlError, Request};
+use crate::companion::generator::{compare, GeneratorConfig, SlotContent, Verdict, Window};
+
+/// How device writes are tracked during the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// vfmig's own: device writes keep going through precopy, each logged into QEMU's dirty
+    /// log; the VF is quiesced only inside the downtime.
+    Transparent,
+    /// Negative control: the same load with the dirty log switched off. Loses writes, by
+    /// design, to prove that the check catches it.
+    UnsafeNoTracking,
+}
+
+/// Guest-physical address of the window the guest kernel never touches (`memmap=16M$…`).
+pub const WINDOW_GPA: u64 = 0x1800_0000;
+/// Size of that window.
+pub const WINDOW_BYTES: u64 = 16 << 20;
+
+/// Settings of a demo run.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Tracking strategy.
+    pub strategy: Strategy,
+    /// Guest RAM, MiB.
+    pub mem_mib: u64,
+    /// Generator writes per second (0: no generator).
+    pub rate: u64,
+    /// Bytes per generator write.
+    pub record_size: u32,
+    /// QEMU `max-bandwidth` in bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// QEMU `downtime-limit` in ms.
+    pub downtime_limit_ms: Option<u64>,
+    /// Leave the destination paused and compare both RAM images with `pmemsave`.
+    pub keep_paused: bool,
+    /// Where the run directories go.
+    pub run_dir: PathBuf,
+    /// QEMU accelerator.
+    pub accel: String,
+    /// Guest kernel and initramfs.
+    pub image: GuestImage,
+    /// The `vfmig` binary for the companions.
+    pub vfmig_bin: PathBuf,
+    /// Run without companions' generator wait (generator lead time before migrating).
+    pub lead_time: Duration,
+    /// Migration timeout.
+    pub timeout: Duration,
+}
+
+/// The demo's result; the last line of `vfmig demo` is this, as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Device writes the destination does not hold (older version, missing or corrupt).
+    pub lost_writes: u64,
+    /// Device writes made by the source's VF (the generator).
+    pub device_writes: u64,
+    /// Distinct pages the device wrote during this migration (its epoch, up to the quiesce).
+    pub device_dirty_pages: u64,
+    /// QEMU's total migration time, ms.
+    pub total_ms: u64,
+    /// QEMU's downtime, ms.
+    pub downtime_ms: u64,
+    /// RAM bytes QEMU sent.
+    pub transferred_bytes: u64,
+    /// Guest RAM, MiB.
+    pub guest_ram_mib: u64,
+    /// Records the ledger says were written.
+    pub records_written: u64,
+    /// Records found intact at the destination.
+    pub records_intact: u64,
+    /// Where the destination's records were read: `companion` or `pmemsave`.
+    pub verified_through: &'static str,
+    /// With `keep_paused`: every page of both RAM images compared by hash.
+    pub ram_comparison: Option<RamComparison>,
+    /// Whether the VF was quiesced at switchover on the source.
+    pub quiesced_at_switchover: bool,
+    /// The migration's own summary.
+    pub migration: MigrationSummary,
+}
+
+/// Errors of a demo run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A VM failed to start or stop.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// The migration failed.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    /// A companion refused or failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A RAM check failed to run.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// A reply had an unexpected shape.
+    #[error("unexpected reply from the {side} companion: {reason}")]
+    Reply {
+        /// Which companion.
+        side: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// The generator's window: one record per page of the reserved window.
+pub fn window(record_size: u32) -> Window {
+    Window {
+        gpa: WINDOW_GPA,
+        slots: (WINDOW_BYTES / 4096) as u32,
+        stride: 4096,
+        record_size,
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(4444)
+}
+
+fn field<T: serde::de::DeserializeOwned>(
+    v: &Value,
+    key: &str,
+    side: &'static str,
+) -> Result<T, DemoError> {
+    serde_json::from_value(v[key].clone()).map_err(|e| DemoError::Reply {
+        side,
+        reason: format!("field {key}: {e}"),
+    })
+}
+
+/// Starts a VM of the demo.
+pub fn start_vm(opts: &DemoOptions, name: &str, role: Role) -> Result<RunningVm, LaunchError> {
+    RunningVm::launch(VmSpec {
+        name: name.into(),
+        run_dir: opts.run_dir.join(name),
+        mem_mib: opts.mem_mib,
+        role,
+        accel: opts.accel.clone(),
+        image: opts.image.clone(),
+        vfmig_bin: opts.vfmig_bin.clone(),
+        qemu_bin: "qemu-system-x86_64".into(),
+        config_dir: None,
+        mac: mac_for("vfmig-demo"),
+    })
+}
+
+/// Runs the demo end to end.
+pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport, DemoError> {
+    let mut src = start_vm(opts, "source", Role::Source)?;
+    let dst = start_vm(opts, "destination", Role::Destination)?;
+    let booted = src.wait_guest_up(Duration::from_secs(120))?;
+    tracing::info!(secs = booted.as_secs_f64(), "source guest started its NIC");
+
+    let mut src_ctl = src.control()?;
+    src_ctl.call(&Request::SetTracking {
+        enabled: opts.strategy == Strategy::Transparent,
+    })?;
+    let window = window(opts.record_size);
+    if opts.rate > 0 {
+        src_ctl.call(&Request::GeneratorStart(GeneratorConfig {
+            window,
+            rate: opts.rate,
+        }))?;
+        std::thread::sleep(opts.lead_time);
+    }
+
+    let src_qmp = src.qmp()?;
+    let dst_qmp = dst.qmp()?;
+    let summary = migrate(
+        &src_qmp,
+        &dst_qmp,
+        &MigrateOptions {
+            uri: format!("tcp:127.0.0.1:{}", free_port()),
+            keep_paused: opts.keep_paused,
+            max_bandwidth: opts.max_bandwidth,
+            downtime_limit_ms: opts.downtime_limit_ms,
+            timeout: opts.timeout,
+        },
+        observer,
+    )?;
+
+    // The source is stopped and its VF quiesced: the ledger is final.
+    let stats = src_ctl.call(&Request::Stats)?;
+    let versions: Vec<u64> = if opts.rate > 0 {
+        src_ctl.call(&Request::GeneratorStop)?;
+        field(&src_ctl.call(&Request::Ledger)?, "versions", "source")?
+    } else {
+        vec![0; window.slots as usize]
+    };
+    let device_writes: u64 = field(&stats["dma"], "writes", "source")?;
+    let device_dirty_pages: u64 = field(&stats, "device_dirty_pages", "source")?;
+    let quiesced: bool = field(&stats, "quiesced", "source")?;
+
+    let (found, through, ram_comparison) = if opts.keep_paused {
+        // Both sides paused: dump all of RAM on both and compare, and read the records from
+        // the destination's dump.
+        let dir = opts.run_dir.join("ram-dumps");
+        std::fs::create_dir_all(&dir).map_err(|source| VerifyError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        let size = opts.mem_mib << 20;
+        let (a, b) = (dir.join("source.ram"), dir.join("destination.ram"));
+        verify::dump(&src_qmp, "source", 0, size, &a)?;
+        verify::dump(&dst_qmp, "destination", 0, size, &b)?;
+        let cmp = verify::compare_dumps(&a, &b)?;
+        let found = verify::records_in_dump(&b, 0, &window)?;
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        (found, "pmemsave", Some(cmp))
+    } else {
+        // The destination runs: its companion maps guest RAM once its device starts.
+        let mut dst = dst;
+        dst.wait_guest_up(Duration::from_secs(60))?;
+        let mut dst_ctl = dst.control()?;
+        let found: Vec<SlotContent> = field(
+            &dst_ctl.call(&Request::Scan { window })?,
+            "slots",
+            "destination",
+        )?;
+        (found, "companion", None)
+    };
+    let verdict: Verdict = compare(&versions, &found);
+    if verdict.lost_writes > 0 {
+        tracing::warn!(
+            lost = verdict.lost_writes,
+            examples = ?verdict.lost_examples,
+            "device writes lost: the destination holds older records than the source wrote"
+        );
+    }
+    Ok(DemoReport {
+        strategy: opts.strategy,
+        lost_writes: verdict.lost_writes,
+        device_writes,
+        device_dirty_pages,
+        total_ms: summary.total_ms,
+        downtime_ms: summary.downtime_ms,
+        transferred_bytes: summary.transferred_bytes,
+        guest_ram_mib: opts.mem_mib,
+        records_written: verdict.records_written,
+        records_intact: verdict.intact,
+        verified_through: through,
+        ram_comparison,
+        quiesced_at_switchover: quiesced,
+        migration: summary,
+    })
+}

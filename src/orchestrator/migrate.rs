@@ -1,0 +1,318 @@
+//! The migration state machine. It reads top to bottom:
+//!
+//! 1. **prepare the destination**: capabilities, `migrate-incoming` on the URI;
+//! 2. **precopy**: capabilities and parameters on the source, `migrate`, then follow
+//!    `query-migrate` and QEMU's `MIGRATION` / `MIGRATION_PASS` events;
+//! 3. **switchover**: the source stops (QEMU status `device`); the companion quiesces the VF
+//!    inside `GET_VRING_BASE`, and QEMU's last log sync picks up its last writes;
+//! 4. **destination up**: the destination has all of RAM and is paused (`-S`); unless
+//!    `keep_paused`, it is resumed, once;
+//! 5. **done**.
+//!
+//! Every phase becomes a span of the returned timeline.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::qmp::{MigrationInfo, QmpClient, QmpError};
+
+/// The phases, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Capabilities and `migrate-incoming` on the destination.
+    PrepareDestination,
+    /// RAM is copied while the source runs.
+    Precopy,
+    /// The source is stopped; last dirty pages and device state move.
+    Switchover,
+    /// The destination takes over and is resumed.
+    DestinationUp,
+    /// Finished.
+    Done,
+}
+
+/// One phase's place on the timeline, in ms from the start of the migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseSpan {
+    /// The phase.
+    pub phase: Phase,
+    /// Start, ms.
+    pub start_ms: f64,
+    /// End, ms.
+    pub end_ms: f64,
+}
+
+/// Operator settings of one migration.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Migration stream URI, e.g. `tcp:127.0.0.1:4444`.
+    pub uri: String,
+    /// Leave the destination paused after completion (no `cont`).
+    pub keep_paused: bool,
+    /// QEMU `max-bandwidth`, bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// QEMU `downtime-limit`, ms.
+    pub downtime_limit_ms: Option<u64>,
+    /// Give up (and cancel) after this long.
+    pub timeout: Duration,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationSummary {
+    /// QEMU's final status on the source (`completed`).
+    pub status: String,
+    /// QEMU's total migration time, ms.
+    pub total_ms: u64,
+    /// QEMU's downtime, ms.
+    pub downtime_ms: u64,
+    /// QEMU's setup time, ms.
+    pub setup_ms: u64,
+    /// RAM bytes sent.
+    pub transferred_bytes: u64,
+    /// Guest RAM size as QEMU counts it.
+    pub ram_total_bytes: u64,
+    /// Dirty-bitmap syncs QEMU made (each one also syncs the vhost-user log).
+    pub dirty_sync_count: u64,
+    /// Whether the destination was resumed.
+    pub destination_resumed: bool,
+    /// The phases.
+    pub timeline: Vec<PhaseSpan>,
+    /// Wall-clock time of the whole state machine, ms.
+    pub wall_ms: u64,
+}
+
+/// Errors of a migration. After any of them the source VM keeps running.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// A QMP call failed.
+    #[error("{side} QEMU: {source}")]
+    Qmp {
+        /// `source` or `destination`.
+        side: &'static str,
+        /// Why.
+        #[source]
+        source: QmpError,
+    },
+    /// QEMU reported the migration failed.
+    #[error("migration failed: {reason}; the source VM keeps running")]
+    Failed {
+        /// QEMU's `error-desc`.
+        reason: String,
+    },
+    /// The migration was cancelled.
+    #[error("migration cancelled; the source VM keeps running")]
+    Cancelled,
+    /// It took too long; it was cancelled.
+    #[error("migration did not finish within {secs} s and was cancelled; the source VM keeps running. Raise --timeout or --max-bandwidth")]
+    Timeout {
+        /// The limit.
+        secs: u64,
+    },
+    /// The destination did not reach `paused` after completion.
+    #[error("the destination did not reach the paused state after completion (it is {status})")]
+    DestinationNotReady {
+        /// Its status.
+        status: String,
+    },
+}
+
+/// Someone who wants to watch a migration (a progress bar, a trace).
+pub trait Observer {
+    /// A phase begins.
+    fn phase(&mut self, _phase: Phase) {}
+    /// A `query-migrate` sample of the source.
+    fn sample(&mut self, _info: &MigrationInfo) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+struct Timeline {
+    start: Instant,
+    spans: Vec<PhaseSpan>,
+}
+
+impl Timeline {
+    fn enter(&mut self, phase: Phase, observer: &mut dyn Observer) {
+        let now = self.start.elapsed().as_secs_f64() * 1e3;
+        if let Some(last) = self.spans.last_mut() {
+            last.end_ms = now;
+        }
+        if self.spans.last().map(|s| s.phase) != Some(phase) {
+            self.spans.push(PhaseSpan {
+                phase,
+                start_ms: now,
+                end_ms: now,
+            });
+            tracing::info!(?phase, at_ms = now as u64, "migration phase");
+            observer.phase(phase);
+        }
+    }
+}
+
+const CAPABILITIES: &[(&str, bool)] = &[("events", true)];
+
+/// Migrates the VM behind `src` into the one behind `dst`.
+pub fn migrate(
+    src: &QmpClient,
+    dst: &QmpClient,
+    opts: &MigrateOptions,
+    observer: &mut dyn Observer,
+) -> Result<MigrationSummary, MigrateError> {
+    let on_src = |source| MigrateError::Qmp {
+        side: "source",
+        source,
+    };
+    let on_dst = |source| MigrateError::Qmp {
+        side: "destination",
+        source,
+    };
+    let mut t = Timeline {
+        start: Instant::now(),
+        spans: vec![],
+    };
+
+    // 1. Prepare the destination.
+    t.enter(Phase::PrepareDestination, observer);
+    dst.migrate_set_capabilities(CAPABILITIES).map_err(on_dst)?;
+    dst.migrate_incoming(&opts.uri).map_err(on_dst)?;
+
+    // 2. Precopy.
+    src.migrate_set_capabilities(CAPABILITIES).map_err(on_src)?;
+    let mut params = serde_json::Map::new();
+    if let Some(bw) = opts.max_bandwidth {
+        params.insert("max-bandwidth".into(), bw.into());
+    }
+    if let Some(dl) = opts.downtime_limit_ms {
+        params.insert("downtime-limit".into(), dl.into());
+    }
+    if !params.is_empty() {
+        src.migrate_set_parameters(params.into()).map_err(on_src)?;
+    }
+    let events = src.events();
+    while events.try_recv().is_ok() {} // drop what came before this migration
+    t.enter(Phase::Precopy, observer);
+    src.migrate(&opts.uri).map_err(on_src)?;
+
+    // Follow the source until QEMU says it is finished; its MIGRATION events mark the
+    // switchover (`device`) more precisely than polling would.
+    let info = loop {
+        for ev in events.try_iter() {
+            if ev.event == "MIGRATION" {
+                match ev.data["status"].as_str() {
+                    Some("device") | Some("pre-switchover") => t.enter(Phase::Switchover, observer),
+                    _ => {}
+                }
+            }
+        }
+        let info = src.query_migrate().map_err(on_src)?;
+        observer.sample(&info);
+        match info.status.as_deref() {
+            Some("completed") => break info,
+            Some("failed") => {
+                return Err(MigrateError::Failed {
+                    reason: info
+                        .error_desc
+                        .clone()
+                        .unwrap_or_else(|| "no reason given".into()),
+                })
+            }
+            Some("cancelled") => return Err(MigrateError::Cancelled),
+            Some("device") => t.enter(Phase::Switchover, observer),
+            _ => {}
+        }
+        if t.start.elapsed() > opts.timeout {
+            let _ = src.migrate_cancel();
+            return Err(MigrateError::Timeout {
+                secs: opts.timeout.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // A switchover too short to be seen still has a span.
+    t.enter(Phase::Switchover, observer);
+
+    // 4. Destination up: it has all of RAM and stays paused (-S) until resumed here, once.
+    t.enter(Phase::DestinationUp, observer);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = dst.query_status().map_err(on_dst)?;
+        if s.status == "paused" || s.status == "running" || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.status != "paused" && status.status != "running" {
+        return Err(MigrateError::DestinationNotReady {
+            status: status.status,
+        });
+    }
+    let resumed = if opts.keep_paused {
+        false
+    } else {
+        dst.cont().map_err(on_dst)?;
+        true
+    };
+
+    // 5. Done.
+    t.enter(Phase::Done, observer);
+    let ram = info.ram.clone().unwrap_or_default();
+    Ok(MigrationSummary {
+        status: info.status.clone().unwrap_or_default(),
+        total_ms: info.total_time.unwrap_or(0),
+        downtime_ms: info.downtime.unwrap_or(0),
+        setup_ms: info.setup_time.unwrap_or(0),
+        transferred_bytes: ram.transferred.unwrap_or(0),
+        ram_total_bytes: ram.total.unwrap_or(0),
+        dirty_sync_count: ram.dirty_sync_count.unwrap_or(0),
+        destination_resumed: resumed,
+        wall_ms: t.start.elapsed().as_millis() as u64,
+        timeline: t.spans,
+    })
+}
+
+/// A progress bar on the terminal: phase, percent of RAM sent, rate and ETA.
+pub struct TerminalProgress {
+    bar: indicatif::ProgressBar,
+}
+
+impl TerminalProgress {
+    /// A bar on stderr, or `None` when stderr is not a terminal (no progress noise then).
+    pub fn on_stderr() -> Option<Self> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>20} [{bar:30}] {percent:>3}% {binary_bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        Some(Self { bar })
+    }
+}
+
+impl Observer for TerminalProgress {
+    fn phase(&mut self, phase: Phase) {
+        self.bar.set_message(format!("{phase:?}"));
+        if phase == Phase::Done {
+            self.bar.finish();
+        }
+    }
+
+    fn sample(&mut self, info: &MigrationInfo) {
+        if let Some(ram) = &info.ram {
+            let total = ram.total.unwrap_or(0);
+            let remaining = ram.remaining.unwrap_or(total);
+            self.bar.set_length(total);
+            self.bar.set_position(total.saturating_sub(remaining));
+        }
+    }
+}

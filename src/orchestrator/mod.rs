@@ -1,0 +1,11 @@
+//! The orchestrator: launching VMs beside their companions, and migrating them.
+//!
+//! - [`launch`]: a VM's companion, then a stock QEMU wired to it, in one run directory;
+//! - [`migrate`]: the migration state machine, in one file, top to bottom;
+//! - [`verify`]: checks that rely on nothing of vfmig's (`pmemsave` dumps);
+//! - [`demo`]: the main job on one machine.
+
+pub mod demo;
+pub mod launch;
+pub mod migrate;
+pub mod verify;
