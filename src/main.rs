@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use nix::sys::signal::{self, Signal};
 
 use vfmig::companion::{self, CompanionConfig};
+use vfmig::orchestrator::bench;
 use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
-use vfmig::orchestrator::launch::{mac_for, GuestImage, Role, RunningVm, VmSpec};
+use vfmig::orchestrator::launch::{mac_for, GuestImage, Nic, Role, RunningVm, VmSpec};
 use vfmig::orchestrator::migrate::{self, MigrateOptions, Observer, Quiet, TerminalProgress};
 use vfmig::qmp::QmpClient;
 
@@ -95,6 +97,9 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Benchmarks that compare whole migrations side by side in one run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// The main job on this machine: two VMs with companions, a device writing guest RAM during
     /// precopy, one migration, and a check that no device write was lost. Its last output line
     /// is a JSON object.
@@ -130,6 +135,29 @@ enum Command {
         /// Seconds the generator runs before the migration starts.
         #[arg(long, default_value_t = 0.5)]
         lead_time: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The same guest (generator off) migrated with and without the companion, alternating;
+    /// prints a markdown table, then one JSON line with every run, the medians and the ratio.
+    Migration {
+        /// Pairs of migrations (one with, one without the companion each).
+        #[arg(long, default_value_t = 5)]
+        pairs: u32,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        mem_mib: u64,
+        /// QEMU `max-bandwidth`, bytes/s (QEMU's default is 128 MiB/s).
+        #[arg(long, default_value_t = 128 << 20)]
+        max_bandwidth: u64,
+        /// Where to put the run directories (default: a fresh temporary directory).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// QEMU accelerator.
+        #[arg(long, default_value = "tcg")]
+        accel: String,
     },
 }
 
@@ -190,17 +218,13 @@ fn main() -> Result<()> {
                 vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
                 qemu_bin: qemu,
                 config_dir,
+                nic: Nic::VhostUser,
             })?;
             println!("{}", serde_json::to_string(&vm.paths)?);
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            for sig in [signal_hook_consts::SIGINT, signal_hook_consts::SIGTERM] {
-                let stop = stop.clone();
+            for sig in [Signal::SIGINT, Signal::SIGTERM] {
                 // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-                unsafe {
-                    nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::Handler(on_signal))
-                }
-                .context("cannot install the signal handler")?;
-                let _ = stop;
+                unsafe { signal::signal(sig, signal::SigHandler::Handler(on_signal)) }
+                    .context("cannot install the signal handler")?;
             }
             while vm.qemu_running() && !STOP.load(std::sync::atomic::Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(200));
@@ -241,6 +265,45 @@ fn main() -> Result<()> {
             )?;
             println!("{}", serde_json::to_string(&summary)?);
         }
+        Command::Bench(BenchCommand::Migration {
+            pairs,
+            mem_mib,
+            max_bandwidth,
+            run_dir,
+            accel,
+        }) => {
+            init_logging("vfmig=warn");
+            let run_dir = match run_dir {
+                Some(d) => d,
+                None => tempfile_dir()?,
+            };
+            let opts = DemoOptions {
+                strategy: Strategy::Transparent,
+                mem_mib,
+                rate: 0,
+                record_size: 256,
+                max_bandwidth: Some(max_bandwidth),
+                downtime_limit_ms: None,
+                keep_paused: true,
+                run_dir,
+                accel,
+                image: image(None, None)?,
+                vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                lead_time: Duration::ZERO,
+                timeout: Duration::from_secs(600),
+            };
+            let total = pairs * 2;
+            let mut done = 0;
+            let result = bench::migration(&opts, pairs, |r| {
+                done += 1;
+                eprintln!(
+                    "bench: {done}/{total} {} run {}: total {} ms, downtime {} ms",
+                    r.variant, r.run, r.total_ms, r.downtime_ms
+                );
+            })?;
+            println!("{}", bench::markdown(&result));
+            println!("{}", serde_json::to_string(&result)?);
+        }
         Command::Demo {
             strategy,
             mem_mib,
@@ -254,13 +317,9 @@ fn main() -> Result<()> {
             lead_time,
         } => {
             init_logging("vfmig=info,warn");
-            let tmp;
             let run_dir = match run_dir {
                 Some(d) => d,
-                None => {
-                    tmp = tempfile_dir()?;
-                    tmp.clone()
-                }
+                None => tempfile_dir()?,
             };
             let opts = DemoOptions {
                 strategy,
@@ -307,13 +366,9 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-mod signal_hook_consts {
-    pub const SIGINT: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGINT;
-    pub const SIGTERM: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGTERM;
-}
-
+/// A fresh directory for run directories, kept after the run for its logs.
 fn tempfile_dir() -> Result<PathBuf> {
-    let base = std::env::temp_dir().join(format!("vfmig-demo-{}", std::process::id()));
+    let base = std::env::temp_dir().join(format!("vfmig-run-{}", std::process::id()));
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     Ok(base)
 }

@@ -25,7 +25,8 @@ fn a_running_companion_refuses_bad_input_and_keeps_serving() {
     let dir = RunDir::new("bad-input");
     let opts = demo_options(Strategy::Transparent, &dir);
     let mut vm = demo::start_vm(&opts, "vm", Role::Source).expect("launch");
-    vm.wait_guest_up(Duration::from_secs(120)).expect("guest up");
+    vm.wait_guest_up(Duration::from_secs(120))
+        .expect("guest up");
     let mut ctl = vm.control().expect("control socket");
 
     let status = ctl.call(&Request::Status).unwrap();
@@ -38,7 +39,10 @@ fn a_running_companion_refuses_bad_input_and_keeps_serving() {
 
     // A write far outside guest RAM, and one that straddles its end.
     let before = ctl
-        .call(&Request::Read { gpa: end - 8, len: 8 })
+        .call(&Request::Read {
+            gpa: end - 8,
+            len: 8,
+        })
         .unwrap()["hex"]
         .clone();
     for gpa in [64u64 << 30, end - 8] {
@@ -50,7 +54,10 @@ fn a_running_companion_refuses_bad_input_and_keeps_serving() {
         assert!(msg.contains("nothing was written"), "{msg}");
     }
     let after = ctl
-        .call(&Request::Read { gpa: end - 8, len: 8 })
+        .call(&Request::Read {
+            gpa: end - 8,
+            len: 8,
+        })
         .unwrap()["hex"]
         .clone();
     assert_eq!(before, after, "a refused write changed guest RAM");
@@ -88,7 +95,9 @@ fn a_running_companion_refuses_bad_input_and_keeps_serving() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(error.expect("generator error").contains("outside guest RAM"));
+    assert!(error
+        .expect("generator error")
+        .contains("outside guest RAM"));
 
     // Still serving: a valid write lands and reads back; QEMU and the guest still run.
     ctl.call(&Request::Write {

@@ -22,7 +22,10 @@ fn tracking_on_no_device_write_is_lost() {
     assert_eq!(r.lost_writes, 0, "lost device writes: {r:?}");
     assert_eq!(r.records_intact, r.records_written);
     assert!(r.records_written >= 1000);
-    assert!(r.quiesced_at_switchover, "the VF was not quiesced at switchover");
+    assert!(
+        r.quiesced_at_switchover,
+        "the VF was not quiesced at switchover"
+    );
     assert_eq!(r.verified_through, "companion");
     assert!(r.migration.destination_resumed);
 }
@@ -32,8 +35,8 @@ fn negative_control_without_tracking_detects_lost_writes() {
     let _m = machine();
     init_logging();
     let dir = RunDir::new("no-tracking");
-    let r = demo::run(&demo_options(Strategy::UnsafeNoTracking, &dir), &mut Quiet)
-        .expect("demo run");
+    let r =
+        demo::run(&demo_options(Strategy::UnsafeNoTracking, &dir), &mut Quiet).expect("demo run");
     eprintln!("{}", serde_json::to_string(&r).unwrap());
     assert!(r.device_dirty_pages >= 1000);
     assert!(

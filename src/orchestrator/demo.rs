@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::launch::{mac_for, GuestImage, LaunchError, Role, RunningVm, VmSpec};
+use super::launch::{mac_for, GuestImage, LaunchError, Nic, Role, RunningVm, VmSpec};
 use super::migrate::{migrate, MigrateError, MigrateOptions, MigrationSummary, Observer};
 use super::verify::{self, RamComparison, VerifyError};
 use crate::companion::control::{ControlError, Request};
@@ -130,7 +130,8 @@ pub fn window(record_size: u32) -> Window {
     }
 }
 
-fn free_port() -> u16 {
+/// A TCP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -148,8 +149,18 @@ fn field<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Starts a VM of the demo.
+/// Starts a VM of the demo, with a companion.
 pub fn start_vm(opts: &DemoOptions, name: &str, role: Role) -> Result<RunningVm, LaunchError> {
+    start_vm_with(opts, name, role, Nic::VhostUser)
+}
+
+/// Starts a VM of the demo with the given NIC (`Plain`: no companion).
+pub fn start_vm_with(
+    opts: &DemoOptions,
+    name: &str,
+    role: Role,
+    nic: Nic,
+) -> Result<RunningVm, LaunchError> {
     RunningVm::launch(VmSpec {
         name: name.into(),
         run_dir: opts.run_dir.join(name),
@@ -161,6 +172,7 @@ pub fn start_vm(opts: &DemoOptions, name: &str, role: Role) -> Result<RunningVm,
         qemu_bin: "qemu-system-x86_64".into(),
         config_dir: None,
         mac: mac_for("vfmig-demo"),
+        nic,
     })
 }
 

@@ -103,6 +103,16 @@ pub enum Role {
     Destination,
 }
 
+/// The VM's NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Nic {
+    /// virtio-net whose backend is the vfmig companion (vhost-user).
+    VhostUser,
+    /// The same NIC with no backend and no companion: the baseline.
+    Plain,
+}
+
 /// Where the guest's kernel and initramfs are.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
@@ -157,6 +167,8 @@ pub struct VmSpec {
     pub config_dir: Option<PathBuf>,
     /// The NIC's MAC address.
     pub mac: String,
+    /// The NIC, and with it whether a companion runs.
+    pub nic: Nic,
 }
 
 /// The files of one VM's run directory.
@@ -202,6 +214,9 @@ impl RunPaths {
 const VM_ARGS: &str = include_str!("../../qemu-patches-free-config/vm.args");
 const DESTINATION_ARGS: &str = include_str!("../../qemu-patches-free-config/destination.args");
 const TEST_GUEST_ARGS: &str = include_str!("../../qemu-patches-free-config/test-guest.args");
+const VHOST_USER_NIC_ARGS: &str =
+    include_str!("../../qemu-patches-free-config/vhost-user-nic.args");
+const PLAIN_NIC_ARGS: &str = include_str!("../../qemu-patches-free-config/plain-nic.args");
 
 /// Parses an option file: one option per line, `#` comments, the first space splits the option
 /// from its value; placeholders `{key}` are replaced from `vars`.
@@ -279,6 +294,15 @@ pub fn qemu_args(spec: &VmSpec, paths: &RunPaths) -> Result<Vec<String>, LaunchE
         &read_config(&spec.config_dir, "vm.args", VM_ARGS)?,
         &vars,
     )?;
+    let (nic_file, nic_builtin) = match spec.nic {
+        Nic::VhostUser => ("vhost-user-nic.args", VHOST_USER_NIC_ARGS),
+        Nic::Plain => ("plain-nic.args", PLAIN_NIC_ARGS),
+    };
+    args.extend(parse_args(
+        nic_file,
+        &read_config(&spec.config_dir, nic_file, nic_builtin)?,
+        &vars,
+    )?);
     args.extend(parse_args(
         "test-guest.args",
         &read_config(&spec.config_dir, "test-guest.args", TEST_GUEST_ARGS)?,
@@ -331,42 +355,42 @@ impl RunningVm {
         }
         let qemu_args = qemu_args(&spec, &paths)?;
 
-        let log = File::create(&paths.companion_log).map_err(dir_err)?;
-        let log2 = log.try_clone().map_err(dir_err)?;
-        let companion = Command::new(&spec.vfmig_bin)
-            .arg("companion")
-            .arg("--name")
-            .arg(&spec.name)
-            .arg("--socket")
-            .arg(&paths.vhost_socket)
-            .arg("--control")
-            .arg(&paths.control_socket)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|source| LaunchError::Spawn {
-                vm: vm.clone(),
-                what: "companion",
-                program: spec.vfmig_bin.display().to_string(),
-                source,
-            })?;
-        let _ = std::fs::write(&paths.companion_pid, format!("{}\n", companion.id()));
         let mut me = Self {
             spec,
             paths,
-            companion: Some(companion),
+            companion: None,
             qemu: None,
         };
-        me.wait_for_file(
-            &me.paths.vhost_socket.clone(),
-            "companion",
-            Duration::from_secs(10),
-        )?;
+        if me.spec.nic == Nic::VhostUser {
+            let log = File::create(&me.paths.companion_log).map_err(dir_err)?;
+            let log2 = log.try_clone().map_err(dir_err)?;
+            let companion = Command::new(&me.spec.vfmig_bin)
+                .arg("companion")
+                .arg("--name")
+                .arg(&me.spec.name)
+                .arg("--socket")
+                .arg(&me.paths.vhost_socket)
+                .arg("--control")
+                .arg(&me.paths.control_socket)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .spawn()
+                .map_err(|source| LaunchError::Spawn {
+                    vm: vm.clone(),
+                    what: "companion",
+                    program: me.spec.vfmig_bin.display().to_string(),
+                    source,
+                })?;
+            let _ = std::fs::write(&me.paths.companion_pid, format!("{}\n", companion.id()));
+            me.companion = Some(companion);
+            let socket = me.paths.vhost_socket.clone();
+            me.wait_for_file(&socket, "companion", Duration::from_secs(10))?;
+        }
 
         let qlog = File::create(&me.paths.qemu_log).map_err(dir_err)?;
         let qemu = Command::new(&me.spec.qemu_bin)
@@ -460,6 +484,24 @@ impl RunningVm {
     /// Waits until the guest's driver has started the NIC: the companion has guest RAM.
     pub fn wait_guest_up(&mut self, timeout: Duration) -> Result<Duration, LaunchError> {
         let start = Instant::now();
+        if self.spec.nic == Nic::Plain {
+            // No companion to ask: the guest's init says when its NIC is bound.
+            loop {
+                self.check_alive()?;
+                let serial = std::fs::read_to_string(&self.paths.serial_log).unwrap_or_default();
+                if serial.contains("vfmig-guest: nic-bound") {
+                    return Ok(start.elapsed());
+                }
+                if start.elapsed() > timeout {
+                    return Err(LaunchError::GuestNotUp {
+                        vm: self.spec.name.clone(),
+                        secs: timeout.as_secs(),
+                        serial: self.paths.serial_log.clone(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let mut control = self.control()?;
         loop {
             self.check_alive()?;
@@ -549,6 +591,7 @@ mod tests {
             qemu_bin: "qemu-system-x86_64".into(),
             config_dir: None,
             mac: mac_for("vm1"),
+            nic: Nic::VhostUser,
         }
     }
 
@@ -566,6 +609,17 @@ mod tests {
         let i = args.iter().position(|a| a == "-incoming").unwrap();
         assert_eq!(args[i + 1], "defer");
         assert!(args.contains(&"-S".to_string()));
+        let mut p = spec(Role::Source);
+        p.nic = Nic::Plain;
+        let joined = qemu_args(&p, &RunPaths::under(&p.run_dir))
+            .unwrap()
+            .join(" ");
+        assert!(!joined.contains("vhost-user"));
+        assert!(joined.contains("-device virtio-net-pci,id=vfmig-nic"));
+        assert!(
+            joined.contains("share=on"),
+            "same RAM backend as with the companion"
+        );
     }
 
     #[test]

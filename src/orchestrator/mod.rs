@@ -3,8 +3,10 @@
 //! - [`launch`]: a VM's companion, then a stock QEMU wired to it, in one run directory;
 //! - [`migrate`]: the migration state machine, in one file, top to bottom;
 //! - [`verify`]: checks that rely on nothing of vfmig's (`pmemsave` dumps);
-//! - [`demo`]: the main job on one machine.
+//! - [`demo`]: the main job on one machine;
+//! - [`bench`]: side-by-side measurements of whole migrations.
 
+pub mod bench;
 pub mod demo;
 pub mod launch;
 pub mod migrate;

@@ -203,7 +203,9 @@ impl DmaEngine {
         }
         let mut gate = self.gate();
         gate.in_flight -= 1;
-        if gate.in_flight == 0 {
+        // Only a quiesce waits for the drain, and it sets `quiesced` under this lock before
+        // waiting: skip the wake-up (a futex syscall) on every other write.
+        if gate.in_flight == 0 && gate.quiesced {
             self.drained.notify_all();
         }
         result
