@@ -259,9 +259,14 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
         companion.vhost_connected.store(true, Ordering::SeqCst);
         tracing::info!("QEMU connected");
         let log = companion.vhost_messages.clone();
+        let net = companion.net.clone();
         let filter = std::thread::Builder::new()
             .name("vfmig-vhost-filter".into())
-            .spawn(move || vhost_filter::run(qemu, to_backend, log))
+            .spawn(move || {
+                vhost_filter::run(qemu, to_backend, log, |queue| {
+                    net.quiesce("SET_VRING_ENABLE 0", queue)
+                })
+            })
             .map_err(|e| CompanionError::Daemon {
                 vm: config.name.clone(),
                 reason: format!("cannot start the vhost-user filter thread: {e}"),

@@ -11,7 +11,9 @@
 //! descriptors, to the crate over a private socket, except that it:
 //! - remembers an early `SET_VRING_ENABLE` and replays it right after the `SET_FEATURES` that
 //!   makes it valid;
-//! - answers `SEND_RARP` itself (counted; the guest's MAC is announced by the fabric later).
+//! - answers `SEND_RARP` itself (counted; the guest's MAC is announced by the fabric later);
+//! - calls a hook on `SET_VRING_ENABLE 0` before forwarding it, so the VF is quiesced there for
+//!   device types that stop with it (net never sends it; it stops with `GET_VRING_BASE`).
 //!
 //! It also timestamps the messages that matter to migration, for the status and the trace.
 
@@ -181,7 +183,12 @@ fn name_of(request: u32) -> Option<&'static str> {
 pub type SharedMessageLog = Arc<Mutex<MessageLog>>;
 
 /// Pumps messages between QEMU and the backend until either side closes.
-pub fn run(qemu: UnixStream, backend: UnixStream, log: SharedMessageLog) -> io::Result<()> {
+pub fn run(
+    qemu: UnixStream,
+    backend: UnixStream,
+    log: SharedMessageLog,
+    on_vring_disable: impl Fn(u32),
+) -> io::Result<()> {
     let start = Instant::now();
     let (qemu_r, backend_w) = (qemu.try_clone()?, backend.try_clone()?);
     // Backend → QEMU: replies, passed through untouched.
@@ -210,6 +217,10 @@ pub fn run(qemu: UnixStream, backend: UnixStream, log: SharedMessageLog) -> io::
                     tracing::debug!(index, num, "SET_VRING_ENABLE before SET_FEATURES: held");
                     held_enables.insert(index, num);
                     ack_if_asked(&qemu_r, &m)?;
+                }
+                code::SET_VRING_ENABLE if m.u32_at(4) == Some(0) => {
+                    on_vring_disable(m.u32_at(0).unwrap_or(0));
+                    write_message(&backend_w, &m)?;
                 }
                 code::SEND_RARP => {
                     tracing::info!("SEND_RARP: the VM runs here now");
@@ -317,7 +328,13 @@ mod tests {
         let (backend_side, backend) = UnixStream::pair().unwrap();
         let log = SharedMessageLog::default();
         let l2 = log.clone();
-        let t = std::thread::spawn(move || run(qemu_side, backend_side, l2));
+        let disabled = Arc::new(Mutex::new(vec![]));
+        let d2 = disabled.clone();
+        let t = std::thread::spawn(move || {
+            run(qemu_side, backend_side, l2, move |i| {
+                d2.lock().unwrap().push(i)
+            })
+        });
         write_message(&qemu, &msg(code::SET_VRING_ENABLE, enable(0, 1))).unwrap();
         write_message(&qemu, &msg(code::SET_VRING_ENABLE, enable(1, 1))).unwrap();
         let mut rarp = msg(code::SEND_RARP, vec![0; 8]);
@@ -357,5 +374,10 @@ mod tests {
         assert_eq!(l.enables_replayed, 2);
         assert_eq!(l.rarp, 1);
         assert_eq!(l.counts["set_vring_enable"], 3);
+        assert_eq!(
+            *disabled.lock().unwrap(),
+            vec![1],
+            "the hook saw the disable of ring 1"
+        );
     }
 }

@@ -87,6 +87,20 @@ impl NetBackend {
         }
     }
 
+    /// Quiesces the VF at the switchover point, before QEMU gets its reply: when this
+    /// returns, every device write that landed is marked in QEMU's log. Idempotent.
+    pub fn quiesce(&self, message: &str, queue_index: u32) {
+        if !self.dma.gate_state().quiesced {
+            let waited = self.dma.quiesce();
+            self.counters.quiesces.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                queue = queue_index,
+                waited_us = waited.as_micros() as u64,
+                "{message}: VF quiesced before the reply"
+            );
+        }
+    }
+
     /// Takes every frame the guest queued for transmission, counts it and returns the buffer.
     fn drain_tx(&self, vring: &VringRwLock<GuestRam>) -> io::Result<()> {
         let mem = self.dma.ram().memory();
@@ -163,15 +177,7 @@ impl VhostUserBackend for NetBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // For net QEMU sends GET_VRING_BASE for queue 0 then 1 at stop-and-copy; quiesce on
         // the first, the second finds the gate closed already.
-        if !self.dma.gate_state().quiesced {
-            let waited = self.dma.quiesce();
-            self.counters.quiesces.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                queue = queue_index,
-                waited_us = waited.as_micros() as u64,
-                "GET_VRING_BASE: VF quiesced before the reply"
-            );
-        }
+        self.quiesce("GET_VRING_BASE", queue_index);
         Ok(())
     }
 
