@@ -8,10 +8,10 @@ use clap::{Parser, Subcommand};
 use nix::sys::signal::{self, Signal};
 
 use vfmig::companion::{self, CompanionConfig};
-use vfmig::orchestrator::bench;
 use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
 use vfmig::orchestrator::launch::{mac_for, GuestImage, Nic, Role, RunningVm, VmSpec};
 use vfmig::orchestrator::migrate::{self, MigrateOptions, Observer, Quiet, TerminalProgress};
+use vfmig::orchestrator::{bench, fabric_bench};
 use vfmig::qmp::QmpClient;
 
 /// Live migration of VMs whose MPI jobs use an SR-IOV RDMA VF, with a stock QEMU.
@@ -159,6 +159,14 @@ enum BenchCommand {
         #[arg(long, default_value = "tcg")]
         accel: String,
     },
+    /// Soft-VF RDMA WRITE bandwidth (64 B to 1 MiB) and 64 B latency between two soft VFs
+    /// over loopback TCP, beside memcpy and a plain loopback TCP socket pair measured in the
+    /// same run; prints a markdown table, then one JSON line.
+    Fabric {
+        /// Rounds per figure; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
 }
 
 fn init_logging(default: &str) {
@@ -302,6 +310,12 @@ fn main() -> Result<()> {
                 );
             })?;
             println!("{}", bench::markdown(&result));
+            println!("{}", serde_json::to_string(&result)?);
+        }
+        Command::Bench(BenchCommand::Fabric { rounds }) => {
+            init_logging("vfmig=warn");
+            let result = fabric_bench::run(rounds.max(1), |line| eprintln!("bench: {line}"))?;
+            println!("{}", fabric_bench::markdown(&result));
             println!("{}", serde_json::to_string(&result)?);
         }
         Command::Demo {

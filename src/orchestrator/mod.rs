@@ -4,10 +4,12 @@
 //! - [`migrate`]: the migration state machine, in one file, top to bottom;
 //! - [`verify`]: checks that rely on nothing of vfmig's (`pmemsave` dumps);
 //! - [`demo`]: the main job on one machine;
-//! - [`bench`]: side-by-side measurements of whole migrations.
+//! - [`bench`]: side-by-side measurements of whole migrations;
+//! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP.
 
 pub mod bench;
 pub mod demo;
+pub mod fabric_bench;
 pub mod launch;
 pub mod migrate;
 pub mod verify;

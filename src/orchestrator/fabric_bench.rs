@@ -1,0 +1,331 @@
+//! `vfmig bench fabric`: soft-VF RDMA WRITE bandwidth (64 B to 1 MiB) and latency between two
+//! soft VFs over loopback TCP, and in the same run the limits it works within: memcpy
+//! bandwidth, and a plain TCP socket pair over loopback.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::bench::median;
+use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
+use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status};
+use crate::vf::{DmaEngine, Vf};
+
+const RAM: usize = 96 << 20;
+const BUF_GPA: u64 = 16 << 20;
+const BUF_LEN: u64 = 64 << 20;
+const VA: u64 = 0x7f00_0000_0000;
+const DEPTH: usize = 64;
+
+/// One message size's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeRow {
+    /// Bytes per message.
+    pub size: u64,
+    /// Median soft-VF RDMA WRITE bandwidth, MiB/s.
+    pub soft_vf_mib_s: f64,
+    /// Median memcpy bandwidth, MiB/s.
+    pub memcpy_mib_s: f64,
+    /// Median loopback TCP bandwidth, MiB/s.
+    pub tcp_mib_s: f64,
+    /// Soft VF as a fraction of memcpy.
+    pub fraction_of_memcpy: f64,
+    /// Soft VF as a fraction of loopback TCP.
+    pub fraction_of_tcp: f64,
+}
+
+/// The bench's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct FabricBench {
+    /// Per size.
+    pub rows: Vec<SizeRow>,
+    /// Median one-way latency of a 64 B WRITE_WITH_IMM (round trip ÷ 2), µs.
+    pub write_lat_64b_us: f64,
+    /// Median one-way latency of 64 B over plain loopback TCP (round trip ÷ 2), µs.
+    pub tcp_lat_64b_us: f64,
+    /// Rounds per figure (the median is taken over them).
+    pub rounds: usize,
+}
+
+struct Side {
+    vf: SoftVf,
+    key: u32,
+}
+
+fn side(name: &str) -> std::io::Result<Side> {
+    let ram = GuestMemoryAtomic::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)])
+            .map_err(|e| std::io::Error::other(e.to_string()))?,
+    );
+    let dma = Arc::new(DmaEngine::new(ram));
+    dma.adopt_memory();
+    // Touch every page of the buffer once, so no figure includes first-touch page faults.
+    let chunk = vec![0x5au8; 1 << 20];
+    for off in (0..BUF_LEN).step_by(chunk.len()) {
+        dma.write(BUF_GPA + off, &chunk)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    let vf = SoftVf::start(
+        name,
+        dma,
+        "127.0.0.1:0",
+        ClusterMap::default(),
+        FabricTiming::default(),
+    )?;
+    let key = vf
+        .register_mr(
+            VA,
+            vec![GpaRange {
+                gpa: BUF_GPA,
+                len: BUF_LEN,
+            }],
+            Access {
+                local_write: true,
+                remote_write: true,
+            },
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(Side { vf, key })
+}
+
+fn write(wr_id: u64, size: u64, off: u64, lkey: u32, rkey: u32, imm: Option<u32>) -> SendWr {
+    SendWr {
+        wr_id,
+        sge: Sge {
+            addr: VA + off,
+            len: size as u32,
+            lkey,
+        },
+        op: SendOp::Write {
+            remote_addr: VA + off,
+            rkey,
+            imm,
+        },
+    }
+}
+
+fn ops_for(size: u64) -> u64 {
+    ((128u64 << 20) / size).clamp(512, 20_000)
+}
+
+fn soft_vf_bw(a: &Side, b: &Side, qa: u32, size: u64) -> std::io::Result<f64> {
+    let ops = ops_for(size);
+    let slots = (BUF_LEN / size).max(1);
+    let start = Instant::now();
+    let (mut posted, mut done, mut outstanding) = (0u64, 0u64, 0usize);
+    while done < ops {
+        while outstanding < DEPTH && posted < ops {
+            let off = (posted % slots) * size;
+            a.vf.post_send(qa, write(posted, size, off, a.key, b.key, None))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            posted += 1;
+            outstanding += 1;
+        }
+        let cs = a.vf.wait_cq(DEPTH, Duration::from_secs(10));
+        if cs.is_empty() {
+            return Err(std::io::Error::other("soft VF: no completion within 10 s"));
+        }
+        for c in cs {
+            if c.status != Status::Success {
+                return Err(std::io::Error::other(format!("soft VF completion {c:?}")));
+            }
+            done += 1;
+            outstanding -= 1;
+        }
+    }
+    Ok((ops * size) as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn memcpy_bw(size: u64) -> f64 {
+    // Both non-zero, so both are touched (written) before timing, as the soft VF's buffers are.
+    let src = vec![1u8; BUF_LEN as usize];
+    let mut dst = vec![0x5au8; BUF_LEN as usize];
+    let ops = ops_for(size);
+    let slots = (BUF_LEN / size).max(1);
+    let start = Instant::now();
+    for i in 0..ops {
+        let off = ((i % slots) * size) as usize;
+        dst[off..off + size as usize].copy_from_slice(&src[off..off + size as usize]);
+        std::hint::black_box(&mut dst);
+    }
+    (ops * size) as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn tcp_pair() -> std::io::Result<(std::net::TcpStream, std::net::TcpStream)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let c = std::net::TcpStream::connect(l.local_addr()?)?;
+    let (s, _) = l.accept()?;
+    c.set_nodelay(true)?;
+    s.set_nodelay(true)?;
+    Ok((c, s))
+}
+
+fn tcp_bw(size: u64) -> std::io::Result<f64> {
+    let (mut c, mut s) = tcp_pair()?;
+    let ops = ops_for(size);
+    let total = ops * size;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < total {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::Error::other("TCP peer closed early"));
+            }
+            got += n as u64;
+        }
+        s.write_all(&[1])
+    });
+    let msg = vec![7u8; size as usize];
+    let start = Instant::now();
+    for _ in 0..ops {
+        c.write_all(&msg)?;
+    }
+    let mut ack = [0u8; 1];
+    c.read_exact(&mut ack)?;
+    let secs = start.elapsed().as_secs_f64();
+    reader
+        .join()
+        .map_err(|_| std::io::Error::other("TCP reader panicked"))??;
+    Ok(total as f64 / (1 << 20) as f64 / secs)
+}
+
+fn soft_vf_lat(a: &Side, b: &Side, qa: u32, qb: u32, iters: u32) -> std::io::Result<f64> {
+    let io = |e: crate::vf::verbs::VerbsError| std::io::Error::other(e.to_string());
+    let recv = |key| RecvWr {
+        wr_id: 0,
+        sge: Sge {
+            addr: VA,
+            len: 0,
+            lkey: key,
+        },
+    };
+    let mut samples = Vec::with_capacity(iters as usize);
+    for i in 0..iters {
+        b.vf.post_recv(qb, recv(b.key)).map_err(io)?;
+        a.vf.post_recv(qa, recv(a.key)).map_err(io)?;
+        let t = Instant::now();
+        a.vf.post_send(qa, write(u64::from(i), 64, 0, a.key, b.key, Some(i)))
+            .map_err(io)?;
+        // b sees the receive, answers with its own write; a waits for that receive.
+        loop {
+            let cs = b.vf.wait_cq(4, Duration::from_secs(5));
+            if cs.is_empty() {
+                return Err(std::io::Error::other("latency: b got nothing"));
+            }
+            if cs.iter().any(|c| c.imm == Some(i)) {
+                break;
+            }
+        }
+        b.vf.post_send(qb, write(u64::from(i), 64, 64, b.key, a.key, Some(i)))
+            .map_err(io)?;
+        loop {
+            let cs = a.vf.wait_cq(4, Duration::from_secs(5));
+            if cs.is_empty() {
+                return Err(std::io::Error::other("latency: a got nothing"));
+            }
+            if cs.iter().any(|c| c.imm == Some(i) && c.wr_id == 0) {
+                break;
+            }
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+        // Drain b's send completion.
+        let _ = b.vf.poll_cq(8);
+    }
+    Ok(median(samples))
+}
+
+fn tcp_lat(iters: u32) -> std::io::Result<f64> {
+    let (mut c, mut s) = tcp_pair()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut b = [0u8; 64];
+        for _ in 0..iters {
+            s.read_exact(&mut b)?;
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut b = [0u8; 64];
+    let mut samples = Vec::with_capacity(iters as usize);
+    for _ in 0..iters {
+        let t = Instant::now();
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+    }
+    echo.join()
+        .map_err(|_| std::io::Error::other("TCP echo panicked"))??;
+    Ok(median(samples))
+}
+
+/// Runs the fabric bench; `progress` is told each figure as it is measured.
+pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> std::io::Result<FabricBench> {
+    let (a, b) = (side("bench-a")?, side("bench-b")?);
+    a.vf.set_peer_address("bench-b", b.vf.listen_addr());
+    b.vf.set_peer_address("bench-a", a.vf.listen_addr());
+    let (qa, qb) = (a.vf.create_qp(), b.vf.create_qp());
+    let io = |e: crate::vf::verbs::VerbsError| std::io::Error::other(e.to_string());
+    a.vf.connect_qp(qa, "bench-b", qb).map_err(io)?;
+    b.vf.connect_qp(qb, "bench-a", qa).map_err(io)?;
+    let mut rows = Vec::new();
+    for shift in [6u32, 8, 10, 12, 14, 16, 18, 20] {
+        let size = 1u64 << shift;
+        let (mut v, mut m, mut t) = (vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            v.push(soft_vf_bw(&a, &b, qa, size)?);
+            m.push(memcpy_bw(size));
+            t.push(tcp_bw(size)?);
+        }
+        let (v, m, t) = (median(v), median(m), median(t));
+        progress(&format!(
+            "{size} B: soft VF {v:.0} MiB/s, memcpy {m:.0} MiB/s, loopback TCP {t:.0} MiB/s"
+        ));
+        rows.push(SizeRow {
+            size,
+            soft_vf_mib_s: v,
+            memcpy_mib_s: m,
+            tcp_mib_s: t,
+            fraction_of_memcpy: v / m,
+            fraction_of_tcp: v / t,
+        });
+    }
+    let write_lat_64b_us = soft_vf_lat(&a, &b, qa, qb, 2000)?;
+    let tcp_lat_64b_us = tcp_lat(2000)?;
+    progress(&format!(
+        "64 B latency: soft VF {write_lat_64b_us:.1} µs, loopback TCP {tcp_lat_64b_us:.1} µs"
+    ));
+    a.vf.close();
+    b.vf.close();
+    Ok(FabricBench {
+        rows,
+        write_lat_64b_us,
+        tcp_lat_64b_us,
+        rounds,
+    })
+}
+
+/// The bench as a markdown table.
+pub fn markdown(b: &FabricBench) -> String {
+    let mut s = String::from(
+        "| size | soft VF MiB/s | memcpy MiB/s | loopback TCP MiB/s | of memcpy | of TCP |\n|---|---|---|---|---|---|\n",
+    );
+    for r in &b.rows {
+        s += &format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} |\n",
+            r.size,
+            r.soft_vf_mib_s,
+            r.memcpy_mib_s,
+            r.tcp_mib_s,
+            r.fraction_of_memcpy,
+            r.fraction_of_tcp
+        );
+    }
+    s += &format!(
+        "\n64 B one-way latency (round trip ÷ 2, median): soft VF {:.1} µs, loopback TCP {:.1} µs\n",
+        b.write_lat_64b_us, b.tcp_lat_64b_us
+    );
+    s
+}
