@@ -123,6 +123,72 @@ struct State {
     cq: VecDeque<Completion>,
 }
 
+/// A QP as it moves from the source companion to the destination's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QpState {
+    /// QP number.
+    pub num: u32,
+    /// The connected peer VM and its QP.
+    pub peer: Option<(String, u32)>,
+    /// PSN of the next request this QP sends.
+    pub next_psn: u64,
+    /// PSN of the next request this QP expects.
+    pub expected_psn: u64,
+    /// Posted receives, in order.
+    pub recvs: Vec<RecvWr>,
+    /// Requests sent and not yet acknowledged, by PSN. Their data is read again from guest
+    /// RAM at the destination: the buffer of a posted request is not the guest's to change
+    /// until it completes, and guest RAM arrives identical.
+    pub unacked: Vec<(u64, SendWr)>,
+    /// Whether the QP is in the error state.
+    pub error: bool,
+}
+
+/// Everything of a soft VF that is not in guest RAM: what moves at switchover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfState {
+    /// The VM.
+    pub vm: String,
+    /// Registered regions.
+    pub mrs: Vec<MemoryRegion>,
+    /// Next region key.
+    pub next_key: u32,
+    /// QPs.
+    pub qps: Vec<QpState>,
+    /// Next QP number.
+    pub next_qp: u32,
+    /// Completions not yet taken by the guest.
+    pub cq: Vec<Completion>,
+}
+
+/// Why the VF state could not move.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Export needs the device quiesced first.
+    #[error("VM {0}: the VF must be quiesced (switchover) before its state is exported")]
+    NotQuiesced(String),
+    /// The state is of another VM.
+    #[error("VF state of VM {got} offered to VM {want}")]
+    WrongVm {
+        /// The importing VM.
+        want: String,
+        /// The state's VM.
+        got: String,
+    },
+    /// A pending request's data could not be read from guest RAM.
+    #[error("VM {vm}: cannot rebuild pending request {wr_id} of QP {qp}: {reason}")]
+    Rebuild {
+        /// The VM.
+        vm: String,
+        /// The QP.
+        qp: u32,
+        /// The request.
+        wr_id: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
 struct Link {
     writer: Mutex<BufWriter<TcpStream>>,
     generation: u64,
@@ -141,6 +207,10 @@ struct Inner {
     timing: FabricTiming,
     closed: AtomicBool,
     stats: Mutex<SoftVfStats>,
+    /// Tests only: apply the next N requests but send no ack for them, as if the acks were
+    /// lost on a link that broke.
+    #[cfg(test)]
+    swallow_acks: AtomicU64,
 }
 
 /// The soft VF of one VM.
@@ -181,6 +251,8 @@ impl SoftVf {
             timing,
             closed: AtomicBool::new(false),
             stats: Mutex::new(SoftVfStats::default()),
+            #[cfg(test)]
+            swallow_acks: AtomicU64::new(0),
         });
         listener.set_nonblocking(true)?;
         {
@@ -239,6 +311,122 @@ impl SoftVf {
         }
         let n = st.cq.len().min(max);
         st.cq.drain(..n).collect()
+    }
+
+    /// Takes the VF's state for the destination, at switchover. The device must be quiesced:
+    /// from then on nothing is applied or acknowledged here, so the state is final. Links to
+    /// peers are closed, so they hold what they send until the destination announces itself.
+    pub fn export_state(&self) -> Result<VfState, StateError> {
+        let inner = &self.inner;
+        if !inner.dma.gate_state().quiesced {
+            return Err(StateError::NotQuiesced(inner.vm.clone()));
+        }
+        let links: Vec<_> = lock(&inner.links).keys().cloned().collect();
+        for vm in links {
+            drop_link(inner, &vm);
+        }
+        let st = lock(&inner.state);
+        let mut qps: Vec<QpState> = st
+            .qps
+            .iter()
+            .map(|(&num, q)| QpState {
+                num,
+                peer: q.peer.clone(),
+                next_psn: q.next_psn,
+                expected_psn: q.expected_psn,
+                recvs: q.recvs.iter().copied().collect(),
+                unacked: q.unacked.iter().map(|p| (p.psn, p.wr.clone())).collect(),
+                error: q.error,
+            })
+            .collect();
+        qps.sort_by_key(|q| q.num);
+        let mut mrs: Vec<MemoryRegion> = st.mrs.values().cloned().collect();
+        mrs.sort_by_key(|m| m.key);
+        Ok(VfState {
+            vm: inner.vm.clone(),
+            mrs,
+            next_key: st.next_key,
+            qps,
+            next_qp: st.next_qp,
+            cq: st.cq.iter().copied().collect(),
+        })
+    }
+
+    /// Takes over a migrated VM's VF state. Pending requests are rebuilt from guest RAM (it
+    /// arrived identical) and will be replayed; call [`SoftVf::announce`] next.
+    pub fn import_state(&self, state: VfState) -> Result<(), StateError> {
+        let inner = &self.inner;
+        if state.vm != inner.vm {
+            return Err(StateError::WrongVm {
+                want: inner.vm.clone(),
+                got: state.vm,
+            });
+        }
+        let mut fresh = State {
+            mrs: state.mrs.into_iter().map(|m| (m.key, m)).collect(),
+            next_key: state.next_key,
+            qps: HashMap::new(),
+            next_qp: state.next_qp,
+            cq: state.cq.into_iter().collect(),
+        };
+        let now = Instant::now();
+        for q in state.qps {
+            let mut unacked = VecDeque::new();
+            for (psn, wr) in q.unacked {
+                let payload =
+                    read_local(inner, &fresh.mrs, &wr).map_err(|reason| StateError::Rebuild {
+                        vm: inner.vm.clone(),
+                        qp: q.num,
+                        wr_id: wr.wr_id,
+                        reason,
+                    })?;
+                let peer_qp = q.peer.as_ref().map(|p| p.1).unwrap_or(0);
+                unacked.push_back(Pending {
+                    psn,
+                    frame: frame_for(q.num, peer_qp, psn, &wr, payload),
+                    wr,
+                    sent_on: NOT_ON_A_LINK,
+                    since: now,
+                    rnr_since: None,
+                    retry_after: None,
+                });
+            }
+            fresh.qps.insert(
+                q.num,
+                Qp {
+                    peer: q.peer,
+                    next_psn: q.next_psn,
+                    expected_psn: q.expected_psn,
+                    recvs: q.recvs.into_iter().collect(),
+                    unacked,
+                    error: q.error,
+                },
+            );
+        }
+        *lock(&inner.state) = fresh;
+        inner.cq_ready.notify_all();
+        Ok(())
+    }
+
+    /// Tells every peer in the cluster map that this VM now lives here: they point their
+    /// links at this VF and replay what they hold for it. Returns the peers reached.
+    pub fn announce(&self) -> Vec<String> {
+        let peers: Vec<String> = lock(&self.inner.book)
+            .keys()
+            .filter(|vm| **vm != self.inner.vm)
+            .cloned()
+            .collect();
+        let mut reached = Vec::new();
+        for vm in peers {
+            drop_link(&self.inner, &vm);
+            if dial(&self.inner, &vm, true).is_some() {
+                reached.push(vm);
+            } else {
+                tracing::warn!(peer = %vm, "could not announce the migrated VM to a peer; it will learn on its next request");
+            }
+        }
+        tracing::info!(vm = %self.inner.vm, ?reached, "announced the VM's new place on the fabric");
+        reached
     }
 
     /// Stops the VF's threads.
@@ -353,44 +541,13 @@ impl Vf for SoftVf {
         let Some((peer_vm, peer_qp)) = q.peer.clone() else {
             return fail(cq, Status::UnknownPeer);
         };
-        // The local buffer must lie inside one of the poster's regions.
-        let pieces = mrs
-            .get(&wr.sge.lkey)
-            .and_then(|m| m.translate(wr.sge.addr, u64::from(wr.sge.len)));
-        let Some(pieces) = pieces else {
-            return fail(cq, Status::LocalProtectionError);
+        let payload = match read_local(inner, mrs, &wr) {
+            Ok(p) => p,
+            Err(_) => return fail(cq, Status::LocalProtectionError),
         };
-        let mut payload = Vec::with_capacity(wr.sge.len as usize);
-        for p in pieces {
-            match inner.dma.read(p.gpa, p.len) {
-                Ok(b) => payload.extend_from_slice(&b),
-                Err(_) => return fail(cq, Status::LocalProtectionError),
-            }
-        }
         let psn = q.next_psn;
         q.next_psn += 1;
-        let frame = match wr.op {
-            SendOp::Write {
-                remote_addr,
-                rkey,
-                imm,
-            } => Frame::Write {
-                src_qp: qp,
-                dst_qp: peer_qp,
-                psn,
-                rkey,
-                addr: remote_addr,
-                imm,
-                payload,
-            },
-            SendOp::Send { imm } => Frame::Send {
-                src_qp: qp,
-                dst_qp: peer_qp,
-                psn,
-                imm,
-                payload,
-            },
-        };
+        let frame = frame_for(qp, peer_qp, psn, &wr, payload);
         q.unacked.push_back(Pending {
             psn,
             wr,
@@ -412,6 +569,49 @@ impl Vf for SoftVf {
     }
 }
 
+/// Reads a send request's local data from guest RAM, checking it lies in one of `mrs`.
+fn read_local(
+    inner: &Inner,
+    mrs: &HashMap<u32, MemoryRegion>,
+    wr: &SendWr,
+) -> Result<Vec<u8>, String> {
+    let pieces = mrs
+        .get(&wr.sge.lkey)
+        .and_then(|m| m.translate(wr.sge.addr, u64::from(wr.sge.len)))
+        .ok_or_else(|| "the local buffer is not inside a registered region".to_string())?;
+    let mut payload = Vec::with_capacity(wr.sge.len as usize);
+    for p in pieces {
+        payload.extend_from_slice(&inner.dma.read(p.gpa, p.len).map_err(|e| e.to_string())?);
+    }
+    Ok(payload)
+}
+
+/// The fabric frame of a send request.
+fn frame_for(qp: u32, peer_qp: u32, psn: u64, wr: &SendWr, payload: Vec<u8>) -> Frame {
+    match wr.op {
+        SendOp::Write {
+            remote_addr,
+            rkey,
+            imm,
+        } => Frame::Write {
+            src_qp: qp,
+            dst_qp: peer_qp,
+            psn,
+            rkey,
+            addr: remote_addr,
+            imm,
+            payload,
+        },
+        SendOp::Send { imm } => Frame::Send {
+            src_qp: qp,
+            dst_qp: peer_qp,
+            psn,
+            imm,
+            payload,
+        },
+    }
+}
+
 /// The link to `vm`, dialling it if there is none.
 fn link_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
     if let Some(l) = lock(&inner.links).get(vm) {
@@ -419,6 +619,11 @@ fn link_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
             return Some(l.clone());
         }
     }
+    dial(inner, vm, false)
+}
+
+/// Dials `vm` and says Hello (announcing a migration when `announce`).
+fn dial(inner: &Arc<Inner>, vm: &str, announce: bool) -> Option<Arc<Link>> {
     let addr = lock(&inner.book).get(vm).cloned()?;
     let sock: SocketAddr = addr.to_socket_addrs().ok()?.next()?;
     let stream = TcpStream::connect_timeout(&sock, Duration::from_millis(500)).ok()?;
@@ -430,7 +635,7 @@ fn link_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
         &Frame::Hello {
             vm: inner.vm.clone(),
             listen: inner.listen.clone(),
-            announce: false,
+            announce,
         },
     )
     .ok()?;
@@ -623,7 +828,7 @@ fn retry_loop(inner: &Arc<Inner>) {
                 let Some(first) = q.unacked.front() else {
                     continue;
                 };
-                if first.sent_on == 0 && now - first.since > inner.timing.hold_timeout {
+                if now - first.since > inner.timing.hold_timeout {
                     expired.push(n);
                 } else {
                     out.push((n, vm.clone()));
@@ -738,6 +943,14 @@ fn serve_peer(inner: &Arc<Inner>, stream: TcpStream) -> Result<(), wire::WireErr
                 return Ok(());
             }
         };
+        #[cfg(test)]
+        if inner
+            .swallow_acks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            continue;
+        }
         wire::write_frame(&mut writer, &Frame::Ack { qp, psn, status })?;
         writer.flush()?;
     }
