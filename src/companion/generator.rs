@@ -327,16 +327,28 @@ impl Drop for Generator {
     }
 }
 
-/// The slot of the `n`-th write: a fixed permutation of the slots, so that consecutive writes
+/// The order the generator visits slots in: a fixed permutation, so that consecutive writes
 /// land on distinct pages spread over the window and every slot is visited once per sweep.
-fn slot_of(n: u64, slots: u32) -> u32 {
-    let slots = u64::from(slots);
-    // An odd multiplier near slots * golden ratio, made coprime with the slot count.
-    let mut step = ((slots as f64 * 0.618_033_988_75) as u64) | 1;
-    while gcd(step, slots) != 1 {
-        step += 2;
+struct SlotOrder {
+    slots: u64,
+    step: u64,
+}
+
+impl SlotOrder {
+    fn new(slots: u32) -> Self {
+        let slots = u64::from(slots);
+        // An odd multiplier near slots × the golden ratio, made coprime with the slot count.
+        let mut step = ((slots as f64 * 0.618_033_988_75) as u64) | 1;
+        while gcd(step, slots) != 1 {
+            step += 2;
+        }
+        Self { slots, step }
     }
-    ((n % slots) * step % slots) as u32
+
+    /// The slot of the `n`-th write.
+    fn slot(&self, n: u64) -> u32 {
+        ((n % self.slots) * self.step % self.slots) as u32
+    }
 }
 
 fn gcd(mut a: u64, mut b: u64) -> u64 {
@@ -357,6 +369,7 @@ fn run(
     let interval = Duration::from_secs_f64(1.0 / config.rate as f64);
     let started = Instant::now();
     let mut buf = Vec::with_capacity(window.record_size as usize);
+    let order = SlotOrder::new(window.slots);
     let mut n: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         // Pace: write n is due at started + n * interval; sleep when ahead, in steps of at
@@ -367,7 +380,7 @@ fn run(
             std::thread::sleep((due - now).max(Duration::from_millis(1)));
             continue;
         }
-        let slot = slot_of(n, window.slots);
+        let slot = order.slot(n);
         let version = ledger.versions[slot as usize].load(Ordering::SeqCst) + 1;
         encode_record(slot, version, window.record_size as usize, &mut buf);
         match dma.write(window.slot_gpa(slot), &buf) {
@@ -416,7 +429,8 @@ mod tests {
     #[test]
     fn the_slot_order_visits_every_slot_once_per_sweep() {
         for slots in [1u32, 2, 4096, 1000, 997] {
-            let mut seen: Vec<u32> = (0..u64::from(slots)).map(|n| slot_of(n, slots)).collect();
+            let order = SlotOrder::new(slots);
+            let mut seen: Vec<u32> = (0..u64::from(slots)).map(|n| order.slot(n)).collect();
             seen.sort_unstable();
             assert_eq!(seen, (0..slots).collect::<Vec<_>>());
         }

@@ -56,7 +56,7 @@ pub struct DemoOptions {
     pub image: GuestImage,
     /// The `vfmig` binary for the companions.
     pub vfmig_bin: PathBuf,
-    /// Run without companions' generator wait (generator lead time before migrating).
+    /// How long the generator runs before the migration starts.
     pub lead_time: Duration,
     /// Migration timeout.
     pub timeout: Duration,

@@ -481,37 +481,30 @@ impl RunningVm {
         )
     }
 
-    /// Waits until the guest's driver has started the NIC: the companion has guest RAM.
+    /// Waits until the guest's driver has started the NIC: the companion has guest RAM (with
+    /// a companion), or the guest's init reports the NIC bound (without one).
     pub fn wait_guest_up(&mut self, timeout: Duration) -> Result<Duration, LaunchError> {
         let start = Instant::now();
-        if self.spec.nic == Nic::Plain {
-            // No companion to ask: the guest's init says when its NIC is bound.
-            loop {
-                self.check_alive()?;
-                let serial = std::fs::read_to_string(&self.paths.serial_log).unwrap_or_default();
-                if serial.contains("vfmig-guest: nic-bound") {
-                    return Ok(start.elapsed());
-                }
-                if start.elapsed() > timeout {
-                    return Err(LaunchError::GuestNotUp {
-                        vm: self.spec.name.clone(),
-                        secs: timeout.as_secs(),
-                        serial: self.paths.serial_log.clone(),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        let mut control = self.control()?;
+        let mut control = match self.spec.nic {
+            Nic::VhostUser => Some(self.control()?),
+            Nic::Plain => None,
+        };
         loop {
             self.check_alive()?;
-            let status = control
-                .call(&Request::Status)
-                .map_err(|source| LaunchError::Control {
-                    vm: self.spec.name.clone(),
-                    source,
-                })?;
-            if status["regions"].as_array().is_some_and(|r| !r.is_empty()) {
+            let up = match control.as_mut() {
+                Some(c) => c
+                    .call(&Request::Status)
+                    .map_err(|source| LaunchError::Control {
+                        vm: self.spec.name.clone(),
+                        source,
+                    })?["regions"]
+                    .as_array()
+                    .is_some_and(|r| !r.is_empty()),
+                None => std::fs::read_to_string(&self.paths.serial_log)
+                    .unwrap_or_default()
+                    .contains("vfmig-guest: nic-bound"),
+            };
+            if up {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > timeout {
