@@ -13,6 +13,7 @@ use vfmig::orchestrator::launch::{mac_for, GuestImage, Nic, Role, RunningVm, VmS
 use vfmig::orchestrator::migrate::{self, MigrateOptions, Observer, Quiet, TerminalProgress};
 use vfmig::orchestrator::{bench, fabric_bench};
 use vfmig::qmp::QmpClient;
+use vfmig::vf::soft::ClusterMap;
 
 /// Live migration of VMs whose MPI jobs use an SR-IOV RDMA VF, with a stock QEMU.
 #[derive(Parser)]
@@ -40,6 +41,12 @@ enum Command {
         /// only for the negative control that proves the checks can fail.
         #[arg(long)]
         unsafe_no_tracking: bool,
+        /// Run the soft VF, listening for peer companions on this address (`host:port`).
+        #[arg(long)]
+        fabric_listen: Option<String>,
+        /// Cluster file: `{"vms": {"NAME": "host:port", ...}}`, the fabric address of every VM.
+        #[arg(long)]
+        cluster: Option<PathBuf>,
     },
     /// Start a VM's companion and then QEMU, with all files in one run directory; stop both on
     /// Ctrl-C or when QEMU exits.
@@ -194,13 +201,21 @@ fn main() -> Result<()> {
             socket,
             control,
             unsafe_no_tracking,
+            fabric_listen,
+            cluster,
         } => {
             init_logging("info");
+            let cluster = match cluster {
+                Some(path) => ClusterMap::load(&path).map_err(anyhow::Error::msg)?,
+                None => ClusterMap::default(),
+            };
             companion::run(CompanionConfig {
                 name,
                 socket,
                 control,
                 unsafe_no_tracking,
+                fabric_listen,
+                cluster,
             })?;
         }
         Command::Launch {

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-cargo build --release --all-targets
-cargo test --release -- "$@"
+cargo build --release --workspace --all-targets
+cargo test --release --workspace -- "$@"

@@ -634,7 +634,13 @@ mod tests {
             Message::RegMr {
                 addr: 1,
                 access: access::REMOTE_WRITE,
-                segments: vec![Segment { gpa: 4096, len: 8192 }; MAX_SEGMENTS],
+                segments: vec![
+                    Segment {
+                        gpa: 4096,
+                        len: 8192
+                    };
+                    MAX_SEGMENTS
+                ],
             },
             Message::DeregMr { key: 4 },
             Message::CreateQp,
@@ -659,7 +665,11 @@ mod tests {
                 sge,
                 op: SendOp::Send { imm: None },
             },
-            Message::PostRecv { qp: 1, wr_id: 2, sge },
+            Message::PostRecv {
+                qp: 1,
+                wr_id: 2,
+                sge,
+            },
             Message::EventAck {
                 event: Event::Suspend,
             },

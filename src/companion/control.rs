@@ -51,6 +51,16 @@ pub enum Request {
         /// The bytes, hex-encoded.
         hex: String,
     },
+    /// Take the soft VF's state for the destination (after the switchover quiesce): regions,
+    /// QPs, pending requests, completions, and frames still waiting for the guest.
+    VfExport,
+    /// Take over a migrated VM's soft VF state and announce the VM's new place to its peers.
+    VfImport {
+        /// The state, as `vf_export` gave it.
+        vf: crate::vf::soft::VfState,
+        /// Frames that waited for the guest at the source, hex-encoded.
+        rx_frames: Vec<String>,
+    },
     /// Switch dirty tracking of device writes on or off (off: `unsafe-no-tracking` only).
     SetTracking {
         /// On or off.

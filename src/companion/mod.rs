@@ -6,6 +6,7 @@
 
 pub mod control;
 pub mod generator;
+pub mod guest_link;
 pub mod vhost_filter;
 pub mod vhost_net;
 
@@ -19,10 +20,15 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestAddressSpace;
 
+use std::os::fd::AsRawFd;
+
+use vmm_sys_util::epoll::EventSet;
+
 use crate::guest_ram;
-use crate::vf::DmaEngine;
+use crate::vf::{self, soft::SoftVf, DmaEngine};
 use control::{Handler, Request, MAX_READ};
 use generator::{Generator, GeneratorStatus};
+use guest_link::GuestLink;
 use vhost_net::NetBackend;
 
 /// Errors that stop the companion.
@@ -49,6 +55,17 @@ pub enum CompanionError {
         #[source]
         source: std::io::Error,
     },
+    /// The soft VF's fabric could not listen.
+    #[error("VM {vm}: the soft VF cannot listen on {addr}: {source}")]
+    Fabric {
+        /// The VM's name.
+        vm: String,
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The vhost-user daemon failed.
     #[error("VM {vm}: vhost-user backend failed: {reason}")]
     Daemon {
@@ -70,6 +87,10 @@ pub struct CompanionConfig {
     pub control: PathBuf,
     /// Start with dirty tracking of device writes off (`unsafe-no-tracking`).
     pub unsafe_no_tracking: bool,
+    /// Where the soft VF listens for peers (`host:port`); none: no fabric.
+    pub fabric_listen: Option<String>,
+    /// VM name → fabric address of every VM (the cluster file).
+    pub cluster: vf::soft::ClusterMap,
 }
 
 /// The companion's shared state, as the control socket sees it.
@@ -77,6 +98,8 @@ struct Companion {
     name: String,
     dma: Arc<DmaEngine>,
     net: NetBackend,
+    vf: Option<SoftVf>,
+    guest: Arc<GuestLink>,
     generator: Mutex<Option<Generator>>,
     vhost_connected: AtomicBool,
     vhost_messages: vhost_filter::SharedMessageLog,
@@ -119,6 +142,8 @@ impl Companion {
             "quiesced": gate.quiesced,
             "tracking": self.dma.tracking(),
             "generator": self.generator_status(),
+            "soft_vf": self.vf.as_ref().map(SoftVf::stats),
+            "guest_link": self.guest.stats(),
         })
     }
 }
@@ -174,6 +199,37 @@ impl Handler for Companion {
                 self.dma.write(gpa, &bytes).map_err(|e| e.to_string())?;
                 Ok(json!({ "written": bytes.len() }))
             }
+            Request::VfExport => {
+                let vf = self
+                    .vf
+                    .as_ref()
+                    .ok_or("this companion has no soft VF (--fabric-listen)")?;
+                let state = vf.export_state().map_err(|e| e.to_string())?;
+                let rx: Vec<String> = self
+                    .guest
+                    .take_waiting()
+                    .iter()
+                    .map(|f| control::to_hex(f))
+                    .collect();
+                Ok(json!({ "vf": state, "rx_frames": rx }))
+            }
+            Request::VfImport {
+                vf: state,
+                rx_frames,
+            } => {
+                let vf = self
+                    .vf
+                    .as_ref()
+                    .ok_or("this companion has no soft VF (--fabric-listen)")?;
+                let frames = rx_frames
+                    .iter()
+                    .map(|h| control::from_hex(h))
+                    .collect::<Result<Vec<_>, _>>()?;
+                vf.import_state(state).map_err(|e| e.to_string())?;
+                self.guest.restore_waiting(frames);
+                let reached = vf.announce();
+                Ok(json!({ "announced_to": reached }))
+            }
             Request::SetTracking { enabled } => {
                 self.dma.set_tracking(enabled);
                 Ok(json!({ "tracking": enabled }))
@@ -199,11 +255,34 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     if config.unsafe_no_tracking {
         dma.set_tracking(false);
     }
-    let net = NetBackend::new(dma.clone());
+    let vf = match &config.fabric_listen {
+        Some(addr) => Some(
+            SoftVf::start(
+                &config.name,
+                dma.clone(),
+                addr,
+                config.cluster.clone(),
+                vf::soft::FabricTiming::default(),
+            )
+            .map_err(|e| CompanionError::Fabric {
+                vm: config.name.clone(),
+                addr: addr.clone(),
+                source: e,
+            })?,
+        ),
+        None => None,
+    };
+    let guest = GuestLink::new(vf.clone(), dma.clone()).map_err(|e| CompanionError::Daemon {
+        vm: config.name.clone(),
+        reason: format!("cannot set up the guest link: {e}"),
+    })?;
+    let net = NetBackend::new(dma.clone(), guest.clone());
     let companion = Arc::new(Companion {
         name: config.name.clone(),
         dma,
         net: net.clone(),
+        vf,
+        guest: guest.clone(),
         generator: Mutex::new(None),
         vhost_connected: AtomicBool::new(false),
         vhost_messages: Default::default(),
@@ -237,6 +316,19 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
                 reason: e.to_string(),
             }
         })?;
+    // Frames queued for the guest wake the vring worker through this event.
+    if let Some(handler) = daemon.get_epoll_handlers().first() {
+        handler
+            .register_listener(
+                guest.rx_event.as_raw_fd(),
+                EventSet::IN,
+                u64::from(vhost_net::RX_PENDING_EVENT),
+            )
+            .map_err(|e| CompanionError::Daemon {
+                vm: config.name.clone(),
+                reason: format!("cannot watch the guest link's event: {e}"),
+            })?;
+    }
     tracing::info!(
         vm = %config.name,
         socket = %config.socket.display(),

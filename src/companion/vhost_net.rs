@@ -20,10 +20,12 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
+use super::guest_link::GuestLink;
 use crate::dirty::QemuLogBitmap;
 use crate::guest_ram::GuestRam;
 use crate::vf::DmaEngine;
@@ -32,6 +34,10 @@ use crate::vf::DmaEngine;
 pub const RX_QUEUE: u16 = 0;
 /// Transmit queue index.
 pub const TX_QUEUE: u16 = 1;
+/// Event id of "frames wait for the guest" (after the queues and the exit event).
+pub const RX_PENDING_EVENT: u16 = 3;
+/// Largest frame taken from the guest (with the virtio-net header).
+const MAX_TX_FRAME: usize = 65_562;
 const NUM_QUEUES: usize = 2;
 const QUEUE_SIZE: usize = 256;
 /// Size of `virtio_net_hdr_v1` (VERSION_1 always carries `num_buffers`).
@@ -62,15 +68,17 @@ struct Counters {
 #[derive(Clone)]
 pub struct NetBackend {
     dma: Arc<DmaEngine>,
+    guest: Arc<GuestLink>,
     event_idx: Arc<AtomicBool>,
     counters: Arc<Counters>,
 }
 
 impl NetBackend {
-    /// A backend whose device writes go through `dma`.
-    pub fn new(dma: Arc<DmaEngine>) -> Self {
+    /// A backend whose device writes go through `dma`, and whose vfmig frames go to `guest`.
+    pub fn new(dma: Arc<DmaEngine>, guest: Arc<GuestLink>) -> Self {
         Self {
             dma,
+            guest,
             event_idx: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(Counters::default()),
         }
@@ -101,7 +109,8 @@ impl NetBackend {
         }
     }
 
-    /// Takes every frame the guest queued for transmission, counts it and returns the buffer.
+    /// Takes every frame the guest queued for transmission: vfmig frames go to the guest
+    /// link, others are counted and dropped.
     fn drain_tx(&self, vring: &VringRwLock<GuestRam>) -> io::Result<()> {
         let mem = self.dma.ram().memory();
         let mut state = vring.get_mut();
@@ -115,17 +124,82 @@ impl NetBackend {
         }
         for chain in chains {
             let head = chain.head_index();
-            let len: u64 = chain.map(|d| u64::from(d.len())).sum();
+            let mut frame = Vec::new();
+            for desc in chain.filter(|d| !d.is_write_only()) {
+                let n = (desc.len() as usize).min(MAX_TX_FRAME.saturating_sub(frame.len()));
+                let at = frame.len();
+                frame.resize(at + n, 0);
+                if mem.read_slice(&mut frame[at..], desc.addr()).is_err() {
+                    frame.truncate(at);
+                    break;
+                }
+            }
             self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
             self.counters.tx_bytes.fetch_add(
-                len.saturating_sub(u64::from(NET_HDR_LEN)),
+                (frame.len() as u64).saturating_sub(u64::from(NET_HDR_LEN)),
                 Ordering::Relaxed,
             );
+            if frame.len() > NET_HDR_LEN as usize {
+                self.guest.on_frame(&frame[NET_HDR_LEN as usize..]);
+            }
             state
                 .add_used(head, 0)
                 .map_err(|e| io::Error::other(format!("TX used ring: {e}")))?;
         }
         state.signal_used_queue()
+    }
+
+    /// Writes the frames waiting for the guest into its receive buffers, as many as it has
+    /// posted; the rest wait for the next RX kick.
+    fn deliver_rx(&self, vring: &VringRwLock<GuestRam>) -> io::Result<()> {
+        let mem = self.dma.ram().memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !self.dma.ring_writes_allowed() {
+            return Ok(());
+        }
+        let mut delivered = false;
+        while let Some(frame) = self.guest.next_for_guest() {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                self.guest.put_back(frame);
+                break;
+            };
+            let head = chain.head_index();
+            // virtio_net_hdr_v1: no offloads, num_buffers = 1.
+            let mut data = vec![0u8; NET_HDR_LEN as usize];
+            data[10] = 1;
+            data.extend_from_slice(&frame);
+            let mut written = 0usize;
+            for desc in chain.filter(|d| d.is_write_only()) {
+                if written == data.len() {
+                    break;
+                }
+                let n = (desc.len() as usize).min(data.len() - written);
+                if mem
+                    .write_slice(&data[written..written + n], desc.addr())
+                    .is_err()
+                {
+                    break;
+                }
+                written += n;
+            }
+            if written < data.len() {
+                tracing::warn!(
+                    frame = frame.len(),
+                    written,
+                    "guest receive buffer too small for a vfmig frame: dropped"
+                );
+            } else {
+                self.guest.delivered();
+            }
+            state
+                .add_used(head, written as u32)
+                .map_err(|e| io::Error::other(format!("RX used ring: {e}")))?;
+            delivered = true;
+        }
+        if delivered {
+            state.signal_used_queue()?;
+        }
+        Ok(())
     }
 }
 
@@ -194,9 +268,16 @@ impl VhostUserBackend for NetBackend {
             )));
         }
         match device_event {
-            TX_QUEUE => self.drain_tx(&vrings[TX_QUEUE as usize]),
-            // RX: the guest posted buffers; nothing to deliver yet.
-            RX_QUEUE => Ok(()),
+            TX_QUEUE => {
+                self.drain_tx(&vrings[TX_QUEUE as usize])?;
+                self.deliver_rx(&vrings[RX_QUEUE as usize])
+            }
+            // The guest posted receive buffers, or frames wait for it.
+            RX_QUEUE => self.deliver_rx(&vrings[RX_QUEUE as usize]),
+            RX_PENDING_EVENT => {
+                let _ = self.guest.rx_event.read();
+                self.deliver_rx(&vrings[RX_QUEUE as usize])
+            }
             other => Err(io::Error::other(format!("event for unknown queue {other}"))),
         }
     }

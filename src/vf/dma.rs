@@ -211,6 +211,19 @@ impl DmaEngine {
         result
     }
 
+    /// Whether the device may write its rings now (receive frames): not quiesced, and, while
+    /// a migration runs with tracking on, QEMU's log covers all of guest RAM.
+    pub fn ring_writes_allowed(&self) -> bool {
+        let gate = *self.gate();
+        if gate.quiesced {
+            return false;
+        }
+        if !gate.log_requested || !self.tracking() {
+            return true;
+        }
+        self.ram.memory().iter().all(|r| r.bitmap().is_logging())
+    }
+
     /// Reads `len` bytes of guest RAM at `gpa` (for verification; reads dirty nothing).
     pub fn read(&self, gpa: u64, len: u64) -> Result<Vec<u8>, DmaError> {
         let mem = self.ram.memory();

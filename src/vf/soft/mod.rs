@@ -97,7 +97,9 @@ const NOT_ON_A_LINK: u64 = u64::MAX;
 struct Pending {
     psn: u64,
     wr: SendWr,
-    frame: Frame,
+    /// The request's frame; `None` after a migration until it is rebuilt from guest RAM
+    /// (the destination has no guest RAM until its device starts).
+    frame: Option<Frame>,
     /// Link generation it was last sent on (0: never sent).
     sent_on: u64,
     since: Instant,
@@ -174,18 +176,6 @@ pub enum StateError {
         want: String,
         /// The state's VM.
         got: String,
-    },
-    /// A pending request's data could not be read from guest RAM.
-    #[error("VM {vm}: cannot rebuild pending request {wr_id} of QP {qp}: {reason}")]
-    Rebuild {
-        /// The VM.
-        vm: String,
-        /// The QP.
-        qp: u32,
-        /// The request.
-        wr_id: u64,
-        /// Why.
-        reason: String,
     },
 }
 
@@ -352,8 +342,9 @@ impl SoftVf {
         })
     }
 
-    /// Takes over a migrated VM's VF state. Pending requests are rebuilt from guest RAM (it
-    /// arrived identical) and will be replayed; call [`SoftVf::announce`] next.
+    /// Takes over a migrated VM's VF state. Pending requests will be rebuilt from guest RAM
+    /// (it arrives identical) once the device has it, and replayed; call
+    /// [`SoftVf::announce`] next, before the VM resumes.
     pub fn import_state(&self, state: VfState) -> Result<(), StateError> {
         let inner = &self.inner;
         if state.vm != inner.vm {
@@ -371,26 +362,19 @@ impl SoftVf {
         };
         let now = Instant::now();
         for q in state.qps {
-            let mut unacked = VecDeque::new();
-            for (psn, wr) in q.unacked {
-                let payload =
-                    read_local(inner, &fresh.mrs, &wr).map_err(|reason| StateError::Rebuild {
-                        vm: inner.vm.clone(),
-                        qp: q.num,
-                        wr_id: wr.wr_id,
-                        reason,
-                    })?;
-                let peer_qp = q.peer.as_ref().map(|p| p.1).unwrap_or(0);
-                unacked.push_back(Pending {
+            let unacked = q
+                .unacked
+                .into_iter()
+                .map(|(psn, wr)| Pending {
                     psn,
-                    frame: frame_for(q.num, peer_qp, psn, &wr, payload),
                     wr,
+                    frame: None,
                     sent_on: NOT_ON_A_LINK,
                     since: now,
                     rnr_since: None,
                     retry_after: None,
-                });
-            }
+                })
+                .collect();
             fresh.qps.insert(
                 q.num,
                 Qp {
@@ -551,7 +535,7 @@ impl Vf for SoftVf {
         q.unacked.push_back(Pending {
             psn,
             wr,
-            frame,
+            frame: Some(frame),
             sent_on: 0,
             since: Instant::now(),
             rnr_since: None,
@@ -699,7 +683,9 @@ fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
     let (mut first, mut again) = (0u64, 0u64);
     let frames: Vec<Vec<u8>> = {
         let mut st = lock(&inner.state);
-        let Some(q) = st.qps.get_mut(&qp) else { return };
+        let State { mrs, qps, .. } = &mut *st;
+        let Some(q) = qps.get_mut(&qp) else { return };
+        let peer_qp = q.peer.as_ref().map(|p| p.1).unwrap_or(0);
         let now = Instant::now();
         let mut out = Vec::new();
         for p in q.unacked.iter_mut() {
@@ -709,12 +695,20 @@ fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
             if p.sent_on == link.generation && p.retry_after.is_none() {
                 continue;
             }
+            if p.frame.is_none() {
+                // Moved with a migration: read the data again from this VM's guest RAM.
+                match read_local(inner, mrs, &p.wr) {
+                    Ok(payload) => p.frame = Some(frame_for(qp, peer_qp, p.psn, &p.wr, payload)),
+                    Err(_) => break, // no guest RAM yet: the retry loop comes back
+                }
+            }
+            let Some(frame) = &p.frame else { break };
             if p.sent_on == 0 {
                 first += 1;
             } else {
                 again += 1;
             }
-            out.push(wire::encode(&p.frame));
+            out.push(wire::encode(frame));
             p.sent_on = link.generation;
             p.retry_after = None;
         }

@@ -1,0 +1,331 @@
+//! The guest's end of the VF: frames of EtherType 0x88B5 over the virtio-net queues
+//! (`docs/guest-frames.md`).
+//!
+//! - Frames the guest transmits are decoded here and become verbs on the VF; commands get a
+//!   REPLY frame.
+//! - Replies, completions and events wait in an RX queue until the guest has posted receive
+//!   buffers; the vring worker writes them into guest RAM (through the logged memory).
+//! - A pump thread takes completions from the VF's completion queue and queues them as
+//!   COMPLETIONS frames.
+//!
+//! At switchover nothing leaves the RX queue (the device is quiesced); frames still waiting
+//! move to the destination with the VF state.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use vfmig_proto as proto;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vf::soft::SoftVf;
+use crate::vf::verbs::{self, Access, GpaRange, RecvWr, SendOp, SendWr, Sge};
+use crate::vf::{DmaEngine, Vf};
+
+/// Counters of the guest link.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GuestLinkStats {
+    /// vfmig frames received from the guest.
+    pub frames_from_guest: u64,
+    /// Frames of other EtherTypes (dropped).
+    pub other_frames: u64,
+    /// Malformed vfmig frames (dropped).
+    pub malformed_frames: u64,
+    /// Frames written into the guest's receive queue.
+    pub frames_to_guest: u64,
+    /// Frames waiting for receive buffers now.
+    pub frames_waiting: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    from_guest: AtomicU64,
+    other: AtomicU64,
+    malformed: AtomicU64,
+    to_guest: AtomicU64,
+}
+
+/// The guest's end of the VF.
+pub struct GuestLink {
+    vf: Option<SoftVf>,
+    dma: Arc<DmaEngine>,
+    rx: Mutex<VecDeque<Vec<u8>>>,
+    /// Written when frames are queued; the vring worker then fills the receive queue.
+    pub rx_event: EventFd,
+    guest_mac: Mutex<[u8; 6]>,
+    counters: Counters,
+    /// Held while completions move from the VF's queue to the RX queue, so an export sees
+    /// each completion in exactly one of them.
+    pump: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn status(s: verbs::Status) -> proto::Status {
+    use verbs::Status as V;
+    match s {
+        V::Success => proto::Status::Success,
+        V::LocalProtectionError => proto::Status::LocalProtectionError,
+        V::LocalLengthError => proto::Status::LocalLengthError,
+        V::RemoteAccessError => proto::Status::RemoteAccessError,
+        V::RemoteInvalidRequest => proto::Status::RemoteInvalidRequest,
+        V::RnrRetryExceeded => proto::Status::RnrRetryExceeded,
+        V::RetryExceeded => proto::Status::RetryExceeded,
+        V::UnknownPeer => proto::Status::UnknownPeer,
+        V::Flushed => proto::Status::Flushed,
+    }
+}
+
+fn completion(c: &verbs::Completion) -> proto::Completion {
+    use verbs::Opcode as O;
+    proto::Completion {
+        wr_id: c.wr_id,
+        qp: c.qp,
+        opcode: match c.opcode {
+            O::Write => proto::Opcode::Write,
+            O::Send => proto::Opcode::Send,
+            O::Recv => proto::Opcode::Recv,
+            O::RecvRdmaWithImm => proto::Opcode::RecvRdmaWithImm,
+        },
+        status: status(c.status),
+        byte_len: c.byte_len,
+        imm: c.imm,
+    }
+}
+
+fn sge(s: proto::Sge) -> Sge {
+    Sge {
+        addr: s.addr,
+        len: s.len,
+        lkey: s.lkey,
+    }
+}
+
+impl GuestLink {
+    /// A guest link to `vf` (none: the companion has no fabric; commands get an error reply).
+    pub fn new(vf: Option<SoftVf>, dma: Arc<DmaEngine>) -> std::io::Result<Arc<Self>> {
+        let link = Arc::new(Self {
+            vf,
+            dma,
+            rx: Mutex::new(VecDeque::new()),
+            rx_event: EventFd::new(EFD_NONBLOCK)?,
+            guest_mac: Mutex::new([0xff; 6]),
+            counters: Counters::default(),
+            pump: Mutex::new(()),
+        });
+        if link.vf.is_some() {
+            let l = link.clone();
+            std::thread::Builder::new()
+                .name("vfmig-completions".into())
+                .spawn(move || l.pump_completions())?;
+        }
+        Ok(link)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> GuestLinkStats {
+        let c = &self.counters;
+        GuestLinkStats {
+            frames_from_guest: c.from_guest.load(Ordering::Relaxed),
+            other_frames: c.other.load(Ordering::Relaxed),
+            malformed_frames: c.malformed.load(Ordering::Relaxed),
+            frames_to_guest: c.to_guest.load(Ordering::Relaxed),
+            frames_waiting: lock(&self.rx).len() as u64,
+        }
+    }
+
+    fn pump_completions(&self) {
+        let Some(vf) = &self.vf else { return };
+        loop {
+            if self.dma.gate_state().quiesced {
+                // Completions stay in the VF's queue and move with its state.
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let _pump = lock(&self.pump);
+            let cs = vf.wait_cq(proto::MAX_COMPLETIONS, Duration::from_millis(50));
+            if cs.is_empty() {
+                continue;
+            }
+            let msg = proto::Message::Completions(cs.iter().map(completion).collect());
+            self.queue(0, msg);
+        }
+    }
+
+    /// Queues a frame for the guest.
+    pub fn queue(&self, seq: u32, msg: proto::Message) {
+        let frame = proto::encode(&proto::Frame {
+            dst: *lock(&self.guest_mac),
+            src: proto::COMPANION_MAC,
+            seq,
+            msg,
+        });
+        lock(&self.rx).push_back(frame);
+        let _ = self.rx_event.write(1);
+    }
+
+    /// Takes the next frame for the guest, unless the device is quiesced.
+    pub fn next_for_guest(&self) -> Option<Vec<u8>> {
+        if self.dma.gate_state().quiesced {
+            return None;
+        }
+        lock(&self.rx).pop_front()
+    }
+
+    /// Puts back a frame that found no receive buffer.
+    pub fn put_back(&self, frame: Vec<u8>) {
+        lock(&self.rx).push_front(frame);
+    }
+
+    /// Counts a frame written into the guest's receive queue.
+    pub fn delivered(&self) {
+        self.counters.to_guest.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Frames waiting for the guest, taken for a migration (with the pump stopped).
+    pub fn take_waiting(&self) -> Vec<Vec<u8>> {
+        let _pump = lock(&self.pump);
+        lock(&self.rx).drain(..).collect()
+    }
+
+    /// Queues frames that waited at the source.
+    pub fn restore_waiting(&self, frames: Vec<Vec<u8>>) {
+        let mut rx = lock(&self.rx);
+        for f in frames.into_iter().rev() {
+            rx.push_front(f);
+        }
+        drop(rx);
+        let _ = self.rx_event.write(1);
+    }
+
+    /// Handles one frame the guest transmitted (without the virtio-net header).
+    pub fn on_frame(&self, bytes: &[u8]) {
+        if bytes.len() < 14 || u16::from_be_bytes([bytes[12], bytes[13]]) != proto::ETHERTYPE {
+            self.counters.other.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let frame = match proto::decode(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                let n = self.counters.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                if n <= 10 || n.is_power_of_two() {
+                    tracing::warn!(error = %e, malformed = n, "malformed frame from the guest: dropped");
+                }
+                return;
+            }
+        };
+        self.counters.from_guest.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.guest_mac) = frame.src;
+        let reply = |r: Result<u64, String>| match r {
+            Ok(value) => proto::Message::Reply {
+                status: 0,
+                value,
+                error: String::new(),
+            },
+            Err(error) => proto::Message::Reply {
+                status: 1,
+                value: 0,
+                error,
+            },
+        };
+        let Some(vf) = &self.vf else {
+            if !matches!(
+                frame.msg,
+                proto::Message::PostSend { .. } | proto::Message::PostRecv { .. }
+            ) {
+                self.queue(
+                    frame.seq,
+                    reply(Err(
+                        "this companion has no VF fabric (start it with --fabric-listen)".into(),
+                    )),
+                );
+            }
+            return;
+        };
+        let e = |e: verbs::VerbsError| e.to_string();
+        let answer = match frame.msg {
+            proto::Message::Open => Some(Ok(0)),
+            proto::Message::RegMr {
+                addr,
+                access,
+                segments,
+            } => Some(
+                vf.register_mr(
+                    addr,
+                    segments
+                        .iter()
+                        .map(|s| GpaRange {
+                            gpa: s.gpa,
+                            len: s.len,
+                        })
+                        .collect(),
+                    Access {
+                        local_write: access & proto::access::LOCAL_WRITE != 0,
+                        remote_write: access & proto::access::REMOTE_WRITE != 0,
+                    },
+                )
+                .map(u64::from)
+                .map_err(e),
+            ),
+            proto::Message::DeregMr { key } => Some(vf.deregister_mr(key).map(|_| 0).map_err(e)),
+            proto::Message::CreateQp => Some(Ok(u64::from(vf.create_qp()))),
+            proto::Message::ConnectQp { qp, peer, peer_qp } => {
+                Some(vf.connect_qp(qp, &peer, peer_qp).map(|_| 0).map_err(e))
+            }
+            proto::Message::PostSend {
+                qp,
+                wr_id,
+                sge: s,
+                op,
+            } => {
+                let op = match op {
+                    proto::SendOp::Write {
+                        remote_addr,
+                        rkey,
+                        imm,
+                    } => SendOp::Write {
+                        remote_addr,
+                        rkey,
+                        imm,
+                    },
+                    proto::SendOp::Send { imm } => SendOp::Send { imm },
+                };
+                if let Err(err) = vf.post_send(
+                    qp,
+                    SendWr {
+                        wr_id,
+                        sge: sge(s),
+                        op,
+                    },
+                ) {
+                    tracing::warn!(error = %err, "POST_SEND refused");
+                }
+                None
+            }
+            proto::Message::PostRecv { qp, wr_id, sge: s } => {
+                if let Err(err) = vf.post_recv(qp, RecvWr { wr_id, sge: sge(s) }) {
+                    tracing::warn!(error = %err, "POST_RECV refused");
+                }
+                None
+            }
+            proto::Message::EventAck { event } => {
+                tracing::info!(?event, "guest runtime acknowledged an event");
+                None
+            }
+            other => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    ?other,
+                    "a companion-to-guest frame came from the guest: dropped"
+                );
+                None
+            }
+        };
+        if let Some(r) = answer {
+            self.queue(frame.seq, reply(r));
+        }
+    }
+}
