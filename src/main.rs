@@ -103,6 +103,13 @@ enum Command {
         /// Cancel the migration if it has not finished after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Control socket of the source's companion: with --dst-control, the VF moves to the
+        /// destination's companion at switchover, before the destination resumes.
+        #[arg(long, requires = "dst_control")]
+        src_control: Option<PathBuf>,
+        /// Control socket of the destination's companion.
+        #[arg(long, requires = "src_control")]
+        dst_control: Option<PathBuf>,
     },
     /// Benchmarks that compare whole migrations side by side in one run.
     #[command(subcommand)]
@@ -263,6 +270,8 @@ fn main() -> Result<()> {
             max_bandwidth,
             downtime_limit,
             timeout,
+            src_control,
+            dst_control,
         } => {
             init_logging("warn");
             let src = QmpClient::connect(&src_qmp, Duration::from_secs(10))
@@ -283,6 +292,7 @@ fn main() -> Result<()> {
                     max_bandwidth,
                     downtime_limit_ms: downtime_limit,
                     timeout: Duration::from_secs(timeout),
+                    companions: src_control.zip(dst_control),
                 },
                 observer,
             )?;

@@ -46,6 +46,7 @@ fn a_device_started_during_precopy_loses_no_write() {
                     max_bandwidth: Some(16 << 20),
                     downtime_limit_ms: Some(500),
                     timeout: Duration::from_secs(180),
+                    companions: None,
                 },
                 &mut Quiet,
             )

@@ -89,6 +89,7 @@ fn one(opts: &DemoOptions, nic: Nic, run: u32) -> Result<BenchRun, DemoError> {
             max_bandwidth: opts.max_bandwidth,
             downtime_limit_ms: opts.downtime_limit_ms,
             timeout: opts.timeout,
+            companions: None,
         },
         &mut Quiet,
     )?;

@@ -207,6 +207,10 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
             max_bandwidth: opts.max_bandwidth,
             downtime_limit_ms: opts.downtime_limit_ms,
             timeout: opts.timeout,
+            companions: Some((
+                src.paths.control_socket.clone(),
+                dst.paths.control_socket.clone(),
+            )),
         },
         observer,
     )?;

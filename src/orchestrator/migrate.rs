@@ -5,17 +5,21 @@
 //!    `query-migrate` and QEMU's `MIGRATION` / `MIGRATION_PASS` events;
 //! 3. **switchover**: the source stops (QEMU status `device`); the companion quiesces the VF
 //!    inside `GET_VRING_BASE`, and QEMU's last log sync picks up its last writes;
-//! 4. **destination up**: the destination has all of RAM and is paused (`-S`); unless
-//!    `keep_paused`, it is resumed, once;
+//! 4. **destination up**: the destination has all of RAM and is paused (`-S`); its companion
+//!    takes over the VF (the source's VF state moves, and the VM's new place is announced to
+//!    its peers); then, unless `keep_paused`, it is resumed, once;
 //! 5. **done**.
 //!
 //! Every phase becomes a span of the returned timeline.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::companion::control::{ControlClient, ControlError, Request};
 use crate::qmp::{MigrationInfo, QmpClient, QmpError};
+use crate::vf::soft::VfState;
 
 /// The phases, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,6 +61,9 @@ pub struct MigrateOptions {
     pub downtime_limit_ms: Option<u64>,
     /// Give up (and cancel) after this long.
     pub timeout: Duration,
+    /// Control sockets of the source's and the destination's companions: with them, the VF
+    /// moves at switchover.
+    pub companions: Option<(PathBuf, PathBuf)>,
 }
 
 /// What a migration did.
@@ -78,10 +85,27 @@ pub struct MigrationSummary {
     pub dirty_sync_count: u64,
     /// Whether the destination was resumed.
     pub destination_resumed: bool,
+    /// The VF's move to the destination's companion, when there was a VF to move.
+    pub vf_takeover: Option<Takeover>,
     /// The phases.
     pub timeline: Vec<PhaseSpan>,
     /// Wall-clock time of the whole state machine, ms.
     pub wall_ms: u64,
+}
+
+/// The VF's move at switchover.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Takeover {
+    /// Time from the start of the export to the end of the import and announce, ms.
+    pub ms: f64,
+    /// QPs moved.
+    pub qps: usize,
+    /// Requests in flight that the destination will replay.
+    pub pending_requests: usize,
+    /// Frames that waited for the guest and moved.
+    pub waiting_frames: usize,
+    /// Peers told of the VM's new place.
+    pub announced_to: Vec<String>,
 }
 
 /// Errors of a migration. After any of them the source VM keeps running.
@@ -111,6 +135,11 @@ pub enum MigrateError {
         /// The limit.
         secs: u64,
     },
+    /// The VF could not move to the destination's companion.
+    #[error(
+        "the VF could not move to the destination's companion: {0}; the destination stays paused"
+    )]
+    Takeover(String),
     /// The destination did not reach `paused` after completion.
     #[error("the destination did not reach the paused state after completion (it is {status})")]
     DestinationNotReady {
@@ -251,6 +280,10 @@ pub fn migrate(
             status: status.status,
         });
     }
+    let vf_takeover = match &opts.companions {
+        Some((src_ctl, dst_ctl)) => take_over_vf(src_ctl, dst_ctl)?,
+        None => None,
+    };
     let resumed = if opts.keep_paused {
         false
     } else {
@@ -270,9 +303,43 @@ pub fn migrate(
         ram_total_bytes: ram.total.unwrap_or(0),
         dirty_sync_count: ram.dirty_sync_count.unwrap_or(0),
         destination_resumed: resumed,
+        vf_takeover,
         wall_ms: t.start.elapsed().as_millis() as u64,
         timeline: t.spans,
     })
+}
+
+/// Moves the VF from the source's companion (quiesced at switchover) to the destination's:
+/// `None` when the source's companion has no VF.
+fn take_over_vf(src_ctl: &Path, dst_ctl: &Path) -> Result<Option<Takeover>, MigrateError> {
+    let err = |e: ControlError| MigrateError::Takeover(e.to_string());
+    let start = Instant::now();
+    let mut src = ControlClient::connect(src_ctl, Duration::from_secs(5)).map_err(err)?;
+    if src.call(&Request::Stats).map_err(err)?["soft_vf"].is_null() {
+        return Ok(None);
+    }
+    let exported = src.call(&Request::VfExport).map_err(err)?;
+    let state: VfState = serde_json::from_value(exported["vf"].clone())
+        .map_err(|e| MigrateError::Takeover(format!("malformed VF state: {e}")))?;
+    let rx_frames: Vec<String> = serde_json::from_value(exported["rx_frames"].clone())
+        .map_err(|e| MigrateError::Takeover(format!("malformed waiting frames: {e}")))?;
+    let mut info = Takeover {
+        qps: state.qps.len(),
+        pending_requests: state.qps.iter().map(|q| q.unacked.len()).sum(),
+        waiting_frames: rx_frames.len(),
+        ..Default::default()
+    };
+    let mut dst = ControlClient::connect(dst_ctl, Duration::from_secs(5)).map_err(err)?;
+    let reply = dst
+        .call(&Request::VfImport {
+            vf: state,
+            rx_frames,
+        })
+        .map_err(err)?;
+    info.announced_to = serde_json::from_value(reply["announced_to"].clone()).unwrap_or_default();
+    info.ms = start.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(?info, "VF moved to the destination's companion");
+    Ok(Some(info))
 }
 
 /// A progress bar on the terminal: phase, percent of RAM sent, rate and ETA.
