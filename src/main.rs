@@ -249,6 +249,9 @@ fn main() -> Result<()> {
                 qemu_bin: qemu,
                 config_dir,
                 nic: Nic::VhostUser,
+                netns: None,
+                fabric: None,
+                guest_args: String::new(),
             })?;
             println!("{}", serde_json::to_string(&vm.paths)?);
             for sig in [Signal::SIGINT, Signal::SIGTERM] {

@@ -173,6 +173,9 @@ pub fn start_vm_with(
         config_dir: None,
         mac: mac_for("vfmig-demo"),
         nic,
+        netns: None,
+        fabric: None,
+        guest_args: String::new(),
     })
 }
 

@@ -169,6 +169,21 @@ pub struct VmSpec {
     pub mac: String,
     /// The NIC, and with it whether a companion runs.
     pub nic: Nic,
+    /// Network namespace to run the companion and QEMU in (a "host"); none: this one.
+    pub netns: Option<String>,
+    /// The companion's soft VF: its fabric address and the cluster file; none: no VF.
+    pub fabric: Option<FabricSpec>,
+    /// Extra guest kernel arguments (`vfmig.run=… vfmig.args=…` for the guest's agent).
+    pub guest_args: String,
+}
+
+/// The soft VF of a VM's companion.
+#[derive(Debug, Clone)]
+pub struct FabricSpec {
+    /// Address the soft VF listens on (`host:port`).
+    pub listen: String,
+    /// The cluster file.
+    pub cluster: PathBuf,
 }
 
 /// The files of one VM's run directory.
@@ -288,6 +303,7 @@ pub fn qemu_args(spec: &VmSpec, paths: &RunPaths) -> Result<Vec<String>, LaunchE
         ("mac", spec.mac.clone()),
         ("kernel", p(&spec.image.kernel)),
         ("initrd", p(&spec.image.initrd)),
+        ("guest_args", spec.guest_args.clone()),
     ];
     let mut args = parse_args(
         "vm.args",
@@ -364,8 +380,15 @@ impl RunningVm {
         if me.spec.nic == Nic::VhostUser {
             let log = File::create(&me.paths.companion_log).map_err(dir_err)?;
             let log2 = log.try_clone().map_err(dir_err)?;
-            let companion = Command::new(&me.spec.vfmig_bin)
-                .arg("companion")
+            let mut cmd = in_netns(&me.spec.netns, &me.spec.vfmig_bin.display().to_string());
+            cmd.arg("companion");
+            if let Some(f) = &me.spec.fabric {
+                cmd.arg("--fabric-listen")
+                    .arg(&f.listen)
+                    .arg("--cluster")
+                    .arg(&f.cluster);
+            }
+            let companion = cmd
                 .arg("--name")
                 .arg(&me.spec.name)
                 .arg("--socket")
@@ -393,7 +416,7 @@ impl RunningVm {
         }
 
         let qlog = File::create(&me.paths.qemu_log).map_err(dir_err)?;
-        let qemu = Command::new(&me.spec.qemu_bin)
+        let qemu = in_netns(&me.spec.netns, &me.spec.qemu_bin)
             .args(&qemu_args)
             .stdin(Stdio::null())
             .stdout(qlog.try_clone().map_err(dir_err)?)
@@ -559,6 +582,18 @@ impl Drop for RunningVm {
     }
 }
 
+/// A command for `program`, run inside `netns` when one is given.
+fn in_netns(netns: &Option<String>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A locally administered MAC address derived from a VM name.
 pub fn mac_for(name: &str) -> String {
     let h = xxhash_rust::xxh3::xxh3_64(name.as_bytes()).to_le_bytes();
@@ -585,6 +620,9 @@ mod tests {
             config_dir: None,
             mac: mac_for("vm1"),
             nic: Nic::VhostUser,
+            netns: None,
+            fabric: None,
+            guest_args: String::new(),
         }
     }
 

@@ -5,11 +5,13 @@
 //! - [`verify`]: checks that rely on nothing of vfmig's (`pmemsave` dumps);
 //! - [`demo`]: the main job on one machine;
 //! - [`bench`]: side-by-side measurements of whole migrations;
-//! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP.
+//! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP;
+//! - [`hosts`]: network namespaces standing for cluster hosts.
 
 pub mod bench;
 pub mod demo;
 pub mod fabric_bench;
+pub mod hosts;
 pub mod launch;
 pub mod migrate;
 pub mod verify;
