@@ -1008,11 +1008,15 @@ fn apply(inner: &Arc<Inner>, peer: &str, frame: Frame) -> Outcome {
     };
     let mut st = lock(&inner.state);
     let State { mrs, qps, .. } = &mut *st;
+    // A QP the target has not created or connected yet is a peer not ready yet (ranks set
+    // up their QPs at their own pace): "receiver not ready", retried until the RNR timeout.
     let Some(q) = qps.get_mut(&dst_qp) else {
-        return Ack(AckStatus::NoSuchQp);
+        return Ack(AckStatus::ReceiverNotReady);
     };
-    if q.peer.as_ref() != Some(&(peer.to_string(), src_qp)) {
-        return Ack(AckStatus::NoSuchQp);
+    match &q.peer {
+        None => return Ack(AckStatus::ReceiverNotReady),
+        Some(p) if *p != (peer.to_string(), src_qp) => return Ack(AckStatus::NoSuchQp),
+        Some(_) => {}
     }
     if psn < q.expected_psn {
         drop(st);

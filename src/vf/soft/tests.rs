@@ -527,3 +527,45 @@ fn export_needs_a_quiesced_device() {
         Err(StateError::WrongVm { .. })
     ));
 }
+
+#[test]
+fn a_peer_that_has_not_set_up_its_qp_yet_is_waited_for() {
+    let (a, b) = (vm("a"), vm("b"));
+    a.vf.set_peer_address("b", b.vf.listen_addr());
+    b.vf.set_peer_address("a", a.vf.listen_addr());
+    let access = Access {
+        local_write: true,
+        remote_write: true,
+    };
+    let seg = vec![GpaRange {
+        gpa: BUF_GPA,
+        len: 64 << 10,
+    }];
+    let ka = a.vf.register_mr(BUF_VA, seg.clone(), access).unwrap();
+    let qa = a.vf.create_qp();
+    a.vf.connect_qp(qa, "b", 1).unwrap(); // b's QP 1 does not exist yet
+    a.vf.post_send(
+        qa,
+        SendWr {
+            wr_id: 1,
+            sge: Sge {
+                addr: BUF_VA,
+                len: 8,
+                lkey: ka,
+            },
+            op: SendOp::Send { imm: Some(7) },
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        a.vf.poll_cq(1).is_empty(),
+        "must wait for the peer, not fail"
+    );
+    let kb = b.vf.register_mr(BUF_VA, seg, access).unwrap();
+    let qb = b.vf.create_qp();
+    b.vf.connect_qp(qb, "a", qa).unwrap();
+    b.vf.post_recv(qb, recv_wr(5, kb)).unwrap();
+    assert_eq!(one(&a.vf).status, Status::Success);
+    assert_eq!(one(&b.vf).imm, Some(7));
+}
