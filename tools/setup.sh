@@ -72,7 +72,14 @@ kver=$(cat "$kdir/version")
 # ---- 3. guest initramfs -----------------------------------------------------
 # The guest binaries (static) are built by cargo when the guest crate exists.
 initrd=$cache/initramfs.cpio.gz
-stamp_src=$(cat "$repo/tools/guest-init.sh" "$0" | sha256sum | cut -c1-16)
+guest_bins=(vfmig-agent lu-lite rdma-bw rdma-lat)
+guest_hash=none
+if [ -f "$repo/guest/Cargo.toml" ]; then
+  # the sources of the guest crate and of the protocol crate it uses
+  guest_hash=$(cd "$repo" && find guest proto -type f \( -name '*.rs' -o -name '*.toml' -o -name '*.h' \) \
+                 -not -path '*/target/*' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+fi
+stamp_src=$({ cat "$repo/tools/guest-init.sh" "$0"; echo "guest $guest_hash"; } | sha256sum | cut -c1-16)
 if [ ! -e "$initrd" ] || [ "$(cat "$cache/initramfs.stamp" 2>/dev/null)" != "$stamp_src" ]; then
   log "building guest initramfs (kernel $kver)"
   stage=$cache/initramfs.stage
@@ -97,6 +104,23 @@ if [ ! -e "$initrd" ] || [ "$(cat "$cache/initramfs.stamp" 2>/dev/null)" != "$st
     echo "$m" >> "$stage/etc/modules.order"
   done
   cp "$repo/tools/guest-init.sh" "$stage/init"; chmod +x "$stage/init"
+  if [ "$guest_hash" != none ]; then
+    # Static, so that they run on the busybox initramfs. With an explicit --target, RUSTFLAGS
+    # reach only the target's crates (not build scripts or proc macros).
+    cargo=${CARGO:-cargo}
+    command -v "$cargo" >/dev/null 2>&1 || { log "cargo not found (set CARGO=/path/to/cargo)"; exit 1; }
+    log "building the static guest binaries: ${guest_bins[*]}"
+    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" "$cargo" build --release -q \
+        -p vfmig-guest --bins --target x86_64-unknown-linux-gnu --target-dir "$repo/target/guest")
+    gout=$repo/target/guest/x86_64-unknown-linux-gnu/release
+    for b in "${guest_bins[@]}"; do
+      [ -f "$gout/$b" ] || { log "guest binary $gout/$b was not built"; exit 1; }
+      if readelf -l "$gout/$b" 2>/dev/null | grep -q 'Requesting program interpreter'; then
+        log "guest binary $b is dynamically linked; it would not run in the initramfs"; exit 1
+      fi
+      install -m 0755 "$gout/$b" "$stage/bin/$b"
+    done
+  fi
   (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$initrd.tmp"
   mv "$initrd.tmp" "$initrd"
   echo "$stamp_src" > "$cache/initramfs.stamp"
