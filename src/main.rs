@@ -11,6 +11,7 @@ use vfmig::companion::{self, CompanionConfig};
 use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
 use vfmig::orchestrator::launch::{mac_for, GuestImage, Nic, Role, RunningVm, VmSpec};
 use vfmig::orchestrator::migrate::{self, MigrateOptions, Observer, Quiet, TerminalProgress};
+use vfmig::orchestrator::scenario::{self, ScenarioOptions, Workload};
 use vfmig::orchestrator::{bench, fabric_bench};
 use vfmig::qmp::QmpClient;
 use vfmig::vf::soft::ClusterMap;
@@ -149,6 +150,22 @@ enum Command {
         /// Seconds the generator runs before the migration starts.
         #[arg(long, default_value_t = 0.5)]
         lead_time: f64,
+        /// Run an MPI-style job across VMs on soft VFs instead of the generator, and migrate
+        /// VM `a` midway (compared with a run without migration).
+        #[arg(long, value_enum)]
+        workload: Option<Workload>,
+        /// VMs of the job, each on its own test host (network namespace).
+        #[arg(long, default_value_t = 3)]
+        vms: usize,
+        /// lu-lite grid size.
+        #[arg(long, default_value_t = 256)]
+        n: u32,
+        /// lu-lite iterations.
+        #[arg(long, default_value_t = 1500)]
+        iters: u32,
+        /// Migrate once rank `a` has done this many iterations.
+        #[arg(long, default_value_t = 300)]
+        migrate_at: u32,
     },
 }
 
@@ -357,8 +374,55 @@ fn main() -> Result<()> {
             run_dir,
             accel,
             lead_time,
+            workload,
+            vms,
+            n,
+            iters,
+            migrate_at,
         } => {
             init_logging("vfmig=info,warn");
+            if let Some(workload) = workload {
+                let opts = ScenarioOptions {
+                    workload,
+                    vms: vms.max(2),
+                    strategy: Some(strategy),
+                    mem_mib: mem_mib.min(512),
+                    n,
+                    iters,
+                    migrate_at,
+                    max_bandwidth: Some(max_bandwidth),
+                    run_dir: match run_dir {
+                        Some(d) => d,
+                        None => tempfile_dir()?,
+                    },
+                    accel,
+                    image: image(None, None)?,
+                    vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                    timeout: Duration::from_secs(900),
+                };
+                let mut progress = TerminalProgress::on_stderr();
+                let observer: &mut dyn Observer = match progress.as_mut() {
+                    Some(p) => p,
+                    None => &mut Quiet,
+                };
+                let report = scenario::run_compared(&opts, observer)?;
+                eprintln!(
+                    "demo: {:?} on {} VMs, `a` migrated ({:?}): checksums match: {}; lost ops {}, \
+                     duplicate ops {}; blackout {:.1} ms; migration {} ms, downtime {} ms",
+                    report.workload,
+                    report.vms,
+                    strategy,
+                    report.checksum_match,
+                    report.lost_ops,
+                    report.duplicate_ops,
+                    report.blackout_ms,
+                    report.total_ms,
+                    report.downtime_ms
+                );
+                eprintln!("demo: run directories kept in {}", opts.run_dir.display());
+                println!("{}", serde_json::to_string(&report)?);
+                return Ok(());
+            }
             let run_dir = match run_dir {
                 Some(d) => d,
                 None => tempfile_dir()?,

@@ -14,4 +14,5 @@ pub mod fabric_bench;
 pub mod hosts;
 pub mod launch;
 pub mod migrate;
+pub mod scenario;
 pub mod verify;

@@ -1,0 +1,119 @@
+//! Jobs across several VMs on soft VFs, each VM on its own test host (network namespace),
+//! with VM `a` migrating midway to a fresh QEMU and companion on another host.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{image, init_logging, machine, RunDir};
+use vfmig::orchestrator::demo::Strategy;
+use vfmig::orchestrator::migrate::Quiet;
+use vfmig::orchestrator::scenario::{self, ScenarioOptions, ScenarioReport, Workload};
+
+const RDMA_BW_ITERS: u32 = 100_000;
+
+fn options(workload: Workload, strategy: Option<Strategy>, dir: &RunDir) -> ScenarioOptions {
+    let (vms, n, iters, migrate_at) = match workload {
+        Workload::LuLite => (3, 256, 600, 150),
+        // 64 KiB messages, about 6.5 GB; migrate after 2 s of traffic.
+        Workload::RdmaBw => (2, 65536, RDMA_BW_ITERS, 2),
+    };
+    ScenarioOptions {
+        workload,
+        vms,
+        strategy,
+        mem_mib: 256,
+        n,
+        iters,
+        migrate_at,
+        max_bandwidth: Some(128 << 20),
+        run_dir: dir.path.clone(),
+        accel: "tcg".into(),
+        image: image(),
+        vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
+        timeout: Duration::from_secs(300),
+    }
+}
+
+/// The lu-lite run without migration, shared by the tests that compare with it.
+fn reference() -> &'static ScenarioReport {
+    static REFERENCE: OnceLock<ScenarioReport> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let dir = RunDir::new("lu-lite-reference");
+        let r = scenario::run(&options(Workload::LuLite, None, &dir), &mut Quiet)
+            .expect("reference run");
+        assert!(r.checksums.values().all(Option::is_some), "{r:?}");
+        assert_eq!(r.lost_ops, 0);
+        r
+    })
+}
+
+#[test]
+fn lu_lite_on_three_vms_keeps_its_result_when_a_migrates() {
+    let _m = machine();
+    init_logging();
+    let reference = reference();
+    let dir = RunDir::new("lu-lite-transparent");
+    let r = scenario::run(
+        &options(Workload::LuLite, Some(Strategy::Transparent), &dir),
+        &mut Quiet,
+    )
+    .expect("migrated run");
+    eprintln!(
+        "checksums {:?} (reference {:?}); lost {} duplicate {} blackout {:.1} ms; iterations {:?}",
+        r.checksums,
+        reference.checksums,
+        r.lost_ops,
+        r.duplicate_ops,
+        r.blackout_ms,
+        r.iteration_ms
+    );
+    let m = r.migration.as_ref().expect("a migrated");
+    let takeover = m.vf_takeover.as_ref().expect("the VF moved");
+    assert_eq!(
+        takeover.announced_to,
+        vec!["b".to_string(), "c".to_string()]
+    );
+    assert_eq!(r.checksums, reference.checksums, "the job's result changed");
+    assert_eq!(r.lost_ops, 0);
+    assert_eq!(r.duplicate_ops, 0);
+}
+
+#[test]
+fn lu_lite_negative_control_without_tracking_changes_the_result() {
+    let _m = machine();
+    init_logging();
+    let reference = reference();
+    let dir = RunDir::new("lu-lite-no-tracking");
+    let r = scenario::run(
+        &options(Workload::LuLite, Some(Strategy::UnsafeNoTracking), &dir),
+        &mut Quiet,
+    )
+    .expect("migrated run");
+    assert_ne!(
+        r.checksums, reference.checksums,
+        "with the dirty log off, RDMA writes during precopy must be lost and the checksum must show it"
+    );
+}
+
+#[test]
+fn rdma_bw_across_a_migration_receives_every_byte_sent() {
+    let _m = machine();
+    init_logging();
+    let dir = RunDir::new("rdma-bw");
+    let r = scenario::run(
+        &options(Workload::RdmaBw, Some(Strategy::Transparent), &dir),
+        &mut Quiet,
+    )
+    .expect("rdma-bw run");
+    eprintln!(
+        "sent {:?} received {:?} blackout {:.1} ms",
+        r.bytes_sent, r.bytes_received, r.blackout_ms
+    );
+    assert!(r.migration.is_some());
+    assert_eq!(r.bytes_sent, Some(65536 * u64::from(RDMA_BW_ITERS)));
+    assert_eq!(r.bytes_received, r.bytes_sent);
+    assert_eq!(r.lost_ops, 0);
+}
