@@ -117,3 +117,82 @@ fn rdma_bw_across_a_migration_receives_every_byte_sent() {
     assert_eq!(r.bytes_received, r.bytes_sent);
     assert_eq!(r.lost_ops, 0);
 }
+
+#[test]
+fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps_serving() {
+    use vfmig::companion::control::Request;
+    use vfmig::orchestrator::demo::free_port;
+    use vfmig::orchestrator::launch::{mac_for, FabricSpec, Nic, Role, RunningVm, VmSpec};
+    use vfmig::vf::soft::ClusterMap;
+
+    let _m = machine();
+    init_logging();
+    let dir = RunDir::new("vf-probe");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let cluster = dir.path.join("cluster.json");
+    let map = ClusterMap {
+        vms: [("a".to_string(), addr.clone())].into(),
+    };
+    std::fs::write(&cluster, serde_json::to_string(&map).unwrap()).unwrap();
+    let mut vm = RunningVm::launch(VmSpec {
+        name: "a".into(),
+        run_dir: dir.path.join("a"),
+        mem_mib: 256,
+        role: Role::Source,
+        accel: "tcg".into(),
+        image: image(),
+        vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
+        qemu_bin: "qemu-system-x86_64".into(),
+        config_dir: None,
+        mac: mac_for("a"),
+        nic: Nic::VhostUser,
+        netns: None,
+        fabric: Some(FabricSpec {
+            listen: addr,
+            cluster,
+        }),
+        guest_args: "vfmig.run=vf-probe vfmig.args=--me:a".into(),
+    })
+    .expect("launch");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let lines = loop {
+        let lines = scenario::job_lines(&vm.paths.serial_log);
+        if lines
+            .iter()
+            .any(|v| v.get("ok").is_some() || v.get("error").is_some())
+        {
+            break lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vf-probe did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for v in &lines {
+        eprintln!("{v}");
+    }
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("step").is_some()).collect();
+    for step in [
+        "register_outside_ram",
+        "connect_unknown_peer",
+        "sge_outside_region",
+        "bad_rkey",
+        "write_past_region_end",
+        "nothing_written",
+        "still_serving",
+    ] {
+        let s = steps
+            .iter()
+            .find(|v| v["step"] == step)
+            .unwrap_or_else(|| panic!("step {step} missing"));
+        assert_eq!(s["result"], "ok", "{s}");
+    }
+    assert!(lines.iter().any(|v| v["ok"] == "true"));
+    let stats = vm.control().unwrap().call(&Request::Stats).unwrap();
+    assert!(
+        stats["guest_link"]["malformed_frames"].as_u64().unwrap() >= 3,
+        "{stats}"
+    );
+    assert!(vm.qemu_running(), "QEMU must keep running");
+}

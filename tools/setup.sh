@@ -72,7 +72,7 @@ kver=$(cat "$kdir/version")
 # ---- 3. guest initramfs -----------------------------------------------------
 # The guest binaries (static) are built by cargo when the guest crate exists.
 initrd=$cache/initramfs.cpio.gz
-guest_bins=(vfmig-agent lu-lite rdma-bw rdma-lat)
+guest_bins=(vfmig-agent lu-lite rdma-bw rdma-lat vf-probe)
 guest_hash=none
 if [ -f "$repo/guest/Cargo.toml" ]; then
   # the sources of the guest crate and of the protocol crate it uses

@@ -348,7 +348,18 @@ impl Device {
     /// addresses are offsets into the buffer). `access` is a set of
     /// [`vfmig_proto::access`] flags. Returns the region key (lkey and rkey).
     pub fn register(&self, buf: &PinnedBuffer, addr: u64, access: u8) -> io::Result<u32> {
-        let segments = buf.segments().to_vec();
+        self.register_segments(addr, access, buf.segments().to_vec())
+    }
+
+    /// Registers guest-physical `segments` as a region starting at `addr` (what
+    /// [`Device::register`] does with a buffer's pages; tools use it to name any memory,
+    /// including memory the companion must refuse).
+    pub fn register_segments(
+        &self,
+        addr: u64,
+        access: u8,
+        segments: Vec<vfmig_proto::Segment>,
+    ) -> io::Result<u32> {
         if segments.len() > MAX_SEGMENTS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -367,6 +378,11 @@ impl Device {
             self.timeout,
         )?;
         Ok(v as u32)
+    }
+
+    /// Transmits raw bytes as one frame (for testing how the companion treats bad frames).
+    pub fn send_raw(&self, frame: &[u8]) -> io::Result<()> {
+        self.shared.io.send(frame)
     }
 
     /// Drops a region.
