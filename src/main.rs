@@ -10,7 +10,7 @@ use nix::sys::signal::{self, Signal};
 use vfmig::companion::{self, CompanionConfig};
 use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
 use vfmig::orchestrator::launch::{mac_for, GuestImage, Nic, Role, RunningVm, VmSpec};
-use vfmig::orchestrator::migrate::{self, MigrateOptions, Observer, Quiet, TerminalProgress};
+use vfmig::orchestrator::migrate::{self, with_progress, MigrateOptions};
 use vfmig::orchestrator::scenario::{self, ScenarioOptions, Workload};
 use vfmig::orchestrator::{bench, fabric_bench};
 use vfmig::qmp::QmpClient;
@@ -298,24 +298,15 @@ fn main() -> Result<()> {
                 .context("connecting to the source QEMU")?;
             let dst = QmpClient::connect(&dst_qmp, Duration::from_secs(10))
                 .context("connecting to the destination QEMU")?;
-            let mut progress = TerminalProgress::on_stderr();
-            let observer: &mut dyn Observer = match progress.as_mut() {
-                Some(p) => p,
-                None => &mut Quiet,
+            let opts = MigrateOptions {
+                uri,
+                keep_paused,
+                max_bandwidth,
+                downtime_limit_ms: downtime_limit,
+                timeout: Duration::from_secs(timeout),
+                companions: src_control.zip(dst_control),
             };
-            let summary = migrate::migrate(
-                &src,
-                &dst,
-                &MigrateOptions {
-                    uri,
-                    keep_paused,
-                    max_bandwidth,
-                    downtime_limit_ms: downtime_limit,
-                    timeout: Duration::from_secs(timeout),
-                    companions: src_control.zip(dst_control),
-                },
-                observer,
-            )?;
+            let summary = with_progress(|observer| migrate::migrate(&src, &dst, &opts, observer))?;
             println!("{}", serde_json::to_string(&summary)?);
         }
         Command::Bench(BenchCommand::Migration {
@@ -400,12 +391,7 @@ fn main() -> Result<()> {
                     vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
                     timeout: Duration::from_secs(900),
                 };
-                let mut progress = TerminalProgress::on_stderr();
-                let observer: &mut dyn Observer = match progress.as_mut() {
-                    Some(p) => p,
-                    None => &mut Quiet,
-                };
-                let report = scenario::run_compared(&opts, observer)?;
+                let report = with_progress(|observer| scenario::run_compared(&opts, observer))?;
                 eprintln!(
                     "demo: {:?} on {} VMs, `a` migrated ({:?}): checksums match: {}; lost ops {}, \
                      duplicate ops {}; blackout {:.1} ms; migration {} ms, downtime {} ms",
@@ -442,12 +428,7 @@ fn main() -> Result<()> {
                 lead_time: Duration::from_secs_f64(lead_time),
                 timeout: Duration::from_secs(600),
             };
-            let mut progress = TerminalProgress::on_stderr();
-            let observer: &mut dyn Observer = match progress.as_mut() {
-                Some(p) => p,
-                None => &mut Quiet,
-            };
-            let report = demo::run(&opts, observer)?;
+            let report = with_progress(|observer| demo::run(&opts, observer))?;
             eprintln!(
                 "demo: strategy {:?}: {} device writes on {} distinct pages during the migration; \
                  {} lost at the destination (checked through the {}); migration {} ms, downtime {} ms",

@@ -13,8 +13,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::lu::{global_checksum, rows_of, Block};
-use crate::workload::{Comm, Job, Json};
-use crate::{access, Device, Opcode, PinnedBuffer, Sge, Status};
+use crate::workload::{register_first, Comm, Job, Json};
+use crate::{Device, Opcode, PinnedBuffer, Sge, Status};
 
 /// The tool name in JSON lines.
 pub const TOOL: &str = "lu-lite";
@@ -255,15 +255,7 @@ pub fn run_rank(
     if buf.len() < lay.len() {
         return Err(format!("buffer of {} bytes, need {}", buf.len(), lay.len()));
     }
-    let key = dev
-        .register(buf, 0, access::LOCAL_WRITE | access::REMOTE_WRITE)
-        .map_err(|e| format!("register: {e}"))?;
-    if key != 1 {
-        return Err(format!(
-            "the companion gave the first region key {key}, expected 1 (was the device used \
-             before this program?)"
-        ));
-    }
+    let key = register_first(dev, buf)?;
     Json::tool(TOOL)
         .u("rank", r as u64)
         .s("me", &job.me)

@@ -221,6 +221,25 @@ impl Json {
     }
 }
 
+/// Registers `buf` as the job's one region (address space from 0, local and remote write) and
+/// checks it got key 1, which the numbering convention of the workloads relies on.
+pub fn register_first(dev: &crate::Device, buf: &crate::PinnedBuffer) -> Result<u32, String> {
+    let key = dev
+        .register(
+            buf,
+            0,
+            crate::access::LOCAL_WRITE | crate::access::REMOTE_WRITE,
+        )
+        .map_err(|e| format!("register {} bytes: {e}", buf.len()))?;
+    if key != 1 {
+        return Err(format!(
+            "the companion gave the first region key {key}, expected 1 (was the device used \
+             before this program?)"
+        ));
+    }
+    Ok(key)
+}
+
 /// Prints `{"tool":tool,"error":msg}` and exits with status 1.
 pub fn fail(tool: &str, msg: &str) -> ! {
     Json::tool(tool).s("error", msg).print();

@@ -342,6 +342,15 @@ fn take_over_vf(src_ctl: &Path, dst_ctl: &Path) -> Result<Option<Takeover>, Migr
     Ok(Some(info))
 }
 
+/// Runs `f` with a progress bar on stderr when it is a terminal, and with no observer when it
+/// is not (no progress noise in logs and pipes).
+pub fn with_progress<T>(f: impl FnOnce(&mut dyn Observer) -> T) -> T {
+    match TerminalProgress::on_stderr() {
+        Some(mut bar) => f(&mut bar),
+        None => f(&mut Quiet),
+    }
+}
+
 /// A progress bar on the terminal: phase, percent of RAM sent, rate and ETA.
 pub struct TerminalProgress {
     bar: indicatif::ProgressBar,

@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use vfmig_guest::workload::{fail, Args, Comm, Job, Json};
-use vfmig_guest::{access, Device, Opcode, PinnedBuffer, Sge, Status};
+use vfmig_guest::workload::{fail, register_first, Args, Comm, Job, Json};
+use vfmig_guest::{Device, Opcode, PinnedBuffer, Sge, Status};
 
 const TOOL: &str = "rdma-bw";
 /// Bytes at the end of the buffer for SENDs landing in receives (rendezvous).
@@ -133,15 +133,7 @@ fn run() -> Result<i32, String> {
 
     let dev = Device::open(ifname).map_err(|e| e.to_string())?;
     let buf = PinnedBuffer::new(size as usize + SCRATCH).map_err(|e| e.to_string())?;
-    let key = dev
-        .register(&buf, 0, access::LOCAL_WRITE | access::REMOTE_WRITE)
-        .map_err(|e| format!("register {} bytes: {e}", buf.len()))?;
-    if key != 1 {
-        return Err(format!(
-            "the companion gave the first region key {key}, expected 1 (was the device used \
-             before this program?)"
-        ));
-    }
+    let key = register_first(&dev, &buf)?;
     let scratch = Sge {
         addr: size,
         len: SCRATCH as u32,
