@@ -4,6 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{self, Signal};
 
@@ -87,11 +90,16 @@ enum Command {
         #[arg(long)]
         src_qmp: PathBuf,
         /// QMP socket of the destination QEMU (started with `-incoming defer -S`).
-        #[arg(long)]
-        dst_qmp: PathBuf,
+        #[arg(long, required_unless_present = "cancel")]
+        dst_qmp: Option<PathBuf>,
         /// Migration stream URI the destination listens on, e.g. `tcp:127.0.0.1:4444`.
+        #[arg(long, required_unless_present = "cancel")]
+        uri: Option<String>,
+        /// Cancel the migration the source is running (`migrate_cancel`) and wait until the
+        /// source runs on its own again; needs only --src-qmp. Ctrl-C during a migration does
+        /// the same.
         #[arg(long)]
-        uri: String,
+        cancel: bool,
         /// Leave the destination paused after completion (no `cont`), e.g. to compare RAM.
         #[arg(long)]
         keep_paused: bool,
@@ -271,12 +279,8 @@ fn main() -> Result<()> {
                 guest_args: String::new(),
             })?;
             println!("{}", serde_json::to_string(&vm.paths)?);
-            for sig in [Signal::SIGINT, Signal::SIGTERM] {
-                // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-                unsafe { signal::signal(sig, signal::SigHandler::Handler(on_signal)) }
-                    .context("cannot install the signal handler")?;
-            }
-            while vm.qemu_running() && !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            let stop = cancel_on_signal()?;
+            while vm.qemu_running() && !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(200));
             }
             tracing::info!("stopping QEMU and the companion");
@@ -292,10 +296,40 @@ fn main() -> Result<()> {
             timeout,
             src_control,
             dst_control,
+            cancel,
         } => {
             init_logging("warn");
             let src = QmpClient::connect(&src_qmp, Duration::from_secs(10))
                 .context("connecting to the source QEMU")?;
+            if cancel {
+                src.migrate_cancel()
+                    .context("migrate_cancel on the source")?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let status = loop {
+                    let s = src.query_status().context("query-status on the source")?;
+                    if s.running || std::time::Instant::now() > deadline {
+                        break s;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                };
+                let info = src.query_migrate().context("query-migrate on the source")?;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "cancelled": true,
+                        "migration_status": info.status,
+                        "source_status": status.status,
+                        "source_running": status.running,
+                    })
+                );
+                if !status.running {
+                    bail!("the source is {} after the cancel: check it", status.status);
+                }
+                return Ok(());
+            }
+            let (Some(dst_qmp), Some(uri)) = (dst_qmp, uri) else {
+                bail!("give --dst-qmp and --uri, or --cancel");
+            };
             let dst = QmpClient::connect(&dst_qmp, Duration::from_secs(10))
                 .context("connecting to the destination QEMU")?;
             let opts = MigrateOptions {
@@ -305,6 +339,7 @@ fn main() -> Result<()> {
                 downtime_limit_ms: downtime_limit,
                 timeout: Duration::from_secs(timeout),
                 companions: src_control.zip(dst_control),
+                cancel: Some(cancel_on_signal()?),
             };
             let summary = with_progress(|observer| migrate::migrate(&src, &dst, &opts, observer))?;
             println!("{}", serde_json::to_string(&summary)?);
@@ -390,6 +425,7 @@ fn main() -> Result<()> {
                     image: image(None, None)?,
                     vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
                     timeout: Duration::from_secs(900),
+                    fault: None,
                 };
                 let report = with_progress(|observer| scenario::run_compared(&opts, observer))?;
                 eprintln!(
@@ -447,10 +483,31 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// A flag that Ctrl-C (SIGINT) or SIGTERM sets: it cancels a migration, or stops what
+/// `vfmig launch` started.
+fn cancel_on_signal() -> Result<Arc<AtomicBool>> {
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { signal::signal(sig, signal::SigHandler::Handler(on_signal)) }
+            .context("cannot install the signal handler")?;
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    std::thread::spawn(move || loop {
+        if STOP.load(Ordering::SeqCst) {
+            eprintln!("vfmig: interrupted");
+            f.store(true, Ordering::SeqCst);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    });
+    Ok(flag)
 }
 
 /// A fresh directory for run directories, kept after the run for its logs.

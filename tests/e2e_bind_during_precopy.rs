@@ -47,6 +47,7 @@ fn a_device_started_during_precopy_loses_no_write() {
                     downtime_limit_ms: Some(500),
                     timeout: Duration::from_secs(180),
                     companions: None,
+                    cancel: None,
                 },
                 &mut Quiet,
             )

@@ -34,6 +34,7 @@ fn options(workload: Workload, strategy: Option<Strategy>, dir: &RunDir) -> Scen
         image: image(),
         vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
         timeout: Duration::from_secs(300),
+        fault: None,
     }
 }
 

@@ -90,6 +90,7 @@ fn one(opts: &DemoOptions, nic: Nic, run: u32) -> Result<BenchRun, DemoError> {
             downtime_limit_ms: opts.downtime_limit_ms,
             timeout: opts.timeout,
             companions: None,
+            cancel: None,
         },
         &mut Quiet,
     )?;

@@ -214,6 +214,7 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
                 src.paths.control_socket.clone(),
                 dst.paths.control_socket.clone(),
             )),
+            cancel: None,
         },
         observer,
     )?;

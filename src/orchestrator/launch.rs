@@ -541,6 +541,16 @@ impl RunningVm {
         }
     }
 
+    /// QEMU's pid, while it runs.
+    pub fn qemu_pid(&self) -> Option<u32> {
+        self.qemu.as_ref().map(Child::id)
+    }
+
+    /// The companion's pid, while it runs.
+    pub fn companion_pid(&self) -> Option<u32> {
+        self.companion.as_ref().map(Child::id)
+    }
+
     /// Whether QEMU still runs.
     pub fn qemu_running(&mut self) -> bool {
         self.qemu

@@ -13,6 +13,8 @@
 //! Every phase becomes a span of the returned timeline.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -62,8 +64,10 @@ pub struct MigrateOptions {
     /// Give up (and cancel) after this long.
     pub timeout: Duration,
     /// Control sockets of the source's and the destination's companions: with them, the VF
-    /// moves at switchover.
+    /// moves at switchover, and the destination's companion is watched during precopy.
     pub companions: Option<(PathBuf, PathBuf)>,
+    /// Set from elsewhere (Ctrl-C) to cancel the migration.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// What a migration did.
@@ -129,6 +133,20 @@ pub enum MigrateError {
     /// The migration was cancelled.
     #[error("migration cancelled; the source VM keeps running")]
     Cancelled,
+    /// The destination died during the migration; it was cancelled.
+    #[error(
+        "the destination's {what} died during the migration ({detail}); the migration was \
+         cancelled and the source VM keeps running{source_state}. Restart the destination and \
+         migrate again"
+    )]
+    DestinationDied {
+        /// `QEMU` or `companion`.
+        what: &'static str,
+        /// What was seen.
+        detail: String,
+        /// How the source was left, for the message.
+        source_state: String,
+    },
     /// It took too long; it was cancelled.
     #[error("migration did not finish within {secs} s and was cancelled; the source VM keeps running. Raise --timeout or --max-bandwidth")]
     Timeout {
@@ -238,17 +256,47 @@ pub fn migrate(
                 }
             }
         }
+        if let Some(flag) = &opts.cancel {
+            if flag.load(Ordering::SeqCst) {
+                tracing::warn!("cancel requested: migrate_cancel on the source");
+                src.migrate_cancel().map_err(on_src)?;
+                wait_source_settled(src);
+                return Err(MigrateError::Cancelled);
+            }
+        }
+        if let Some((what, detail)) = destination_dead(dst, opts.companions.as_ref().map(|c| &c.1))
+        {
+            tracing::error!(what, %detail, "the destination died: cancelling the migration");
+            let _ = src.migrate_cancel();
+            let state = wait_source_settled(src);
+            return Err(MigrateError::DestinationDied {
+                what,
+                detail,
+                source_state: state,
+            });
+        }
         let info = src.query_migrate().map_err(on_src)?;
         observer.sample(&info);
         match info.status.as_deref() {
             Some("completed") => break info,
             Some("failed") => {
+                // A destination that died makes the stream fail: say so.
+                if let Some((what, detail)) =
+                    destination_dead(dst, opts.companions.as_ref().map(|c| &c.1))
+                {
+                    let state = wait_source_settled(src);
+                    return Err(MigrateError::DestinationDied {
+                        what,
+                        detail,
+                        source_state: state,
+                    });
+                }
                 return Err(MigrateError::Failed {
                     reason: info
                         .error_desc
                         .clone()
                         .unwrap_or_else(|| "no reason given".into()),
-                })
+                });
             }
             Some("cancelled") => return Err(MigrateError::Cancelled),
             Some("device") => t.enter(Phase::Switchover, observer),
@@ -307,6 +355,50 @@ pub fn migrate(
         wall_ms: t.start.elapsed().as_millis() as u64,
         timeline: t.spans,
     })
+}
+
+/// Whether the destination's QEMU or companion is gone, and what was seen.
+fn destination_dead(
+    dst: &QmpClient,
+    dst_control: Option<&PathBuf>,
+) -> Option<(&'static str, String)> {
+    if let Err(e) = dst.query_status() {
+        if e.is_disconnected() {
+            return Some(("QEMU", e.to_string()));
+        }
+    }
+    if let Some(path) = dst_control {
+        match ControlClient::connect(path, Duration::from_millis(200)) {
+            Err(e) => return Some(("companion", e.to_string())),
+            Ok(mut c) => {
+                if let Err(e) = c.call(&Request::Status) {
+                    return Some(("companion", e.to_string()));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// After a cancel or failure: waits until QEMU reports the migration over and the source
+/// running again, and describes the source's state for the message.
+fn wait_source_settled(src: &QmpClient) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let over = src
+            .query_migrate()
+            .map(|i| i.is_finished() || i.status.is_none())
+            .unwrap_or(true);
+        let running = src.query_status().map(|s| s.running).unwrap_or(false);
+        if over && running {
+            return String::new();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match src.query_status() {
+        Ok(s) => format!(" (its state is {}: check it)", s.status),
+        Err(e) => format!(" (its state could not be read: {e})"),
+    }
 }
 
 /// Moves the VF from the source's companion (quiesced at switchover) to the destination's:

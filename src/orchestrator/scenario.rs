@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -27,6 +29,18 @@ pub enum Workload {
     LuLite,
     /// perftest-style WRITE bandwidth from `a` to `b`; bytes received must equal bytes sent.
     RdmaBw,
+}
+
+/// A failure injected during the migration, to prove the source job survives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// The operator cancels (`migrate_cancel`).
+    Cancel,
+    /// The destination QEMU is killed.
+    KillDestinationQemu,
+    /// The destination's companion is killed.
+    KillDestinationCompanion,
 }
 
 /// Settings of a scenario run.
@@ -58,6 +72,8 @@ pub struct ScenarioOptions {
     pub vfmig_bin: PathBuf,
     /// Give up after this long.
     pub timeout: Duration,
+    /// A failure to inject this long after the migration starts.
+    pub fault: Option<(Fault, Duration)>,
 }
 
 /// What a rank printed.
@@ -112,8 +128,10 @@ pub struct ScenarioReport {
     pub bytes_received: Option<u64>,
     /// Median iteration time before, during and after the migration, ms (rank 0).
     pub iteration_ms: IterationMedians,
-    /// The migration, when there was one.
+    /// The migration, when there was one and it completed.
     pub migration: Option<MigrationSummary>,
+    /// Why the migration did not complete (an injected fault).
+    pub migration_error: Option<String>,
     /// Per rank.
     pub ranks: BTreeMap<String, RankResult>,
 }
@@ -287,6 +305,7 @@ pub fn run(
 
     // Migrate `a` once rank 0 has done `migrate_at` iterations.
     let mut migration = None;
+    let mut migration_error = None;
     let mut iters_at = (0usize, 0usize);
     if let (Some(strategy), Some(dest)) = (opts.strategy, dest.as_ref()) {
         loop {
@@ -311,7 +330,28 @@ pub fn run(
         src_ctl.call(&Request::SetTracking {
             enabled: strategy == Strategy::Transparent,
         })?;
-        let summary = migrate(
+        let cancel = Arc::new(AtomicBool::new(false));
+        let injector = opts.fault.map(|(fault, after)| {
+            let (cancel, qemu, companion) = (cancel.clone(), dest.qemu_pid(), dest.companion_pid());
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                tracing::warn!(?fault, "injecting a failure into the migration");
+                let kill = |pid: Option<u32>| {
+                    if let Some(pid) = pid {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                };
+                match fault {
+                    Fault::Cancel => cancel.store(true, Ordering::SeqCst),
+                    Fault::KillDestinationQemu => kill(qemu),
+                    Fault::KillDestinationCompanion => kill(companion),
+                }
+            })
+        });
+        let result = migrate(
             &vms[0].qmp()?,
             &dest.qmp()?,
             &MigrateOptions {
@@ -324,16 +364,26 @@ pub fn run(
                     vms[0].paths.control_socket.clone(),
                     dest.paths.control_socket.clone(),
                 )),
+                cancel: Some(cancel),
             },
             observer,
-        )
-        .map_err(DemoError::from)?;
+        );
+        if let Some(t) = injector {
+            let _ = t.join();
+        }
+        match result {
+            Ok(summary) => migration = Some(summary),
+            Err(e) if opts.fault.is_some() => {
+                tracing::info!(error = %e, "the migration failed as the injected fault made it");
+                migration_error = Some(e.to_string());
+            }
+            Err(e) => return Err(DemoError::from(e).into()),
+        }
         iters_at.1 = job_lines(&dest.paths.serial_log)
             .iter()
             .chain(job_lines(&vms[0].paths.serial_log).iter())
             .filter(|v| v.get("iter").is_some())
             .count();
-        migration = Some(summary);
     }
 
     // Wait for every rank's checksum. `a`'s console continues in its destination's log.
@@ -412,6 +462,7 @@ pub fn run(
             after: median(&it[d.max(b)..]),
         },
         migration,
+        migration_error,
         ranks: by_name,
     })
 }

@@ -1,0 +1,87 @@
+//! A migration that fails must leave the job running: cancel, the destination's QEMU killed,
+//! the destination's companion killed, each during precopy. Two VMs run lu-lite on soft VFs;
+//! after the failure, the job finishes on the source with the same result as a run without
+//! migration, which proves its RDMA traffic went on.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{image, init_logging, machine, RunDir};
+use vfmig::orchestrator::demo::Strategy;
+use vfmig::orchestrator::migrate::Quiet;
+use vfmig::orchestrator::scenario::{self, Fault, ScenarioOptions, ScenarioReport, Workload};
+
+fn options(fault: Option<Fault>, dir: &RunDir) -> ScenarioOptions {
+    ScenarioOptions {
+        workload: Workload::LuLite,
+        vms: 2,
+        strategy: fault.map(|_| Strategy::Transparent),
+        mem_mib: 256,
+        n: 128,
+        iters: 1200,
+        migrate_at: 100,
+        // Slow precopy, so that the failure lands inside it.
+        max_bandwidth: Some(8 << 20),
+        run_dir: dir.path.clone(),
+        accel: "tcg".into(),
+        image: image(),
+        vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
+        timeout: Duration::from_secs(300),
+        fault: fault.map(|f| (f, Duration::from_millis(1500))),
+    }
+}
+
+fn reference() -> &'static ScenarioReport {
+    static REFERENCE: OnceLock<ScenarioReport> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let dir = RunDir::new("failures-reference");
+        scenario::run(&options(None, &dir), &mut Quiet).expect("reference run")
+    })
+}
+
+fn survives(fault: Fault, expect_in_error: &str) {
+    let _m = machine();
+    init_logging();
+    let reference = reference();
+    let dir = RunDir::new("failure");
+    let r = scenario::run(&options(Some(fault), &dir), &mut Quiet).expect("the scenario ran");
+    eprintln!(
+        "{fault:?}: error {:?}; checksums {:?} (reference {:?})",
+        r.migration_error, r.checksums, reference.checksums
+    );
+    assert!(
+        r.migration.is_none(),
+        "the migration should not have completed"
+    );
+    let error = r.migration_error.clone().expect("the migration failed");
+    assert!(error.contains(expect_in_error), "{error}");
+    assert!(error.contains("source VM keeps running"), "{error}");
+    assert!(
+        r.checksums.values().all(Option::is_some),
+        "a rank did not finish: {r:?}"
+    );
+    assert_eq!(r.checksums, reference.checksums, "the job's result changed");
+    assert_eq!(r.lost_ops, 0);
+    assert_eq!(r.duplicate_ops, 0);
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_job_running() {
+    survives(Fault::Cancel, "cancelled");
+}
+
+#[test]
+fn the_destination_qemu_killed_during_precopy_leaves_the_job_running() {
+    survives(Fault::KillDestinationQemu, "destination's QEMU died");
+}
+
+#[test]
+fn the_destination_companion_killed_during_precopy_leaves_the_job_running() {
+    survives(
+        Fault::KillDestinationCompanion,
+        "destination's companion died",
+    );
+}
