@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{self, Signal};
 
+use vfmig::companion::control::{ControlClient, Request};
 use vfmig::companion::{self, CompanionConfig};
 use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
 use vfmig::orchestrator::launch::{mac_for, GuestImage, Nic, Role, RunningVm, VmSpec};
@@ -100,6 +101,16 @@ enum Command {
         /// the same.
         #[arg(long)]
         cancel: bool,
+        /// `transparent` (RDMA keeps running through precopy; the VF moves at switchover),
+        /// `cooperative` (every rank's runtime suspends for the whole migration: needs
+        /// --rank-control for every rank), or `unsafe-no-tracking` (negative control: device
+        /// writes are not logged; needs --src-control).
+        #[arg(long, value_enum, default_value = "transparent")]
+        strategy: Strategy,
+        /// Control socket of a rank's companion, once per rank of the job (the migrating VM's
+        /// source companion among them): `cooperative` tells each SUSPEND and RESUME.
+        #[arg(long)]
+        rank_control: Vec<PathBuf>,
         /// Leave the destination paused after completion (no `cont`), e.g. to compare RAM.
         #[arg(long)]
         keep_paused: bool,
@@ -297,6 +308,8 @@ fn main() -> Result<()> {
             src_control,
             dst_control,
             cancel,
+            strategy,
+            rank_control,
         } => {
             init_logging("warn");
             let src = QmpClient::connect(&src_qmp, Duration::from_secs(10))
@@ -338,9 +351,23 @@ fn main() -> Result<()> {
                 max_bandwidth,
                 downtime_limit_ms: downtime_limit,
                 timeout: Duration::from_secs(timeout),
-                companions: src_control.zip(dst_control),
+                companions: src_control.clone().zip(dst_control),
                 cancel: Some(cancel_on_signal()?),
+                cooperative: match strategy {
+                    Strategy::Cooperative if rank_control.is_empty() => {
+                        bail!("--strategy cooperative needs --rank-control for every rank")
+                    }
+                    Strategy::Cooperative => Some(rank_control),
+                    _ => None,
+                },
             };
+            if strategy == Strategy::UnsafeNoTracking {
+                let Some(ctl) = &src_control else {
+                    bail!("--strategy unsafe-no-tracking needs --src-control");
+                };
+                ControlClient::connect(ctl, Duration::from_secs(5))?
+                    .call(&Request::SetTracking { enabled: false })?;
+            }
             let summary = with_progress(|observer| migrate::migrate(&src, &dst, &opts, observer))?;
             println!("{}", serde_json::to_string(&summary)?);
         }

@@ -48,6 +48,7 @@ fn a_device_started_during_precopy_loses_no_write() {
                     timeout: Duration::from_secs(180),
                     companions: None,
                     cancel: None,
+                    cooperative: None,
                 },
                 &mut Quiet,
             )

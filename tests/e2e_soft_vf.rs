@@ -197,3 +197,27 @@ fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps
     );
     assert!(vm.qemu_running(), "QEMU must keep running");
 }
+
+#[test]
+fn lu_lite_under_the_cooperative_strategy_keeps_its_result() {
+    let _m = machine();
+    init_logging();
+    let reference = reference();
+    let dir = RunDir::new("lu-lite-cooperative");
+    let r = scenario::run(
+        &options(Workload::LuLite, Some(Strategy::Cooperative), &dir),
+        &mut Quiet,
+    )
+    .expect("cooperative run");
+    let m = r.migration.as_ref().expect("a migrated");
+    let phases: Vec<String> = m
+        .timeline
+        .iter()
+        .map(|p| serde_json::to_string(&p.phase).unwrap())
+        .collect();
+    assert!(phases.contains(&"\"suspend\"".to_string()), "{phases:?}");
+    assert!(phases.contains(&"\"resume\"".to_string()), "{phases:?}");
+    assert_eq!(r.checksums, reference.checksums);
+    assert_eq!(r.lost_ops, 0);
+    assert_eq!(r.duplicate_ops, 0);
+}

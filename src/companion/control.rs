@@ -61,6 +61,12 @@ pub enum Request {
         /// Frames that waited for the guest at the source, hex-encoded.
         rx_frames: Vec<String>,
     },
+    /// Tell the guest's runtime a migration event (`suspend` or `resume`), for the cooperative
+    /// strategy; its acknowledgement shows in `stats` (`guest_link.suspend_acks`).
+    SendEvent {
+        /// `suspend` or `resume`.
+        event: GuestEvent,
+    },
     /// Switch dirty tracking of device writes on or off (off: `unsafe-no-tracking` only).
     SetTracking {
         /// On or off.
@@ -68,6 +74,16 @@ pub enum Request {
     },
     /// Stop the companion.
     Quit,
+}
+
+/// Migration events for the guest's runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestEvent {
+    /// Stop communicating and report ready (the paper's migration-thread design).
+    Suspend,
+    /// Communicate again.
+    Resume,
 }
 
 /// Something that answers requests.

@@ -36,6 +36,10 @@ pub struct GuestLinkStats {
     pub frames_to_guest: u64,
     /// Frames waiting for receive buffers now.
     pub frames_waiting: u64,
+    /// SUSPEND events the guest runtime acknowledged (it is ready to migrate).
+    pub suspend_acks: u64,
+    /// RESUME events the guest runtime acknowledged.
+    pub resume_acks: u64,
 }
 
 #[derive(Default)]
@@ -44,6 +48,8 @@ struct Counters {
     other: AtomicU64,
     malformed: AtomicU64,
     to_guest: AtomicU64,
+    suspend_acks: AtomicU64,
+    resume_acks: AtomicU64,
 }
 
 /// The guest's end of the VF.
@@ -134,6 +140,8 @@ impl GuestLink {
             malformed_frames: c.malformed.load(Ordering::Relaxed),
             frames_to_guest: c.to_guest.load(Ordering::Relaxed),
             frames_waiting: lock(&self.rx).len() as u64,
+            suspend_acks: c.suspend_acks.load(Ordering::Relaxed),
+            resume_acks: c.resume_acks.load(Ordering::Relaxed),
         }
     }
 
@@ -313,6 +321,14 @@ impl GuestLink {
             }
             proto::Message::EventAck { event } => {
                 tracing::info!(?event, "guest runtime acknowledged an event");
+                let counter = match event {
+                    proto::Event::Suspend => Some(&self.counters.suspend_acks),
+                    proto::Event::Resume => Some(&self.counters.resume_acks),
+                    proto::Event::Migrated => None,
+                };
+                if let Some(c) = counter {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
                 None
             }
             other => {

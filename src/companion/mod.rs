@@ -230,6 +230,14 @@ impl Handler for Companion {
                 let reached = vf.announce();
                 Ok(json!({ "announced_to": reached }))
             }
+            Request::SendEvent { event } => {
+                let e = match event {
+                    control::GuestEvent::Suspend => vfmig_proto::Event::Suspend,
+                    control::GuestEvent::Resume => vfmig_proto::Event::Resume,
+                };
+                self.guest.queue(0, vfmig_proto::Message::Event(e));
+                Ok(json!({ "sent": event }))
+            }
             Request::SetTracking { enabled } => {
                 self.dma.set_tracking(enabled);
                 Ok(json!({ "tracking": enabled }))

@@ -91,6 +91,7 @@ fn one(opts: &DemoOptions, nic: Nic, run: u32) -> Result<BenchRun, DemoError> {
             timeout: opts.timeout,
             companions: None,
             cancel: None,
+            cooperative: None,
         },
         &mut Quiet,
     )?;

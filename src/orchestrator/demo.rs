@@ -21,6 +21,9 @@ pub enum Strategy {
     /// vfmig's own: device writes keep going through precopy, each logged into QEMU's dirty
     /// log; the VF is quiesced only inside the downtime.
     Transparent,
+    /// The paper's design, the baseline to beat: every rank's runtime suspends communication
+    /// for the whole migration, then resumes.
+    Cooperative,
     /// Negative control: the same load with the dirty log switched off. Loses writes, by
     /// design, to prove that the check catches it.
     UnsafeNoTracking,
@@ -188,7 +191,7 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
 
     let mut src_ctl = src.control()?;
     src_ctl.call(&Request::SetTracking {
-        enabled: opts.strategy == Strategy::Transparent,
+        enabled: opts.strategy != Strategy::UnsafeNoTracking,
     })?;
     let window = window(opts.record_size);
     if opts.rate > 0 {
@@ -215,6 +218,7 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
                 dst.paths.control_socket.clone(),
             )),
             cancel: None,
+            cooperative: None,
         },
         observer,
     )?;

@@ -1,6 +1,8 @@
 //! The migration state machine. It reads top to bottom:
 //!
 //! 1. **prepare the destination**: capabilities, `migrate-incoming` on the URI;
+//! 2. **suspend** (`cooperative` only): every rank's guest runtime is told SUSPEND and the
+//!    migration waits until all report ready, as in the paper's migration-thread design;
 //! 2. **precopy**: capabilities and parameters on the source, `migrate`, then follow
 //!    `query-migrate` and QEMU's `MIGRATION` / `MIGRATION_PASS` events;
 //! 3. **switchover**: the source stops (QEMU status `device`); the companion quiesces the VF
@@ -8,7 +10,8 @@
 //! 4. **destination up**: the destination has all of RAM and is paused (`-S`); its companion
 //!    takes over the VF (the source's VF state moves, and the VM's new place is announced to
 //!    its peers); then, unless `keep_paused`, it is resumed, once;
-//! 5. **done**.
+//! 5. **resume** (`cooperative` only): every rank's runtime is told RESUME;
+//! 6. **done**.
 //!
 //! Every phase becomes a span of the returned timeline.
 
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::companion::control::{ControlClient, ControlError, Request};
+use crate::companion::control::{ControlClient, ControlError, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient, QmpError};
 use crate::vf::soft::VfState;
 
@@ -29,12 +32,16 @@ use crate::vf::soft::VfState;
 pub enum Phase {
     /// Capabilities and `migrate-incoming` on the destination.
     PrepareDestination,
+    /// `cooperative`: every rank's runtime suspends communication and reports ready.
+    Suspend,
     /// RAM is copied while the source runs.
     Precopy,
     /// The source is stopped; last dirty pages and device state move.
     Switchover,
     /// The destination takes over and is resumed.
     DestinationUp,
+    /// `cooperative`: every rank's runtime communicates again.
+    Resume,
     /// Finished.
     Done,
 }
@@ -68,6 +75,9 @@ pub struct MigrateOptions {
     pub companions: Option<(PathBuf, PathBuf)>,
     /// Set from elsewhere (Ctrl-C) to cancel the migration.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// `cooperative` strategy: the control sockets of every rank's companion (the migrating
+    /// VM's source companion among them), told SUSPEND before precopy and RESUME after.
+    pub cooperative: Option<Vec<PathBuf>>,
 }
 
 /// What a migration did.
@@ -158,6 +168,9 @@ pub enum MigrateError {
         "the VF could not move to the destination's companion: {0}; the destination stays paused"
     )]
     Takeover(String),
+    /// A rank's runtime did not report ready after SUSPEND.
+    #[error("cooperative suspend: {0}; nothing was migrated")]
+    Suspend(String),
     /// The destination did not reach `paused` after completion.
     #[error("the destination did not reach the paused state after completion (it is {status})")]
     DestinationNotReady {
@@ -228,7 +241,14 @@ pub fn migrate(
     dst.migrate_set_capabilities(CAPABILITIES).map_err(on_dst)?;
     dst.migrate_incoming(&opts.uri).map_err(on_dst)?;
 
-    // 2. Precopy.
+    // 2. Cooperative only: every rank suspends and reports ready.
+    if let Some(ranks) = &opts.cooperative {
+        t.enter(Phase::Suspend, observer);
+        send_event_and_wait(ranks, GuestEvent::Suspend, Duration::from_secs(60))
+            .map_err(MigrateError::Suspend)?;
+    }
+
+    // 3. Precopy.
     src.migrate_set_capabilities(CAPABILITIES).map_err(on_src)?;
     let mut params = serde_json::Map::new();
     if let Some(bw) = opts.max_bandwidth {
@@ -339,7 +359,24 @@ pub fn migrate(
         true
     };
 
-    // 5. Done.
+    // 5. Cooperative only: every rank resumes; the migrated VM's runtime is told through the
+    // destination's companion.
+    if let Some(ranks) = &opts.cooperative {
+        t.enter(Phase::Resume, observer);
+        let moved = opts.companions.as_ref();
+        let targets: Vec<PathBuf> = ranks
+            .iter()
+            .map(|r| match moved {
+                Some((src_ctl, dst_ctl)) if r == src_ctl => dst_ctl.clone(),
+                _ => r.clone(),
+            })
+            .collect();
+        if let Err(e) = send_event_and_wait(&targets, GuestEvent::Resume, Duration::from_secs(30)) {
+            tracing::warn!(error = %e, "not every rank acknowledged RESUME");
+        }
+    }
+
+    // 6. Done.
     t.enter(Phase::Done, observer);
     let ram = info.ram.clone().unwrap_or_default();
     Ok(MigrationSummary {
@@ -355,6 +392,49 @@ pub fn migrate(
         wall_ms: t.start.elapsed().as_millis() as u64,
         timeline: t.spans,
     })
+}
+
+/// Tells every rank's runtime `event` through its companion and waits until each has
+/// acknowledged it.
+fn send_event_and_wait(
+    ranks: &[PathBuf],
+    event: GuestEvent,
+    timeout: Duration,
+) -> Result<(), String> {
+    let key = match event {
+        GuestEvent::Suspend => "suspend_acks",
+        GuestEvent::Resume => "resume_acks",
+    };
+    let acks = |c: &mut ControlClient| -> Result<u64, String> {
+        let s = c.call(&Request::Stats).map_err(|e| e.to_string())?;
+        Ok(s["guest_link"][key].as_u64().unwrap_or(0))
+    };
+    let mut clients = Vec::new();
+    for path in ranks {
+        let mut c =
+            ControlClient::connect(path, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let before = acks(&mut c)?;
+        c.call(&Request::SendEvent { event })
+            .map_err(|e| e.to_string())?;
+        clients.push((path, c, before));
+    }
+    let deadline = Instant::now() + timeout;
+    for (path, c, before) in clients.iter_mut() {
+        loop {
+            if acks(c)? > *before {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the runtime behind {} did not acknowledge {event:?} within {} s",
+                    path.display(),
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the destination's QEMU or companion is gone, and what was seen.

@@ -328,7 +328,7 @@ pub fn run(
         }
         let mut src_ctl = vms[0].control()?;
         src_ctl.call(&Request::SetTracking {
-            enabled: strategy == Strategy::Transparent,
+            enabled: strategy != Strategy::UnsafeNoTracking,
         })?;
         let cancel = Arc::new(AtomicBool::new(false));
         let injector = opts.fault.map(|(fault, after)| {
@@ -365,6 +365,8 @@ pub fn run(
                     dest.paths.control_socket.clone(),
                 )),
                 cancel: Some(cancel),
+                cooperative: (strategy == Strategy::Cooperative)
+                    .then(|| vms.iter().map(|v| v.paths.control_socket.clone()).collect()),
             },
             observer,
         );
