@@ -209,6 +209,33 @@ enum BenchCommand {
         #[arg(long, default_value = "tcg")]
         accel: String,
     },
+    /// In one run: lu-lite on VMs without migration, then with VM `a` migrated under each
+    /// strategy (transparent, cooperative, unsafe-no-tracking), then the same guest with no
+    /// companion and no RDMA migrated alone; prints a markdown table, then one JSON line
+    /// `{"rows":[…]}`.
+    Strategies {
+        /// VMs of the job.
+        #[arg(long, default_value_t = 3)]
+        vms: usize,
+        /// Guest RAM per VM in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u64,
+        /// lu-lite grid size.
+        #[arg(long, default_value_t = 256)]
+        n: u32,
+        /// lu-lite iterations.
+        #[arg(long, default_value_t = 1000)]
+        iters: u32,
+        /// Migrate once rank `a` has done this many iterations.
+        #[arg(long, default_value_t = 200)]
+        migrate_at: u32,
+        /// QEMU `max-bandwidth`, bytes/s.
+        #[arg(long, default_value_t = 128 << 20)]
+        max_bandwidth: u64,
+        /// Where to put the run directories (default: a fresh temporary directory).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
     /// Soft-VF RDMA WRITE bandwidth (64 B to 1 MiB) and 64 B latency between two soft VFs
     /// over loopback TCP, beside memcpy and a plain loopback TCP socket pair measured in the
     /// same run; prints a markdown table, then one JSON line.
@@ -409,6 +436,57 @@ fn main() -> Result<()> {
             })?;
             println!("{}", bench::markdown(&result));
             println!("{}", serde_json::to_string(&result)?);
+        }
+        Command::Bench(BenchCommand::Strategies {
+            vms,
+            mem_mib,
+            n,
+            iters,
+            migrate_at,
+            max_bandwidth,
+            run_dir,
+        }) => {
+            init_logging("vfmig=warn");
+            let run_dir = match run_dir {
+                Some(d) => d,
+                None => tempfile_dir()?,
+            };
+            let image = image(None, None)?;
+            let vfmig_bin = std::env::current_exe().context("cannot find the vfmig binary")?;
+            let opts = ScenarioOptions {
+                workload: Workload::LuLite,
+                vms: vms.max(2),
+                strategy: None,
+                mem_mib,
+                n,
+                iters,
+                migrate_at,
+                max_bandwidth: Some(max_bandwidth),
+                run_dir: run_dir.clone(),
+                accel: "tcg".into(),
+                image: image.clone(),
+                vfmig_bin: vfmig_bin.clone(),
+                timeout: Duration::from_secs(900),
+                fault: None,
+            };
+            let plain = DemoOptions {
+                strategy: Strategy::Transparent,
+                mem_mib,
+                rate: 0,
+                record_size: 256,
+                max_bandwidth: Some(max_bandwidth),
+                downtime_limit_ms: None,
+                keep_paused: true,
+                run_dir,
+                accel: "tcg".into(),
+                image,
+                vfmig_bin,
+                lead_time: Duration::ZERO,
+                timeout: Duration::from_secs(600),
+            };
+            let rows = bench::strategies(&opts, &plain, |l| eprintln!("bench: {l}"))?;
+            println!("{}", bench::strategies_markdown(&rows));
+            println!("{}", serde_json::json!({ "rows": rows }));
         }
         Command::Bench(BenchCommand::Fabric { rounds }) => {
             init_logging("vfmig=warn");

@@ -11,6 +11,31 @@ use super::demo::{free_port, start_vm_with, DemoError, DemoOptions};
 use super::launch::{Nic, Role};
 use super::migrate::{migrate, MigrateOptions, Quiet};
 
+/// One row of `vfmig bench strategies`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StrategyRow {
+    /// `transparent`, `cooperative`, `unsafe-no-tracking`, or `plain-qemu` (the same guest
+    /// with no companion and no RDMA).
+    pub strategy: String,
+    /// QEMU's total migration time, ms.
+    pub total_ms: u64,
+    /// QEMU's downtime, ms.
+    pub downtime_ms: u64,
+    /// Longest gap in completed RDMA operations seen by a peer of the migrating VM, ms.
+    pub blackout_ms: Option<f64>,
+    /// Median iteration time of the migrating rank while it migrated, over its median in
+    /// the same bench's run without migration.
+    pub slowdown: Option<f64>,
+    /// RAM bytes QEMU sent.
+    pub bytes_sent: u64,
+    /// Bytes QEMU sent again because the device wrote them: distinct pages the VF wrote
+    /// during the migration × 4 KiB (each was sent at least once more because of it).
+    pub bytes_resent: Option<u64>,
+    /// Writes lost, as the job sees them: failed operations, plus one per rank whose result
+    /// differs from the run without migration.
+    pub lost_writes: u64,
+}
+
 /// One migration of the bench.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRun {
@@ -161,6 +186,101 @@ pub fn migration(
         without_companion: without,
         runs,
     })
+}
+
+/// `vfmig bench strategies`: in one run, lu-lite on `opts.vms` VMs without migration (the
+/// reference), then with VM `a` migrated under each strategy, then the plain-QEMU baseline.
+pub fn strategies(
+    opts: &super::scenario::ScenarioOptions,
+    plain: &DemoOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<StrategyRow>, super::scenario::ScenarioError> {
+    use super::demo::Strategy;
+    use super::scenario::run;
+    let mut reference_opts = opts.clone();
+    reference_opts.strategy = None;
+    reference_opts.run_dir = opts.run_dir.join("reference");
+    let reference = run(&reference_opts, &mut Quiet)?;
+    let base_iter = median(
+        reference
+            .ranks
+            .get("a")
+            .map(|r| r.iteration_ms.clone())
+            .unwrap_or_default(),
+    );
+    progress(&format!(
+        "reference run: median iteration {base_iter:.2} ms, checksums {:?}",
+        reference.checksums
+    ));
+    let mut rows = Vec::new();
+    for strategy in [
+        Strategy::Transparent,
+        Strategy::Cooperative,
+        Strategy::UnsafeNoTracking,
+    ] {
+        let mut o = opts.clone();
+        o.strategy = Some(strategy);
+        o.run_dir = opts.run_dir.join(format!("{strategy:?}").to_lowercase());
+        let r = run(&o, &mut Quiet)?;
+        let m = r.migration.clone().unwrap_or_default();
+        let differing = r
+            .checksums
+            .iter()
+            .filter(|(k, v)| reference.checksums.get(*k) != Some(*v))
+            .count() as u64;
+        let row = StrategyRow {
+            strategy: serde_json::to_value(strategy)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            total_ms: m.total_ms,
+            downtime_ms: m.downtime_ms,
+            blackout_ms: Some(r.blackout_ms),
+            slowdown: (base_iter > 0.0).then(|| r.iteration_ms.during / base_iter),
+            bytes_sent: m.transferred_bytes,
+            bytes_resent: r.device_dirty_pages.map(|p| p * 4096),
+            lost_writes: r.lost_ops + differing,
+        };
+        progress(&format!("{}: {row:?}", row.strategy));
+        rows.push(row);
+    }
+    // The same guest with no companion and no RDMA, migrated the same way.
+    let mut p = plain.clone();
+    p.run_dir = opts.run_dir.join("plain-qemu");
+    let b = one(&p, Nic::Plain, 0).map_err(super::scenario::ScenarioError::from)?;
+    rows.push(StrategyRow {
+        strategy: "plain-qemu".into(),
+        total_ms: b.total_ms,
+        downtime_ms: b.downtime_ms,
+        blackout_ms: None,
+        slowdown: None,
+        bytes_sent: b.transferred_bytes,
+        bytes_resent: None,
+        lost_writes: 0,
+    });
+    Ok(rows)
+}
+
+/// The strategies as a markdown table.
+pub fn strategies_markdown(rows: &[StrategyRow]) -> String {
+    let opt = |v: Option<f64>, prec: usize| v.map_or("–".to_string(), |x| format!("{x:.prec$}"));
+    let mut s = String::from(
+        "| strategy | total ms | downtime ms | blackout ms | lu-lite slowdown | MiB sent | MiB resent (device) | lost writes |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} |\n",
+            r.strategy,
+            r.total_ms,
+            r.downtime_ms,
+            opt(r.blackout_ms, 1),
+            opt(r.slowdown, 2),
+            r.bytes_sent as f64 / (1 << 20) as f64,
+            opt(r.bytes_resent.map(|b| b as f64 / (1 << 20) as f64), 1),
+            r.lost_writes
+        );
+    }
+    s
 }
 
 /// The bench as a markdown table.

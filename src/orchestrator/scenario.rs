@@ -122,6 +122,9 @@ pub struct ScenarioReport {
     pub total_ms: u64,
     /// QEMU's downtime, ms.
     pub downtime_ms: u64,
+    /// Distinct pages `a`'s VF wrote during the migration (its companion's epoch bitmap): each
+    /// was logged into QEMU's dirty log and sent again at least once because of the device.
+    pub device_dirty_pages: Option<u64>,
     /// rdma-bw: bytes `a` sent.
     pub bytes_sent: Option<u64>,
     /// rdma-bw: bytes `b` received.
@@ -306,6 +309,7 @@ pub fn run(
     // Migrate `a` once rank 0 has done `migrate_at` iterations.
     let mut migration = None;
     let mut migration_error = None;
+    let mut device_dirty_pages = None;
     let mut iters_at = (0usize, 0usize);
     if let (Some(strategy), Some(dest)) = (opts.strategy, dest.as_ref()) {
         loop {
@@ -381,6 +385,10 @@ pub fn run(
             }
             Err(e) => return Err(DemoError::from(e).into()),
         }
+        // What the device dirtied on the source during the migration (its epoch).
+        if let Ok(stats) = src_ctl.call(&Request::Stats) {
+            device_dirty_pages = stats["device_dirty_pages"].as_u64();
+        }
         iters_at.1 = job_lines(&dest.paths.serial_log)
             .iter()
             .chain(job_lines(&vms[0].paths.serial_log).iter())
@@ -453,6 +461,7 @@ pub fn run(
         reference: BTreeMap::new(),
         lost_ops,
         duplicate_ops,
+        device_dirty_pages,
         bytes_sent,
         bytes_received,
         blackout_ms,
