@@ -8,11 +8,13 @@
 //! - [`vf`]: the device's path into guest RAM (the DMA engine);
 //! - [`companion`]: the per-VM process: vhost-user-net backend, control socket, traffic
 //!   generator;
-//! - [`orchestrator`]: launching VMs, the migration state machine, the demo and the benches.
+//! - [`orchestrator`]: launching VMs, the migration state machine, the demo and the benches;
+//! - [`trace`]: migration timelines as Chrome trace-event JSON, and the report drawn from them.
 
 pub mod companion;
 pub mod dirty;
 pub mod guest_ram;
 pub mod orchestrator;
 pub mod qmp;
+pub mod trace;
 pub mod vf;

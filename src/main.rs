@@ -18,6 +18,7 @@ use vfmig::orchestrator::migrate::{self, with_progress, MigrateOptions};
 use vfmig::orchestrator::scenario::{self, ScenarioOptions, Workload};
 use vfmig::orchestrator::{bench, fabric_bench};
 use vfmig::qmp::QmpClient;
+use vfmig::trace::TraceRecorder;
 use vfmig::vf::soft::ClusterMap;
 
 /// Live migration of VMs whose MPI jobs use an SR-IOV RDMA VF, with a stock QEMU.
@@ -111,6 +112,11 @@ enum Command {
         /// source companion among them): `cooperative` tells each SUSPEND and RESUME.
         #[arg(long)]
         rank_control: Vec<PathBuf>,
+        /// Write the migration's timeline to FILE as Chrome trace-event JSON (opens in
+        /// Perfetto): phases, QEMU's passes, query-migrate samples, and the source companion's
+        /// device-dirty pages and held requests (with --src-control).
+        #[arg(long)]
+        trace: Option<PathBuf>,
         /// Leave the destination paused after completion (no `cont`), e.g. to compare RAM.
         #[arg(long)]
         keep_paused: bool,
@@ -130,6 +136,15 @@ enum Command {
         /// Control socket of the destination's companion.
         #[arg(long, requires = "src_control")]
         dst_control: Option<PathBuf>,
+    },
+    /// Read a migration's timeline (from --trace): print its phase table and write an SVG
+    /// with the timeline and the curves of remaining bytes and dirty rate.
+    Report {
+        /// The trace file (Chrome trace-event JSON).
+        file: PathBuf,
+        /// Where to write the SVG (default: FILE with the extension .svg).
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
     /// Benchmarks that compare whole migrations side by side in one run.
     #[command(subcommand)]
@@ -185,6 +200,9 @@ enum Command {
         /// Migrate once rank `a` has done this many iterations.
         #[arg(long, default_value_t = 300)]
         migrate_at: u32,
+        /// Write the migration's timeline to FILE (Chrome trace-event JSON).
+        #[arg(long)]
+        trace: Option<PathBuf>,
     },
 }
 
@@ -337,6 +355,7 @@ fn main() -> Result<()> {
             cancel,
             strategy,
             rank_control,
+            trace,
         } => {
             init_logging("warn");
             let src = QmpClient::connect(&src_qmp, Duration::from_secs(10))
@@ -387,6 +406,7 @@ fn main() -> Result<()> {
                     Strategy::Cooperative => Some(rank_control),
                     _ => None,
                 },
+                trace: trace.as_ref().map(|_| Arc::new(TraceRecorder::new())),
             };
             if strategy == Strategy::UnsafeNoTracking {
                 let Some(ctl) = &src_control else {
@@ -395,8 +415,29 @@ fn main() -> Result<()> {
                 ControlClient::connect(ctl, Duration::from_secs(5))?
                     .call(&Request::SetTracking { enabled: false })?;
             }
-            let summary = with_progress(|observer| migrate::migrate(&src, &dst, &opts, observer))?;
+            let result = with_progress(|observer| migrate::migrate(&src, &dst, &opts, observer));
+            if let (Some(path), Some(rec)) = (&trace, &opts.trace) {
+                rec.set_meta("strategy", format!("{strategy:?}"));
+                if let Ok(s) = &result {
+                    rec.set_meta("downtime_ms", s.downtime_ms);
+                    rec.set_meta("total_ms", s.total_ms);
+                }
+                rec.write(path)?;
+                eprintln!(
+                    "vfmig: timeline written to {} (open it in Perfetto, or `vfmig report {}`)",
+                    path.display(),
+                    path.display()
+                );
+            }
+            let summary = result?;
             println!("{}", serde_json::to_string(&summary)?);
+        }
+        Command::Report { file, svg } => {
+            init_logging("warn");
+            let svg = svg.unwrap_or_else(|| file.with_extension("svg"));
+            let report = vfmig::trace::run_report(&file, &svg)?;
+            println!("{}", report.markdown());
+            eprintln!("report: picture written to {}", svg.display());
         }
         Command::Bench(BenchCommand::Migration {
             pairs,
@@ -424,6 +465,7 @@ fn main() -> Result<()> {
                 vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
                 lead_time: Duration::ZERO,
                 timeout: Duration::from_secs(600),
+                trace: None,
             };
             let total = pairs * 2;
             let mut done = 0;
@@ -468,6 +510,7 @@ fn main() -> Result<()> {
                 vfmig_bin: vfmig_bin.clone(),
                 timeout: Duration::from_secs(900),
                 fault: None,
+                trace: None,
             };
             let plain = DemoOptions {
                 strategy: Strategy::Transparent,
@@ -483,6 +526,7 @@ fn main() -> Result<()> {
                 vfmig_bin,
                 lead_time: Duration::ZERO,
                 timeout: Duration::from_secs(600),
+                trace: None,
             };
             let rows = bench::strategies(&opts, &plain, |l| eprintln!("bench: {l}"))?;
             println!("{}", bench::strategies_markdown(&rows));
@@ -510,8 +554,20 @@ fn main() -> Result<()> {
             n,
             iters,
             migrate_at,
+            trace,
         } => {
             init_logging("vfmig=info,warn");
+            let recorder = trace.as_ref().map(|_| Arc::new(TraceRecorder::new()));
+            let write_trace = |meta: &[(&str, serde_json::Value)]| -> Result<()> {
+                if let (Some(path), Some(rec)) = (&trace, &recorder) {
+                    for (k, v) in meta {
+                        rec.set_meta(k, v.clone());
+                    }
+                    rec.write(path)?;
+                    eprintln!("demo: timeline written to {}", path.display());
+                }
+                Ok(())
+            };
             if let Some(workload) = workload {
                 let opts = ScenarioOptions {
                     workload,
@@ -531,8 +587,14 @@ fn main() -> Result<()> {
                     vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
                     timeout: Duration::from_secs(900),
                     fault: None,
+                    trace: recorder.clone(),
                 };
                 let report = with_progress(|observer| scenario::run_compared(&opts, observer))?;
+                write_trace(&[
+                    ("strategy", serde_json::json!(strategy)),
+                    ("vm", serde_json::json!("a")),
+                    ("downtime_ms", serde_json::json!(report.downtime_ms)),
+                ])?;
                 eprintln!(
                     "demo: {:?} on {} VMs, `a` migrated ({:?}): checksums match: {}; lost ops {}, \
                      duplicate ops {}; blackout {:.1} ms; migration {} ms, downtime {} ms",
@@ -568,8 +630,14 @@ fn main() -> Result<()> {
                 vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
                 lead_time: Duration::from_secs_f64(lead_time),
                 timeout: Duration::from_secs(600),
+                trace: recorder.clone(),
             };
             let report = with_progress(|observer| demo::run(&opts, observer))?;
+            write_trace(&[
+                ("strategy", serde_json::json!(strategy)),
+                ("vm", serde_json::json!("source")),
+                ("downtime_ms", serde_json::json!(report.downtime_ms)),
+            ])?;
             eprintln!(
                 "demo: strategy {:?}: {} device writes on {} distinct pages during the migration; \
                  {} lost at the destination (checked through the {}); migration {} ms, downtime {} ms",

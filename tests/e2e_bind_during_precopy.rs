@@ -49,6 +49,7 @@ fn a_device_started_during_precopy_loses_no_write() {
                     companions: None,
                     cancel: None,
                     cooperative: None,
+                    trace: None,
                 },
                 &mut Quiet,
             )

@@ -31,6 +31,7 @@ fn options(fault: Option<Fault>, dir: &RunDir) -> ScenarioOptions {
         vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
         timeout: Duration::from_secs(300),
         fault: fault.map(|f| (f, Duration::from_millis(1500))),
+        trace: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn options(workload: Workload, strategy: Option<Strategy>, dir: &RunDir) -> Scen
         vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
         timeout: Duration::from_secs(300),
         fault: None,
+        trace: None,
     }
 }
 
@@ -57,11 +58,39 @@ fn lu_lite_on_three_vms_keeps_its_result_when_a_migrates() {
     init_logging();
     let reference = reference();
     let dir = RunDir::new("lu-lite-transparent");
-    let r = scenario::run(
-        &options(Workload::LuLite, Some(Strategy::Transparent), &dir),
-        &mut Quiet,
-    )
-    .expect("migrated run");
+    let mut opts = options(Workload::LuLite, Some(Strategy::Transparent), &dir);
+    let recorder = std::sync::Arc::new(vfmig::trace::TraceRecorder::new());
+    opts.trace = Some(recorder.clone());
+    let r = scenario::run(&opts, &mut Quiet).expect("migrated run");
+    // The timeline is valid Chrome trace-event JSON, with the phases, QEMU's passes, and the
+    // samples of QEMU and of the source companion; the report draws it.
+    let trace_file = dir.path.join("migration.trace.json");
+    recorder.write(&trace_file).expect("trace written");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace_file).unwrap()).unwrap();
+    vfmig::trace::validate(&json).expect("Chrome trace-event JSON");
+    let svg = dir.path.join("migration.svg");
+    let report = vfmig::trace::run_report(&trace_file, &svg).expect("report");
+    let phases: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
+    for p in [
+        "prepare-destination",
+        "precopy",
+        "switchover",
+        "destination-up",
+        "done",
+    ] {
+        assert!(phases.contains(&p), "phase {p} missing from {phases:?}");
+    }
+    assert!(!report.passes.is_empty(), "no MIGRATION_PASS in the trace");
+    let counters: Vec<&str> = report.counters.iter().map(|c| c.name.as_str()).collect();
+    for c in ["remaining_bytes", "dirty_pages_rate", "device_dirty_pages"] {
+        assert!(
+            counters.iter().any(|n| n.ends_with(c)),
+            "counter {c} missing: {counters:?}"
+        );
+    }
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") && svg_text.trim_end().ends_with("</svg>"));
     eprintln!(
         "checksums {:?} (reference {:?}); lost {} duplicate {} blackout {:.1} ms; iterations {:?}",
         r.checksums,

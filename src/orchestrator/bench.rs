@@ -117,6 +117,7 @@ fn one(opts: &DemoOptions, nic: Nic, run: u32) -> Result<BenchRun, DemoError> {
             companions: None,
             cancel: None,
             cooperative: None,
+            trace: None,
         },
         &mut Quiet,
     )?;
@@ -199,6 +200,7 @@ pub fn strategies(
     use super::scenario::run;
     let mut reference_opts = opts.clone();
     reference_opts.strategy = None;
+    reference_opts.trace = None;
     reference_opts.run_dir = opts.run_dir.join("reference");
     let reference = run(&reference_opts, &mut Quiet)?;
     let base_iter = median(

@@ -63,6 +63,8 @@ pub struct DemoOptions {
     pub lead_time: Duration,
     /// Migration timeout.
     pub timeout: Duration,
+    /// Where the migration's timeline goes.
+    pub trace: Option<std::sync::Arc<crate::trace::TraceRecorder>>,
 }
 
 /// The demo's result; the last line of `vfmig demo` is this, as JSON.
@@ -219,6 +221,7 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
             )),
             cancel: None,
             cooperative: None,
+            trace: opts.trace.clone(),
         },
         observer,
     )?;

@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::companion::control::{ControlClient, ControlError, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient, QmpError};
+use crate::trace::TraceRecorder;
 use crate::vf::soft::VfState;
 
 /// The phases, in order.
@@ -78,6 +79,48 @@ pub struct MigrateOptions {
     /// `cooperative` strategy: the control sockets of every rank's companion (the migrating
     /// VM's source companion among them), told SUSPEND before precopy and RESUME after.
     pub cooperative: Option<Vec<PathBuf>>,
+    /// Where the timeline goes (phases, QEMU's passes, query-migrate and companion samples).
+    pub trace: Option<Arc<TraceRecorder>>,
+}
+
+/// Samples the source companion onto the trace, at most every 100 ms: pages its device
+/// dirtied in this migration (and the bytes they made QEMU resend), and requests it holds.
+struct CompanionSampler {
+    trace: Arc<TraceRecorder>,
+    control: ControlClient,
+    pid: u32,
+    last_us: f64,
+}
+
+impl CompanionSampler {
+    fn new(trace: Arc<TraceRecorder>, control: &Path) -> Option<Self> {
+        let control = ControlClient::connect(control, Duration::from_secs(2)).ok()?;
+        let pid = trace.register_process("source companion");
+        Some(Self {
+            trace,
+            control,
+            pid,
+            last_us: f64::NEG_INFINITY,
+        })
+    }
+
+    fn sample(&mut self, now_us: f64) {
+        if now_us - self.last_us < 100_000.0 {
+            return;
+        }
+        self.last_us = now_us;
+        let Ok(s) = self.control.call(&Request::Stats) else {
+            return;
+        };
+        let pages = s["device_dirty_pages"].as_f64().unwrap_or(0.0);
+        self.trace
+            .counter_for(self.pid, "device_dirty_pages", now_us, pages);
+        self.trace
+            .counter_for(self.pid, "bytes_resent", now_us, pages * 4096.0);
+        if let Some(held) = s["soft_vf"]["held"].as_f64() {
+            self.trace.counter_for(self.pid, "held_ops", now_us, held);
+        }
+    }
 }
 
 /// What a migration did.
@@ -194,9 +237,15 @@ impl Observer for Quiet {}
 struct Timeline {
     start: Instant,
     spans: Vec<PhaseSpan>,
+    trace: Option<Arc<TraceRecorder>>,
 }
 
 impl Timeline {
+    /// µs since the start, on the trace's clock.
+    fn us(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1e6
+    }
+
     fn enter(&mut self, phase: Phase, observer: &mut dyn Observer) {
         let now = self.start.elapsed().as_secs_f64() * 1e3;
         if let Some(last) = self.spans.last_mut() {
@@ -209,6 +258,16 @@ impl Timeline {
                 end_ms: now,
             });
             tracing::info!(?phase, at_ms = now as u64, "migration phase");
+            if let Some(tr) = &self.trace {
+                let name = serde_json::to_value(phase)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                tr.enter_phase_at(&name, self.us());
+                if phase == Phase::Done {
+                    tr.close_phase_at(self.us());
+                }
+            }
             observer.phase(phase);
         }
     }
@@ -232,8 +291,15 @@ pub fn migrate(
         source,
     };
     let mut t = Timeline {
+        // Trace timestamps count from the start of the migration.
         start: Instant::now(),
         spans: vec![],
+        trace: opts.trace.clone(),
+    };
+    // The source companion's samples on the trace, when there is a trace and a companion.
+    let mut sampler = match (&opts.trace, &opts.companions) {
+        (Some(tr), Some((src_ctl, _))) => CompanionSampler::new(tr.clone(), src_ctl),
+        _ => None,
     };
 
     // 1. Prepare the destination.
@@ -275,6 +341,11 @@ pub fn migrate(
                     _ => {}
                 }
             }
+            if ev.event == "MIGRATION_PASS" {
+                if let Some(tr) = &t.trace {
+                    tr.pass(t.us(), ev.data["pass"].as_u64().unwrap_or(0));
+                }
+            }
         }
         if let Some(flag) = &opts.cancel {
             if flag.load(Ordering::SeqCst) {
@@ -297,6 +368,12 @@ pub fn migrate(
         }
         let info = src.query_migrate().map_err(on_src)?;
         observer.sample(&info);
+        if let Some(tr) = &t.trace {
+            tr.migration_info(t.us(), &info);
+        }
+        if let Some(s) = sampler.as_mut() {
+            s.sample(t.us());
+        }
         match info.status.as_deref() {
             Some("completed") => break info,
             Some("failed") => {

@@ -74,6 +74,8 @@ pub struct ScenarioOptions {
     pub timeout: Duration,
     /// A failure to inject this long after the migration starts.
     pub fault: Option<(Fault, Duration)>,
+    /// Where the migration's timeline goes.
+    pub trace: Option<Arc<crate::trace::TraceRecorder>>,
 }
 
 /// What a rank printed.
@@ -371,6 +373,7 @@ pub fn run(
                 cancel: Some(cancel),
                 cooperative: (strategy == Strategy::Cooperative)
                     .then(|| vms.iter().map(|v| v.paths.control_socket.clone()).collect()),
+                trace: opts.trace.clone(),
             },
             observer,
         );
@@ -485,6 +488,7 @@ pub fn run_compared(
 ) -> Result<ScenarioReport, ScenarioError> {
     let mut reference_opts = opts.clone();
     reference_opts.strategy = None;
+    reference_opts.trace = None;
     reference_opts.run_dir = opts.run_dir.join("reference");
     let reference = run(&reference_opts, observer)?;
     let mut migrated_opts = opts.clone();

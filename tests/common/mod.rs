@@ -81,5 +81,6 @@ pub fn demo_options(strategy: Strategy, run_dir: &RunDir) -> DemoOptions {
         vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
         lead_time: Duration::from_millis(500),
         timeout: Duration::from_secs(300),
+        trace: None,
     }
 }
