@@ -15,8 +15,9 @@ use vfmig::companion::{self, CompanionConfig};
 use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
 use vfmig::orchestrator::launch::{mac_for, GuestImage, Nic, Role, RunningVm, VmSpec};
 use vfmig::orchestrator::migrate::{self, with_progress, MigrateOptions};
+use vfmig::orchestrator::plan::MigrationPlan;
 use vfmig::orchestrator::scenario::{self, ScenarioOptions, Workload};
-use vfmig::orchestrator::{bench, fabric_bench};
+use vfmig::orchestrator::{self, bench, fabric_bench};
 use vfmig::qmp::QmpClient;
 use vfmig::trace::TraceRecorder;
 use vfmig::vf::soft::ClusterMap;
@@ -89,14 +90,22 @@ enum Command {
     /// progress, resumes the destination once, and prints a JSON summary.
     Migrate {
         /// QMP socket of the source QEMU.
-        #[arg(long)]
-        src_qmp: PathBuf,
+        #[arg(long, required_unless_present = "plan")]
+        src_qmp: Option<PathBuf>,
         /// QMP socket of the destination QEMU (started with `-incoming defer -S`).
-        #[arg(long, required_unless_present = "cancel")]
+        #[arg(long, required_unless_present_any = ["cancel", "plan"])]
         dst_qmp: Option<PathBuf>,
         /// Migration stream URI the destination listens on, e.g. `tcp:127.0.0.1:4444`.
-        #[arg(long, required_unless_present = "cancel")]
+        #[arg(long, required_unless_present_any = ["cancel", "plan"])]
         uri: Option<String>,
+        /// Migrate several VMs at once, each to its own destination: a JSON file
+        /// `{"migrations":[{"name":…,"src_qmp":…,"dst_qmp":…,"uri":…,"src_control":…,
+        /// "dst_control":…}, …]}` (controls optional). The other flags apply to every one.
+        #[arg(long, conflicts_with_all = ["src_qmp", "dst_qmp", "uri", "cancel"])]
+        plan: Option<PathBuf>,
+        /// Multifd channels (sets the `multifd` capability on both sides).
+        #[arg(long)]
+        multifd: Option<u32>,
         /// Cancel the migration the source is running (`migrate_cancel`) and wait until the
         /// source runs on its own again; needs only --src-qmp. Ctrl-C during a migration does
         /// the same.
@@ -254,6 +263,22 @@ enum BenchCommand {
         #[arg(long)]
         run_dir: Option<PathBuf>,
     },
+    /// Several VMs (with companions) migrated at once, for each count given: wall time
+    /// against what the bytes and `max-bandwidth` allow; markdown table, then JSON.
+    Plan {
+        /// VM counts to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 4])]
+        vms: Vec<usize>,
+        /// Guest RAM per VM in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u64,
+        /// QEMU `max-bandwidth` of each migration, bytes/s.
+        #[arg(long, default_value_t = 64 << 20)]
+        max_bandwidth: u64,
+        /// Where to put the run directories (default: a fresh temporary directory).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
     /// Soft-VF RDMA WRITE bandwidth (64 B to 1 MiB) and 64 B latency between two soft VFs
     /// over loopback TCP, beside memcpy and a plain loopback TCP socket pair measured in the
     /// same run; prints a markdown table, then one JSON line.
@@ -344,6 +369,8 @@ fn main() -> Result<()> {
         }
         Command::Migrate {
             src_qmp,
+            plan,
+            multifd,
             dst_qmp,
             uri,
             keep_paused,
@@ -358,6 +385,44 @@ fn main() -> Result<()> {
             trace,
         } => {
             init_logging("warn");
+            let cancel_flag = cancel_on_signal()?;
+            if let Some(plan) = plan {
+                let plan: MigrationPlan = serde_json::from_str(
+                    &std::fs::read_to_string(&plan)
+                        .with_context(|| format!("reading the plan {}", plan.display()))?,
+                )
+                .with_context(|| format!("the plan {} is malformed", plan.display()))?;
+                let common = MigrateOptions {
+                    uri: String::new(),
+                    keep_paused,
+                    max_bandwidth,
+                    downtime_limit_ms: downtime_limit,
+                    multifd,
+                    timeout: Duration::from_secs(timeout),
+                    companions: None,
+                    cancel: Some(cancel_flag),
+                    cooperative: None,
+                    trace: None,
+                };
+                let start = std::time::Instant::now();
+                let outcomes = orchestrator::plan::migrate_all(&plan, &common);
+                let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "vms": outcomes,
+                        "wall_ms": start.elapsed().as_millis() as u64,
+                        "failed": failed,
+                    })
+                );
+                if failed > 0 {
+                    bail!("{failed} of the planned migrations failed; their sources keep running");
+                }
+                return Ok(());
+            }
+            let Some(src_qmp) = src_qmp else {
+                bail!("give --src-qmp, or --plan");
+            };
             let src = QmpClient::connect(&src_qmp, Duration::from_secs(10))
                 .context("connecting to the source QEMU")?;
             if cancel {
@@ -396,9 +461,10 @@ fn main() -> Result<()> {
                 keep_paused,
                 max_bandwidth,
                 downtime_limit_ms: downtime_limit,
+                multifd,
                 timeout: Duration::from_secs(timeout),
                 companions: src_control.clone().zip(dst_control),
-                cancel: Some(cancel_on_signal()?),
+                cancel: Some(cancel_flag),
                 cooperative: match strategy {
                     Strategy::Cooperative if rank_control.is_empty() => {
                         bail!("--strategy cooperative needs --rank-control for every rank")
@@ -530,6 +596,41 @@ fn main() -> Result<()> {
             };
             let rows = bench::strategies(&opts, &plain, |l| eprintln!("bench: {l}"))?;
             println!("{}", bench::strategies_markdown(&rows));
+            println!("{}", serde_json::json!({ "rows": rows }));
+        }
+        Command::Bench(BenchCommand::Plan {
+            vms,
+            mem_mib,
+            max_bandwidth,
+            run_dir,
+        }) => {
+            init_logging("vfmig=warn");
+            let opts = DemoOptions {
+                strategy: Strategy::Transparent,
+                mem_mib,
+                rate: 0,
+                record_size: 256,
+                max_bandwidth: Some(max_bandwidth),
+                downtime_limit_ms: None,
+                keep_paused: true,
+                run_dir: match run_dir {
+                    Some(d) => d,
+                    None => tempfile_dir()?,
+                },
+                accel: "tcg".into(),
+                image: image(None, None)?,
+                vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                lead_time: Duration::ZERO,
+                timeout: Duration::from_secs(600),
+                trace: None,
+            };
+            let mut rows = Vec::new();
+            for n in vms {
+                let row = orchestrator::plan::bench_row(&opts, n.max(1))?;
+                eprintln!("bench: {row:?}");
+                rows.push(row);
+            }
+            println!("{}", orchestrator::plan::markdown(&rows));
             println!("{}", serde_json::json!({ "rows": rows }));
         }
         Command::Bench(BenchCommand::Fabric { rounds }) => {

@@ -45,6 +45,7 @@ fn a_device_started_during_precopy_loses_no_write() {
                     // enough to converge with the device rewriting 1000 pages a second.
                     max_bandwidth: Some(16 << 20),
                     downtime_limit_ms: Some(500),
+                    multifd: None,
                     timeout: Duration::from_secs(180),
                     companions: None,
                     cancel: None,

@@ -69,6 +69,8 @@ pub struct MigrateOptions {
     pub max_bandwidth: Option<u64>,
     /// QEMU `downtime-limit`, ms.
     pub downtime_limit_ms: Option<u64>,
+    /// Multifd channels (capability `multifd` on both sides, `multifd-channels`).
+    pub multifd: Option<u32>,
     /// Give up (and cancel) after this long.
     pub timeout: Duration,
     /// Control sockets of the source's and the destination's companions: with them, the VF
@@ -273,7 +275,20 @@ impl Timeline {
     }
 }
 
-const CAPABILITIES: &[(&str, bool)] = &[("events", true)];
+/// Capabilities set on both sides.
+fn capabilities(opts: &MigrateOptions) -> Vec<(&'static str, bool)> {
+    let mut caps = vec![("events", true)];
+    if opts.multifd.is_some() {
+        caps.push(("multifd", true));
+    }
+    caps
+}
+
+/// Parameters set on both sides (multifd channels must match).
+fn shared_parameters(opts: &MigrateOptions) -> Option<serde_json::Value> {
+    opts.multifd
+        .map(|n| serde_json::json!({ "multifd-channels": n }))
+}
 
 /// Migrates the VM behind `src` into the one behind `dst`.
 pub fn migrate(
@@ -304,7 +319,11 @@ pub fn migrate(
 
     // 1. Prepare the destination.
     t.enter(Phase::PrepareDestination, observer);
-    dst.migrate_set_capabilities(CAPABILITIES).map_err(on_dst)?;
+    let caps = capabilities(opts);
+    dst.migrate_set_capabilities(&caps).map_err(on_dst)?;
+    if let Some(p) = shared_parameters(opts) {
+        dst.migrate_set_parameters(p).map_err(on_dst)?;
+    }
     dst.migrate_incoming(&opts.uri).map_err(on_dst)?;
 
     // 2. Cooperative only: every rank suspends and reports ready.
@@ -315,8 +334,11 @@ pub fn migrate(
     }
 
     // 3. Precopy.
-    src.migrate_set_capabilities(CAPABILITIES).map_err(on_src)?;
-    let mut params = serde_json::Map::new();
+    src.migrate_set_capabilities(&caps).map_err(on_src)?;
+    let mut params = match shared_parameters(opts) {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
     if let Some(bw) = opts.max_bandwidth {
         params.insert("max-bandwidth".into(), bw.into());
     }

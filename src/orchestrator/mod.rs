@@ -14,5 +14,6 @@ pub mod fabric_bench;
 pub mod hosts;
 pub mod launch;
 pub mod migrate;
+pub mod plan;
 pub mod scenario;
 pub mod verify;

@@ -365,6 +365,7 @@ pub fn run(
                 keep_paused: false,
                 max_bandwidth: opts.max_bandwidth,
                 downtime_limit_ms: None,
+                multifd: None,
                 timeout: opts.timeout,
                 companions: Some((
                     vms[0].paths.control_socket.clone(),
