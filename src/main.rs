@@ -399,10 +399,8 @@ fn main() -> Result<()> {
                     downtime_limit_ms: downtime_limit,
                     multifd,
                     timeout: Duration::from_secs(timeout),
-                    companions: None,
                     cancel: Some(cancel_flag),
-                    cooperative: None,
-                    trace: None,
+                    ..Default::default()
                 };
                 let start = std::time::Instant::now();
                 let outcomes = orchestrator::plan::migrate_all(&plan, &common);

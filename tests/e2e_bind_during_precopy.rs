@@ -40,17 +40,12 @@ fn a_device_started_during_precopy_loses_no_write() {
                 &dst_qmp,
                 &MigrateOptions {
                     uri: format!("tcp:127.0.0.1:{}", free_port()),
-                    keep_paused: false,
                     // Slow enough that the guest boots and binds its NIC inside precopy, fast
                     // enough to converge with the device rewriting 1000 pages a second.
                     max_bandwidth: Some(16 << 20),
                     downtime_limit_ms: Some(500),
-                    multifd: None,
                     timeout: Duration::from_secs(180),
-                    companions: None,
-                    cancel: None,
-                    cooperative: None,
-                    trace: None,
+                    ..Default::default()
                 },
                 &mut Quiet,
             )

@@ -113,12 +113,8 @@ fn one(opts: &DemoOptions, nic: Nic, run: u32) -> Result<BenchRun, DemoError> {
             keep_paused: true,
             max_bandwidth: opts.max_bandwidth,
             downtime_limit_ms: opts.downtime_limit_ms,
-            multifd: None,
             timeout: opts.timeout,
-            companions: None,
-            cancel: None,
-            cooperative: None,
-            trace: None,
+            ..Default::default()
         },
         &mut Quiet,
     )?;

@@ -214,15 +214,13 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
             keep_paused: opts.keep_paused,
             max_bandwidth: opts.max_bandwidth,
             downtime_limit_ms: opts.downtime_limit_ms,
-            multifd: None,
             timeout: opts.timeout,
             companions: Some((
                 src.paths.control_socket.clone(),
                 dst.paths.control_socket.clone(),
             )),
-            cancel: None,
-            cooperative: None,
             trace: opts.trace.clone(),
+            ..Default::default()
         },
         observer,
     )?;

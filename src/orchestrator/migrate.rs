@@ -58,7 +58,8 @@ pub struct PhaseSpan {
     pub end_ms: f64,
 }
 
-/// Operator settings of one migration.
+/// Operator settings of one migration. `Default` is QEMU's own settings, no companions, no
+/// trace, and a 600 s timeout; set at least `uri`.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
     /// Migration stream URI, e.g. `tcp:127.0.0.1:4444`.
@@ -83,6 +84,23 @@ pub struct MigrateOptions {
     pub cooperative: Option<Vec<PathBuf>>,
     /// Where the timeline goes (phases, QEMU's passes, query-migrate and companion samples).
     pub trace: Option<Arc<TraceRecorder>>,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            keep_paused: false,
+            max_bandwidth: None,
+            downtime_limit_ms: None,
+            multifd: None,
+            timeout: Duration::from_secs(600),
+            companions: None,
+            cancel: None,
+            cooperative: None,
+            trace: None,
+        }
+    }
 }
 
 /// Samples the source companion onto the trace, at most every 100 ms: pages its device

@@ -147,12 +147,8 @@ pub fn bench_row(opts: &DemoOptions, n: usize) -> Result<PlanRow, DemoError> {
         keep_paused: true,
         max_bandwidth: opts.max_bandwidth,
         downtime_limit_ms: opts.downtime_limit_ms,
-        multifd: None,
         timeout: opts.timeout,
-        companions: None,
-        cancel: None,
-        cooperative: None,
-        trace: None,
+        ..Default::default()
     };
     let start = Instant::now();
     let outcomes = migrate_all(&plan, &common);

@@ -362,10 +362,7 @@ pub fn run(
             &dest.qmp()?,
             &MigrateOptions {
                 uri: format!("tcp:{}:{}", hosts.addr(opts.vms), 4444),
-                keep_paused: false,
                 max_bandwidth: opts.max_bandwidth,
-                downtime_limit_ms: None,
-                multifd: None,
                 timeout: opts.timeout,
                 companions: Some((
                     vms[0].paths.control_socket.clone(),
@@ -375,6 +372,7 @@ pub fn run(
                 cooperative: (strategy == Strategy::Cooperative)
                     .then(|| vms.iter().map(|v| v.paths.control_socket.clone()).collect()),
                 trace: opts.trace.clone(),
+                ..Default::default()
             },
             observer,
         );
