@@ -194,7 +194,8 @@ enum Command {
         #[arg(long, default_value_t = 0.5)]
         lead_time: f64,
         /// Run an MPI-style job across VMs on soft VFs instead of the generator, and migrate
-        /// VM `a` midway (compared with a run without migration).
+        /// VM `a` midway: `lu-lite` (compared with a run without migration), `rdma-bw` (every
+        /// byte sent must arrive; --n is the message size) or `rdma-lat`.
         #[arg(long, value_enum)]
         workload: Option<Workload>,
         /// VMs of the job, each on its own test host (network namespace).

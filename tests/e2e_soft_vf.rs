@@ -19,6 +19,8 @@ fn options(workload: Workload, strategy: Option<Strategy>, dir: &RunDir) -> Scen
         Workload::LuLite => (3, 256, 600, 150),
         // 64 KiB messages, about 6.5 GB; migrate after 2 s of traffic.
         Workload::RdmaBw => (2, 65536, RDMA_BW_ITERS, 2),
+        // 64 B ping-pong, no migration.
+        Workload::RdmaLat => (2, 64, 2000, 0),
     };
     ScenarioOptions {
         workload,
@@ -249,4 +251,21 @@ fn lu_lite_under_the_cooperative_strategy_keeps_its_result() {
     assert_eq!(r.checksums, reference.checksums);
     assert_eq!(r.lost_ops, 0);
     assert_eq!(r.duplicate_ops, 0);
+}
+
+#[test]
+fn rdma_lat_between_two_vms_reports_perftest_fields() {
+    let _m = machine();
+    init_logging();
+    let dir = RunDir::new("rdma-lat");
+    let r =
+        scenario::run(&options(Workload::RdmaLat, None, &dir), &mut Quiet).expect("rdma-lat run");
+    let a = &r.ranks["a"];
+    eprintln!("typical one-way latency {:?} µs", a.latency_us);
+    assert!(
+        r.ranks.values().all(|x| x.done && x.errors.is_empty()),
+        "{r:?}"
+    );
+    assert!(a.latency_us.is_some_and(|t| t > 0.0), "{a:?}");
+    assert_eq!(r.lost_ops, 0);
 }
