@@ -352,7 +352,7 @@ fn main() -> Result<()> {
                 role,
                 accel,
                 image: image(kernel, initrd)?,
-                vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                vfmig_bin: vfmig_bin()?,
                 qemu_bin: qemu,
                 config_dir,
                 nic: Nic::VhostUser,
@@ -512,10 +512,7 @@ fn main() -> Result<()> {
             accel,
         }) => {
             init_logging("vfmig=warn");
-            let run_dir = match run_dir {
-                Some(d) => d,
-                None => tempfile_dir()?,
-            };
+            let run_dir = run_dir_or_temp(run_dir)?;
             let opts = DemoOptions {
                 strategy: Strategy::Transparent,
                 mem_mib,
@@ -527,7 +524,7 @@ fn main() -> Result<()> {
                 run_dir,
                 accel,
                 image: image(None, None)?,
-                vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                vfmig_bin: vfmig_bin()?,
                 lead_time: Duration::ZERO,
                 timeout: Duration::from_secs(600),
                 trace: None,
@@ -554,12 +551,9 @@ fn main() -> Result<()> {
             run_dir,
         }) => {
             init_logging("vfmig=warn");
-            let run_dir = match run_dir {
-                Some(d) => d,
-                None => tempfile_dir()?,
-            };
+            let run_dir = run_dir_or_temp(run_dir)?;
             let image = image(None, None)?;
-            let vfmig_bin = std::env::current_exe().context("cannot find the vfmig binary")?;
+            let vfmig_bin = vfmig_bin()?;
             let opts = ScenarioOptions {
                 workload: Workload::LuLite,
                 vms: vms.max(2),
@@ -612,13 +606,10 @@ fn main() -> Result<()> {
                 max_bandwidth: Some(max_bandwidth),
                 downtime_limit_ms: None,
                 keep_paused: true,
-                run_dir: match run_dir {
-                    Some(d) => d,
-                    None => tempfile_dir()?,
-                },
+                run_dir: run_dir_or_temp(run_dir)?,
                 accel: "tcg".into(),
                 image: image(None, None)?,
-                vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                vfmig_bin: vfmig_bin()?,
                 lead_time: Duration::ZERO,
                 timeout: Duration::from_secs(600),
                 trace: None,
@@ -678,13 +669,10 @@ fn main() -> Result<()> {
                     iters,
                     migrate_at,
                     max_bandwidth: Some(max_bandwidth),
-                    run_dir: match run_dir {
-                        Some(d) => d,
-                        None => tempfile_dir()?,
-                    },
+                    run_dir: run_dir_or_temp(run_dir)?,
                     accel,
                     image: image(None, None)?,
-                    vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                    vfmig_bin: vfmig_bin()?,
                     timeout: Duration::from_secs(900),
                     fault: None,
                     trace: recorder.clone(),
@@ -712,10 +700,7 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
                 return Ok(());
             }
-            let run_dir = match run_dir {
-                Some(d) => d,
-                None => tempfile_dir()?,
-            };
+            let run_dir = run_dir_or_temp(run_dir)?;
             let opts = DemoOptions {
                 strategy,
                 mem_mib,
@@ -727,7 +712,7 @@ fn main() -> Result<()> {
                 run_dir: run_dir.clone(),
                 accel,
                 image: image(None, None)?,
-                vfmig_bin: std::env::current_exe().context("cannot find the vfmig binary")?,
+                vfmig_bin: vfmig_bin()?,
                 lead_time: Duration::from_secs_f64(lead_time),
                 timeout: Duration::from_secs(600),
                 trace: recorder.clone(),
@@ -781,6 +766,19 @@ fn cancel_on_signal() -> Result<Arc<AtomicBool>> {
         std::thread::sleep(Duration::from_millis(20));
     });
     Ok(flag)
+}
+
+/// This program, to run companions with.
+fn vfmig_bin() -> Result<PathBuf> {
+    std::env::current_exe().context("cannot find the vfmig binary")
+}
+
+/// The run directory given, or a fresh one.
+fn run_dir_or_temp(run_dir: Option<PathBuf>) -> Result<PathBuf> {
+    match run_dir {
+        Some(d) => Ok(d),
+        None => tempfile_dir(),
+    }
 }
 
 /// A fresh directory for run directories, kept after the run for its logs.

@@ -240,6 +240,39 @@ pub fn register_first(dev: &crate::Device, buf: &crate::PinnedBuffer) -> Result<
     Ok(key)
 }
 
+/// Bytes after a two-rank tool's data where SENDs (the rendezvous) land.
+pub const PAIR_SCRATCH: usize = 64;
+
+/// What a two-rank perftest-style tool (rdma-bw, rdma-lat) starts with: a buffer of `size`
+/// bytes of data followed by [`PAIR_SCRATCH`] bytes, registered as key 1, and a [`Comm`]
+/// connected to the peer that has met it. Receives of `recv_depth` are kept posted.
+pub fn pair_setup<'a>(
+    dev: &'a Device,
+    buf: &crate::PinnedBuffer,
+    job: Job,
+    tool: &'static str,
+    recv_depth: usize,
+    timeout: Duration,
+) -> Result<(u32, Comm<'a>), Error> {
+    let size = (buf.len() - PAIR_SCRATCH) as u64;
+    let key = register_first(dev, buf)?;
+    let scratch = Sge {
+        addr: size,
+        len: PAIR_SCRATCH as u32,
+        lkey: key,
+    };
+    let mut comm = Comm::connect(dev, job, tool, scratch, recv_depth)?;
+    comm.rendezvous(
+        Sge {
+            addr: size,
+            len: 8,
+            lkey: key,
+        },
+        timeout,
+    )?;
+    Ok((key, comm))
+}
+
 /// Prints `{"tool":tool,"error":msg}` and exits with status 1.
 pub fn fail(tool: &str, msg: &str) -> ! {
     Json::tool(tool).s("error", msg).print();

@@ -318,28 +318,7 @@ pub fn render_svg(trace: &Trace) -> String {
         1.0,
         None,
     );
-    for &t in &axis.ticks {
-        let x = x_of(t);
-        svg.line(x, TIME_AXIS_Y, x, TIME_AXIS_Y + 5.0, "#333", 1.0, None);
-        svg.text(
-            x,
-            TIME_AXIS_Y + 17.0,
-            SMALL_SIZE,
-            "middle",
-            "normal",
-            "#333",
-            &axis.label(t),
-        );
-    }
-    svg.text(
-        PLOT_RIGHT,
-        TIME_AXIS_Y + 31.0,
-        SMALL_SIZE,
-        "end",
-        "normal",
-        "#555",
-        "time since start (ms)",
-    );
+    time_ticks(&mut svg, &axis, &x_of, TIME_AXIS_Y);
 
     // The charts.
     let mut top = CHARTS_TOP;
@@ -377,28 +356,7 @@ pub fn render_svg(trace: &Trace) -> String {
         top = frame_bottom + CHART_GAP;
     }
     if let Some(bottom) = last_frame_bottom {
-        for &t in &axis.ticks {
-            let x = x_of(t);
-            svg.line(x, bottom, x, bottom + 5.0, "#333", 1.0, None);
-            svg.text(
-                x,
-                bottom + 17.0,
-                SMALL_SIZE,
-                "middle",
-                "normal",
-                "#333",
-                &axis.label(t),
-            );
-        }
-        svg.text(
-            PLOT_RIGHT,
-            bottom + 31.0,
-            SMALL_SIZE,
-            "end",
-            "normal",
-            "#555",
-            "time since start (ms)",
-        );
+        time_ticks(&mut svg, &axis, &x_of, bottom);
     }
 
     svg.finish()
@@ -673,6 +631,32 @@ impl Rows {
 }
 
 /// A linear axis with "nice" ticks (1, 2, 5 × 10ⁿ) covering `[min, max]`.
+/// The time axis's ticks, their labels and its title, hanging below the line at `y`.
+fn time_ticks(svg: &mut Svg, axis: &Axis, x_of: &dyn Fn(f64) -> f64, y: f64) {
+    for &t in &axis.ticks {
+        let x = x_of(t);
+        svg.line(x, y, x, y + 5.0, "#333", 1.0, None);
+        svg.text(
+            x,
+            y + 17.0,
+            SMALL_SIZE,
+            "middle",
+            "normal",
+            "#333",
+            &axis.label(t),
+        );
+    }
+    svg.text(
+        PLOT_RIGHT,
+        y + 31.0,
+        SMALL_SIZE,
+        "end",
+        "normal",
+        "#555",
+        "time since start (ms)",
+    );
+}
+
 struct Axis {
     min: f64,
     max: f64,

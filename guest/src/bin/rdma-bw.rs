@@ -7,12 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use vfmig_guest::workload::{fail, register_first, Args, Comm, Job, Json};
+use vfmig_guest::workload::{fail, pair_setup, Args, Job, Json, PAIR_SCRATCH};
 use vfmig_guest::{Device, Opcode, PinnedBuffer, Sge, Status};
 
 const TOOL: &str = "rdma-bw";
-/// Bytes at the end of the buffer for SENDs landing in receives (rendezvous).
-const SCRATCH: usize = 64;
 
 /// Bandwidth bookkeeping: total, per-100 ms buckets for the peak, a progress line each second.
 struct Meter {
@@ -132,24 +130,10 @@ fn run() -> Result<i32, String> {
     let ifname = a.str("if").unwrap_or("eth0");
 
     let dev = Device::open(ifname).map_err(|e| e.to_string())?;
-    let buf = PinnedBuffer::new(size as usize + SCRATCH).map_err(|e| e.to_string())?;
-    let key = register_first(&dev, &buf)?;
-    let scratch = Sge {
-        addr: size,
-        len: SCRATCH as u32,
-        lkey: key,
-    };
+    let buf = PinnedBuffer::new(size as usize + PAIR_SCRATCH).map_err(|e| e.to_string())?;
     let me = job.rank;
     let peer = 1 - me;
-    let mut comm = Comm::connect(&dev, job, TOOL, scratch, (depth * 2).max(128))?;
-    comm.rendezvous(
-        Sge {
-            addr: size,
-            len: 8,
-            lkey: key,
-        },
-        timeout,
-    )?;
+    let (key, mut comm) = pair_setup(&dev, &buf, job, TOOL, (depth * 2).max(128), timeout)?;
     comm.reset_blackout();
     let mut m = Meter::new();
     let mut idle_since = Instant::now();

@@ -6,11 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use vfmig_guest::workload::{fail, register_first, Args, Comm, Job, Json};
+use vfmig_guest::workload::{fail, pair_setup, Args, Comm, Job, Json, PAIR_SCRATCH};
 use vfmig_guest::{Device, Opcode, PinnedBuffer, Sge, Status};
 
 const TOOL: &str = "rdma-lat";
-const SCRATCH: usize = 64;
 
 /// Waits for the peer's WRITE_WITH_IMM with immediate `imm`.
 fn wait_for(comm: &mut Comm<'_>, imm: u32, timeout: Duration) -> Result<(), String> {
@@ -64,24 +63,10 @@ fn run() -> Result<i32, String> {
     let ifname = a.str("if").unwrap_or("eth0");
 
     let dev = Device::open(ifname).map_err(|e| e.to_string())?;
-    let buf = PinnedBuffer::new(size as usize + SCRATCH).map_err(|e| e.to_string())?;
-    let key = register_first(&dev, &buf)?;
-    let scratch = Sge {
-        addr: size,
-        len: SCRATCH as u32,
-        lkey: key,
-    };
+    let buf = PinnedBuffer::new(size as usize + PAIR_SCRATCH).map_err(|e| e.to_string())?;
     let me = job.rank;
     let peer = 1 - me;
-    let mut comm = Comm::connect(&dev, job, TOOL, scratch, 16)?;
-    comm.rendezvous(
-        Sge {
-            addr: size,
-            len: 8,
-            lkey: key,
-        },
-        timeout,
-    )?;
+    let (key, mut comm) = pair_setup(&dev, &buf, job, TOOL, 16, timeout)?;
     let sge = Sge {
         addr: 0,
         len: size as u32,
