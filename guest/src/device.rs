@@ -545,24 +545,8 @@ impl Drop for Device {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::fd::OwnedFd;
     use vfmig_proto::{Opcode, Status};
-
-    fn socketpair() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: fds is a writable array of two c_ints.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        // SAFETY: both descriptors are fresh and ours.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-    }
 
     const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
@@ -675,7 +659,7 @@ mod tests {
 
     #[test]
     fn receiver_routes_replies_completions_and_events() {
-        let (a, b) = socketpair();
+        let (a, b) = crate::fake::seqpacket_pair();
         let comp = fake_companion(b);
         let t = FdTransport::from_socket(a).unwrap();
         let dev = Device::with_transport(Box::new(t), GUEST_MAC, "test0", Duration::from_secs(5))
@@ -742,7 +726,7 @@ mod tests {
 
     #[test]
     fn open_times_out_with_a_clear_message() {
-        let (a, _b) = socketpair();
+        let (a, _b) = crate::fake::seqpacket_pair();
         let t = FdTransport::from_socket(a).unwrap();
         let e = Device::with_transport(Box::new(t), GUEST_MAC, "eth9", Duration::from_millis(300))
             .unwrap_err();

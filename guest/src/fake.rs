@@ -13,6 +13,23 @@ use vfmig_proto::{
 };
 
 use crate::transport::{FdTransport, Transport};
+
+/// A connected pair of SOCK_SEQPACKET sockets: one frame per message, as AF_PACKET gives.
+pub fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a writable array of two c_ints.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0, "socketpair failed");
+    // SAFETY: both descriptors are fresh and ours.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
 use crate::{Device, PinnedBuffer};
 
 struct Region {
@@ -148,19 +165,7 @@ impl Fabric {
 
     /// Adds a VM and returns its opened device.
     pub fn attach(&self, name: &str, index: u8) -> Device {
-        let mut fds = [0; 2];
-        // SAFETY: fds is a writable array of two c_ints.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        // SAFETY: both descriptors are fresh and ours.
-        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (a, b) = seqpacket_pair();
         let mac = [0x52, 0x54, 0, 0, 0, index];
         let io = Arc::new(FdTransport::from_socket(b).unwrap());
         self.0.lock().unwrap().vms.insert(
