@@ -13,7 +13,10 @@ use nix::sys::signal::{self, Signal};
 use vfmig::companion::control::{ControlClient, Request};
 use vfmig::companion::{self, CompanionConfig};
 use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
-use vfmig::orchestrator::launch::{mac_for, GuestImage, Nic, Role, RunningVm, VmSpec};
+use vfmig::orchestrator::hotplug::{self, Hotplug};
+use vfmig::orchestrator::launch::{
+    mac_for, GuestImage, Nic, PassthroughSlot, Role, RunningVm, VmSpec,
+};
 use vfmig::orchestrator::migrate::{self, with_progress, MigrateOptions};
 use vfmig::orchestrator::plan::MigrationPlan;
 use vfmig::orchestrator::scenario::{self, ScenarioOptions, Workload};
@@ -85,6 +88,15 @@ enum Command {
         /// QEMU binary.
         #[arg(long, default_value = "qemu-system-x86_64")]
         qemu: String,
+        /// Give the VM a pcie-root-port (id `vfmig-vf-port`) for a passthrough VF, for the
+        /// `passthrough-hotplug` strategy; alone, the slot is empty (a destination).
+        #[arg(long)]
+        passthrough_port: bool,
+        /// The passthrough VF plugged into that port at start, in `-device` syntax, e.g.
+        /// `vfio-pci,host=0000:3b:02.1,id=vfmig-vf,bus=vfmig-vf-port` (implies
+        /// --passthrough-port).
+        #[arg(long)]
+        vf_device: Option<String>,
     },
     /// Migrate a VM: sets capabilities on both sides, `migrate-incoming` then `migrate`, follows
     /// progress, resumes the destination once, and prints a JSON summary.
@@ -113,14 +125,33 @@ enum Command {
         cancel: bool,
         /// `transparent` (RDMA keeps running through precopy; the VF moves at switchover),
         /// `cooperative` (every rank's runtime suspends for the whole migration: needs
-        /// --rank-control for every rank), or `unsafe-no-tracking` (negative control: device
-        /// writes are not logged; needs --src-control).
+        /// --rank-control for every rank), `passthrough-hotplug` (the VF is a vfio-pci device
+        /// of QEMU: ranks suspend, the VF is unplugged, the VM migrates, a VF is plugged in at
+        /// the destination, ranks resume: needs --rank-control and --dst-vf-device), or
+        /// `unsafe-no-tracking` (negative control: device writes are not logged; needs
+        /// --src-control).
         #[arg(long, value_enum, default_value = "transparent")]
         strategy: Strategy,
         /// Control socket of a rank's companion, once per rank of the job (the migrating VM's
-        /// source companion among them): `cooperative` tells each SUSPEND and RESUME.
+        /// source companion among them): `cooperative` and `passthrough-hotplug` tell each
+        /// SUSPEND and RESUME.
         #[arg(long)]
         rank_control: Vec<PathBuf>,
+        /// `passthrough-hotplug`: the id of the VF device on the source (`-device …,id=ID`).
+        #[arg(long, default_value = "vfmig-vf")]
+        vf_id: String,
+        /// `passthrough-hotplug`: the free VF to plug in at the destination, in `-device`
+        /// syntax, e.g. `vfio-pci,host=0000:3b:02.2,id=vfmig-vf,bus=vfmig-vf-port`.
+        #[arg(long)]
+        dst_vf_device: Option<String>,
+        /// `passthrough-hotplug`: the source's VF in `-device` syntax, plugged back in if the
+        /// migration fails after the unplug (without it the source keeps running without it).
+        #[arg(long)]
+        src_vf_device: Option<String>,
+        /// `passthrough-hotplug`: seconds the guest may take to release the VF after
+        /// `device_del`, and its driver to come up after `device_add`.
+        #[arg(long, default_value_t = 30)]
+        hotplug_timeout: u64,
         /// Write the migration's timeline to FILE as Chrome trace-event JSON (opens in
         /// Perfetto): phases, QEMU's passes, query-migrate samples, and the source companion's
         /// device-dirty pages and held requests (with --src-control).
@@ -163,7 +194,10 @@ enum Command {
     /// is a JSON object.
     Demo {
         /// `transparent` (device writes logged into QEMU's dirty log) or `unsafe-no-tracking`
-        /// (the negative control: the same load, no logging; must report lost writes).
+        /// (the negative control: the same load, no logging; must report lost writes). With
+        /// --workload also `cooperative` (ranks suspend for the whole migration) and
+        /// `passthrough-hotplug` (ranks suspend; an emulated PCIe NIC standing in for a
+        /// vfio-pci VF is unplugged before precopy and plugged in at the destination).
         #[arg(long, value_enum, default_value = "transparent")]
         strategy: Strategy,
         /// Guest RAM in MiB.
@@ -238,7 +272,8 @@ enum BenchCommand {
         accel: String,
     },
     /// In one run: lu-lite on VMs without migration, then with VM `a` migrated under each
-    /// strategy (transparent, cooperative, unsafe-no-tracking), then the same guest with no
+    /// strategy (transparent, cooperative, passthrough-hotplug with an emulated PCIe NIC
+    /// standing in for the VF, unsafe-no-tracking), then the same guest with no
     /// companion and no RDMA migrated alone; prints a markdown table, then one JSON line
     /// `{"rows":[…]}`.
     Strategies {
@@ -342,8 +377,12 @@ fn main() -> Result<()> {
             kernel,
             initrd,
             qemu,
+            passthrough_port,
+            vf_device,
         } => {
             init_logging("info");
+            let passthrough = (passthrough_port || vf_device.is_some())
+                .then_some(PassthroughSlot { device: vf_device });
             let mut vm = RunningVm::launch(VmSpec {
                 mac: mac_for(&name),
                 name,
@@ -359,6 +398,7 @@ fn main() -> Result<()> {
                 netns: None,
                 fabric: None,
                 guest_args: String::new(),
+                passthrough,
             })?;
             println!("{}", serde_json::to_string(&vm.paths)?);
             let stop = cancel_on_signal()?;
@@ -383,6 +423,10 @@ fn main() -> Result<()> {
             cancel,
             strategy,
             rank_control,
+            vf_id,
+            dst_vf_device,
+            src_vf_device,
+            hotplug_timeout,
             trace,
         } => {
             init_logging("warn");
@@ -465,10 +509,29 @@ fn main() -> Result<()> {
                 companions: src_control.clone().zip(dst_control),
                 cancel: Some(cancel_flag),
                 cooperative: match strategy {
-                    Strategy::Cooperative if rank_control.is_empty() => {
-                        bail!("--strategy cooperative needs --rank-control for every rank")
+                    Strategy::Cooperative | Strategy::PassthroughHotplug
+                        if rank_control.is_empty() =>
+                    {
+                        bail!("--strategy {strategy:?} needs --rank-control for every rank")
                     }
-                    Strategy::Cooperative => Some(rank_control),
+                    Strategy::Cooperative | Strategy::PassthroughHotplug => Some(rank_control),
+                    _ => None,
+                },
+                hotplug: match (strategy, dst_vf_device) {
+                    (Strategy::PassthroughHotplug, None) => bail!(
+                        "--strategy passthrough-hotplug needs --dst-vf-device (the free VF to \
+                         plug in at the destination)"
+                    ),
+                    (Strategy::PassthroughHotplug, Some(dst_dev)) => Some(Hotplug {
+                        device_id: vf_id,
+                        destination_device: hotplug::device_args(&dst_dev)?,
+                        source_device: src_vf_device
+                            .as_deref()
+                            .map(hotplug::device_args)
+                            .transpose()?,
+                        detach_timeout: Duration::from_secs(hotplug_timeout),
+                        attach_timeout: Duration::from_secs(hotplug_timeout),
+                    }),
                     _ => None,
                 },
                 trace: trace.as_ref().map(|_| Arc::new(TraceRecorder::new())),
@@ -699,6 +762,15 @@ fn main() -> Result<()> {
                 eprintln!("demo: run directories kept in {}", opts.run_dir.display());
                 println!("{}", serde_json::to_string(&report)?);
                 return Ok(());
+            }
+            if matches!(
+                strategy,
+                Strategy::Cooperative | Strategy::PassthroughHotplug
+            ) {
+                bail!(
+                    "--strategy {strategy:?} suspends a job's ranks: the generator demo has none. \
+                     Add --workload lu-lite"
+                );
             }
             let run_dir = run_dir_or_temp(run_dir)?;
             let opts = DemoOptions {

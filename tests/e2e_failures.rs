@@ -43,12 +43,18 @@ fn reference() -> &'static ScenarioReport {
     })
 }
 
-fn survives(fault: Fault, expect_in_error: &str) {
+fn survives(fault: Fault, expect_in_error: &str) -> ScenarioReport {
+    survives_under(Strategy::Transparent, fault, expect_in_error)
+}
+
+fn survives_under(strategy: Strategy, fault: Fault, expect_in_error: &str) -> ScenarioReport {
     let _m = machine();
     init_logging();
     let reference = reference();
     let dir = RunDir::new("failure");
-    let r = scenario::run(&options(Some(fault), &dir), &mut Quiet).expect("the scenario ran");
+    let mut opts = options(Some(fault), &dir);
+    opts.strategy = Some(strategy);
+    let r = scenario::run(&opts, &mut Quiet).expect("the scenario ran");
     eprintln!(
         "{fault:?}: error {:?}; checksums {:?} (reference {:?})",
         r.migration_error, r.checksums, reference.checksums
@@ -67,11 +73,21 @@ fn survives(fault: Fault, expect_in_error: &str) {
     assert_eq!(r.checksums, reference.checksums, "the job's result changed");
     assert_eq!(r.lost_ops, 0);
     assert_eq!(r.duplicate_ops, 0);
+    r
 }
 
 #[test]
 fn a_cancelled_migration_leaves_the_job_running() {
     survives(Fault::Cancel, "cancelled");
+}
+
+/// passthrough-hotplug: the VF was unplugged and every rank suspended before precopy; after
+/// the cancel, the source must have its VF back with the guest's driver up, and the ranks must
+/// have been resumed (the job finishes with the reference result).
+#[test]
+fn a_cancelled_passthrough_hotplug_migration_gives_the_source_its_vf_back() {
+    let r = survives_under(Strategy::PassthroughHotplug, Fault::Cancel, "cancelled");
+    assert_eq!(r.source_vf_restored, Some(true), "{r:?}");
 }
 
 #[test]

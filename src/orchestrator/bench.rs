@@ -14,8 +14,8 @@ use super::migrate::{migrate, MigrateOptions, Quiet};
 /// One row of `vfmig bench strategies`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StrategyRow {
-    /// `transparent`, `cooperative`, `unsafe-no-tracking`, or `plain-qemu` (the same guest
-    /// with no companion and no RDMA).
+    /// `transparent`, `cooperative`, `passthrough-hotplug`, `unsafe-no-tracking`, or
+    /// `plain-qemu` (the same guest with no companion and no RDMA).
     pub strategy: String,
     /// QEMU's total migration time, ms.
     pub total_ms: u64,
@@ -34,6 +34,10 @@ pub struct StrategyRow {
     /// Writes lost, as the job sees them: failed operations, plus one per rank whose result
     /// differs from the run without migration.
     pub lost_writes: u64,
+    /// `passthrough-hotplug`: `device_del` until the guest released the VF, ms.
+    pub detach_ms: Option<f64>,
+    /// `passthrough-hotplug`: `device_add` until the guest's driver enabled the VF, ms.
+    pub attach_ms: Option<f64>,
 }
 
 /// One migration of the bench.
@@ -215,6 +219,7 @@ pub fn strategies(
     for strategy in [
         Strategy::Transparent,
         Strategy::Cooperative,
+        Strategy::PassthroughHotplug,
         Strategy::UnsafeNoTracking,
     ] {
         let mut o = opts.clone();
@@ -239,6 +244,8 @@ pub fn strategies(
             bytes_sent: m.transferred_bytes,
             bytes_resent: r.device_dirty_pages.map(|p| p * 4096),
             lost_writes: r.lost_ops + differing,
+            detach_ms: m.hotplug.as_ref().map(|h| h.detach_ms),
+            attach_ms: m.hotplug.as_ref().map(|h| h.attach_ms),
         };
         progress(&format!("{}: {row:?}", row.strategy));
         rows.push(row);
@@ -256,6 +263,8 @@ pub fn strategies(
         bytes_sent: b.transferred_bytes,
         bytes_resent: None,
         lost_writes: 0,
+        detach_ms: None,
+        attach_ms: None,
     });
     Ok(rows)
 }
@@ -264,11 +273,11 @@ pub fn strategies(
 pub fn strategies_markdown(rows: &[StrategyRow]) -> String {
     let opt = |v: Option<f64>, prec: usize| v.map_or("–".to_string(), |x| format!("{x:.prec$}"));
     let mut s = String::from(
-        "| strategy | total ms | downtime ms | blackout ms | lu-lite slowdown | MiB sent | MiB resent (device) | lost writes |\n|---|---|---|---|---|---|---|---|\n",
+        "| strategy | total ms | downtime ms | blackout ms | lu-lite slowdown | MiB sent | MiB resent (device) | lost writes | VF detach ms | VF attach ms |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |\n",
             r.strategy,
             r.total_ms,
             r.downtime_ms,
@@ -276,7 +285,9 @@ pub fn strategies_markdown(rows: &[StrategyRow]) -> String {
             opt(r.slowdown, 2),
             r.bytes_sent as f64 / (1 << 20) as f64,
             opt(r.bytes_resent.map(|b| b as f64 / (1 << 20) as f64), 1),
-            r.lost_writes
+            r.lost_writes,
+            opt(r.detach_ms, 1),
+            opt(r.attach_ms, 1)
         );
     }
     s

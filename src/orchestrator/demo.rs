@@ -24,6 +24,10 @@ pub enum Strategy {
     /// The paper's design, the baseline to beat: every rank's runtime suspends communication
     /// for the whole migration, then resumes.
     Cooperative,
+    /// The paper's own setting: the VF is a passthrough PCI device of QEMU (`vfio-pci`); every
+    /// rank suspends, the VF is unplugged, the VM migrates, a VF is plugged in at the
+    /// destination, and the ranks resume.
+    PassthroughHotplug,
     /// Negative control: the same load with the dirty log switched off. Loses writes, by
     /// design, to prove that the check catches it.
     UnsafeNoTracking,
@@ -166,7 +170,14 @@ pub fn start_vm_with(
     role: Role,
     nic: Nic,
 ) -> Result<RunningVm, LaunchError> {
-    RunningVm::launch(VmSpec {
+    let mut spec = vm_spec(opts, name, role);
+    spec.nic = nic;
+    RunningVm::launch(spec)
+}
+
+/// The spec of a VM of the demo: a companion, no soft VF, no job.
+pub fn vm_spec(opts: &DemoOptions, name: &str, role: Role) -> VmSpec {
+    VmSpec {
         name: name.into(),
         run_dir: opts.run_dir.join(name),
         mem_mib: opts.mem_mib,
@@ -177,11 +188,12 @@ pub fn start_vm_with(
         qemu_bin: "qemu-system-x86_64".into(),
         config_dir: None,
         mac: mac_for("vfmig-demo"),
-        nic,
+        nic: Nic::VhostUser,
         netns: None,
         fabric: None,
         guest_args: String::new(),
-    })
+        passthrough: None,
+    }
 }
 
 /// Runs the demo end to end.

@@ -175,6 +175,29 @@ pub struct VmSpec {
     pub fabric: Option<FabricSpec>,
     /// Extra guest kernel arguments (`vfmig.run=… vfmig.args=…` for the guest's agent).
     pub guest_args: String,
+    /// A pcie-root-port for a passthrough VF (`passthrough-hotplug`), with or without a device
+    /// in it; none: no port.
+    pub passthrough: Option<PassthroughSlot>,
+}
+
+/// The PCIe slot of a passthrough VF.
+#[derive(Debug, Clone)]
+pub struct PassthroughSlot {
+    /// The `-device` value of the VF plugged in at start (`vfio-pci,host=…,id=…,bus=PORT` in
+    /// production; an emulated PCIe NIC in the tests), or `None` for an empty slot (a
+    /// destination: its VF is plugged in after the migration).
+    pub device: Option<String>,
+}
+
+/// The id of the pcie-root-port of the passthrough VF (`passthrough-port.args`).
+pub const PASSTHROUGH_PORT: &str = "vfmig-vf-port";
+/// The id of the passthrough VF device.
+pub const PASSTHROUGH_DEVICE: &str = "vfmig-vf";
+
+/// The `-device` value of the emulated PCIe NIC that stands in for a passthrough VF where there
+/// is none (the tests): a virtio-net-pci on the VF's port, without a backend.
+pub fn stand_in_vf_device(mac: &str) -> String {
+    format!("virtio-net-pci,id={PASSTHROUGH_DEVICE},bus={PASSTHROUGH_PORT},mac={mac},romfile=")
 }
 
 /// The soft VF of a VM's companion.
@@ -232,6 +255,8 @@ const TEST_GUEST_ARGS: &str = include_str!("../../qemu-patches-free-config/test-
 const VHOST_USER_NIC_ARGS: &str =
     include_str!("../../qemu-patches-free-config/vhost-user-nic.args");
 const PLAIN_NIC_ARGS: &str = include_str!("../../qemu-patches-free-config/plain-nic.args");
+const PASSTHROUGH_PORT_ARGS: &str =
+    include_str!("../../qemu-patches-free-config/passthrough-port.args");
 
 /// Parses an option file: one option per line, `#` comments, the first space splits the option
 /// from its value; placeholders `{key}` are replaced from `vars`.
@@ -324,6 +349,20 @@ pub fn qemu_args(spec: &VmSpec, paths: &RunPaths) -> Result<Vec<String>, LaunchE
         &read_config(&spec.config_dir, "test-guest.args", TEST_GUEST_ARGS)?,
         &vars,
     )?);
+    if let Some(slot) = &spec.passthrough {
+        args.extend(parse_args(
+            "passthrough-port.args",
+            &read_config(
+                &spec.config_dir,
+                "passthrough-port.args",
+                PASSTHROUGH_PORT_ARGS,
+            )?,
+            &[("vf_port", PASSTHROUGH_PORT.into())],
+        )?);
+        if let Some(device) = &slot.device {
+            args.extend(["-device".to_string(), device.clone()]);
+        }
+    }
     if spec.role == Role::Destination {
         args.extend(parse_args(
             "destination.args",
@@ -633,6 +672,7 @@ mod tests {
             netns: None,
             fabric: None,
             guest_args: String::new(),
+            passthrough: None,
         }
     }
 

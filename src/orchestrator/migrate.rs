@@ -1,18 +1,25 @@
 //! The migration state machine. It reads top to bottom:
 //!
 //! 1. **prepare the destination**: capabilities, `migrate-incoming` on the URI;
-//! 2. **suspend** (`cooperative` only): every rank's guest runtime is told SUSPEND and the
-//!    migration waits until all report ready, as in the paper's migration-thread design;
-//! 2. **precopy**: capabilities and parameters on the source, `migrate`, then follow
+//! 2. **suspend** (`cooperative` and `passthrough-hotplug`): every rank's guest runtime is told
+//!    SUSPEND and the migration waits until all report ready, as in the paper's
+//!    migration-thread design;
+//! 3. **detach** (`passthrough-hotplug` only): the VF, a PCI device of QEMU, is unplugged
+//!    (`device_del`) and the migration waits until the guest has released it;
+//! 4. **precopy**: capabilities and parameters on the source, `migrate`, then follow
 //!    `query-migrate` and QEMU's `MIGRATION` / `MIGRATION_PASS` events;
-//! 3. **switchover**: the source stops (QEMU status `device`); the companion quiesces the VF
+//! 5. **switchover**: the source stops (QEMU status `device`); the companion quiesces the VF
 //!    inside `GET_VRING_BASE`, and QEMU's last log sync picks up its last writes;
-//! 4. **destination up**: the destination has all of RAM and is paused (`-S`); its companion
+//! 6. **destination up**: the destination has all of RAM and is paused (`-S`); its companion
 //!    takes over the VF (the source's VF state moves, and the VM's new place is announced to
 //!    its peers); then, unless `keep_paused`, it is resumed, once;
-//! 5. **resume** (`cooperative` only): every rank's runtime is told RESUME;
-//! 6. **done**.
+//! 7. **attach** (`passthrough-hotplug` only): a free VF of the destination is plugged in
+//!    (`device_add`) and the migration waits until the guest's driver has enabled it;
+//! 8. **resume** (`cooperative` and `passthrough-hotplug`): every rank's runtime is told RESUME;
+//! 9. **done**.
 //!
+//! If the migration fails or is cancelled after step 2, the source is put back as it was: the
+//! VF is plugged in again (when its arguments are known) and every rank is told RESUME.
 //! Every phase becomes a span of the returned timeline.
 
 use std::path::{Path, PathBuf};
@@ -22,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::hotplug::{self, Hotplug, HotplugTimes};
 use crate::companion::control::{ControlClient, ControlError, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient, QmpError};
 use crate::trace::TraceRecorder;
@@ -33,15 +41,20 @@ use crate::vf::soft::VfState;
 pub enum Phase {
     /// Capabilities and `migrate-incoming` on the destination.
     PrepareDestination,
-    /// `cooperative`: every rank's runtime suspends communication and reports ready.
+    /// `cooperative`, `passthrough-hotplug`: every rank's runtime suspends communication and
+    /// reports ready.
     Suspend,
+    /// `passthrough-hotplug`: the VF is unplugged from the source.
+    Detach,
     /// RAM is copied while the source runs.
     Precopy,
     /// The source is stopped; last dirty pages and device state move.
     Switchover,
     /// The destination takes over and is resumed.
     DestinationUp,
-    /// `cooperative`: every rank's runtime communicates again.
+    /// `passthrough-hotplug`: a VF is plugged into the destination and its driver comes up.
+    Attach,
+    /// `cooperative`, `passthrough-hotplug`: every rank's runtime communicates again.
     Resume,
     /// Finished.
     Done,
@@ -82,6 +95,9 @@ pub struct MigrateOptions {
     /// `cooperative` strategy: the control sockets of every rank's companion (the migrating
     /// VM's source companion among them), told SUSPEND before precopy and RESUME after.
     pub cooperative: Option<Vec<PathBuf>>,
+    /// `passthrough-hotplug` strategy (with `cooperative`): the VF is a PCI device of QEMU,
+    /// unplugged before precopy and plugged in at the destination after it.
+    pub hotplug: Option<Hotplug>,
     /// Where the timeline goes (phases, QEMU's passes, query-migrate and companion samples).
     pub trace: Option<Arc<TraceRecorder>>,
 }
@@ -98,6 +114,7 @@ impl Default for MigrateOptions {
             companions: None,
             cancel: None,
             cooperative: None,
+            hotplug: None,
             trace: None,
         }
     }
@@ -164,6 +181,8 @@ pub struct MigrationSummary {
     pub destination_resumed: bool,
     /// The VF's move to the destination's companion, when there was a VF to move.
     pub vf_takeover: Option<Takeover>,
+    /// `passthrough-hotplug`: how long the unplug and the plug took.
+    pub hotplug: Option<HotplugTimes>,
     /// The phases.
     pub timeline: Vec<PhaseSpan>,
     /// Wall-clock time of the whole state machine, ms.
@@ -232,8 +251,17 @@ pub enum MigrateError {
     )]
     Takeover(String),
     /// A rank's runtime did not report ready after SUSPEND.
-    #[error("cooperative suspend: {0}; nothing was migrated")]
+    #[error("cooperative suspend: {0}; nothing was migrated and every rank was told RESUME")]
     Suspend(String),
+    /// The passthrough VF could not be unplugged from the source.
+    #[error("passthrough-hotplug: unplugging the VF: {0}. Nothing was migrated; every rank was told RESUME")]
+    Detach(String),
+    /// The passthrough VF could not be plugged in at the destination.
+    #[error(
+        "passthrough-hotplug: the VM runs at the destination, but plugging in its VF failed: \
+         {0}. Every rank was told RESUME; plug a VF in by hand (QMP device_add) if the job needs it"
+    )]
+    Attach(String),
     /// The destination did not reach `paused` after completion.
     #[error("the destination did not reach the paused state after completion (it is {status})")]
     DestinationNotReady {
@@ -315,10 +343,6 @@ pub fn migrate(
     opts: &MigrateOptions,
     observer: &mut dyn Observer,
 ) -> Result<MigrationSummary, MigrateError> {
-    let on_src = |source| MigrateError::Qmp {
-        side: "source",
-        source,
-    };
     let on_dst = |source| MigrateError::Qmp {
         side: "destination",
         source,
@@ -344,14 +368,129 @@ pub fn migrate(
     }
     dst.migrate_incoming(&opts.uri).map_err(on_dst)?;
 
-    // 2. Cooperative only: every rank suspends and reports ready.
+    // 2. Cooperative and passthrough-hotplug: every rank suspends and reports ready.
     if let Some(ranks) = &opts.cooperative {
         t.enter(Phase::Suspend, observer);
-        send_event_and_wait(ranks, GuestEvent::Suspend, Duration::from_secs(60))
-            .map_err(MigrateError::Suspend)?;
+        if let Err(e) = send_event_and_wait(ranks, GuestEvent::Suspend, Duration::from_secs(60)) {
+            resume_ranks(ranks, None);
+            return Err(MigrateError::Suspend(e));
+        }
     }
 
-    // 3. Precopy.
+    // 3. Passthrough-hotplug: the VF leaves the source; the guest must release it.
+    let mut hotplug_times = None;
+    if let Some(h) = &opts.hotplug {
+        t.enter(Phase::Detach, observer);
+        match hotplug::detach(src, &h.device_id, h.detach_timeout) {
+            Ok(took) => {
+                hotplug_times = Some(HotplugTimes {
+                    detach_ms: took.as_secs_f64() * 1e3,
+                    ..Default::default()
+                })
+            }
+            Err(e) => {
+                if let Some(ranks) = &opts.cooperative {
+                    resume_ranks(ranks, None);
+                }
+                return Err(MigrateError::Detach(e.to_string()));
+            }
+        }
+    }
+
+    // 4-5. Precopy and switchover. On failure the source is put back as it was before step 2.
+    let info = match precopy(src, dst, opts, &mut t, observer, sampler.as_mut()) {
+        Ok(info) => info,
+        Err(e) => {
+            restore_source(src, opts, hotplug_times.is_some());
+            return Err(e);
+        }
+    };
+    // A switchover too short to be seen still has a span.
+    t.enter(Phase::Switchover, observer);
+
+    // 6. Destination up: it has all of RAM and stays paused (-S) until resumed here, once.
+    t.enter(Phase::DestinationUp, observer);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = dst.query_status().map_err(on_dst)?;
+        if s.status == "paused" || s.status == "running" || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.status != "paused" && status.status != "running" {
+        return Err(MigrateError::DestinationNotReady {
+            status: status.status,
+        });
+    }
+    let vf_takeover = match &opts.companions {
+        Some((src_ctl, dst_ctl)) => take_over_vf(src_ctl, dst_ctl)?,
+        None => None,
+    };
+    let resumed = if opts.keep_paused {
+        false
+    } else {
+        dst.cont().map_err(on_dst)?;
+        true
+    };
+
+    // 7. Passthrough-hotplug: a free VF of the destination goes in; its driver must come up.
+    let mut attach_error = None;
+    if let (Some(h), Some(times)) = (&opts.hotplug, hotplug_times.as_mut()) {
+        t.enter(Phase::Attach, observer);
+        match hotplug::attach(dst, &h.destination_device, h.attach_timeout) {
+            Ok((took, addr)) => {
+                times.attach_ms = took.as_secs_f64() * 1e3;
+                times.destination_address = addr;
+            }
+            Err(e) => attach_error = Some(e.to_string()),
+        }
+    }
+
+    // 8. Cooperative and passthrough-hotplug: every rank resumes; the migrated VM's runtime is
+    // told through the destination's companion.
+    if let Some(ranks) = &opts.cooperative {
+        t.enter(Phase::Resume, observer);
+        resume_ranks(ranks, opts.companions.as_ref());
+    }
+    if let Some(e) = attach_error {
+        return Err(MigrateError::Attach(e));
+    }
+
+    // 9. Done.
+    t.enter(Phase::Done, observer);
+    let ram = info.ram.clone().unwrap_or_default();
+    Ok(MigrationSummary {
+        status: info.status.clone().unwrap_or_default(),
+        total_ms: info.total_time.unwrap_or(0),
+        downtime_ms: info.downtime.unwrap_or(0),
+        setup_ms: info.setup_time.unwrap_or(0),
+        transferred_bytes: ram.transferred.unwrap_or(0),
+        ram_total_bytes: ram.total.unwrap_or(0),
+        dirty_sync_count: ram.dirty_sync_count.unwrap_or(0),
+        destination_resumed: resumed,
+        vf_takeover,
+        hotplug: hotplug_times,
+        wall_ms: t.start.elapsed().as_millis() as u64,
+        timeline: t.spans,
+    })
+}
+
+/// Steps 4 and 5: precopy until QEMU reports the migration completed, watching for a cancel,
+/// a dead destination and the timeout. The source keeps running after any error.
+fn precopy(
+    src: &QmpClient,
+    dst: &QmpClient,
+    opts: &MigrateOptions,
+    t: &mut Timeline,
+    observer: &mut dyn Observer,
+    mut sampler: Option<&mut CompanionSampler>,
+) -> Result<MigrationInfo, MigrateError> {
+    let on_src = |source| MigrateError::Qmp {
+        side: "source",
+        source,
+    };
+    let caps = capabilities(opts);
     src.migrate_set_capabilities(&caps).map_err(on_src)?;
     let mut params = match shared_parameters(opts) {
         Some(serde_json::Value::Object(m)) => m,
@@ -447,68 +586,47 @@ pub fn migrate(
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    // A switchover too short to be seen still has a span.
-    t.enter(Phase::Switchover, observer);
+    Ok(info)
+}
 
-    // 4. Destination up: it has all of RAM and stays paused (-S) until resumed here, once.
-    t.enter(Phase::DestinationUp, observer);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let s = dst.query_status().map_err(on_dst)?;
-        if s.status == "paused" || s.status == "running" || Instant::now() > deadline {
-            break s;
+/// After a failed or cancelled migration: the VF back into the source (when it was unplugged
+/// and its arguments are known) and RESUME to every rank, so that the job goes on where it was.
+fn restore_source(src: &QmpClient, opts: &MigrateOptions, detached: bool) {
+    if let (true, Some(h)) = (detached, &opts.hotplug) {
+        match &h.source_device {
+            Some(args) => match hotplug::attach(src, args, h.attach_timeout) {
+                Ok((took, _)) => tracing::info!(
+                    ms = took.as_millis() as u64,
+                    "the VF is plugged back into the source"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "the VF could not be plugged back into the source")
+                }
+            },
+            None => tracing::warn!(
+                id = %h.device_id,
+                "the source runs without its VF: no source device arguments were given to plug it back"
+            ),
         }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    if status.status != "paused" && status.status != "running" {
-        return Err(MigrateError::DestinationNotReady {
-            status: status.status,
-        });
     }
-    let vf_takeover = match &opts.companions {
-        Some((src_ctl, dst_ctl)) => take_over_vf(src_ctl, dst_ctl)?,
-        None => None,
-    };
-    let resumed = if opts.keep_paused {
-        false
-    } else {
-        dst.cont().map_err(on_dst)?;
-        true
-    };
-
-    // 5. Cooperative only: every rank resumes; the migrated VM's runtime is told through the
-    // destination's companion.
     if let Some(ranks) = &opts.cooperative {
-        t.enter(Phase::Resume, observer);
-        let moved = opts.companions.as_ref();
-        let targets: Vec<PathBuf> = ranks
-            .iter()
-            .map(|r| match moved {
-                Some((src_ctl, dst_ctl)) if r == src_ctl => dst_ctl.clone(),
-                _ => r.clone(),
-            })
-            .collect();
-        if let Err(e) = send_event_and_wait(&targets, GuestEvent::Resume, Duration::from_secs(30)) {
-            tracing::warn!(error = %e, "not every rank acknowledged RESUME");
-        }
+        resume_ranks(ranks, None);
     }
+}
 
-    // 6. Done.
-    t.enter(Phase::Done, observer);
-    let ram = info.ram.clone().unwrap_or_default();
-    Ok(MigrationSummary {
-        status: info.status.clone().unwrap_or_default(),
-        total_ms: info.total_time.unwrap_or(0),
-        downtime_ms: info.downtime.unwrap_or(0),
-        setup_ms: info.setup_time.unwrap_or(0),
-        transferred_bytes: ram.transferred.unwrap_or(0),
-        ram_total_bytes: ram.total.unwrap_or(0),
-        dirty_sync_count: ram.dirty_sync_count.unwrap_or(0),
-        destination_resumed: resumed,
-        vf_takeover,
-        wall_ms: t.start.elapsed().as_millis() as u64,
-        timeline: t.spans,
-    })
+/// Tells every rank RESUME (the migrated VM's through its destination companion when `moved`
+/// names the source's and the destination's control sockets); logs those that do not ack.
+fn resume_ranks(ranks: &[PathBuf], moved: Option<&(PathBuf, PathBuf)>) {
+    let targets: Vec<PathBuf> = ranks
+        .iter()
+        .map(|r| match moved {
+            Some((src_ctl, dst_ctl)) if r == src_ctl => dst_ctl.clone(),
+            _ => r.clone(),
+        })
+        .collect();
+    if let Err(e) = send_event_and_wait(&targets, GuestEvent::Resume, Duration::from_secs(30)) {
+        tracing::warn!(error = %e, "not every rank acknowledged RESUME");
+    }
 }
 
 /// Tells every rank's runtime `event` through its companion and waits until each has

@@ -13,7 +13,11 @@ use serde_json::Value;
 
 use super::demo::{DemoError, Strategy};
 use super::hosts::{Hosts, HostsError};
-use super::launch::{mac_for, FabricSpec, GuestImage, LaunchError, Nic, Role, RunningVm, VmSpec};
+use super::hotplug::{self, Hotplug};
+use super::launch::{
+    mac_for, stand_in_vf_device, FabricSpec, GuestImage, LaunchError, Nic, PassthroughSlot, Role,
+    RunningVm, VmSpec, PASSTHROUGH_DEVICE,
+};
 use super::migrate::{migrate, MigrateOptions, MigrationSummary, Observer};
 use crate::companion::control::{ControlError, Request};
 use crate::vf::soft::ClusterMap;
@@ -141,6 +145,9 @@ pub struct ScenarioReport {
     pub migration: Option<MigrationSummary>,
     /// Why the migration did not complete (an injected fault).
     pub migration_error: Option<String>,
+    /// `passthrough-hotplug` after a failed migration: whether the source has its VF back,
+    /// with its guest driver up.
+    pub source_vf_restored: Option<bool>,
     /// Per rank.
     pub ranks: BTreeMap<String, RankResult>,
 }
@@ -184,6 +191,9 @@ pub enum ScenarioError {
     /// Files of the run.
     #[error("scenario files: {0}")]
     Io(#[from] std::io::Error),
+    /// The passthrough VF's device arguments.
+    #[error(transparent)]
+    Hotplug(#[from] super::hotplug::HotplugError),
 }
 
 fn names(n: usize) -> Vec<String> {
@@ -302,6 +312,13 @@ pub fn run(
             cluster: cluster_file.clone(),
         }),
         guest_args: guest_args(name),
+        // passthrough-hotplug: `a` has an emulated PCIe NIC standing in for its vfio-pci VF;
+        // its destination has the empty slot the VF is plugged into after the migration.
+        passthrough: (opts.strategy == Some(Strategy::PassthroughHotplug) && name == "a").then(
+            || PassthroughSlot {
+                device: (role == Role::Source).then(|| stand_in_vf_device(&mac_for("a-vf"))),
+            },
+        ),
     };
     let mut vms: Vec<RunningVm> = Vec::new();
     for (i, n) in vm_names.iter().enumerate() {
@@ -326,6 +343,7 @@ pub fn run(
     // Migrate `a` once rank 0 has done `migrate_at` iterations.
     let mut migration = None;
     let mut migration_error = None;
+    let mut source_vf_restored = None;
     let mut device_dirty_pages = None;
     let mut iters_at = (0usize, 0usize);
     if let (Some(strategy), Some(dest)) = (opts.strategy, dest.as_ref()) {
@@ -384,8 +402,23 @@ pub fn run(
                     dest.paths.control_socket.clone(),
                 )),
                 cancel: Some(cancel),
-                cooperative: (strategy == Strategy::Cooperative)
-                    .then(|| vms.iter().map(|v| v.paths.control_socket.clone()).collect()),
+                cooperative: matches!(
+                    strategy,
+                    Strategy::Cooperative | Strategy::PassthroughHotplug
+                )
+                .then(|| vms.iter().map(|v| v.paths.control_socket.clone()).collect()),
+                hotplug: (strategy == Strategy::PassthroughHotplug)
+                    .then(|| {
+                        let device = hotplug::device_args(&stand_in_vf_device(&mac_for("a-vf")))?;
+                        Ok::<_, hotplug::HotplugError>(Hotplug {
+                            device_id: PASSTHROUGH_DEVICE.into(),
+                            destination_device: device.clone(),
+                            source_device: Some(device),
+                            detach_timeout: Duration::from_secs(30),
+                            attach_timeout: Duration::from_secs(30),
+                        })
+                    })
+                    .transpose()?,
                 trace: opts.trace.clone(),
                 ..Default::default()
             },
@@ -399,6 +432,10 @@ pub fn run(
             Err(e) if opts.fault.is_some() => {
                 tracing::info!(error = %e, "the migration failed as the injected fault made it");
                 migration_error = Some(e.to_string());
+                if strategy == Strategy::PassthroughHotplug {
+                    source_vf_restored =
+                        Some(hotplug::driver_up(&vms[0].qmp()?, PASSTHROUGH_DEVICE));
+                }
             }
             Err(e) => return Err(DemoError::from(e).into()),
         }
@@ -491,6 +528,7 @@ pub fn run(
         },
         migration,
         migration_error,
+        source_vf_restored,
         ranks: by_name,
     })
 }
