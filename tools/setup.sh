@@ -46,28 +46,66 @@ SRC
 fi
 qemu_ok || { log "qemu-system-x86_64 10.x is not installed"; exit 1; }
 
-# ---- 2. guest kernel --------------------------------------------------------
-kdir=$cache/kernel
-if [ ! -e "$kdir/.done" ]; then
+# ---- 2. guest kernels ---------------------------------------------------------
+# fetch_kernel DIR PATTERN: the newest package apt knows whose name matches PATTERN, unpacked
+# into DIR/root, with DIR/vmlinuz and DIR/version.
+fetch_kernel() {
+  local dir=$1 pattern=$2 pkg ver
+  [ -e "$dir/.done" ] && return 0
   [ -e "$cache/.apt-updated" ] || { DEBIAN_FRONTEND=noninteractive apt-get update -qq; touch "$cache/.apt-updated"; }
-  # newest cloud kernel image package that apt knows of
-  # Default: the newest 6.1 cloud kernel of bookworm (the one the design facts were verified on).
-  default_pattern='^linux-image-6\.1\.[0-9]+-[0-9]+-cloud-amd64$'
-  pattern=${VFMIG_GUEST_KERNEL_PATTERN:-$default_pattern}
   pkg=$(apt-cache search --names-only "$pattern" | awk '{print $1}' |
         grep -v -- '-dbg' | sort -V | tail -1)
-  [ -n "$pkg" ] || { log "no linux-image-*-cloud-amd64 package found"; exit 1; }
-  log "fetching guest kernel $pkg"
-  rm -rf "$kdir"; mkdir -p "$kdir/deb"
+  [ -n "$pkg" ] || { log "no kernel package matching $pattern found"; exit 1; }
+  log "fetching kernel $pkg"
+  rm -rf "$dir"; mkdir -p "$dir/deb"
   # apt's sandbox user cannot write the cache; download as root without the warning.
-  (cd "$kdir/deb" && apt-get download -qq -o APT::Sandbox::User=root "$pkg")
-  dpkg -x "$kdir"/deb/*.deb "$kdir/root"
-  ver=$(ls "$kdir/root/lib/modules" | head -1)
-  cp "$kdir/root/boot/vmlinuz-$ver" "$kdir/vmlinuz"
-  echo "$ver" > "$kdir/version"
-  touch "$kdir/.done"
-fi
+  (cd "$dir/deb" && apt-get download -qq -o APT::Sandbox::User=root "$pkg")
+  dpkg -x "$dir"/deb/*.deb "$dir/root"
+  rm -rf "$dir/deb"
+  ver=$(ls "$dir/root/lib/modules" | head -1)
+  cp "$dir/root/boot/vmlinuz-$ver" "$dir/vmlinuz"
+  echo "$ver" > "$dir/version"
+  touch "$dir/.done"
+}
+# The test guests: the newest 6.1 cloud kernel of bookworm (the one the design facts were
+# verified on).
+kdir=$cache/kernel
+fetch_kernel "$kdir" "${VFMIG_GUEST_KERNEL_PATTERN:-^linux-image-6\.1\.[0-9]+-[0-9]+-cloud-amd64\$}"
 kver=$(cat "$kdir/version")
+# The nested VFIO test's L1 guest: the generic flavour, which has igb, vfio-pci and the IOMMU.
+gkdir=$cache/kernel-generic
+fetch_kernel "$gkdir" "${VFMIG_L1_KERNEL_PATTERN:-^linux-image-6\.1\.[0-9]+-[0-9]+-amd64\$}"
+gkver=$(cat "$gkdir/version")
+
+# stage_modules MODDIR STAGE NAME...: the named modules and what they depend on (read from each
+# module's depends=), uncompressed into STAGE/lib/modules, in load order in STAGE/etc/modules.order.
+stage_modules() {
+  local moddir=$1 stage=$2; shift 2
+  local mods m src
+  mods=$(python3 "$repo/tools/module-order.py" "$moddir" "$@")
+  mkdir -p "$stage/lib/modules" "$stage/etc"
+  : > "$stage/etc/modules.order"
+  for m in $mods; do
+    src=$(find "$moddir" -name "$m.ko*" | head -1)
+    [ -n "$src" ] || src=$(find "$moddir" -name "${m//_/-}.ko*" | head -1)
+    [ -n "$src" ] || { log "module $m not found in $moddir"; exit 1; }
+    case "$src" in
+      *.ko.xz)  xz -dc "$src"  > "$stage/lib/modules/$m.ko" ;;
+      *.ko.zst) zstd -qdc "$src" > "$stage/lib/modules/$m.ko" ;;
+      *.ko.gz)  gzip -dc "$src" > "$stage/lib/modules/$m.ko" ;;
+      *)        cp "$src" "$stage/lib/modules/$m.ko" ;;
+    esac
+    echo "$m" >> "$stage/etc/modules.order"
+  done
+}
+# stage_busybox STAGE APPLET...: the skeleton of a busybox initramfs.
+stage_busybox() {
+  local stage=$1 a; shift
+  rm -rf "$stage"; mkdir -p "$stage"/{bin,sbin,proc,sys,dev,tmp,root,etc,lib/modules}
+  cp /bin/busybox "$stage/bin/busybox"
+  for a in "$@"; do ln -sf busybox "$stage/bin/$a"; done
+}
+pack_cpio() { (cd "$1" && find . | cpio -o -H newc --quiet | gzip -1) > "$2.tmp" && mv "$2.tmp" "$2"; }
 
 # ---- 3. guest initramfs -----------------------------------------------------
 # The guest binaries (static) are built by cargo when the guest crate exists.
@@ -83,26 +121,8 @@ stamp_src=$({ cat "$repo/tools/guest-init.sh" "$0"; echo "guest $guest_hash"; } 
 if [ ! -e "$initrd" ] || [ "$(cat "$cache/initramfs.stamp" 2>/dev/null)" != "$stamp_src" ]; then
   log "building guest initramfs (kernel $kver)"
   stage=$cache/initramfs.stage
-  rm -rf "$stage"; mkdir -p "$stage"/{bin,sbin,proc,sys,dev,tmp,root,etc,lib/modules}
-  cp /bin/busybox "$stage/bin/busybox"
-  for a in sh mount umount insmod ip cat echo sleep ls poweroff mkdir dmesg uname seq; do
-    ln -sf busybox "$stage/bin/$a"
-  done
-  # modules for virtio-net, in dependency order, read from each module's depends=
-  moddir=$kdir/root/lib/modules/$kver
-  mods=$(python3 "$repo/tools/module-order.py" "$moddir" virtio_net virtio_pci)
-  : > "$stage/etc/modules.order"
-  for m in $mods; do
-    src=$(find "$moddir" -name "$m.ko*" | head -1)
-    [ -n "$src" ] || { log "module $m not found in $moddir"; exit 1; }
-    case "$src" in
-      *.ko.xz)  xz -dc "$src"  > "$stage/lib/modules/$m.ko" ;;
-      *.ko.zst) zstd -qdc "$src" > "$stage/lib/modules/$m.ko" ;;
-      *.ko.gz)  gzip -dc "$src" > "$stage/lib/modules/$m.ko" ;;
-      *)        cp "$src" "$stage/lib/modules/$m.ko" ;;
-    esac
-    echo "$m" >> "$stage/etc/modules.order"
-  done
+  stage_busybox "$stage" sh mount umount insmod ip cat echo sleep ls poweroff mkdir dmesg uname seq
+  stage_modules "$kdir/root/lib/modules/$kver" "$stage" virtio_net virtio_pci
   cp "$repo/tools/guest-init.sh" "$stage/init"; chmod +x "$stage/init"
   if [ "$guest_hash" != none ]; then
     # Static, so that they run on the busybox initramfs. With an explicit --target, RUSTFLAGS
@@ -121,8 +141,25 @@ if [ ! -e "$initrd" ] || [ "$(cat "$cache/initramfs.stamp" 2>/dev/null)" != "$st
       install -m 0755 "$gout/$b" "$stage/bin/$b"
     done
   fi
-  (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$initrd.tmp"
-  mv "$initrd.tmp" "$initrd"
+  pack_cpio "$stage" "$initrd"
   echo "$stamp_src" > "$cache/initramfs.stamp"
 fi
-log "ready: kernel $kdir/vmlinuz ($kver), initramfs $initrd, $(qemu-system-x86_64 --version | head -1)"
+
+# ---- 4. the nested VFIO test's L1 initramfs -----------------------------------------------
+# busybox, igb and vfio-pci with what they depend on, and tools/l1-init.sh as /init. The static
+# vfmig binary is not in it: `vfmig vf nested-test` appends it as a second cpio archive at run
+# time, so that the test always runs the vfmig it was built from.
+l1_initrd=$cache/l1-initramfs.cpio.gz
+l1_stamp=$({ cat "$repo/tools/l1-init.sh" "$0"; echo "$gkver"; } | sha256sum | cut -c1-16)
+if [ ! -e "$l1_initrd" ] || [ "$(cat "$cache/l1-initramfs.stamp" 2>/dev/null)" != "$l1_stamp" ]; then
+  log "building the L1 initramfs of the nested VFIO test (kernel $gkver)"
+  stage=$cache/l1-initramfs.stage
+  stage_busybox "$stage" sh mount umount insmod ip cat echo sleep ls poweroff mkdir dmesg uname \
+    seq readlink basename grep head date
+  stage_modules "$gkdir/root/lib/modules/$gkver" "$stage" \
+    irqbypass vfio vfio_iommu_type1 vfio_virqfd vfio_pci_core vfio_pci dca i2c_algo_bit igb
+  cp "$repo/tools/l1-init.sh" "$stage/init"; chmod +x "$stage/init"
+  pack_cpio "$stage" "$l1_initrd"
+  echo "$l1_stamp" > "$cache/l1-initramfs.stamp"
+fi
+log "ready: kernel $kdir/vmlinuz ($kver), initramfs $initrd, L1 kernel $gkver, $(qemu-system-x86_64 --version | head -1)"

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+bash tools/build-static.sh
 cargo build --release --workspace --all-targets
 cargo test --release --workspace -- "$@"

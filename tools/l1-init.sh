@@ -1,0 +1,63 @@
+#!/bin/sh
+# /init of the nested VFIO test's L1 guest (busybox). Run by `vfmig vf nested-test`.
+# It loads igb and vfio-pci (the order setup.sh computed from each module's depends=), creates
+# two VFs on the emulated igb PF through sriov_numvfs, binds the first to vfio-pci, then runs
+# vfmig's VFIO self-test on it. Each step prints one line `vfmig-l1: step NAME: ok|error: …`,
+# which the host side reads from the serial console; the self-test prints its own steps and,
+# last, its JSON result. Then the guest powers off.
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+step() { echo "vfmig-l1: step $1: $2"; }
+finish() { echo "vfmig-l1: done rc=$1"; poweroff -f; sleep 5; }
+
+for m in $(cat /etc/modules.order); do
+  insmod /lib/modules/$m.ko 2>/dev/null || echo "vfmig-l1: insmod $m failed"
+done
+
+# the igb PF: the first device the igb driver bound
+pf=
+for i in $(seq 1 100); do
+  for d in /sys/bus/pci/drivers/igb/0000:*; do [ -e "$d" ] && pf=$(basename "$d") && break; done
+  [ -n "$pf" ] && break
+  sleep 0.1
+done
+if [ -z "$pf" ]; then
+  step create_vfs "error: no PCI device is bound to igb (is -device igb present, and did insmod igb work?)"
+  finish 1
+fi
+if ! echo 2 > /sys/bus/pci/devices/$pf/sriov_numvfs; then
+  step create_vfs "error: writing 2 to /sys/bus/pci/devices/$pf/sriov_numvfs failed"
+  finish 1
+fi
+vf=
+for i in $(seq 1 100); do
+  [ -e /sys/bus/pci/devices/$pf/virtfn0 ] && vf=$(basename "$(readlink /sys/bus/pci/devices/$pf/virtfn0)") && break
+  sleep 0.1
+done
+if [ -z "$vf" ]; then
+  step create_vfs "error: PF $pf has no virtfn0 after writing sriov_numvfs"
+  finish 1
+fi
+step create_vfs "ok ($(cat /sys/bus/pci/devices/$pf/sriov_numvfs) VFs on PF $pf; VF0 is $vf)"
+
+if [ ! -e /sys/bus/pci/devices/$vf/iommu_group ]; then
+  step bind_vfio_pci "error: VF $vf has no IOMMU group (is intel_iommu=on on the command line?)"
+  finish 1
+fi
+group=$(basename "$(readlink /sys/bus/pci/devices/$vf/iommu_group)")
+[ -e /sys/bus/pci/devices/$vf/driver ] && echo "$vf" > /sys/bus/pci/devices/$vf/driver/unbind
+echo vfio-pci > /sys/bus/pci/devices/$vf/driver_override
+echo "$vf" > /sys/bus/pci/drivers_probe
+for i in $(seq 1 100); do [ -e /dev/vfio/$group ] && break; sleep 0.1; done
+drv=$(basename "$(readlink /sys/bus/pci/devices/$vf/driver 2>/dev/null)" 2>/dev/null)
+if [ "$drv" != vfio-pci ] || [ ! -e /dev/vfio/$group ]; then
+  step bind_vfio_pci "error: VF $vf is bound to '${drv:-no driver}', /dev/vfio/$group $( [ -e /dev/vfio/$group ] && echo exists || echo is missing)"
+  finish 1
+fi
+step bind_vfio_pci "ok ($vf in IOMMU group $group, /dev/vfio/$group)"
+
+/bin/vfmig vf check "$vf"
+/bin/vfmig vf self-test "$vf"
+finish $?
