@@ -295,6 +295,9 @@ enum BenchCommand {
         /// QEMU `max-bandwidth`, bytes/s.
         #[arg(long, default_value_t = 128 << 20)]
         max_bandwidth: u64,
+        /// Rounds: each migrates `a` once under every strategy, interleaved; rows are medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Where to put the run directories (default: a fresh temporary directory).
         #[arg(long)]
         run_dir: Option<PathBuf>,
@@ -611,6 +614,7 @@ fn main() -> Result<()> {
             iters,
             migrate_at,
             max_bandwidth,
+            rounds,
             run_dir,
         }) => {
             init_logging("vfmig=warn");
@@ -650,7 +654,7 @@ fn main() -> Result<()> {
                 timeout: Duration::from_secs(600),
                 trace: None,
             };
-            let rows = bench::strategies(&opts, &plain, |l| eprintln!("bench: {l}"))?;
+            let rows = bench::strategies(&opts, &plain, rounds, |l| eprintln!("bench: {l}"))?;
             println!("{}", bench::strategies_markdown(&rows));
             println!("{}", serde_json::json!({ "rows": rows }));
         }

@@ -17,6 +17,8 @@ pub struct StrategyRow {
     /// `transparent`, `cooperative`, `passthrough-hotplug`, `unsafe-no-tracking`, or
     /// `plain-qemu` (the same guest with no companion and no RDMA).
     pub strategy: String,
+    /// Migrations behind the row; its figures are their medians.
+    pub runs: usize,
     /// QEMU's total migration time, ms.
     pub total_ms: u64,
     /// QEMU's downtime, ms.
@@ -191,10 +193,13 @@ pub fn migration(
 }
 
 /// `vfmig bench strategies`: in one run, lu-lite on `opts.vms` VMs without migration (the
-/// reference), then with VM `a` migrated under each strategy, then the plain-QEMU baseline.
+/// reference), then `rounds` rounds in which VM `a` is migrated once under each strategy (the
+/// strategies interleaved, so that drift of the machine spreads over all of them), then the
+/// plain-QEMU baseline. Each row holds the medians of its strategy's runs.
 pub fn strategies(
     opts: &super::scenario::ScenarioOptions,
     plain: &DemoOptions,
+    rounds: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<StrategyRow>, super::scenario::ScenarioError> {
     use super::demo::Strategy;
@@ -215,47 +220,54 @@ pub fn strategies(
         "reference run: median iteration {base_iter:.2} ms, checksums {:?}",
         reference.checksums
     ));
-    let mut rows = Vec::new();
-    for strategy in [
+    let strategies = [
         Strategy::Transparent,
         Strategy::Cooperative,
         Strategy::PassthroughHotplug,
         Strategy::UnsafeNoTracking,
-    ] {
-        let mut o = opts.clone();
-        o.strategy = Some(strategy);
-        o.run_dir = opts.run_dir.join(format!("{strategy:?}").to_lowercase());
-        let r = run(&o, &mut Quiet)?;
-        let m = r.migration.clone().unwrap_or_default();
-        let differing = r
-            .checksums
-            .iter()
-            .filter(|(k, v)| reference.checksums.get(*k) != Some(*v))
-            .count() as u64;
-        let row = StrategyRow {
-            strategy: serde_json::to_value(strategy)
+    ];
+    let mut runs: Vec<Vec<StrategyRow>> = vec![Vec::new(); strategies.len()];
+    for round in 0..rounds.max(1) {
+        for (i, strategy) in strategies.iter().enumerate() {
+            let name = serde_json::to_value(strategy)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-            total_ms: m.total_ms,
-            downtime_ms: m.downtime_ms,
-            blackout_ms: Some(r.blackout_ms),
-            slowdown: (base_iter > 0.0).then(|| r.iteration_ms.during / base_iter),
-            bytes_sent: m.transferred_bytes,
-            bytes_resent: r.device_dirty_pages.map(|p| p * 4096),
-            lost_writes: r.lost_ops + differing,
-            detach_ms: m.hotplug.as_ref().map(|h| h.detach_ms),
-            attach_ms: m.hotplug.as_ref().map(|h| h.attach_ms),
-        };
-        progress(&format!("{}: {row:?}", row.strategy));
-        rows.push(row);
+                .unwrap_or_default();
+            let mut o = opts.clone();
+            o.strategy = Some(*strategy);
+            o.run_dir = opts.run_dir.join(format!("{name}-{round}"));
+            let r = run(&o, &mut Quiet)?;
+            let m = r.migration.clone().unwrap_or_default();
+            let differing = r
+                .checksums
+                .iter()
+                .filter(|(k, v)| reference.checksums.get(*k) != Some(*v))
+                .count() as u64;
+            let row = StrategyRow {
+                strategy: name,
+                runs: 1,
+                total_ms: m.total_ms,
+                downtime_ms: m.downtime_ms,
+                blackout_ms: Some(r.blackout_ms),
+                slowdown: (base_iter > 0.0).then(|| r.iteration_ms.during / base_iter),
+                bytes_sent: m.transferred_bytes,
+                bytes_resent: r.device_dirty_pages.map(|p| p * 4096),
+                lost_writes: r.lost_ops + differing,
+                detach_ms: m.hotplug.as_ref().map(|h| h.detach_ms),
+                attach_ms: m.hotplug.as_ref().map(|h| h.attach_ms),
+            };
+            progress(&format!("round {}: {}: {row:?}", round + 1, row.strategy));
+            runs[i].push(row);
+        }
     }
+    let mut rows: Vec<StrategyRow> = runs.iter().map(|r| median_row(r)).collect();
     // The same guest with no companion and no RDMA, migrated the same way.
     let mut p = plain.clone();
     p.run_dir = opts.run_dir.join("plain-qemu");
     let b = one(&p, Nic::Plain, 0).map_err(super::scenario::ScenarioError::from)?;
     rows.push(StrategyRow {
         strategy: "plain-qemu".into(),
+        runs: 1,
         total_ms: b.total_ms,
         downtime_ms: b.downtime_ms,
         blackout_ms: None,
@@ -269,16 +281,53 @@ pub fn strategies(
     Ok(rows)
 }
 
+/// One row from several runs of a strategy: the median of each figure, and the sum of the
+/// lost writes (one lost write in any run counts).
+fn median_row(runs: &[StrategyRow]) -> StrategyRow {
+    let med = |f: &dyn Fn(&StrategyRow) -> f64| median(runs.iter().map(f).collect());
+    let med_opt = |f: &dyn Fn(&StrategyRow) -> Option<f64>| {
+        let xs: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!xs.is_empty()).then(|| median(xs))
+    };
+    StrategyRow {
+        strategy: runs.first().map(|r| r.strategy.clone()).unwrap_or_default(),
+        runs: runs.len(),
+        total_ms: med(&|r| r.total_ms as f64).round() as u64,
+        downtime_ms: med(&|r| r.downtime_ms as f64).round() as u64,
+        blackout_ms: med_opt(&|r| r.blackout_ms),
+        slowdown: med_opt(&|r| r.slowdown),
+        bytes_sent: med(&|r| r.bytes_sent as f64).round() as u64,
+        bytes_resent: med_opt(&|r| r.bytes_resent.map(|b| b as f64)).map(|b| b.round() as u64),
+        lost_writes: runs.iter().map(|r| r.lost_writes).sum(),
+        detach_ms: med_opt(&|r| r.detach_ms),
+        attach_ms: med_opt(&|r| r.attach_ms),
+    }
+}
+
+/// The ratio of two strategies' median blackouts (`num` over `den`), when both have one.
+pub fn blackout_ratio(rows: &[StrategyRow], num: &str, den: &str) -> Option<f64> {
+    let get = |name: &str| {
+        rows.iter()
+            .find(|r| r.strategy == name)
+            .and_then(|r| r.blackout_ms)
+    };
+    match (get(num), get(den)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
 /// The strategies as a markdown table.
 pub fn strategies_markdown(rows: &[StrategyRow]) -> String {
     let opt = |v: Option<f64>, prec: usize| v.map_or("–".to_string(), |x| format!("{x:.prec$}"));
     let mut s = String::from(
-        "| strategy | total ms | downtime ms | blackout ms | lu-lite slowdown | MiB sent | MiB resent (device) | lost writes | VF detach ms | VF attach ms |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| strategy | runs | total ms | downtime ms | blackout ms | lu-lite slowdown | MiB sent | MiB resent (device) | lost writes | VF detach ms | VF attach ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |\n",
             r.strategy,
+            r.runs,
             r.total_ms,
             r.downtime_ms,
             opt(r.blackout_ms, 1),
@@ -289,6 +338,15 @@ pub fn strategies_markdown(rows: &[StrategyRow]) -> String {
             opt(r.detach_ms, 1),
             opt(r.attach_ms, 1)
         );
+    }
+    s += "\nFigures are medians over the runs; lost writes are summed.\n";
+    for (num, den) in [
+        ("passthrough-hotplug", "transparent"),
+        ("cooperative", "transparent"),
+    ] {
+        if let Some(x) = blackout_ratio(rows, num, den) {
+            s += &format!("blackout {num} / {den}: {x:.1}x\n");
+        }
     }
     s
 }
@@ -318,6 +376,43 @@ pub fn markdown(b: &MigrationBench) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(strategy: &str, blackout: f64, lost: u64) -> StrategyRow {
+        StrategyRow {
+            strategy: strategy.into(),
+            runs: 1,
+            total_ms: 100,
+            downtime_ms: 5,
+            blackout_ms: Some(blackout),
+            slowdown: None,
+            bytes_sent: 0,
+            bytes_resent: None,
+            lost_writes: lost,
+            detach_ms: None,
+            attach_ms: None,
+        }
+    }
+
+    #[test]
+    fn strategy_rows_take_medians_and_sum_lost_writes() {
+        let m = median_row(&[
+            row("transparent", 80.0, 0),
+            row("transparent", 60.0, 1),
+            row("transparent", 300.0, 2),
+        ]);
+        assert_eq!(m.runs, 3);
+        assert_eq!(m.blackout_ms, Some(80.0));
+        assert_eq!(m.lost_writes, 3);
+        assert_eq!(m.detach_ms, None);
+        let rows = [m, row("passthrough-hotplug", 800.0, 0)];
+        assert_eq!(
+            blackout_ratio(&rows, "passthrough-hotplug", "transparent"),
+            Some(10.0)
+        );
+        assert!(strategies_markdown(&rows)
+            .contains("blackout passthrough-hotplug / transparent: 10.0x"));
+        assert_eq!(blackout_ratio(&rows, "cooperative", "transparent"), None);
+    }
 
     #[test]
     fn medians_of_odd_and_even_counts() {
