@@ -76,6 +76,27 @@ impl DeviceDirtyBitmap {
         }
         taken
     }
+
+    /// Calls `f` with each page marked now that `seen` does not hold yet, in ascending order,
+    /// and adds it to `seen`; returns how many. Unlike [`DeviceDirtyBitmap::harvest`] it
+    /// clears nothing, so the epoch's count stays whole for statistics. `seen` is the caller's
+    /// shadow copy of the words (empty to start).
+    pub fn report_new(&self, seen: &mut Vec<u64>, mut f: impl FnMut(u64)) -> u64 {
+        seen.resize(self.words.len(), 0);
+        let mut reported = 0;
+        for (i, (word, old)) in self.words.iter().zip(seen.iter_mut()).enumerate() {
+            let now = word.load(Ordering::Acquire);
+            let mut new = now & !*old;
+            *old |= now;
+            while new != 0 {
+                let bit = new.trailing_zeros() as u64;
+                f(i as u64 * 64 + bit);
+                new &= new - 1;
+                reported += 1;
+            }
+        }
+        reported
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +130,23 @@ mod tests {
         assert_eq!(b.harvest(|p| seen.push(p)), 4);
         assert_eq!(seen, vec![3, 64, 65, 200_000]);
         assert_eq!(b.count(), 0);
+    }
+
+    #[test]
+    fn report_new_reports_each_page_once_and_clears_nothing() {
+        let b = DeviceDirtyBitmap::new(1 << 24);
+        let mut seen = Vec::new();
+        b.mark(0x1000, 1);
+        b.mark(0x41000, 0x2000);
+        let mut got = vec![];
+        assert_eq!(b.report_new(&mut seen, |p| got.push(p)), 3);
+        assert_eq!(got, vec![1, 0x41, 0x42]);
+        b.mark(0x1000, 1);
+        b.mark(0x9000, 1);
+        got.clear();
+        assert_eq!(b.report_new(&mut seen, |p| got.push(p)), 1);
+        assert_eq!(got, vec![9]);
+        assert_eq!(b.count(), 4, "the epoch's count is untouched");
     }
 
     proptest! {

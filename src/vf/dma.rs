@@ -211,6 +211,42 @@ impl DmaEngine {
         result
     }
 
+    /// Marks `[gpa, gpa + len)` dirty as a device write the engine did not make itself: a
+    /// VFIO VF's DMA, reported by its `sync_dirty`. Pages go into QEMU's log where it is
+    /// installed (unless tracking is off, the `unsafe-no-tracking` control) and into the
+    /// epoch's device-dirty bitmap. Parts outside guest RAM are ignored. Returns how many
+    /// bytes inside guest RAM could not be logged because QEMU's log is not installed there.
+    pub fn mark_dirty(&self, gpa: u64, len: u64) -> u64 {
+        use vm_memory::bitmap::Bitmap;
+        if len == 0 {
+            return 0;
+        }
+        let mem = self.ram.memory();
+        let tracking = self.tracking();
+        let end = gpa.saturating_add(len);
+        let mut unlogged = 0u64;
+        for region in mem.iter() {
+            let start = region.start_addr().raw_value();
+            let stop = start.saturating_add(region.len());
+            let (from, to) = (gpa.max(start), end.min(stop));
+            if from >= to {
+                continue;
+            }
+            self.device_dirty_bitmap().mark(from, to - from);
+            if !tracking {
+                continue;
+            }
+            if region.bitmap().is_logging() {
+                region
+                    .bitmap()
+                    .mark_dirty((from - start) as usize, (to - from) as usize);
+            } else {
+                unlogged += to - from;
+            }
+        }
+        unlogged
+    }
+
     /// Whether the device may write its rings now (receive frames): not quiesced, and, while
     /// a migration runs with tracking on, QEMU's log covers all of guest RAM.
     pub fn ring_writes_allowed(&self) -> bool {
@@ -540,6 +576,25 @@ mod tests {
         e.set_log_requested(true);
         assert_eq!(e.gate_state().epoch, 1);
         assert_eq!(e.device_dirty_bitmap().count(), 0);
+    }
+
+    #[test]
+    fn mark_dirty_logs_pages_written_behind_the_engine() {
+        let (e, ram) = engine();
+        // Before the log: counted as unlogged, kept in the device bitmap.
+        assert_eq!(e.mark_dirty(0x1000, 0x2000), 0x2000);
+        let log = install_log(&ram);
+        e.set_log_requested(true);
+        // Straddles the end of the first region and the hole; the hole is ignored.
+        assert_eq!(e.mark_dirty(2 * MIB - 0x1000, 3 * MIB + 0x1000), 0);
+        assert!(log.is_set(2 * MIB - 0x1000));
+        assert!(log.is_set(4 * MIB) && log.is_set(5 * MIB - 1));
+        assert!(!log.is_set(3 * MIB) && !log.is_set(5 * MIB));
+        assert_eq!(log.count_set(), 1 + 256);
+        assert_eq!(e.device_dirty_bitmap().count(), 1 + 256);
+        e.set_tracking(false);
+        assert_eq!(e.mark_dirty(0x10_0000, 0x1000), 0);
+        assert!(!log.is_set(0x10_0000), "the negative control logs nothing");
     }
 
     #[test]

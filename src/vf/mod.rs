@@ -4,13 +4,25 @@
 //! every range against the memory table, writes through the logged guest memory so that QEMU
 //! resends the page, records the page in the companion's own per-migration bitmap, holds writes
 //! while a migration runs without a log, and stops them at switchover.
+//!
+//! [`VfDevice`] is the lifecycle seam of a VF's device side (map guest RAM, quiesce, reset,
+//! dirty tracking, release), implemented by the soft VF ([`soft::SoftVf`]) and by a real VF
+//! bound to vfio-pci ([`vfio::VfioVf`]).
 
 mod dma;
 pub mod soft;
 pub mod verbs;
+pub mod vfio;
 
 pub use dma::{DmaEngine, DmaError, DmaStats, GateState};
 
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::guest_ram::GuestRamMmap;
 use verbs::{Access, Completion, GpaRange, RecvWr, SendWr, VerbsError};
 
 /// The VF backend seam: what the companion asks of a VF, whether the soft VF (a software RDMA
@@ -36,4 +48,233 @@ pub trait Vf: Send + Sync {
     fn post_recv(&self, qp: u32, wr: RecvWr) -> Result<(), VerbsError>;
     /// Takes up to `max` completions.
     fn poll_cq(&self, max: usize) -> Vec<Completion>;
+}
+
+/// Whatever keeps a [`MappedRegion`]'s host memory mapped while a device maps it.
+pub type KeepAlive = Arc<dyn Any + Send + Sync>;
+
+/// One region of guest RAM as a device maps it into its IOMMU domain: at IOVA = GPA, backed
+/// by `size` bytes of this process's memory at `host_addr`.
+///
+/// A region holds a reference to the owner of its host memory, so the memory stays mapped for
+/// as long as a device keeps the region mapped. Build regions with
+/// [`MappedRegion::from_guest_ram`], or with the `unsafe` [`MappedRegion::new`].
+#[derive(Clone)]
+pub struct MappedRegion {
+    /// Guest-physical address of the first byte (the IOVA the device uses).
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Host userspace address of the first byte.
+    pub host_addr: u64,
+    /// Whether the device may write the region (and so dirty it).
+    pub writable: bool,
+    keep_alive: Option<KeepAlive>,
+}
+
+impl std::fmt::Debug for MappedRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedRegion")
+            .field("gpa", &format_args!("{:#x}", self.gpa))
+            .field("size", &format_args!("{:#x}", self.size))
+            .field("host_addr", &format_args!("{:#x}", self.host_addr))
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+impl MappedRegion {
+    /// A region of guest RAM at `gpa`, backed by `size` bytes at `host_addr`.
+    ///
+    /// # Safety
+    ///
+    /// `[host_addr, host_addr + size)` must be a mapping of guest RAM, readable (and writable
+    /// if `writable`), that stays mapped while `keep_alive` is alive, and that no Rust
+    /// reference covers: a device may read and write it at any time by DMA. Only raw-pointer,
+    /// volatile or atomic accesses (as vm-memory makes) may touch it.
+    pub unsafe fn new(
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        writable: bool,
+        keep_alive: KeepAlive,
+    ) -> Self {
+        Self {
+            gpa,
+            size,
+            host_addr,
+            writable,
+            keep_alive: Some(keep_alive),
+        }
+    }
+
+    /// Every region of `mem` (a memory table from `SET_MEM_TABLE`), each keeping `mem` alive.
+    pub fn from_guest_ram(mem: &Arc<GuestRamMmap>) -> Vec<Self> {
+        let keep: KeepAlive = mem.clone();
+        mem.iter()
+            .map(|r| Self {
+                gpa: r.start_addr().raw_value(),
+                size: r.len(),
+                host_addr: r.as_ptr() as u64,
+                writable: r.prot() & libc::PROT_WRITE != 0,
+                keep_alive: Some(keep.clone()),
+            })
+            .collect()
+    }
+
+    /// A region that describes memory without owning any: for planning and tests only. A
+    /// device refuses to map it.
+    pub fn descriptor(gpa: u64, size: u64, host_addr: u64, writable: bool) -> Self {
+        Self {
+            gpa,
+            size,
+            host_addr,
+            writable,
+            keep_alive: None,
+        }
+    }
+
+    /// One past the last guest-physical address.
+    pub fn end(&self) -> u64 {
+        self.gpa.saturating_add(self.size)
+    }
+
+    /// Whether the region owns a reference to its host memory (only those may be mapped).
+    pub fn is_backed(&self) -> bool {
+        self.keep_alive.is_some()
+    }
+
+    /// The owner of the host memory, if any.
+    pub(crate) fn keep_alive(&self) -> Option<&KeepAlive> {
+        self.keep_alive.as_ref()
+    }
+}
+
+/// How a VF's device-side writes reach QEMU's dirty log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyTracking {
+    /// The device logs its own DMA writes (VFIO `DMA_LOGGING_*`); only those pages are
+    /// reported.
+    DeviceDmaLogging,
+    /// The device cannot say what it wrote: every writable mapped page is reported dirty at
+    /// every sync, so the whole mapped RAM is resent.
+    AllWritablePages,
+    /// The soft VF: every write goes through the companion's [`DmaEngine`], which logs it as
+    /// it writes; sync reports what it wrote since the last sync.
+    DmaEngine,
+}
+
+impl std::fmt::Display for DirtyTracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DirtyTracking::DeviceDmaLogging => "device-dma-logging",
+            DirtyTracking::AllWritablePages => "all-writable-pages",
+            DirtyTracking::DmaEngine => "dma-engine",
+        })
+    }
+}
+
+/// What one call of [`VfDevice::map_guest_ram`] changed in the device's IOMMU mappings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MapChange {
+    /// `(gpa, size)` of regions mapped by this call.
+    pub mapped: Vec<(u64, u64)>,
+    /// `(gpa, size)` of regions unmapped by this call (gone from the table, or changed).
+    pub unmapped: Vec<(u64, u64)>,
+    /// `(gpa, size)` of regions left mapped as they were.
+    pub kept: Vec<(u64, u64)>,
+}
+
+/// What [`VfDevice::quiesce`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QuiesceReport {
+    /// How long the quiesce took, in microseconds.
+    pub waited_us: u64,
+    /// Whether the device was bus master (DMA on) before the quiesce.
+    pub was_bus_master: bool,
+    /// What was done, in words.
+    pub detail: String,
+}
+
+impl QuiesceReport {
+    /// How long the quiesce took.
+    pub fn waited(&self) -> Duration {
+        Duration::from_micros(self.waited_us)
+    }
+}
+
+/// What [`VfDevice::reset`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ResetReport {
+    /// Whether a reset was performed.
+    pub performed: bool,
+    /// Whether the device advertises Function Level Reset (PCIe Device Capabilities bit 28);
+    /// `None` when not applicable or unknown.
+    pub flr_advertised: Option<bool>,
+    /// What was done, in words.
+    pub detail: String,
+}
+
+/// A VF's device side, for the control socket's `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceStatus {
+    /// Short name (the VM for the soft VF, the PCI address for a VFIO VF).
+    pub name: String,
+    /// One line about the device.
+    pub description: String,
+    /// How its writes are tracked.
+    pub dirty_tracking: Option<DirtyTracking>,
+    /// Regions mapped into its IOMMU domain.
+    pub mapped_regions: usize,
+    /// Bytes mapped.
+    pub mapped_bytes: u64,
+    /// Whether the device is quiesced.
+    pub quiesced: bool,
+    /// Whether the device was released.
+    pub released: bool,
+}
+
+/// Why a VF's device side failed an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum VfDeviceError {
+    /// The VFIO VF failed.
+    #[error(transparent)]
+    Vfio(#[from] vfio::VfioVfError),
+    /// The soft VF failed.
+    #[error("soft VF of VM {vm}: {reason}")]
+    Soft {
+        /// The VM.
+        vm: String,
+        /// What happened and what to do.
+        reason: String,
+    },
+}
+
+/// The lifecycle seam of a VF's device side: what the companion asks of any VF, soft or real,
+/// beside the verbs of [`Vf`].
+pub trait VfDevice: Send {
+    /// Short name: the VM for the soft VF, the PCI address for a VFIO VF.
+    fn name(&self) -> String;
+    /// One line about the device, for logs and status.
+    fn describe(&self) -> String;
+    /// Makes the device's IOMMU mappings equal to `regions`, each at IOVA = GPA: regions that
+    /// went away or changed are unmapped, new ones are mapped, unchanged ones are left alone.
+    /// An empty table unmaps everything.
+    fn map_guest_ram(&mut self, regions: &[MappedRegion]) -> Result<MapChange, VfDeviceError>;
+    /// Stops the device's DMA and waits for its pending transactions. Idempotent.
+    fn quiesce(&mut self) -> Result<QuiesceReport, VfDeviceError>;
+    /// Lets the device DMA again as before [`VfDevice::quiesce`].
+    fn resume(&mut self) -> Result<(), VfDeviceError>;
+    /// Resets the device, and says what was done.
+    fn reset(&mut self) -> Result<ResetReport, VfDeviceError>;
+    /// How the device's writes are tracked.
+    fn dirty_tracking(&self) -> DirtyTracking;
+    /// Calls `report(gpa, len)` for the pages the device dirtied since the last sync; returns
+    /// how many 4 KiB pages were reported.
+    fn sync_dirty(&mut self, report: &mut dyn FnMut(u64, u64)) -> Result<u64, VfDeviceError>;
+    /// Stops logging, stops DMA, unmaps guest RAM and closes the device. Idempotent.
+    fn release(&mut self) -> Result<(), VfDeviceError>;
+    /// The device's state, for `status`.
+    fn status(&self) -> DeviceStatus;
 }

@@ -33,7 +33,10 @@ use vm_memory::GuestAddressSpace;
 use super::verbs::{
     Access, Completion, GpaRange, MemoryRegion, Opcode, RecvWr, SendOp, SendWr, Status, VerbsError,
 };
-use super::{DmaEngine, DmaError, Vf};
+use super::{
+    DeviceStatus, DirtyTracking, DmaEngine, DmaError, MapChange, MappedRegion, QuiesceReport,
+    ResetReport, Vf, VfDevice, VfDeviceError,
+};
 use wire::{AckStatus, Frame};
 
 /// VM name → fabric address (`host:port`) of its companion.
@@ -197,10 +200,19 @@ struct Inner {
     timing: FabricTiming,
     closed: AtomicBool,
     stats: Mutex<SoftVfStats>,
+    /// What `VfDevice::sync_dirty` reported so far of the current epoch's device-dirty bitmap.
+    dirty_seen: Mutex<DirtySeen>,
     /// Tests only: apply the next N requests but send no ack for them, as if the acks were
     /// lost on a link that broke.
     #[cfg(test)]
     swallow_acks: AtomicU64,
+}
+
+/// The pages of one epoch's device-dirty bitmap already reported by `sync_dirty`.
+#[derive(Default)]
+struct DirtySeen {
+    bitmap: Option<Arc<crate::dirty::DeviceDirtyBitmap>>,
+    words: Vec<u64>,
 }
 
 /// The soft VF of one VM.
@@ -241,6 +253,7 @@ impl SoftVf {
             timing,
             closed: AtomicBool::new(false),
             stats: Mutex::new(SoftVfStats::default()),
+            dirty_seen: Mutex::new(DirtySeen::default()),
             #[cfg(test)]
             swallow_acks: AtomicU64::new(0),
         });
@@ -420,6 +433,97 @@ impl SoftVf {
         for (_, l) in links {
             l.alive.store(false, Ordering::SeqCst);
             let _ = lock(&l.writer).get_ref().shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The soft VF's device side. Its "device" is the [`DmaEngine`], which already writes through
+/// the guest memory table and logs every write into QEMU's log as it makes it: mapping needs
+/// nothing, quiesce and resume are the engine's, and `sync_dirty` reports the pages the engine
+/// wrote for the first time in this epoch since the last sync (from its device-dirty bitmap,
+/// which it leaves whole for statistics). A page written again after it was reported is not
+/// reported again: the engine has already logged that write into QEMU's log itself.
+impl VfDevice for SoftVf {
+    fn name(&self) -> String {
+        self.inner.vm.clone()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "soft VF of VM {} (fabric {}), dirty tracking {}",
+            self.inner.vm,
+            self.inner.listen,
+            DirtyTracking::DmaEngine
+        )
+    }
+
+    fn map_guest_ram(&mut self, regions: &[MappedRegion]) -> Result<MapChange, VfDeviceError> {
+        // The DMA engine reads the memory table itself; nothing to map.
+        Ok(MapChange {
+            kept: regions.iter().map(|r| (r.gpa, r.size)).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn quiesce(&mut self) -> Result<QuiesceReport, VfDeviceError> {
+        let was = !self.inner.dma.gate_state().quiesced;
+        let waited = self.inner.dma.quiesce();
+        Ok(QuiesceReport {
+            waited_us: waited.as_micros() as u64,
+            was_bus_master: was,
+            detail: "DMA engine gate closed; no write in progress".into(),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), VfDeviceError> {
+        self.inner.dma.resume();
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<ResetReport, VfDeviceError> {
+        Ok(ResetReport {
+            performed: false,
+            flr_advertised: None,
+            detail: "the soft VF has no device to reset; nothing done".into(),
+        })
+    }
+
+    fn dirty_tracking(&self) -> DirtyTracking {
+        DirtyTracking::DmaEngine
+    }
+
+    fn sync_dirty(&mut self, report: &mut dyn FnMut(u64, u64)) -> Result<u64, VfDeviceError> {
+        let bitmap = self.inner.dma.device_dirty_bitmap();
+        let mut seen = lock(&self.inner.dirty_seen);
+        if !seen
+            .bitmap
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, &bitmap))
+        {
+            // A new epoch (or a grown table): its bitmap starts from what it holds now.
+            seen.bitmap = Some(Arc::clone(&bitmap));
+            seen.words.clear();
+        }
+        let page = crate::dirty::LOG_PAGE_SIZE;
+        Ok(bitmap.report_new(&mut seen.words, |p| report(p * page, page)))
+    }
+
+    fn release(&mut self) -> Result<(), VfDeviceError> {
+        self.close();
+        Ok(())
+    }
+
+    fn status(&self) -> DeviceStatus {
+        let mem = self.inner.dma.ram().memory();
+        let regions = crate::guest_ram::regions(&mem);
+        DeviceStatus {
+            name: self.name(),
+            description: self.describe(),
+            dirty_tracking: Some(DirtyTracking::DmaEngine),
+            mapped_regions: regions.len(),
+            mapped_bytes: regions.iter().map(|r| r.size).sum(),
+            quiesced: self.inner.dma.gate_state().quiesced,
+            released: self.inner.closed.load(Ordering::SeqCst),
         }
     }
 }

@@ -569,3 +569,42 @@ fn a_peer_that_has_not_set_up_its_qp_yet_is_waited_for() {
     assert_eq!(one(&a.vf).status, Status::Success);
     assert_eq!(one(&b.vf).imm, Some(7));
 }
+
+#[test]
+fn the_device_side_syncs_engine_writes_and_quiesces_the_engine() {
+    use crate::vf::{DirtyTracking, VfDevice};
+    let t = vm("dev");
+    let mut dev = t.vf.clone();
+    assert_eq!(dev.dirty_tracking(), DirtyTracking::DmaEngine);
+    assert_eq!(dev.name(), "dev");
+    t.dma.write(0x3000, &[1; 10]).unwrap();
+    t.dma.write(0x5ff0, &[1; 32]).unwrap(); // pages 5 and 6
+    let mut got = vec![];
+    assert_eq!(dev.sync_dirty(&mut |g, l| got.push((g, l))).unwrap(), 3);
+    assert_eq!(got, vec![(0x3000, 4096), (0x5000, 4096), (0x6000, 4096)]);
+    assert_eq!(dev.sync_dirty(&mut |_, _| {}).unwrap(), 0, "nothing new");
+    t.dma.write(0x9000, &[1]).unwrap();
+    got.clear();
+    assert_eq!(dev.sync_dirty(&mut |g, l| got.push((g, l))).unwrap(), 1);
+    assert_eq!(got, vec![(0x9000, 4096)]);
+    assert_eq!(
+        t.dma.device_dirty_bitmap().count(),
+        4,
+        "statistics untouched"
+    );
+    // A new epoch starts from its own bitmap.
+    t.dma.set_log_requested(true);
+    assert_eq!(dev.sync_dirty(&mut |_, _| {}).unwrap(), 0);
+
+    let q = dev.quiesce().unwrap();
+    assert!(q.was_bus_master);
+    assert!(dev.status().quiesced);
+    assert_eq!(t.dma.write(0, &[1]).unwrap_err(), DmaError::Quiesced);
+    dev.resume().unwrap();
+    assert!(!dev.status().quiesced);
+    assert_eq!(dev.status().mapped_bytes, RAM as u64);
+    assert!(!dev.reset().unwrap().performed);
+    dev.release().unwrap();
+    dev.release().unwrap();
+    assert!(dev.status().released);
+}
