@@ -57,6 +57,12 @@ enum Command {
         /// Cluster file: `{"vms": {"NAME": "host:port", ...}}`, the fabric address of every VM.
         #[arg(long)]
         cluster: Option<PathBuf>,
+        /// Own this SR-IOV VF, bound to vfio-pci (PCI address `0000:00:02.1` or `00:02.1`):
+        /// guest RAM is mapped into its IOMMU domain at IOVA = GPA, it is quiesced at
+        /// switchover, and its dirty pages go into QEMU's log. The companion exits with the
+        /// reason if the VF cannot be opened (check it first with `vfmig vf check BDF`).
+        #[arg(long, value_name = "BDF")]
+        vfio: Option<String>,
     },
     /// Start a VM's companion and then QEMU, with all files in one run directory; stop both on
     /// Ctrl-C or when QEMU exits.
@@ -189,6 +195,10 @@ enum Command {
     /// Benchmarks that compare whole migrations side by side in one run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Real VFs bound to vfio-pci: check one, or run the self-test of every step the companion
+    /// relies on.
+    #[command(subcommand)]
+    Vf(VfCommand),
     /// The main job on this machine: two VMs with companions, a device writing guest RAM during
     /// precopy, one migration, and a check that no device write was lost. Its last output line
     /// is a JSON object.
@@ -328,6 +338,58 @@ enum BenchCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum VfCommand {
+    /// Report on a VF: its driver, IOMMU group and members, IDs, VFIO regions, reset and FLR,
+    /// and dirty-tracking mode, with every problem and how to fix it. Works (reporting the
+    /// problem) even when the VF cannot be opened. Exits non-zero if vfmig cannot use the VF.
+    Check {
+        /// PCI address of the VF: `0000:00:02.1`, or `00:02.1` for domain 0000.
+        bdf: String,
+        /// Print the report as one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Where sysfs is mounted (for tests against a fake tree).
+        #[arg(long, default_value = "/sys", value_name = "DIR")]
+        sysfs_root: PathBuf,
+    },
+    /// Exercise a VF bound to vfio-pci step by step: open, map_memfd (16 MiB of memfd as guest
+    /// RAM at IOVA = GPA 0x100000000), read_config, bus_master, reset, dirty_tracking, unmap
+    /// (with a remap on a changed table), release. Prints `step NAME: ok` or the error as each
+    /// step finishes, then, as the last line, a JSON object
+    /// `{"bdf":…,"steps":{…},"dirty_tracking":…,"ok":…,"details":{…}}`. Exits non-zero if a
+    /// step failed. Needs root (or access to /dev/vfio) and a locked-memory limit of 16 MiB.
+    SelfTest {
+        /// PCI address of the VF: `0000:00:02.1`, or `00:02.1` for domain 0000.
+        bdf: String,
+    },
+    /// Prove the VFIO path on this machine without SR-IOV hardware: boot an L1 guest under TCG
+    /// with an emulated IOMMU (intel-iommu) and SR-IOV NIC (igb), create two VFs, bind one to
+    /// vfio-pci, and run `vfmig vf self-test` on it inside L1. Prints each step as it finishes;
+    /// the last line is one JSON object `{"steps":{"boot":…,"create_vfs":…,
+    /// "bind_vfio_pci":…,"open":…,…},"dirty_tracking":…,"ok":…}`. Exits non-zero if a step
+    /// failed. Needs `tools/setup.sh` (kernel, L1 initramfs) and `tools/build-static.sh`.
+    NestedTest {
+        /// The statically linked vfmig to run inside L1 (default: the one
+        /// tools/build-static.sh builds, or $VFMIG_STATIC_BIN).
+        #[arg(long)]
+        vfmig: Option<PathBuf>,
+        /// L1's RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        mem_mib: u64,
+        /// Fail if L1 has not finished after this many seconds.
+        #[arg(long, default_value_t = 240)]
+        timeout: u64,
+        /// Where to write the combined initramfs and L1's console log (default: a fresh
+        /// temporary directory, kept).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Also print every line of L1's console (on stderr).
+        #[arg(long)]
+        verbose: bool,
+    },
+}
+
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -355,6 +417,7 @@ fn main() -> Result<()> {
             unsafe_no_tracking,
             fabric_listen,
             cluster,
+            vfio,
         } => {
             init_logging("info");
             let cluster = match cluster {
@@ -368,8 +431,10 @@ fn main() -> Result<()> {
                 unsafe_no_tracking,
                 fabric_listen,
                 cluster,
+                vfio,
             })?;
         }
+        Command::Vf(cmd) => run_vf(cmd)?,
         Command::Launch {
             name,
             run_dir,
@@ -862,4 +927,66 @@ fn tempfile_dir() -> Result<PathBuf> {
     let base = std::env::temp_dir().join(format!("vfmig-run-{}", std::process::id()));
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     Ok(base)
+}
+
+/// `vfmig vf …`: the handlers of the VF commands.
+fn run_vf(cmd: VfCommand) -> Result<()> {
+    use std::io::Write;
+    use vfmig::vf::vfio;
+    init_logging("warn");
+    let ok = match cmd {
+        VfCommand::Check {
+            bdf,
+            json,
+            sysfs_root,
+        } => {
+            let report = vfio::check_with_root(&sysfs_root, &bdf);
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{report}");
+            }
+            report.ok
+        }
+        VfCommand::NestedTest {
+            vfmig,
+            mem_mib,
+            timeout,
+            work_dir,
+            verbose,
+        } => {
+            use vfmig::orchestrator::nested::{self, NestedOptions};
+            let mut opts = NestedOptions::from_setup(run_dir_or_temp(work_dir)?);
+            if let Some(v) = vfmig {
+                opts.vfmig = v;
+            }
+            opts.mem_mib = mem_mib;
+            opts.timeout = Duration::from_secs(timeout);
+            opts.verbose = verbose;
+            eprintln!(
+                "vf nested-test: booting L1 (kernel {}), console in {}",
+                opts.kernel.display(),
+                opts.work_dir.join("l1-console.log").display()
+            );
+            let report = nested::run(&opts, &mut |name, result| {
+                println!("step {name}: {result}");
+                let _ = std::io::stdout().flush();
+            })?;
+            println!("{}", serde_json::to_string(&report.to_json())?);
+            report.ok
+        }
+        VfCommand::SelfTest { bdf } => {
+            let report = vfio::self_test(&bdf, &mut |step| {
+                println!("{step}");
+                let _ = std::io::stdout().flush();
+            });
+            println!("{}", serde_json::to_string(&report)?);
+            report.ok()
+        }
+    };
+    std::io::stdout().flush()?;
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
 }

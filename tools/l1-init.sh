@@ -2,7 +2,8 @@
 # /init of the nested VFIO test's L1 guest (busybox). Run by `vfmig vf nested-test`.
 # It loads igb and vfio-pci (the order setup.sh computed from each module's depends=), creates
 # two VFs on the emulated igb PF through sriov_numvfs, binds the first to vfio-pci, then runs
-# vfmig's VFIO self-test on it. Each step prints one line `vfmig-l1: step NAME: ok|error: …`,
+# vfmig's VFIO self-test on it, and checks that vfmig refuses the second, unbound VF. Each step
+# prints one line `vfmig-l1: step NAME: ok|error: …`,
 # which the host side reads from the serial console; the self-test prints its own steps and,
 # last, its JSON result. Then the guest powers off.
 export PATH=/bin:/sbin
@@ -60,4 +61,16 @@ step bind_vfio_pci "ok ($vf in IOMMU group $group, /dev/vfio/$group)"
 
 /bin/vfmig vf check "$vf"
 /bin/vfmig vf self-test "$vf"
-finish $?
+rc=$?
+
+# The negative control: the second VF is bound to no driver; vfmig must refuse it at `open`
+# and say how to bind it to vfio-pci.
+vf1=$(basename "$(readlink /sys/bus/pci/devices/$pf/virtfn1)")
+out=$(/bin/vfmig vf self-test "$vf1" 2>&1)
+if [ $? -ne 0 ] && echo "$out" | grep -q "step open: error" && echo "$out" | grep -q driver_override; then
+  step refuses_unbound_vf "ok (VF1 $vf1, bound to no driver, refused at open with the rebind commands)"
+else
+  step refuses_unbound_vf "error: vfmig did not refuse VF1 $vf1 (bound to no driver) at open with the rebind commands: $(echo "$out" | grep '^step open' | head -1)"
+  rc=1
+fi
+finish $rc

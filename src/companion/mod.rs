@@ -5,6 +5,7 @@
 //! ([`generator`]), and answers the orchestrator on a control socket ([`control`]).
 
 pub mod control;
+pub mod device;
 pub mod generator;
 pub mod guest_link;
 pub mod vhost_filter;
@@ -25,8 +26,10 @@ use std::os::fd::AsRawFd;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::guest_ram;
+use crate::vf::vfio::{VfioVf, VfioVfError};
 use crate::vf::{self, soft::SoftVf, DmaEngine};
 use control::{Handler, Request, MAX_READ};
+use device::DeviceSide;
 use generator::{Generator, GeneratorStatus};
 use guest_link::GuestLink;
 use vhost_net::NetBackend;
@@ -66,6 +69,16 @@ pub enum CompanionError {
         #[source]
         source: std::io::Error,
     },
+    /// The VFIO VF could not be opened.
+    #[error("VM {vm}: cannot own the VFIO VF {bdf}: {error}")]
+    Vfio {
+        /// The VM's name.
+        vm: String,
+        /// The VF's PCI address.
+        bdf: String,
+        /// Why (in the message, so not repeated as a cause).
+        error: Box<VfioVfError>,
+    },
     /// The vhost-user daemon failed.
     #[error("VM {vm}: vhost-user backend failed: {reason}")]
     Daemon {
@@ -91,6 +104,8 @@ pub struct CompanionConfig {
     pub fabric_listen: Option<String>,
     /// VM name → fabric address of every VM (the cluster file).
     pub cluster: vf::soft::ClusterMap,
+    /// PCI address of a VF bound to vfio-pci that the companion owns; none: no VFIO VF.
+    pub vfio: Option<String>,
 }
 
 /// The companion's shared state, as the control socket sees it.
@@ -99,6 +114,8 @@ struct Companion {
     dma: Arc<DmaEngine>,
     net: NetBackend,
     vf: Option<SoftVf>,
+    /// The VFIO VF's device side (`--vfio`).
+    device: Option<Arc<DeviceSide>>,
     guest: Arc<GuestLink>,
     generator: Mutex<Option<Generator>>,
     vhost_connected: AtomicBool,
@@ -125,6 +142,7 @@ impl Companion {
             "gate": self.dma.gate_state(),
             "tracking": self.dma.tracking(),
             "vhost_messages": *self.vhost_messages.lock().unwrap_or_else(|e| e.into_inner()),
+            "vfio": self.device.as_ref().map(|d| d.status()),
         })
     }
 
@@ -245,6 +263,9 @@ impl Handler for Companion {
             Request::Quit => {
                 self.quit.store(true, Ordering::SeqCst);
                 tracing::info!("quit requested on the control socket");
+                if let Some(device) = &self.device {
+                    device.release();
+                }
                 // Exit from a helper thread after the reply has gone out.
                 std::thread::spawn(|| {
                     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -263,6 +284,25 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     if config.unsafe_no_tracking {
         dma.set_tracking(false);
     }
+    // Own the VFIO VF before anything else, so that a VF that cannot be used stops the
+    // companion at once with the reason.
+    let device = match &config.vfio {
+        Some(bdf) => {
+            let vfio = VfioVf::open(bdf).map_err(|source| CompanionError::Vfio {
+                vm: config.name.clone(),
+                bdf: bdf.clone(),
+                error: Box::new(source),
+            })?;
+            let side = DeviceSide::new(Box::new(vfio), dma.clone());
+            side.start_sync_thread(device::SYNC_PERIOD)
+                .map_err(|e| CompanionError::Daemon {
+                    vm: config.name.clone(),
+                    reason: format!("cannot start the VF dirty-sync thread: {e}"),
+                })?;
+            Some(side)
+        }
+        None => None,
+    };
     let vf = match &config.fabric_listen {
         Some(addr) => Some(
             SoftVf::start(
@@ -284,12 +324,16 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
         vm: config.name.clone(),
         reason: format!("cannot set up the guest link: {e}"),
     })?;
-    let net = NetBackend::new(dma.clone(), guest.clone());
+    let mut net = NetBackend::new(dma.clone(), guest.clone());
+    if let Some(side) = &device {
+        net = net.with_device(side.clone());
+    }
     let companion = Arc::new(Companion {
         name: config.name.clone(),
         dma,
         net: net.clone(),
         vf,
+        device: device.clone(),
         guest: guest.clone(),
         generator: Mutex::new(None),
         vhost_connected: AtomicBool::new(false),
@@ -383,6 +427,9 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
             Err(e) => tracing::warn!(error = %e, "QEMU connection ended with an error"),
         }
         if companion.quit.load(Ordering::SeqCst) {
+            if let Some(side) = &device {
+                side.release();
+            }
             return Ok(());
         }
     }

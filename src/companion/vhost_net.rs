@@ -25,6 +25,7 @@ use vm_memory::Bytes;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
+use super::device::DeviceSide;
 use super::guest_link::GuestLink;
 use crate::dirty::QemuLogBitmap;
 use crate::guest_ram::GuestRam;
@@ -71,6 +72,8 @@ pub struct NetBackend {
     guest: Arc<GuestLink>,
     event_idx: Arc<AtomicBool>,
     counters: Arc<Counters>,
+    /// A VFIO VF's device side, when the companion owns one (`--vfio`).
+    device: Option<Arc<DeviceSide>>,
 }
 
 impl NetBackend {
@@ -81,7 +84,15 @@ impl NetBackend {
             guest,
             event_idx: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(Counters::default()),
+            device: None,
         }
+    }
+
+    /// The same backend, also driving a VF's device side: each memory table is mapped into
+    /// it, and it is quiesced (and its last dirty pages logged) at switchover.
+    pub fn with_device(mut self, device: Arc<DeviceSide>) -> Self {
+        self.device = Some(device);
+        self
     }
 
     /// Counters so far.
@@ -99,6 +110,10 @@ impl NetBackend {
     /// returns, every device write that landed is marked in QEMU's log. Idempotent.
     pub fn quiesce(&self, message: &str, queue_index: u32) {
         if !self.dma.gate_state().quiesced {
+            // The VF's own DMA first: stop it, then log what it wrote, before the reply.
+            if let Some(device) = &self.device {
+                device.quiesce(message);
+            }
             let waited = self.dma.quiesce();
             self.counters.quiesces.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
@@ -229,6 +244,9 @@ impl VhostUserBackend for NetBackend {
         // VM runs again (a failed or cancelled migration), so the VF may work again.
         if self.dma.gate_state().quiesced {
             self.dma.resume();
+            if let Some(device) = &self.device {
+                device.resume();
+            }
         }
     }
 
@@ -242,9 +260,12 @@ impl VhostUserBackend for NetBackend {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
-    fn update_memory(&self, _mem: GuestRam) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestRam) -> io::Result<()> {
         self.counters.mem_tables.fetch_add(1, Ordering::Relaxed);
         self.dma.adopt_memory();
+        if let Some(device) = &self.device {
+            device.on_memory_table(&mem.memory().into_inner());
+        }
         Ok(())
     }
 
