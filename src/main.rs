@@ -183,6 +183,16 @@ enum Command {
         #[arg(long, requires = "src_control")]
         dst_control: Option<PathBuf>,
     },
+    /// Send one request to a companion's control socket and print its reply (JSON): for
+    /// wrapper scripts and operators. Exits non-zero if the companion refuses it.
+    Ctl {
+        /// The companion's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// The request: a command name (`status`, `stats`, `quit`, …) or a whole JSON request
+        /// such as `{"cmd":"read","gpa":4096,"len":64}`.
+        request: String,
+    },
     /// Read a migration's timeline (from --trace): print its phase table and write an SVG
     /// with the timeline and the curves of remaining bytes and dirty rate.
     Report {
@@ -627,6 +637,18 @@ fn main() -> Result<()> {
             }
             let summary = result?;
             println!("{}", serde_json::to_string(&summary)?);
+        }
+        Command::Ctl { control, request } => {
+            init_logging("warn");
+            let line = if request.trim_start().starts_with('{') {
+                request.clone()
+            } else {
+                serde_json::json!({ "cmd": request.trim() }).to_string()
+            };
+            let cmd: Request = serde_json::from_str(&line)
+                .with_context(|| format!("`{request}` is not a control request"))?;
+            let reply = ControlClient::connect(&control, Duration::from_secs(5))?.call(&cmd)?;
+            println!("{}", serde_json::to_string(&reply)?);
         }
         Command::Report { file, svg } => {
             init_logging("warn");

@@ -12,10 +12,11 @@ use common::{machine, RunDir};
 const VFMIG: &str = env!("CARGO_BIN_EXE_vfmig");
 
 /// Every step the issue names, in order, after L1's own, and the negative control last.
-const STEPS: [&str; 12] = [
+const STEPS: [&str; 14] = [
     "boot",
     "create_vfs",
     "bind_vfio_pci",
+    "check",
     "open",
     "map_memfd",
     "read_config",
@@ -24,6 +25,7 @@ const STEPS: [&str; 12] = [
     "dirty_tracking",
     "unmap",
     "release",
+    "companion_owns_vf",
     "refuses_unbound_vf",
 ];
 
@@ -56,6 +58,8 @@ fn the_vfio_self_test_passes_on_an_emulated_sr_iov_vf_inside_l1() {
     }
     // igb's VFs under plain vfio-pci cannot log their DMA: the fallback is announced.
     assert_eq!(v["dirty_tracking"], "all-writable-pages");
+    assert_eq!(v["check"]["driver"], "vfio-pci");
+    assert_eq!(v["check"]["dirty_tracking"], "all-writable-pages");
     assert_eq!(v["ok"], true);
     assert!(out.status.success());
 }

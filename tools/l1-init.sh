@@ -59,9 +59,34 @@ if [ "$drv" != vfio-pci ] || [ ! -e /dev/vfio/$group ]; then
 fi
 step bind_vfio_pci "ok ($vf in IOMMU group $group, /dev/vfio/$group)"
 
-/bin/vfmig vf check "$vf"
+# What vfmig says it can do with the VF (the runner reads the JSON).
+echo "vfmig-l1: check-json $(/bin/vfmig vf check --json "$vf")"
 /bin/vfmig vf self-test "$vf"
 rc=$?
+
+# The companion owns the VF: it opens it at start, reports it in `status`, releases it on quit
+# (after which the VF can be opened again).
+mkdir -p /run/vfmig
+/bin/vfmig companion --name l1 --socket /run/vfmig/vhost.sock --control /run/vfmig/control.sock \
+  --vfio "$vf" 2>/run/vfmig/companion.log &
+cpid=$!
+for i in $(seq 1 100); do [ -S /run/vfmig/control.sock ] && break; sleep 0.1; done
+st=$(/bin/vfmig ctl --control /run/vfmig/control.sock status 2>&1)
+if echo "$st" | grep -q "\"name\":\"$vf\"" && echo "$st" | grep -q '"released":false'; then
+  /bin/vfmig ctl --control /run/vfmig/control.sock quit >/dev/null 2>&1
+  for i in $(seq 1 50); do kill -0 $cpid 2>/dev/null || break; sleep 0.1; done
+  if kill -0 $cpid 2>/dev/null; then
+    step companion_owns_vf "error: the companion did not exit after quit"; rc=1
+  elif /bin/vfmig vf check "$vf" >/dev/null 2>&1; then
+    step companion_owns_vf "ok (companion --vfio $vf: in status, released on quit, the VF opens again)"
+  else
+    step companion_owns_vf "error: after the companion quit, $vf cannot be opened again"; rc=1
+  fi
+else
+  step companion_owns_vf "error: the companion's status does not show $vf: $st $(tail -3 /run/vfmig/companion.log)"
+  rc=1
+  kill $cpid 2>/dev/null
+fi
 
 # The negative control: the second VF is bound to no driver; vfmig must refuse it at `open`
 # and say how to bind it to vfio-pci.

@@ -117,6 +117,8 @@ pub struct NestedReport {
     pub dirty_tracking: Option<String>,
     /// The VF's address inside L1.
     pub bdf: Option<String>,
+    /// What `vfmig vf check --json` said of the VF.
+    pub check: Option<Value>,
     /// From starting QEMU to L1 powering off.
     pub elapsed: Duration,
     /// Whether every step passed.
@@ -141,6 +143,9 @@ impl NestedReport {
         if let Some(b) = &self.bdf {
             out["bdf"] = json!(b);
         }
+        if let Some(c) = &self.check {
+            out["check"] = c.clone();
+        }
         if let Some(e) = &self.error {
             out["error"] = json!(e);
         }
@@ -157,6 +162,8 @@ enum Line {
     SelfTestStep(String, String),
     /// The self-test's JSON result.
     Result(Value),
+    /// `vfmig-l1: check-json {…}`: `vfmig vf check --json` on the VF.
+    Check(Value),
     /// `vfmig-l1: done rc=N`.
     Done(i32),
     Other,
@@ -172,6 +179,9 @@ fn parse_line(line: &str) -> Line {
         if let Some((k, v)) = step(rest) {
             return Line::L1Step(k, v);
         }
+    }
+    if let Some(rest) = line.strip_prefix("vfmig-l1: check-json ") {
+        return Line::Check(serde_json::from_str(rest).unwrap_or(Value::Null));
     }
     if let Some(rest) = line.strip_prefix("vfmig-l1: done rc=") {
         return Line::Done(rest.trim().parse().unwrap_or(-1));
@@ -189,6 +199,38 @@ fn parse_line(line: &str) -> Line {
         }
     }
     Line::Other
+}
+
+/// The `check` step's result from `vfmig vf check --json`: ok with what matters, or the
+/// problems it found.
+fn check_verdict(v: &Value) -> String {
+    if v["ok"] == true {
+        format!(
+            "ok (driver {}, IOMMU group {}, {} regions, reset {}, FLR {}, dirty tracking {})",
+            v["driver"].as_str().unwrap_or("?"),
+            v["iommu_group"],
+            v["regions"].as_array().map_or(0, Vec::len),
+            if v["reset_supported"] == true {
+                "supported"
+            } else {
+                "unsupported"
+            },
+            if v["flr_advertised"] == true {
+                "advertised"
+            } else {
+                "not advertised"
+            },
+            v["dirty_tracking"].as_str().unwrap_or("?"),
+        )
+    } else if v.is_null() {
+        "error: `vfmig vf check --json` printed no JSON".into()
+    } else {
+        let problems: Vec<&str> = v["problems"]
+            .as_array()
+            .map(|p| p.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        format!("error: {}", problems.join("; "))
+    }
 }
 
 /// Is `path` a statically linked ELF (no program interpreter)?
@@ -353,6 +395,7 @@ pub fn run(
         steps: Vec::new(),
         dirty_tracking: None,
         bdf: None,
+        check: None,
         elapsed: Duration::ZERO,
         ok: false,
         error: None,
@@ -381,6 +424,11 @@ pub fn run(
                 match parsed {
                     Line::L1Step(k, v) | Line::SelfTestStep(k, v) => record(&mut report, k, v),
                     Line::Result(v) => result = Some(v),
+                    Line::Check(v) => {
+                        let verdict = check_verdict(&v);
+                        report.check = Some(v);
+                        record(&mut report, "check".into(), verdict);
+                    }
                     Line::Done(rc) => done_rc = Some(rc),
                     Line::Other => {}
                 }
@@ -461,6 +509,10 @@ mod tests {
             Line::Result(_)
         ));
         assert_eq!(parse_line(r#"{"other":1}"#), Line::Other);
+        assert!(matches!(
+            parse_line(r#"vfmig-l1: check-json {"ok":true}"#),
+            Line::Check(v) if v["ok"] == true
+        ));
         assert_eq!(parse_line("[    1.0] igb 0000:01:00.0: ..."), Line::Other);
     }
 
@@ -492,6 +544,21 @@ mod tests {
     }
 
     #[test]
+    fn the_check_step_says_what_check_found() {
+        let good = json!({"ok": true, "driver": "vfio-pci", "iommu_group": 4,
+            "regions": [{}, {}], "reset_supported": true, "flr_advertised": true,
+            "dirty_tracking": "all-writable-pages"});
+        let v = check_verdict(&good);
+        assert!(
+            v.starts_with("ok (driver vfio-pci, IOMMU group 4, 2 regions"),
+            "{v}"
+        );
+        let bad = json!({"ok": false, "problems": ["bound to igbvf", "no IOMMU"]});
+        assert_eq!(check_verdict(&bad), "error: bound to igbvf; no IOMMU");
+        assert!(check_verdict(&Value::Null).starts_with("error"));
+    }
+
+    #[test]
     fn report_json_names_every_step() {
         let r = NestedReport {
             steps: vec![
@@ -500,6 +567,7 @@ mod tests {
             ],
             dirty_tracking: Some("all-writable-pages".into()),
             bdf: Some("0000:01:10.0".into()),
+            check: None,
             elapsed: Duration::from_millis(6100),
             ok: false,
             error: None,
