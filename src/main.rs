@@ -372,6 +372,15 @@ enum VfCommand {
     SelfTest {
         /// PCI address of the VF: `0000:00:02.1`, or `00:02.1` for domain 0000.
         bdf: String,
+        /// Also make the VF DMA: on an Intel 82576 VF, set up a receive ring in the mapped
+        /// memfd, send it a frame from this network interface (its PF's), and check that the
+        /// device wrote it there and that the dirty sync reports the page (step `device_dma`).
+        #[arg(long, value_name = "IFACE")]
+        dma_from: Option<String>,
+        /// With --dma-from, the negative control: the receive ring names IOVAs outside the
+        /// IOMMU mapping, so the device's writes fault and `device_dma` must fail.
+        #[arg(long, requires = "dma_from")]
+        dma_unmapped: bool,
     },
     /// Prove the VFIO path on this machine without SR-IOV hardware: boot an L1 guest under TCG
     /// with an emulated IOMMU (intel-iommu) and SR-IOV NIC (igb), create two VFs, bind one to
@@ -997,8 +1006,16 @@ fn run_vf(cmd: VfCommand) -> Result<()> {
             println!("{}", serde_json::to_string(&report.to_json())?);
             report.ok
         }
-        VfCommand::SelfTest { bdf } => {
-            let report = vfio::self_test(&bdf, &mut |step| {
+        VfCommand::SelfTest {
+            bdf,
+            dma_from,
+            dma_unmapped,
+        } => {
+            let dma = dma_from.as_deref().map(|from| vfio::DmaProbe {
+                from,
+                unmapped: dma_unmapped,
+            });
+            let report = vfio::self_test_with_dma(&bdf, dma, &mut |step| {
                 println!("{step}");
                 let _ = std::io::stdout().flush();
             });

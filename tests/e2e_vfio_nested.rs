@@ -11,8 +11,9 @@ use common::{machine, RunDir};
 
 const VFMIG: &str = env!("CARGO_BIN_EXE_vfmig");
 
-/// Every step the issue names, in order, after L1's own, and the negative control last.
-const STEPS: [&str; 14] = [
+/// Every step, in order: L1's own, `vf check`, the self-test's (with `device_dma`: the VF
+/// receives a frame into the mapped memfd), then the negative controls and the companion.
+const STEPS: [&str; 16] = [
     "boot",
     "create_vfs",
     "bind_vfio_pci",
@@ -23,8 +24,10 @@ const STEPS: [&str; 14] = [
     "bus_master",
     "reset",
     "dirty_tracking",
+    "device_dma",
     "unmap",
     "release",
+    "dma_negative_control",
     "companion_owns_vf",
     "refuses_unbound_vf",
 ];
@@ -60,6 +63,11 @@ fn the_vfio_self_test_passes_on_an_emulated_sr_iov_vf_inside_l1() {
     assert_eq!(v["dirty_tracking"], "all-writable-pages");
     assert_eq!(v["check"]["driver"], "vfio-pci");
     assert_eq!(v["check"]["dirty_tracking"], "all-writable-pages");
+    // The device really wrote the mapped memory, at the GPA its descriptor named.
+    assert!(
+        stdout.contains("was written by the device at GPA 0x100801000 through the IOMMU"),
+        "{stdout}"
+    );
     assert_eq!(v["ok"], true);
     assert!(out.status.success());
 }

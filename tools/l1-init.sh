@@ -61,8 +61,23 @@ step bind_vfio_pci "ok ($vf in IOMMU group $group, /dev/vfio/$group)"
 
 # What vfmig says it can do with the VF (the runner reads the JSON).
 echo "vfmig-l1: check-json $(/bin/vfmig vf check --json "$vf")"
-/bin/vfmig vf self-test "$vf"
+# The PF's interface, up: the self-test sends the VF a frame from it, which the emulated NIC
+# switches to the VF (VMDq loopback), and the VF DMAs it into the mapped memfd.
+pfif=$(ls /sys/bus/pci/devices/$pf/net/ 2>/dev/null | head -1)
+ip link set "$pfif" up 2>/dev/null
+for i in $(seq 1 50); do [ "$(cat /sys/class/net/$pfif/carrier 2>/dev/null)" = 1 ] && break; sleep 0.1; done
+/bin/vfmig vf self-test "$vf" --dma-from "$pfif"
 rc=$?
+
+# The DMA check's negative control: with the ring's IOVAs outside the IOMMU mapping, the
+# device's writes fault and the frame must not be found.
+out=$(/bin/vfmig vf self-test "$vf" --dma-from "$pfif" --dma-unmapped 2>&1)
+if [ $? -ne 0 ] && echo "$out" | grep -q "step device_dma: error: no frame arrived"; then
+  step dma_negative_control "ok (ring outside the IOMMU mapping: the device's writes faulted, no frame found)"
+else
+  step dma_negative_control "error: with the ring outside the mapping the check did not fail as it must: $(echo "$out" | grep '^step device_dma' | head -1)"
+  rc=1
+fi
 
 # The companion owns the VF: it opens it at start, reports it in `status`, releases it on quit
 # (after which the VF can be opened again).

@@ -421,6 +421,16 @@ impl VfioVf {
         Ok(Self::config_of(self.opened()?))
     }
 
+    /// Byte access to the device's VFIO region `index` (BAR0 is 0), through the device fd.
+    pub fn region(&self, index: u32) -> Result<impl ConfigSpace + '_, VfioVfError> {
+        let open = self.opened()?;
+        Ok(VfioConfig {
+            device: &open.device,
+            offset: open.device.get_region_offset(index),
+            size: open.device.get_region_size(index),
+        })
+    }
+
     fn config_error(&self, what: &str, source: io::Error) -> VfioVfError {
         VfioVfError::Config {
             bdf: self.bdf.to_string(),

@@ -9,12 +9,14 @@
 //! - Dirty pages come from device DMA logging where the device's VFIO driver has it; otherwise
 //!   every writable mapped page counts as dirty at every sync ([`dirty`]).
 //! - [`check`] reports on a device without needing it to work; [`self_test`] exercises every
-//!   step the companion relies on.
+//!   step the companion relies on, and on an 82576 VF ([`igbvf`]) makes the device DMA a
+//!   received frame into the mapped guest RAM.
 
 pub mod check;
 pub mod config;
 mod device;
 pub mod dirty;
+pub mod igbvf;
 pub mod mapping;
 pub mod selftest;
 pub mod sysfs;
@@ -24,7 +26,10 @@ use std::path::PathBuf;
 pub use check::{check, check_with_root, CheckReport, DeviceRegion};
 pub use device::VfioVf;
 pub use mapping::RegionKey;
-pub use selftest::{self_test, self_test_with_root, SelfTestReport, Step, StepResult, STEPS};
+pub use selftest::{
+    self_test, self_test_with_dma, self_test_with_root, DmaProbe, SelfTestReport, Step, StepResult,
+    STEPS,
+};
 pub use sysfs::{Bdf, GroupMember, SysfsInfo, DEFAULT_SYSFS_ROOT};
 
 /// "bound to X" or "has no driver", for messages.

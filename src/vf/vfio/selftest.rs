@@ -5,6 +5,11 @@
 //! 0x1_0000_0000 as guest RAM), `read_config`, `bus_master`, `reset`, `dirty_tracking`,
 //! `unmap` (including a remap on a changed table), `release`. After a failed step the rest
 //! are skipped.
+//!
+//! With a network interface to send from (`--dma-from`, the PF's interface), an extra step
+//! `device_dma` after `dirty_tracking` makes an 82576 VF receive a frame sent from it: the
+//! device writes it into the mapped memfd through the IOMMU, and the page must be reported by
+//! the dirty sync.
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -103,9 +108,12 @@ pub struct SelfTestReport {
 }
 
 impl SelfTestReport {
-    /// Whether every step passed.
+    /// Whether every step passed (every one of [`STEPS`], and `device_dma` when it ran).
     pub fn ok(&self) -> bool {
-        self.steps.len() == STEPS.len() && self.steps.iter().all(Step::ok)
+        STEPS
+            .iter()
+            .all(|name| self.steps.iter().any(|s| s.name == *name))
+            && self.steps.iter().all(Step::ok)
     }
 }
 
@@ -276,6 +284,34 @@ pub fn self_test_with_root(
     bdf: &str,
     progress: &mut dyn FnMut(&Step),
 ) -> SelfTestReport {
+    self_test_full(sysfs_root, bdf, None, progress)
+}
+
+/// The `device_dma` step's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct DmaProbe<'a> {
+    /// The interface that sends the VF its frame (the PF's).
+    pub from: &'a str,
+    /// Negative control: the receive ring names IOVAs outside the IOMMU mapping, so the
+    /// device's writes fault and the step must fail with "no frame arrived".
+    pub unmapped: bool,
+}
+
+/// As [`self_test`], with the `device_dma` step when `dma` is given.
+pub fn self_test_with_dma(
+    bdf: &str,
+    dma: Option<DmaProbe<'_>>,
+    progress: &mut dyn FnMut(&Step),
+) -> SelfTestReport {
+    self_test_full(Path::new(DEFAULT_SYSFS_ROOT), bdf, dma, progress)
+}
+
+fn self_test_full(
+    sysfs_root: &Path,
+    bdf: &str,
+    dma: Option<DmaProbe<'_>>,
+    progress: &mut dyn FnMut(&Step),
+) -> SelfTestReport {
     let mut run = Runner {
         steps: Vec::new(),
         failed: None,
@@ -407,6 +443,14 @@ pub fn self_test_with_root(
         }
     });
 
+    if let Some(probe) = dma {
+        run.step("device_dma", || {
+            let v = need(&mut vf)?;
+            let mem = ram.as_ref().ok_or("the self-test RAM is missing")?;
+            device_dma(v, mem, probe)
+        });
+    }
+
     run.step("unmap", || {
         let v = need(&mut vf)?;
         let mem = ram.as_ref().ok_or("the self-test RAM is missing")?;
@@ -462,6 +506,144 @@ pub fn self_test_with_root(
         steps: run.steps,
         dirty_tracking: tracking,
     }
+}
+
+/// Where in the self-test RAM the 82576's receive ring and buffers go.
+const DMA_WINDOW_OFFSET: u64 = 8 << 20;
+
+/// The `device_dma` step: the VF receives a frame sent from `iface` into the mapped memfd, and
+/// the dirty sync reports the page it wrote.
+fn device_dma(v: &mut VfioVf, mem: &Arc<MemfdRam>, probe: DmaProbe<'_>) -> Result<String, String> {
+    use super::igbvf::{self, DmaWindow};
+    let iface = probe.from;
+    let (vendor, device) = v.ids().map_err(|e| e.to_string())?;
+    if (vendor, device) != (igbvf::VENDOR_INTEL, igbvf::DEVICE_82576_VF) {
+        return Err(format!(
+            "vfmig can make only an Intel 82576 VF (8086:10ca) receive a frame; this VF is \
+             {vendor:04x}:{device:04x}: run the self-test without --dma-from"
+        ));
+    }
+    let src_mac = interface_mac(iface)?;
+    // The negative control names IOVAs 1 GiB past the mapping: nothing is mapped there.
+    let iova = TEST_RAM_GPA + DMA_WINDOW_OFFSET + if probe.unmapped { 1 << 30 } else { 0 };
+    let window = DmaWindow {
+        host: mem.addr + DMA_WINDOW_OFFSET as usize,
+        iova,
+        len: igbvf::WINDOW_BYTES,
+    };
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let marker = format!("vfmig-dma-probe {nonce:016x}");
+    let was_master = v.bus_master().map_err(|e| e.to_string())?;
+    v.set_bus_master(true).map_err(|e| e.to_string())?;
+    let got = {
+        let bar0 = v.region(0).map_err(|e| e.to_string())?;
+        igbvf::receive_one(
+            &bar0,
+            window,
+            &mut |mac| send_frame(iface, &igbvf::probe_frame(mac, &src_mac, marker.as_bytes())),
+            std::time::Duration::from_secs(5),
+        )
+    };
+    v.set_bus_master(was_master).map_err(|e| e.to_string())?;
+    let got = got.map_err(|e| e.to_string())?;
+    if !got
+        .data
+        .windows(marker.len())
+        .any(|w| w == marker.as_bytes())
+    {
+        return Err(format!(
+            "the device wrote {} bytes at GPA {:#x}, but not the frame sent (marker `{marker}` \
+             missing)",
+            got.len, got.buffer_gpa
+        ));
+    }
+    let page = got.buffer_gpa & !(LOG_PAGE_SIZE - 1);
+    let mut reported = false;
+    v.sync_dirty(&mut |g, l| reported |= g <= page && page < g + l)
+        .map_err(|e| e.to_string())?;
+    if !reported {
+        return Err(format!(
+            "the device wrote GPA {:#x}, but the dirty sync did not report page {page:#x}",
+            got.buffer_gpa
+        ));
+    }
+    Ok(format!(
+        "VF MAC {} ({}); a {}-byte frame sent from {iface} was written by the device at GPA \
+         {:#x} through the IOMMU, and the dirty sync ({}) reported its page",
+        igbvf::mac_string(&got.mac),
+        if got.mac_from_pf {
+            "given by the PF"
+        } else {
+            "proposed by vfmig"
+        },
+        got.len,
+        got.buffer_gpa,
+        serde_json::to_value(v.dirty_tracking())
+            .ok()
+            .and_then(|x| x.as_str().map(String::from))
+            .unwrap_or_default()
+    ))
+}
+
+/// The MAC address of network interface `iface`, from sysfs.
+fn interface_mac(iface: &str) -> Result<[u8; 6], String> {
+    let path = format!("/sys/class/net/{iface}/address");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {path}: {e} (is `{iface}` a network interface?)"))?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    bytes
+        .try_into()
+        .map_err(|_| format!("{path} holds `{}`, not a MAC address", text.trim()))
+}
+
+/// Sends one Ethernet frame out of `iface` through an AF_PACKET socket.
+fn send_frame(iface: &str, frame: &[u8]) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let name = std::ffi::CString::new(iface)
+        .map_err(|_| Error::new(ErrorKind::InvalidInput, "interface name has a NUL byte"))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("no network interface `{iface}`"),
+        ));
+    }
+    // SAFETY: plain socket(2); the result is checked and owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = index as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: `frame` is valid for reads of its length, `addr` is a sockaddr_ll of the size
+    // given, and `fd` is an open socket.
+    let n = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Checks a remap from `[a, b]` to `[a, b_moved]`: `b` unmapped, `b_moved` mapped, `a` kept,
