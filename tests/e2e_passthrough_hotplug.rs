@@ -13,6 +13,7 @@ use vfmig::orchestrator::launch::{
     mac_for, stand_in_vf_device, PassthroughSlot, Role, RunningVm, PASSTHROUGH_DEVICE,
 };
 use vfmig::orchestrator::migrate::{migrate, MigrateError, MigrateOptions, Quiet};
+use vfmig::qmp::QmpClient;
 
 fn vm(dir: &RunDir, name: &str, role: Role) -> RunningVm {
     let opts = demo_options(Strategy::PassthroughHotplug, dir);
@@ -21,6 +22,23 @@ fn vm(dir: &RunDir, name: &str, role: Role) -> RunningVm {
         device: (role == Role::Source).then(|| stand_in_vf_device(&mac_for("vf"))),
     });
     RunningVm::launch(spec).expect("VM started")
+}
+
+/// A source VM whose guest is up with its driver on the stand-in VF, and its QMP.
+fn source_with_vf_up(dir: &RunDir) -> (RunningVm, QmpClient) {
+    let mut src = vm(dir, "source", Role::Source);
+    src.wait_guest_up(Duration::from_secs(120))
+        .expect("guest up");
+    let sq = src.qmp().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !hotplug::driver_up(&sq, PASSTHROUGH_DEVICE) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never enabled the VF"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (src, sq)
 }
 
 fn hotplug_to(bus: &str) -> Hotplug {
@@ -43,20 +61,9 @@ fn a_guest_that_does_not_release_the_vf_stops_the_migration_before_precopy() {
     let _m = machine();
     init_logging();
     let dir = RunDir::new("hotplug-not-released");
-    let mut src = vm(&dir, "source", Role::Source);
+    let (mut src, sq) = source_with_vf_up(&dir);
     let dst = vm(&dir, "destination", Role::Destination);
-    src.wait_guest_up(Duration::from_secs(120))
-        .expect("guest up");
-    let (sq, dq) = (src.qmp().unwrap(), dst.qmp().unwrap());
-    // The guest's driver has the stand-in VF up before anything happens.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !hotplug::driver_up(&sq, PASSTHROUGH_DEVICE) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest never enabled the VF"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let dq = dst.qmp().unwrap();
     sq.execute("stop", None).unwrap();
     let err = migrate(
         &sq,
@@ -83,25 +90,15 @@ fn a_guest_that_does_not_release_the_vf_stops_the_migration_before_precopy() {
 }
 
 /// A destination without a slot for the VF: the migration completes (the VM runs there), and
-/// the error says the plug failed and what to do; the ranks are not left suspended.
+/// the error says the plug failed and what to do.
 #[test]
 fn a_destination_without_a_vf_slot_reports_the_failed_plug_after_the_migration() {
     let _m = machine();
     init_logging();
     let dir = RunDir::new("hotplug-no-slot");
-    let mut src = vm(&dir, "source", Role::Source);
+    let (_src, sq) = source_with_vf_up(&dir);
     let dst = vm(&dir, "destination", Role::Destination);
-    src.wait_guest_up(Duration::from_secs(120))
-        .expect("guest up");
-    let (sq, dq) = (src.qmp().unwrap(), dst.qmp().unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !hotplug::driver_up(&sq, PASSTHROUGH_DEVICE) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest never enabled the VF"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let dq = dst.qmp().unwrap();
     let err = migrate(
         &sq,
         &dq,
@@ -131,18 +128,7 @@ fn a_running_guest_releases_and_takes_back_the_vf() {
     let _m = machine();
     init_logging();
     let dir = RunDir::new("hotplug-roundtrip");
-    let mut src = vm(&dir, "source", Role::Source);
-    src.wait_guest_up(Duration::from_secs(120))
-        .expect("guest up");
-    let sq = src.qmp().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !hotplug::driver_up(&sq, PASSTHROUGH_DEVICE) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest never enabled the VF"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_src, sq) = source_with_vf_up(&dir);
     let took = hotplug::detach(&sq, PASSTHROUGH_DEVICE, Duration::from_secs(30)).expect("detach");
     assert!(!hotplug::driver_up(&sq, PASSTHROUGH_DEVICE));
     let device = hotplug::device_args(&stand_in_vf_device(&mac_for("vf"))).unwrap();

@@ -66,13 +66,7 @@ impl DeviceDirtyBitmap {
             if word.load(Ordering::Relaxed) == 0 {
                 continue;
             }
-            let mut bits = word.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let bit = bits.trailing_zeros() as u64;
-                f(i as u64 * 64 + bit);
-                bits &= bits - 1;
-                taken += 1;
-            }
+            taken += each_page(i, word.swap(0, Ordering::AcqRel), &mut f);
         }
         taken
     }
@@ -86,17 +80,23 @@ impl DeviceDirtyBitmap {
         let mut reported = 0;
         for (i, (word, old)) in self.words.iter().zip(seen.iter_mut()).enumerate() {
             let now = word.load(Ordering::Acquire);
-            let mut new = now & !*old;
+            reported += each_page(i, now & !*old, &mut f);
             *old |= now;
-            while new != 0 {
-                let bit = new.trailing_zeros() as u64;
-                f(i as u64 * 64 + bit);
-                new &= new - 1;
-                reported += 1;
-            }
         }
         reported
     }
+}
+
+/// Calls `f` with the page number of each bit set in `bits`, word `index` of a bitmap, in
+/// ascending order; returns how many.
+fn each_page(index: usize, mut bits: u64, f: &mut impl FnMut(u64)) -> u64 {
+    let mut n = 0;
+    while bits != 0 {
+        f(index as u64 * 64 + u64::from(bits.trailing_zeros()));
+        bits &= bits - 1;
+        n += 1;
+    }
+    n
 }
 
 #[cfg(test)]
