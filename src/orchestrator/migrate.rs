@@ -436,7 +436,12 @@ pub fn migrate(
 
     // 7. Passthrough-hotplug: a free VF of the destination goes in; its driver must come up.
     let mut attach_error = None;
-    if let (Some(h), Some(times)) = (&opts.hotplug, hotplug_times.as_mut()) {
+    if opts.keep_paused && (opts.hotplug.is_some() || opts.cooperative.is_some()) {
+        tracing::warn!(
+            "the destination stays paused (keep_paused): no VF is plugged in and no rank is \
+             told RESUME; do both once it runs"
+        );
+    } else if let (Some(h), Some(times)) = (&opts.hotplug, hotplug_times.as_mut()) {
         t.enter(Phase::Attach, observer);
         match hotplug::attach(dst, &h.destination_device, h.attach_timeout) {
             Ok((took, addr)) => {
@@ -449,7 +454,7 @@ pub fn migrate(
 
     // 8. Cooperative and passthrough-hotplug: every rank resumes; the migrated VM's runtime is
     // told through the destination's companion.
-    if let Some(ranks) = &opts.cooperative {
+    if let (Some(ranks), false) = (&opts.cooperative, opts.keep_paused) {
         t.enter(Phase::Resume, observer);
         resume_ranks(ranks, opts.companions.as_ref());
     }
@@ -593,6 +598,8 @@ fn precopy(
 /// and its arguments are known) and RESUME to every rank, so that the job goes on where it was.
 fn restore_source(src: &QmpClient, opts: &MigrateOptions, detached: bool) {
     if let (true, Some(h)) = (detached, &opts.hotplug) {
+        // QEMU refuses device_add while a migration is still being cancelled.
+        wait_source_settled(src);
         match &h.source_device {
             Some(args) => match hotplug::attach(src, args, h.attach_timeout) {
                 Ok((took, _)) => tracing::info!(
