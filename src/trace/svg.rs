@@ -546,12 +546,14 @@ fn phase_extent(phase: &TraceEvent, x_of: &dyn Fn(f64) -> f64) -> (f64, f64) {
 }
 
 fn phase_color(name: &str, index: usize) -> &'static str {
-    const OTHERS: [&str; 5] = ["#b3b3b3", "#ffd92f", "#e5c494", "#80b1d3", "#bebada"];
+    const OTHERS: [&str; 3] = ["#b3b3b3", "#80b1d3", "#bebada"];
     match name {
         "prepare-destination" => "#8da0cb",
         "precopy" => "#66c2a5",
         "switchover" => "#fc8d62",
         "destination-up" => "#e78ac3",
+        "suspend" | "resume" => "#ffd92f",
+        "detach" | "attach" => "#e5c494",
         "done" => "#a6d854",
         _ => OTHERS[index % OTHERS.len()],
     }
@@ -597,10 +599,33 @@ impl Rows {
         }
     }
 
-    /// Returns the row and the left x of a label `width` wide anchored at `center`.
+    /// Returns the row and the left x of a label `width` wide anchored at `center`: where it
+    /// fits at its anchor; else slid along a row to the free spot nearest the anchor; else
+    /// (no room anywhere) on the row whose last label ends first.
     fn place(&mut self, center: f64, width: f64) -> (usize, f64) {
         if let Some(placed) = self.try_place(center, width) {
             return placed;
+        }
+        let want = self.left(center, width);
+        let max_left = (PLOT_RIGHT - width).max(self.min_left);
+        let mut best: Option<(f64, usize, f64)> = None;
+        for (r, row) in self.taken.iter().enumerate() {
+            let candidates = std::iter::once(want)
+                .chain(row.iter().flat_map(|&(l, rt)| [rt + 6.0, l - width - 6.0]));
+            for c in candidates {
+                let c = c.clamp(self.min_left, max_left);
+                let fits = row
+                    .iter()
+                    .all(|&(l, rt)| c + width + 6.0 <= l || c >= rt + 6.0);
+                let d = (c - want).abs();
+                if fits && best.is_none_or(|b| d < b.0) {
+                    best = Some((d, r, c));
+                }
+            }
+        }
+        if let Some((_, row, left)) = best {
+            self.taken[row].push((left, left + width));
+            return (row, left);
         }
         // Nowhere free: the row whose last label ends first.
         let end = |row: &Vec<(f64, f64)>| row.iter().map(|p| p.1).fold(0.0, f64::max);
@@ -825,6 +850,23 @@ impl Svg {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn crowded_labels_slide_to_free_room_instead_of_overlapping() {
+        let mut rows = Rows::new(3, 8.0);
+        // Seven labels 120 px wide, all anchored at the right end: three rows at the anchor
+        // hold three; the rest must slide left, never overlap.
+        let placed: Vec<(usize, f64)> = (0..7)
+            .map(|_| rows.place(PLOT_RIGHT - 10.0, 120.0))
+            .collect();
+        for (i, &(ri, li)) in placed.iter().enumerate() {
+            for &(rj, lj) in &placed[i + 1..] {
+                assert!(ri != rj || (li - lj).abs() >= 120.0, "{placed:?}");
+            }
+            assert!(li >= 8.0 && li + 120.0 <= PLOT_RIGHT, "{placed:?}");
+        }
+    }
+
     use super::*;
     use crate::trace::testutil::sample_recorder;
     use crate::trace::TraceRecorder;
