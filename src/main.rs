@@ -859,6 +859,15 @@ fn main() -> Result<()> {
                     report.total_ms,
                     report.downtime_ms
                 );
+                if let Some(h) = report.migration.as_ref().and_then(|m| m.hotplug.as_ref()) {
+                    eprintln!(
+                        "demo: the VF was unplugged in {:.1} ms and plugged in at the destination \
+                         ({}) in {:.1} ms",
+                        h.detach_ms,
+                        h.destination_address.as_deref().unwrap_or("?"),
+                        h.attach_ms
+                    );
+                }
                 eprintln!("demo: run directories kept in {}", opts.run_dir.display());
                 println!("{}", serde_json::to_string(&report)?);
                 return Ok(());
