@@ -155,7 +155,7 @@ if [ ! -e "$l1_initrd" ] || [ "$(cat "$cache/l1-initramfs.stamp" 2>/dev/null)" !
   log "building the L1 initramfs of the nested VFIO test (kernel $gkver)"
   stage=$cache/l1-initramfs.stage
   stage_busybox "$stage" sh mount umount insmod ip cat echo sleep ls poweroff mkdir dmesg uname \
-    seq readlink basename grep head date
+    seq readlink basename grep head tail date
   stage_modules "$gkdir/root/lib/modules/$gkver" "$stage" \
     irqbypass vfio vfio_iommu_type1 vfio_virqfd vfio_pci_core vfio_pci dca i2c_algo_bit igb
   cp "$repo/tools/l1-init.sh" "$stage/init"; chmod +x "$stage/init"
