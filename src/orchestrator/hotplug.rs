@@ -180,7 +180,12 @@ pub fn attach(
     args: &Map<String, Value>,
     timeout: Duration,
 ) -> Result<(Duration, Option<String>), HotplugError> {
-    let id = args["id"].as_str().unwrap_or_default().to_string();
+    let Some(id) = args.get("id").and_then(Value::as_str).map(String::from) else {
+        return Err(HotplugError::BadDeviceArgs {
+            spec: Value::Object(args.clone()).to_string(),
+            reason: "it needs an id=… (the device is found again by it)".into(),
+        });
+    };
     let start = Instant::now();
     qmp.execute("device_add", Some(Value::Object(args.clone())))
         .map_err(|source| HotplugError::Qmp {
