@@ -205,8 +205,8 @@ enum Command {
     /// Benchmarks that compare whole migrations side by side in one run.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Real VFs bound to vfio-pci: check one, or run the self-test of every step the companion
-    /// relies on.
+    /// Real VFs bound to vfio-pci: check one, run the self-test of every step the companion
+    /// relies on, or run that self-test on an emulated SR-IOV VF inside a nested guest.
     #[command(subcommand)]
     Vf(VfCommand),
     /// The main job on this machine: two VMs with companions, a device writing guest RAM during
