@@ -68,14 +68,15 @@ pub struct Segment {
     pub len: u64,
 }
 
-/// Local buffer of a work request.
+/// A piece of local memory a work request names: `len` bytes at `addr` of the region `lkey`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Sge {
-    /// Address in the region's address space.
+    /// Address, in the region's address space.
     pub addr: u64,
-    /// Length.
+    /// Length in bytes.
     pub len: u32,
-    /// Region key.
+    /// The region.
     pub lkey: u32,
 }
 
@@ -87,27 +88,32 @@ pub mod access {
     pub const REMOTE_WRITE: u8 = 2;
 }
 
-/// The operation of a POST_SEND.
+/// What a send work request (POST_SEND) does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "op", rename_all = "snake_case"))]
 pub enum SendOp {
-    /// RDMA WRITE to `remote_addr` of region `rkey`, with immediate when `imm` is set.
+    /// One-sided write into the peer's region `rkey` at `remote_addr`; with `imm`, it also
+    /// consumes a posted receive at the peer and completes there with the immediate.
     Write {
-        /// Target address.
+        /// Peer address, in the peer region's address space.
         remote_addr: u64,
-        /// Target region.
+        /// The peer's region.
         rkey: u32,
-        /// Immediate data.
+        /// Immediate data (WRITE_WITH_IMM).
         imm: Option<u32>,
     },
-    /// SEND, with immediate when set.
+    /// Two-sided send into the peer's next posted receive.
     Send {
-        /// Immediate data.
+        /// Immediate data (SEND_WITH_IMM).
         imm: Option<u32>,
     },
 }
 
-/// Completion opcodes (as in the verbs).
+/// What completed (as in the verbs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[repr(u8)]
 pub enum Opcode {
     /// Our WRITE.
@@ -120,8 +126,10 @@ pub enum Opcode {
     RecvRdmaWithImm = 3,
 }
 
-/// Completion status codes.
+/// Completion status codes (after `ibv_wc_status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[repr(u8)]
 pub enum Status {
     /// Success.
@@ -175,6 +183,7 @@ impl Status {
 
 /// A completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Completion {
     /// The work request's id.
     pub wr_id: u64,

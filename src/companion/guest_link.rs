@@ -20,7 +20,7 @@ use vfmig_proto as proto;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vf::soft::SoftVf;
-use crate::vf::verbs::{self, Access, GpaRange, RecvWr, SendOp, SendWr, Sge};
+use crate::vf::verbs::{self, Access, GpaRange, RecvWr, SendWr};
 use crate::vf::{DmaEngine, Vf};
 
 /// Counters of the guest link.
@@ -68,46 +68,6 @@ pub struct GuestLink {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn status(s: verbs::Status) -> proto::Status {
-    use verbs::Status as V;
-    match s {
-        V::Success => proto::Status::Success,
-        V::LocalProtectionError => proto::Status::LocalProtectionError,
-        V::LocalLengthError => proto::Status::LocalLengthError,
-        V::RemoteAccessError => proto::Status::RemoteAccessError,
-        V::RemoteInvalidRequest => proto::Status::RemoteInvalidRequest,
-        V::RnrRetryExceeded => proto::Status::RnrRetryExceeded,
-        V::RetryExceeded => proto::Status::RetryExceeded,
-        V::UnknownPeer => proto::Status::UnknownPeer,
-        V::Flushed => proto::Status::Flushed,
-    }
-}
-
-fn completion(c: &verbs::Completion) -> proto::Completion {
-    use verbs::Opcode as O;
-    proto::Completion {
-        wr_id: c.wr_id,
-        qp: c.qp,
-        opcode: match c.opcode {
-            O::Write => proto::Opcode::Write,
-            O::Send => proto::Opcode::Send,
-            O::Recv => proto::Opcode::Recv,
-            O::RecvRdmaWithImm => proto::Opcode::RecvRdmaWithImm,
-        },
-        status: status(c.status),
-        byte_len: c.byte_len,
-        imm: c.imm,
-    }
-}
-
-fn sge(s: proto::Sge) -> Sge {
-    Sge {
-        addr: s.addr,
-        len: s.len,
-        lkey: s.lkey,
-    }
 }
 
 impl GuestLink {
@@ -158,7 +118,7 @@ impl GuestLink {
             if cs.is_empty() {
                 continue;
             }
-            let msg = proto::Message::Completions(cs.iter().map(completion).collect());
+            let msg = proto::Message::Completions(cs);
             self.queue(0, msg);
         }
     }
@@ -289,32 +249,13 @@ impl GuestLink {
                 sge: s,
                 op,
             } => {
-                let op = match op {
-                    proto::SendOp::Write {
-                        remote_addr,
-                        rkey,
-                        imm,
-                    } => SendOp::Write {
-                        remote_addr,
-                        rkey,
-                        imm,
-                    },
-                    proto::SendOp::Send { imm } => SendOp::Send { imm },
-                };
-                if let Err(err) = vf.post_send(
-                    qp,
-                    SendWr {
-                        wr_id,
-                        sge: sge(s),
-                        op,
-                    },
-                ) {
+                if let Err(err) = vf.post_send(qp, SendWr { wr_id, sge: s, op }) {
                     tracing::warn!(error = %err, "POST_SEND refused");
                 }
                 None
             }
             proto::Message::PostRecv { qp, wr_id, sge: s } => {
-                if let Err(err) = vf.post_recv(qp, RecvWr { wr_id, sge: sge(s) }) {
+                if let Err(err) = vf.post_recv(qp, RecvWr { wr_id, sge: s }) {
                     tracing::warn!(error = %err, "POST_RECV refused");
                 }
                 None

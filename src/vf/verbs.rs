@@ -4,6 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The work-request and completion types are the guest frames' own: one definition serves the
+/// wire format and the VF (their JSON form, for the VF's exported state, comes with the
+/// protocol crate's `serde` feature).
+pub use vfmig_proto::{Completion, Opcode, SendOp, Sge, Status};
+
 /// A contiguous range of guest-physical memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpaRange {
@@ -79,38 +84,6 @@ impl MemoryRegion {
     }
 }
 
-/// A piece of local memory a work request names: `len` bytes at `addr` of the region `lkey`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sge {
-    /// Address, in the region's address space.
-    pub addr: u64,
-    /// Length in bytes.
-    pub len: u32,
-    /// The region.
-    pub lkey: u32,
-}
-
-/// What a send work request does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum SendOp {
-    /// One-sided write into the peer's region `rkey` at `remote_addr`; with `imm`, it also
-    /// consumes a posted receive at the peer and completes there with the immediate.
-    Write {
-        /// Peer address, in the peer region's address space.
-        remote_addr: u64,
-        /// The peer's region.
-        rkey: u32,
-        /// Immediate data (WRITE_WITH_IMM).
-        imm: Option<u32>,
-    },
-    /// Two-sided send into the peer's next posted receive.
-    Send {
-        /// Immediate data (SEND_WITH_IMM).
-        imm: Option<u32>,
-    },
-}
-
 /// A send work request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendWr {
@@ -129,61 +102,6 @@ pub struct RecvWr {
     pub wr_id: u64,
     /// The local buffer.
     pub sge: Sge,
-}
-
-/// Completion status codes (after `ibv_wc_status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Done; the data is in the target's guest RAM.
-    Success,
-    /// The local buffer is not inside a registered region of the poster.
-    LocalProtectionError,
-    /// An incoming SEND did not fit the posted receive.
-    LocalLengthError,
-    /// The peer refused: bad rkey, range past the region's end, or no remote-write access.
-    RemoteAccessError,
-    /// The peer refused the request as malformed (e.g. a SEND larger than its receive).
-    RemoteInvalidRequest,
-    /// The peer had no receive posted for too long.
-    RnrRetryExceeded,
-    /// The peer could not be reached for too long.
-    RetryExceeded,
-    /// The QP names a VM the fabric does not know, or is not connected.
-    UnknownPeer,
-    /// Flushed: the QP went to the error state.
-    Flushed,
-}
-
-/// What completed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Opcode {
-    /// A WRITE (with or without immediate) of ours.
-    Write,
-    /// A SEND of ours.
-    Send,
-    /// A SEND from the peer landed in our receive.
-    Recv,
-    /// A WRITE_WITH_IMM from the peer consumed our receive.
-    RecvRdmaWithImm,
-}
-
-/// A completion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Completion {
-    /// The work request's identifier.
-    pub wr_id: u64,
-    /// The QP.
-    pub qp: u32,
-    /// What completed.
-    pub opcode: Opcode,
-    /// How it ended.
-    pub status: Status,
-    /// Bytes moved.
-    pub byte_len: u32,
-    /// Immediate data, for receives.
-    pub imm: Option<u32>,
 }
 
 /// Errors of verbs calls themselves (a bad handle); failed transfers are completions.
