@@ -233,11 +233,10 @@ fn check_verdict(v: &Value) -> String {
     }
 }
 
-/// Is `path` a statically linked ELF (no program interpreter)?
-fn is_static_elf(path: &Path) -> std::io::Result<bool> {
-    let data = std::fs::read(path)?;
+/// Is `data` a statically linked 64-bit ELF (no program interpreter)?
+fn is_static_elf(data: &[u8]) -> bool {
     if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
-        return Ok(false);
+        return false;
     }
     let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
     let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap_or([0; 4]));
@@ -250,10 +249,10 @@ fn is_static_elf(path: &Path) -> std::io::Result<bool> {
         }
         const PT_INTERP: u32 = 3;
         if u32_at(o) == PT_INTERP {
-            return Ok(false);
+            return false;
         }
     }
-    Ok(true)
+    true
 }
 
 /// A `newc` cpio archive holding the given files (path inside the archive, mode, contents).
@@ -326,7 +325,9 @@ pub fn run(
             });
         }
     }
-    if !is_static_elf(&opts.vfmig).map_err(io(format!("reading {}", opts.vfmig.display())))? {
+    let vfmig =
+        std::fs::read(&opts.vfmig).map_err(io(format!("reading {}", opts.vfmig.display())))?;
+    if !is_static_elf(&vfmig) {
         return Err(NestedError::NotStatic(opts.vfmig.clone()));
     }
     std::fs::create_dir_all(&opts.work_dir)
@@ -339,8 +340,6 @@ pub fn run(
     while initrd.len() % 4 != 0 {
         initrd.push(0);
     }
-    let vfmig =
-        std::fs::read(&opts.vfmig).map_err(io(format!("reading {}", opts.vfmig.display())))?;
     initrd.extend(cpio_newc(&[("bin/vfmig", 0o100755, &vfmig)]));
     let initrd_path = opts.work_dir.join("l1-initramfs-with-vfmig.cpio");
     std::fs::write(&initrd_path, &initrd)
@@ -533,14 +532,11 @@ mod tests {
         // The test harness is a normal, dynamically linked executable: the check must say so,
         // and it must accept a file without a program interpreter.
         let me = std::env::current_exe().unwrap();
-        assert!(!is_static_elf(&me).unwrap());
+        assert!(!is_static_elf(&std::fs::read(me).unwrap()));
         let mut fake = vec![0u8; 64];
         fake[..4].copy_from_slice(b"\x7fELF");
         fake[4] = 2;
-        let dir = std::env::temp_dir().join(format!("vfmig-elf-{}", std::process::id()));
-        std::fs::write(&dir, &fake).unwrap();
-        assert!(is_static_elf(&dir).unwrap());
-        std::fs::remove_file(&dir).unwrap();
+        assert!(is_static_elf(&fake));
     }
 
     #[test]
