@@ -38,9 +38,9 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 
-use vfmig::dirty::{DeviceDirtyBitmap, LogWindow, OwnedLog, LOG_PAGE_SIZE};
-use vfmig::guest_ram::GuestRam;
-use vfmig::vf::DmaEngine;
+use vfmig::memory::guest_ram::GuestRam;
+use vfmig::memory::DmaEngine;
+use vfmig::memory::{DeviceDirtyBitmap, LogWindow, OwnedLog, LOG_PAGE_SIZE};
 
 /// Size of the benchmark guest's RAM (one region at GPA 0).
 const GUEST_BYTES: u64 = 64 << 20;

@@ -2,18 +2,18 @@
 //!
 //! The architecture, one module per concern:
 //! - [`qmp`]: a hand-written QMP client (the orchestrator's line to QEMU);
-//! - [`guest_ram`]: guest RAM as the companion maps it from vhost-user `SET_MEM_TABLE`;
-//! - [`dirty`]: QEMU's dirty log as a guest-memory bitmap, and the companion's own
-//!   device-dirty bitmap;
-//! - [`vf`]: the device's path into guest RAM (the DMA engine);
+//! - [`memory`]: the logged path into guest RAM: guest RAM as mapped from vhost-user
+//!   `SET_MEM_TABLE`, QEMU's dirty log as its bitmap, the device-dirty bitmap, the DMA engine;
+//! - [`vf`]: the VF backends behind one seam: the soft VF and the VFIO VF;
 //! - [`companion`]: the per-VM process: vhost-user-net backend, control socket, traffic
 //!   generator;
-//! - [`orchestrator`]: launching VMs, the migration state machine, the demo and the benches;
-//! - [`trace`]: migration timelines as Chrome trace-event JSON, and the report drawn from them.
+//! - [`orchestrator`]: launching VMs and the migration state machine;
+//! - [`trace`]: migration timelines as Chrome trace-event JSON, and the report drawn from them;
+//! - [`lab`]: the demo, scenarios, benches and nested test, above the product.
 
 pub mod companion;
-pub mod dirty;
-pub mod guest_ram;
+pub mod lab;
+pub mod memory;
 pub mod orchestrator;
 pub mod qmp;
 pub mod trace;

@@ -12,15 +12,16 @@ use nix::sys::signal::{self, Signal};
 
 use vfmig::companion::control::{ControlClient, Request};
 use vfmig::companion::{self, CompanionConfig};
-use vfmig::orchestrator::demo::{self, DemoOptions, Strategy};
+use vfmig::lab::demo::{self, DemoOptions, Strategy};
+use vfmig::lab::scenario::{self, ScenarioOptions, Workload};
+use vfmig::lab::{self, bench, fabric_bench};
+use vfmig::orchestrator;
 use vfmig::orchestrator::hotplug::{self, Hotplug};
 use vfmig::orchestrator::launch::{
     mac_for, GuestImage, Nic, PassthroughSlot, Role, RunningVm, VmSpec,
 };
 use vfmig::orchestrator::migrate::{self, with_progress, MigrateOptions};
 use vfmig::orchestrator::plan::MigrationPlan;
-use vfmig::orchestrator::scenario::{self, ScenarioOptions, Workload};
-use vfmig::orchestrator::{self, bench, fabric_bench};
 use vfmig::qmp::QmpClient;
 use vfmig::trace::TraceRecorder;
 use vfmig::vf::soft::ClusterMap;
@@ -779,11 +780,11 @@ fn main() -> Result<()> {
             };
             let mut rows = Vec::new();
             for n in vms {
-                let row = orchestrator::plan::bench_row(&opts, n.max(1))?;
+                let row = lab::plan_bench::bench_row(&opts, n.max(1))?;
                 eprintln!("bench: {row:?}");
                 rows.push(row);
             }
-            println!("{}", orchestrator::plan::markdown(&rows));
+            println!("{}", lab::plan_bench::markdown(&rows));
             println!("{}", serde_json::json!({ "rows": rows }));
         }
         Command::Bench(BenchCommand::Fabric { rounds }) => {
@@ -995,7 +996,7 @@ fn run_vf(cmd: VfCommand) -> Result<()> {
             work_dir,
             verbose,
         } => {
-            use vfmig::orchestrator::nested::{self, NestedOptions};
+            use vfmig::lab::nested::{self, NestedOptions};
             let mut opts = NestedOptions::from_setup(run_dir_or_temp(work_dir)?);
             if let Some(v) = vfmig {
                 opts.vfmig = v;
@@ -1020,11 +1021,13 @@ fn run_vf(cmd: VfCommand) -> Result<()> {
             dma_from,
             dma_unmapped,
         } => {
-            let dma = dma_from.as_deref().map(|from| vfio::DmaProbe {
-                from,
-                unmapped: dma_unmapped,
-            });
-            let report = vfio::self_test_with_dma(&bdf, dma, &mut |step| {
+            let dma = dma_from
+                .as_deref()
+                .map(|from| vfmig::lab::vfio_selftest::DmaProbe {
+                    from,
+                    unmapped: dma_unmapped,
+                });
+            let report = vfmig::lab::vfio_selftest::self_test_with_dma(&bdf, dma, &mut |step| {
                 println!("{step}");
                 let _ = std::io::stdout().flush();
             });

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{demo_options, init_logging, machine, RunDir};
 use vfmig::companion::control::{to_hex, ControlError, Request};
 use vfmig::companion::generator::{GeneratorConfig, Window};
-use vfmig::orchestrator::demo::{self, Strategy};
+use vfmig::lab::demo::{self, Strategy};
 use vfmig::orchestrator::launch::Role;
 
 fn refused(r: Result<serde_json::Value, ControlError>) -> String {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{demo_options, init_logging, machine, RunDir};
 use vfmig::companion::control::Request;
 use vfmig::companion::generator::{compare, GeneratorConfig, SlotContent};
-use vfmig::orchestrator::demo::{self, free_port, window, Strategy};
+use vfmig::lab::demo::{self, free_port, window, Strategy};
 use vfmig::orchestrator::launch::Role;
 use vfmig::orchestrator::migrate::{migrate, MigrateOptions, Quiet};
 

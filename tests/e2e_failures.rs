@@ -10,9 +10,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{image, init_logging, machine, RunDir};
-use vfmig::orchestrator::demo::Strategy;
+use vfmig::lab::demo::Strategy;
+use vfmig::lab::scenario::{self, Fault, ScenarioOptions, ScenarioReport, Workload};
 use vfmig::orchestrator::migrate::Quiet;
-use vfmig::orchestrator::scenario::{self, Fault, ScenarioOptions, ScenarioReport, Workload};
 
 fn options(fault: Option<Fault>, dir: &RunDir) -> ScenarioOptions {
     ScenarioOptions {

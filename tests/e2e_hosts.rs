@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use vfmig::orchestrator::hosts::Hosts;
+use vfmig::lab::hosts::Hosts;
 
 #[test]
 fn two_hosts_reach_each_other_over_the_bridge() {

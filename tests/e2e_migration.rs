@@ -4,7 +4,7 @@
 mod common;
 
 use common::{demo_options, init_logging, machine, RunDir};
-use vfmig::orchestrator::demo::{self, Strategy};
+use vfmig::lab::demo::{self, Strategy};
 use vfmig::orchestrator::migrate::Quiet;
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{demo_options, init_logging, machine, RunDir};
-use vfmig::orchestrator::demo::{free_port, Strategy};
+use vfmig::lab::demo::{free_port, Strategy};
 use vfmig::orchestrator::hotplug::{self, Hotplug, HotplugError};
 use vfmig::orchestrator::launch::{
     mac_for, stand_in_vf_device, PassthroughSlot, Role, RunningVm, PASSTHROUGH_DEVICE,
@@ -17,7 +17,7 @@ use vfmig::qmp::QmpClient;
 
 fn vm(dir: &RunDir, name: &str, role: Role) -> RunningVm {
     let opts = demo_options(Strategy::PassthroughHotplug, dir);
-    let mut spec = vfmig::orchestrator::demo::vm_spec(&opts, name, role);
+    let mut spec = vfmig::lab::demo::vm_spec(&opts, name, role);
     spec.passthrough = Some(PassthroughSlot {
         device: (role == Role::Source).then(|| stand_in_vf_device(&mac_for("vf"))),
     });

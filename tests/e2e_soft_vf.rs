@@ -8,9 +8,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{image, init_logging, machine, RunDir};
-use vfmig::orchestrator::demo::Strategy;
+use vfmig::lab::demo::Strategy;
+use vfmig::lab::scenario::{self, ScenarioOptions, ScenarioReport, Workload};
 use vfmig::orchestrator::migrate::Quiet;
-use vfmig::orchestrator::scenario::{self, ScenarioOptions, ScenarioReport, Workload};
 
 const RDMA_BW_ITERS: u32 = 100_000;
 
@@ -153,7 +153,7 @@ fn rdma_bw_across_a_migration_receives_every_byte_sent() {
 #[test]
 fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps_serving() {
     use vfmig::companion::control::Request;
-    use vfmig::orchestrator::demo::free_port;
+    use vfmig::lab::demo::free_port;
     use vfmig::orchestrator::launch::{mac_for, FabricSpec, Nic, Role, RunningVm, VmSpec};
     use vfmig::vf::soft::ClusterMap;
 

@@ -16,8 +16,9 @@ use std::time::Duration;
 use serde::Serialize;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
-use crate::guest_ram::GuestRamMmap;
-use crate::vf::{DeviceStatus, DmaEngine, MapChange, MappedRegion, QuiesceReport, VfDevice};
+use crate::memory::guest_ram::GuestRamMmap;
+use crate::memory::DmaEngine;
+use crate::vf::{DeviceStatus, MapChange, MappedRegion, QuiesceReport, VfDevice};
 
 /// How often the VF's dirty pages are fed into QEMU's log during precopy.
 pub const SYNC_PERIOD: Duration = Duration::from_millis(100);
@@ -111,7 +112,10 @@ impl DeviceSide {
             return false;
         }
         let mem = self.dma.ram().memory();
-        mem.num_regions() > 0 && crate::guest_ram::regions(&mem).iter().all(|r| r.logged)
+        mem.num_regions() > 0
+            && crate::memory::guest_ram::regions(&mem)
+                .iter()
+                .all(|r| r.logged)
     }
 
     /// Feeds the pages the device dirtied since the last sync into QEMU's log, if a migration
@@ -231,7 +235,7 @@ impl DeviceSide {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dirty::{LogWindow, OwnedLog};
+    use crate::memory::{LogWindow, OwnedLog};
     use crate::vf::{DirtyTracking, ResetReport, VfDeviceError};
     use vhost_user_backend::bitmap::BitmapReplace;
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -296,7 +300,7 @@ mod tests {
         Arc<DeviceSide>,
         Arc<DmaEngine>,
         FakeDevice,
-        crate::guest_ram::GuestRam,
+        crate::memory::guest_ram::GuestRam,
     ) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let ram = GuestMemoryAtomic::new(mem);

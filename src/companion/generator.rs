@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::vf::{DmaEngine, DmaError};
+use crate::memory::{DmaEngine, DmaError};
 
 /// Magic number at the start of every record ("VFMG").
 const MAGIC: u32 = 0x474d_4656;

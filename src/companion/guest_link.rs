@@ -19,9 +19,10 @@ use std::time::Duration;
 use vfmig_proto as proto;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::memory::DmaEngine;
 use crate::vf::soft::SoftVf;
 use crate::vf::verbs::{self, Access, GpaRange, RecvWr, SendWr};
-use crate::vf::{DmaEngine, Vf};
+use crate::vf::Vf;
 
 /// Counters of the guest link.
 #[derive(Debug, Default, Clone, serde::Serialize)]

@@ -25,9 +25,10 @@ use std::os::fd::AsRawFd;
 
 use vmm_sys_util::epoll::EventSet;
 
-use crate::guest_ram;
+use crate::memory::guest_ram;
+use crate::memory::DmaEngine;
 use crate::vf::vfio::{VfioVf, VfioVfError};
-use crate::vf::{self, soft::SoftVf, DmaEngine};
+use crate::vf::{self, soft::SoftVf};
 use control::{Handler, Request, MAX_READ};
 use device::DeviceSide;
 use generator::{Generator, GeneratorStatus};

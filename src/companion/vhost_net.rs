@@ -27,9 +27,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::device::DeviceSide;
 use super::guest_link::GuestLink;
-use crate::dirty::QemuLogBitmap;
-use crate::guest_ram::GuestRam;
-use crate::vf::DmaEngine;
+use crate::memory::guest_ram::GuestRam;
+use crate::memory::DmaEngine;
+use crate::memory::QemuLogBitmap;
 
 /// Receive queue index.
 pub const RX_QUEUE: u16 = 0;

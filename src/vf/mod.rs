@@ -1,20 +1,15 @@
-//! The VF side of the companion: how the device reaches guest RAM.
+//! The VF backends behind one seam.
 //!
-//! [`DmaEngine`] is the one path by which the companion's device writes guest RAM. It checks
-//! every range against the memory table, writes through the logged guest memory so that QEMU
-//! resends the page, records the page in the companion's own per-migration bitmap, holds writes
-//! while a migration runs without a log, and stops them at switchover.
+//! A VF reaches guest RAM only through [`crate::memory::DmaEngine`] (the soft VF) or through
+//! its IOMMU mappings (a VFIO VF).
 //!
 //! [`VfDevice`] is the lifecycle seam of a VF's device side (map guest RAM, quiesce, reset,
 //! dirty tracking, release), implemented by the soft VF ([`soft::SoftVf`]) and by a real VF
 //! bound to vfio-pci ([`vfio::VfioVf`]).
 
-mod dma;
 pub mod soft;
 pub mod verbs;
 pub mod vfio;
-
-pub use dma::{DmaEngine, DmaError, DmaStats, GateState};
 
 use std::any::Any;
 use std::sync::Arc;
@@ -22,7 +17,8 @@ use std::time::Duration;
 
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::guest_ram::GuestRamMmap;
+use crate::memory::guest_ram::GuestRamMmap;
+
 use verbs::{Access, Completion, GpaRange, RecvWr, SendWr, VerbsError};
 
 /// The VF backend seam: what the companion asks of a VF, whether the soft VF (a software RDMA
@@ -160,7 +156,7 @@ pub enum DirtyTracking {
     /// The device cannot say what it wrote: every writable mapped page is reported dirty at
     /// every sync, so the whole mapped RAM is resent.
     AllWritablePages,
-    /// The soft VF: every write goes through the companion's [`DmaEngine`], which logs it as
+    /// The soft VF: every write goes through the companion's [`crate::memory::DmaEngine`], which logs it as
     /// it writes; sync reports what it wrote since the last sync.
     DmaEngine,
 }

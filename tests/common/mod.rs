@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use vfmig::orchestrator::demo::{DemoOptions, Strategy};
+use vfmig::lab::demo::{DemoOptions, Strategy};
 use vfmig::orchestrator::launch::GuestImage;
 
 /// The machine has two cores: VMs of different tests must not compete for them.

@@ -34,9 +34,10 @@ use super::verbs::{
     Access, Completion, GpaRange, MemoryRegion, Opcode, RecvWr, SendOp, SendWr, Status, VerbsError,
 };
 use super::{
-    DeviceStatus, DirtyTracking, DmaEngine, DmaError, MapChange, MappedRegion, QuiesceReport,
-    ResetReport, Vf, VfDevice, VfDeviceError,
+    DeviceStatus, DirtyTracking, MapChange, MappedRegion, QuiesceReport, ResetReport, Vf, VfDevice,
+    VfDeviceError,
 };
+use crate::memory::{DmaEngine, DmaError};
 use wire::{AckStatus, Frame};
 
 /// VM name → fabric address (`host:port`) of its companion.
@@ -211,7 +212,7 @@ struct Inner {
 /// The pages of one epoch's device-dirty bitmap already reported by `sync_dirty`.
 #[derive(Default)]
 struct DirtySeen {
-    bitmap: Option<Arc<crate::dirty::DeviceDirtyBitmap>>,
+    bitmap: Option<Arc<crate::memory::DeviceDirtyBitmap>>,
     words: Vec<u64>,
 }
 
@@ -504,7 +505,7 @@ impl VfDevice for SoftVf {
             seen.bitmap = Some(Arc::clone(&bitmap));
             seen.words.clear();
         }
-        let page = crate::dirty::LOG_PAGE_SIZE;
+        let page = crate::memory::LOG_PAGE_SIZE;
         Ok(bitmap.report_new(&mut seen.words, |p| report(p * page, page)))
     }
 
@@ -515,7 +516,7 @@ impl VfDevice for SoftVf {
 
     fn status(&self) -> DeviceStatus {
         let mem = self.inner.dma.ram().memory();
-        let regions = crate::guest_ram::regions(&mem);
+        let regions = crate::memory::guest_ram::regions(&mem);
         DeviceStatus {
             name: self.name(),
             description: self.describe(),
@@ -537,7 +538,7 @@ impl Vf for SoftVf {
     ) -> Result<u32, VerbsError> {
         let mem = self.inner.dma.ram().memory();
         for s in &segments {
-            if !crate::guest_ram::contains(&mem, s.gpa, s.len) {
+            if !crate::memory::guest_ram::contains(&mem, s.gpa, s.len) {
                 return Err(VerbsError::SegmentOutsideRam {
                     gpa: s.gpa,
                     len: s.len,

@@ -23,7 +23,7 @@ use super::dirty::{report_all_writable, report_bitmap};
 use super::mapping::{plan_remap, DmaMapper, Mappings, RegionKey};
 use super::sysfs::{Bdf, SysfsInfo, DEFAULT_SYSFS_ROOT};
 use super::VfioVfError;
-use crate::dirty::LOG_PAGE_SIZE;
+use crate::memory::LOG_PAGE_SIZE;
 use crate::vf::{
     DeviceStatus, DirtyTracking, MapChange, MappedRegion, QuiesceReport, ResetReport, VfDevice,
     VfDeviceError,

@@ -5,7 +5,7 @@
 //! - Without it, [`report_all_writable`] reports every writable mapped page, every time.
 
 use super::mapping::RegionKey;
-use crate::dirty::LOG_PAGE_SIZE;
+use crate::memory::LOG_PAGE_SIZE;
 
 /// Reports every writable region of `mapped` in full; returns the number of 4 KiB pages.
 pub fn report_all_writable(mapped: &[RegionKey], report: &mut dyn FnMut(u64, u64)) -> u64 {

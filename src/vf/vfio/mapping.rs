@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::VfioVfError;
-use crate::dirty::LOG_PAGE_SIZE;
+use crate::memory::LOG_PAGE_SIZE;
 use crate::vf::{KeepAlive, MapChange, MappedRegion};
 
 /// One mapping, as the IOMMU sees it: IOVA (= GPA), length, host address, access.

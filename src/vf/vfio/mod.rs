@@ -8,17 +8,14 @@
 //!   quiesce (clear bus master, wait for Transactions Pending to clear).
 //! - Dirty pages come from device DMA logging where the device's VFIO driver has it; otherwise
 //!   every writable mapped page counts as dirty at every sync ([`dirty`]).
-//! - [`check`] reports on a device without needing it to work; [`self_test`] exercises every
-//!   step the companion relies on, and on an 82576 VF ([`igbvf`]) makes the device DMA a
-//!   received frame into the mapped guest RAM.
+//! - [`check`] reports on a device without needing it to work. The self-test that exercises
+//!   every step on a real VF is lab equipment: `crate::lab::vfio_selftest`.
 
 pub mod check;
 pub mod config;
-mod device;
+pub(crate) mod device;
 pub mod dirty;
-pub mod igbvf;
 pub mod mapping;
-pub mod selftest;
 pub mod sysfs;
 
 use std::path::PathBuf;
@@ -26,10 +23,6 @@ use std::path::PathBuf;
 pub use check::{check, check_with_root, CheckReport, DeviceRegion};
 pub use device::VfioVf;
 pub use mapping::RegionKey;
-pub use selftest::{
-    self_test, self_test_with_dma, self_test_with_root, DmaProbe, SelfTestReport, Step, StepResult,
-    STEPS,
-};
 pub use sysfs::{Bdf, GroupMember, SysfsInfo, DEFAULT_SYSFS_ROOT};
 
 /// "bound to X" or "has no driver", for messages.

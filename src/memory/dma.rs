@@ -20,8 +20,8 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
 };
 
-use crate::dirty::DeviceDirtyBitmap;
-use crate::guest_ram::{self, GuestRam, GuestRamMmap};
+use crate::memory::guest_ram::{self, GuestRam, GuestRamMmap};
+use crate::memory::DeviceDirtyBitmap;
 
 /// Why a device write or read was refused. Nothing was written in any case.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -376,9 +376,9 @@ impl DmaEngine {
         let end = guest_ram::end_gpa(&mem);
         {
             let mut dd = self.device_dirty.write().unwrap_or_else(|e| e.into_inner());
-            if dd.capacity_pages() * crate::dirty::LOG_PAGE_SIZE < end {
+            if dd.capacity_pages() * crate::memory::LOG_PAGE_SIZE < end {
                 let grown = DeviceDirtyBitmap::new(end);
-                dd.harvest(|p| grown.mark(p * crate::dirty::LOG_PAGE_SIZE, 1));
+                dd.harvest(|p| grown.mark(p * crate::memory::LOG_PAGE_SIZE, 1));
                 *dd = Arc::new(grown);
             }
         }
@@ -457,7 +457,7 @@ fn write_untracked(mem: &GuestRamMmap, gpa: u64, data: &[u8]) -> Result<(), DmaE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dirty::{LogWindow, OwnedLog};
+    use crate::memory::{LogWindow, OwnedLog};
     use vhost_user_backend::bitmap::BitmapReplace;
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -599,7 +599,7 @@ mod tests {
 
     #[test]
     fn no_memory_table_means_no_writes() {
-        let e = DmaEngine::new(crate::guest_ram::empty());
+        let e = DmaEngine::new(crate::memory::guest_ram::empty());
         assert_eq!(e.write(0, &[1]).unwrap_err(), DmaError::NoMemory);
     }
 }

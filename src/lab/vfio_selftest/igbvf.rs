@@ -19,7 +19,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::config::ConfigSpace;
+use crate::vf::vfio::config::ConfigSpace;
 
 /// Intel.
 pub const VENDOR_INTEL: u16 = 0x8086;

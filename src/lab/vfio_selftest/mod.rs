@@ -11,6 +11,8 @@
 //! device writes it into the mapped memfd through the IOMMU, and the page must be reported by
 //! the dirty sync.
 
+pub mod igbvf;
+
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -19,11 +21,11 @@ use std::sync::Arc;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
-use super::device::VfioVf;
-use super::mapping::RegionKey;
-use super::sysfs::DEFAULT_SYSFS_ROOT;
-use super::VfioVfError;
-use crate::dirty::LOG_PAGE_SIZE;
+use crate::memory::LOG_PAGE_SIZE;
+use crate::vf::vfio::device::VfioVf;
+use crate::vf::vfio::mapping::RegionKey;
+use crate::vf::vfio::sysfs::DEFAULT_SYSFS_ROOT;
+use crate::vf::vfio::VfioVfError;
 use crate::vf::{DirtyTracking, MapChange, MappedRegion, VfDevice};
 
 /// The steps, in order.
@@ -321,7 +323,7 @@ fn self_test_full(
     let mut ram: Option<Arc<MemfdRam>> = None;
     let mut tracking = None;
     let mut shown_bdf = bdf
-        .parse::<super::sysfs::Bdf>()
+        .parse::<crate::vf::vfio::sysfs::Bdf>()
         .map_or_else(|_| bdf.to_string(), |b| b.to_string());
 
     run.step("open", || {
@@ -514,7 +516,7 @@ const DMA_WINDOW_OFFSET: u64 = 8 << 20;
 /// The `device_dma` step: the VF receives a frame sent from `iface` into the mapped memfd, and
 /// the dirty sync reports the page it wrote.
 fn device_dma(v: &mut VfioVf, mem: &Arc<MemfdRam>, probe: DmaProbe<'_>) -> Result<String, String> {
-    use super::igbvf::{self, DmaWindow};
+    use igbvf::DmaWindow;
     let iface = probe.from;
     let (vendor, device) = v.ids().map_err(|e| e.to_string())?;
     if (vendor, device) != (igbvf::VENDOR_INTEL, igbvf::DEVICE_82576_VF) {

@@ -1,3 +1,8 @@
+//! The logged path into guest RAM, for everyone who writes it: guest RAM as mapped from
+//! `SET_MEM_TABLE` ([`guest_ram`]), QEMU's dirty log as that memory's bitmap
+//! ([`QemuLogBitmap`]), the companion's own device-dirty bitmap, and the [`DmaEngine`], the
+//! one gate through which a device writes guest RAM.
+//!
 //! Dirty tracking of device writes.
 //!
 //! Two bitmaps, one bit per 4 KiB page of guest-physical address:
@@ -8,9 +13,12 @@
 //!   migration epoch, for statistics and profiling.
 
 mod device_bitmap;
+mod dma;
+pub mod guest_ram;
 mod qemu_log;
 
 pub use device_bitmap::DeviceDirtyBitmap;
+pub use dma::{DmaEngine, DmaError, DmaStats, GateState};
 pub use qemu_log::{LogWindow, OwnedLog, QemuLogBitmap};
 
 /// Size of the page the vhost-user log tracks, in bytes (`VHOST_LOG_PAGE`).

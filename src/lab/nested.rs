@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use super::launch::parse_args;
+use crate::orchestrator::launch::parse_args;
 
 const NESTED_L1_ARGS: &str = include_str!("../../qemu-patches-free-config/nested-l1.args");
 
@@ -50,7 +50,7 @@ pub enum NestedError {
     },
     /// The option file is malformed.
     #[error(transparent)]
-    Config(#[from] super::launch::LaunchError),
+    Config(#[from] crate::orchestrator::launch::LaunchError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NestedError {

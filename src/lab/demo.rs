@@ -8,11 +8,13 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::launch::{mac_for, GuestImage, LaunchError, Nic, Role, RunningVm, VmSpec};
-use super::migrate::{migrate, MigrateError, MigrateOptions, MigrationSummary, Observer};
 use super::verify::{self, RamComparison, VerifyError};
 use crate::companion::control::{ControlError, Request};
 use crate::companion::generator::{compare, GeneratorConfig, SlotContent, Verdict, Window};
+use crate::orchestrator::launch::{mac_for, GuestImage, LaunchError, Nic, Role, RunningVm, VmSpec};
+use crate::orchestrator::migrate::{
+    migrate, MigrateError, MigrateOptions, MigrationSummary, Observer,
+};
 
 /// How device writes are tracked during the migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -13,13 +13,13 @@ use serde_json::Value;
 
 use super::demo::{DemoError, Strategy};
 use super::hosts::{Hosts, HostsError};
-use super::hotplug::{self, Hotplug};
-use super::launch::{
+use crate::companion::control::{ControlError, Request};
+use crate::orchestrator::hotplug::{self, Hotplug};
+use crate::orchestrator::launch::{
     mac_for, stand_in_vf_device, FabricSpec, GuestImage, LaunchError, Nic, PassthroughSlot, Role,
     RunningVm, VmSpec, PASSTHROUGH_DEVICE,
 };
-use super::migrate::{migrate, MigrateOptions, MigrationSummary, Observer};
-use crate::companion::control::{ControlError, Request};
+use crate::orchestrator::migrate::{migrate, MigrateOptions, MigrationSummary, Observer};
 use crate::vf::soft::ClusterMap;
 
 /// Port every soft VF listens on, in its own host.
@@ -193,7 +193,7 @@ pub enum ScenarioError {
     Io(#[from] std::io::Error),
     /// The passthrough VF's device arguments.
     #[error(transparent)]
-    Hotplug(#[from] super::hotplug::HotplugError),
+    Hotplug(#[from] crate::orchestrator::hotplug::HotplugError),
 }
 
 fn names(n: usize) -> Vec<String> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::demo::{free_port, start_vm_with, DemoError, DemoOptions};
-use super::launch::{Nic, Role};
-use super::migrate::{migrate, MigrateOptions, Quiet};
+use crate::orchestrator::launch::{Nic, Role};
+use crate::orchestrator::migrate::{migrate, MigrateOptions, Quiet};
 
 /// One row of `vfmig bench strategies`.
 #[derive(Debug, Clone, Serialize)]

@@ -6,7 +6,7 @@ use vm_memory::{
     GuestMemoryRegion,
 };
 
-use crate::dirty::QemuLogBitmap;
+use crate::memory::QemuLogBitmap;
 
 /// The guest memory every writer of guest RAM in the companion goes through.
 pub type GuestRamMmap = GuestMemoryMmap<QemuLogBitmap>;

@@ -1,0 +1,23 @@
+//! The lab: everything that proves and measures vfmig, above the product. It imports the
+//! product; the product never imports it.
+//!
+//! - [`demo`]: the main job on one machine;
+//! - [`scenario`]: multi-VM MPI-style jobs on soft VFs, with fault injection;
+//! - [`bench`]: side-by-side measurements of whole migrations;
+//! - [`plan_bench`]: several VMs migrated at once against what the bandwidth allows;
+//! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP;
+//! - [`hosts`]: network namespaces standing for cluster hosts;
+//! - [`verify`]: checks that rely on nothing of vfmig's (`pmemsave` dumps);
+//! - [`nested`]: the nested VFIO test (a real VF bound to vfio-pci inside an L1 guest);
+//! - [`vfio_selftest`]: every step of the VFIO path run against a real VF, and the 82576 VF
+//!   driver that makes it DMA.
+
+pub mod bench;
+pub mod demo;
+pub mod fabric_bench;
+pub mod hosts;
+pub mod nested;
+pub mod plan_bench;
+pub mod scenario;
+pub mod verify;
+pub mod vfio_selftest;
