@@ -4,99 +4,41 @@
 //! `"ok": true` and the result's fields, or `"ok": false` and an `error` that says what went
 //! wrong. A malformed request gets an error reply and the connection stays open.
 
+use std::error::Error;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::generator::{GeneratorConfig, Window};
 
-/// Longest range `read` returns, in bytes.
-pub const MAX_READ: u64 = 1 << 20;
+pub mod protocol;
 
-/// A request to the companion.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Who the companion is and what state its device is in.
-    Status,
-    /// Counters: device writes, bytes, device-dirty pages of this migration, log, quiesce.
-    Stats,
-    /// Start the traffic generator.
-    GeneratorStart(GeneratorConfig),
-    /// Stop the traffic generator (its ledger stays).
-    GeneratorStop,
-    /// The generator's ledger: the last version of each record that landed.
-    Ledger,
-    /// Read every record slot of a window and report what each holds.
-    Scan {
-        /// The window to read.
-        window: Window,
-    },
-    /// Read guest RAM (hex), at most [`MAX_READ`] bytes.
-    Read {
-        /// First guest-physical address.
-        gpa: u64,
-        /// Bytes to read.
-        len: u64,
-    },
-    /// Write guest RAM as the device would (hex bytes).
-    Write {
-        /// First guest-physical address.
-        gpa: u64,
-        /// The bytes, hex-encoded.
-        hex: String,
-    },
-    /// Take the soft VF's state for the destination (after the switchover quiesce): regions,
-    /// QPs, pending requests, completions, and frames still waiting for the guest.
-    VfExport,
-    /// Take over a migrated VM's soft VF state and announce the VM's new place to its peers.
-    VfImport {
-        /// The state, as `vf_export` gave it.
-        vf: crate::vf::soft::VfState,
-        /// Frames that waited for the guest at the source, hex-encoded.
-        rx_frames: Vec<String>,
-    },
-    /// Tell the guest's runtime a migration event (`suspend` or `resume`), for the cooperative
-    /// strategy; its acknowledgement shows in `stats` (`guest_link.suspend_acks`).
-    SendEvent {
-        /// `suspend` or `resume`.
-        event: GuestEvent,
-    },
-    /// Switch dirty tracking of device writes on or off (off: `unsafe-no-tracking` only).
-    SetTracking {
-        /// On or off.
-        enabled: bool,
-    },
-    /// Stop the companion.
-    Quit,
-}
-
-/// Migration events for the guest's runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GuestEvent {
-    /// Stop communicating and report ready (the paper's migration-thread design).
-    Suspend,
-    /// Communicate again.
-    Resume,
-}
+pub use protocol::{
+    from_hex, to_hex, GeneratorStartReply, GeneratorStopReply, GuestEvent, HexError, LedgerReply,
+    QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetTrackingReply, StatsReply,
+    StatusReply, VfExportReply, VfImportReply, WriteReply, MAX_READ,
+};
 
 /// Something that answers requests.
 pub trait Handler: Send + Sync + 'static {
-    /// The reply's fields on success, or the error message.
-    fn handle(&self, request: Request) -> Result<Value, String>;
+    /// Why a request failed; the reply's `error` is its message and its causes'.
+    type Error: Error;
+
+    /// The reply to `request`.
+    fn handle(&self, request: Request) -> Result<Reply, Self::Error>;
 }
 
 /// Errors of the control client.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The socket could not be reached.
-    #[error("cannot connect to companion control socket {path}: {source} (is `vfmig companion` running?)")]
+    #[error("cannot connect to companion control socket {path} (is `vfmig companion` running?)")]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -105,7 +47,7 @@ pub enum ControlError {
         source: std::io::Error,
     },
     /// The connection failed mid-request.
-    #[error("companion control socket {path}: {source}")]
+    #[error("the connection to companion control socket {path} failed mid-request")]
     Io {
         /// The socket.
         path: PathBuf,
@@ -119,13 +61,48 @@ pub enum ControlError {
         /// The socket.
         path: PathBuf,
     },
-    /// The reply was not what the protocol says.
+    /// The request could not be put into JSON (a bug: every request can).
+    #[error("request `{cmd}` cannot be encoded as JSON")]
+    Encode {
+        /// The request's command.
+        cmd: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The reply line is not JSON.
+    #[error("companion at {path} sent a reply that is not JSON: {line:?}")]
+    NotJson {
+        /// The socket.
+        path: PathBuf,
+        /// The reply's first 200 characters.
+        line: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The reply is JSON but not what the protocol says every reply is.
     #[error("companion at {path} sent a malformed reply: {reason}")]
     Malformed {
         /// The socket.
         path: PathBuf,
         /// What was wrong.
-        reason: String,
+        reason: &'static str,
+    },
+    /// The reply's fields are not the request's reply (a field missing, renamed or of
+    /// another type): the companion speaks another version of the protocol.
+    #[error(
+        "companion at {path} answered `{cmd}` with fields this vfmig cannot read; run the same \
+         vfmig release on both sides"
+    )]
+    Reply {
+        /// The socket.
+        path: PathBuf,
+        /// The request's command.
+        cmd: &'static str,
+        /// Which field, and what was wrong with it.
+        #[source]
+        source: serde_json::Error,
     },
     /// The companion refused the request.
     #[error("companion at {path} refused `{cmd}`: {message}")]
@@ -139,8 +116,21 @@ pub enum ControlError {
     },
 }
 
+/// `error`'s message followed by its causes', separated by `: ` (for a message that travels
+/// as one string: a reply on the socket, a log field).
+pub fn error_chain(error: &dyn Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
 /// Serves the control socket at `path` on a background thread.
-pub fn serve(path: &Path, handler: std::sync::Arc<dyn Handler>) -> std::io::Result<()> {
+pub fn serve<H: Handler>(path: &Path, handler: Arc<H>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -162,7 +152,7 @@ pub fn serve(path: &Path, handler: std::sync::Arc<dyn Handler>) -> std::io::Resu
     Ok(())
 }
 
-fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
+fn serve_connection<H: Handler>(stream: UnixStream, handler: &H) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -175,17 +165,7 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 tracing::debug!(?request, "control request");
-                match handler.handle(request) {
-                    Ok(mut fields) => {
-                        if let Value::Object(map) = &mut fields {
-                            map.insert("ok".into(), Value::Bool(true));
-                            fields
-                        } else {
-                            json!({"ok": true, "result": fields})
-                        }
-                    }
-                    Err(message) => json!({"ok": false, "error": message}),
-                }
+                answer(handler, request)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "malformed control request");
@@ -200,6 +180,28 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
             return;
         }
     }
+}
+
+/// The reply line's object: the reply's fields and `"ok": true`, or `"ok": false` and the
+/// error's message with its causes.
+fn answer<H: Handler>(handler: &H, request: Request) -> Value {
+    let cmd = request.cmd();
+    let error = match handler.handle(request) {
+        Ok(reply) if reply.cmd() != cmd => format!(
+            "the companion answered `{cmd}` with the reply to `{}` (a bug in vfmig)",
+            reply.cmd()
+        ),
+        Ok(reply) => match serde_json::to_value(&reply) {
+            Ok(Value::Object(mut fields)) => {
+                fields.insert("ok".into(), Value::Bool(true));
+                return Value::Object(fields);
+            }
+            Ok(_) => format!("the reply to `{cmd}` is not a JSON object (a bug in vfmig)"),
+            Err(e) => format!("the reply to `{cmd}` cannot be encoded as JSON: {e}"),
+        },
+        Err(e) => error_chain(&e),
+    };
+    json!({"ok": false, "error": error})
 }
 
 /// A client of a companion's control socket.
@@ -240,13 +242,15 @@ impl ControlClient {
         })
     }
 
-    /// Sends one request and returns the reply's fields (`ok` removed).
+    /// Sends one request and returns the reply's fields (`ok` removed), as JSON: for callers
+    /// that print the reply (`vfmig ctl`); the others read it typed, with [`Self::call_as`] or
+    /// the method named after the request.
     pub fn call(&mut self, request: &Request) -> Result<Value, ControlError> {
-        let text = serde_json::to_string(request).map_err(|e| ControlError::Malformed {
-            path: self.path.clone(),
-            reason: e.to_string(),
+        let text = serde_json::to_string(request).map_err(|source| ControlError::Encode {
+            cmd: request.cmd(),
+            source,
         })?;
-        self.call_raw(&text, &command_name(request))
+        self.call_raw(&text, request.cmd())
     }
 
     /// Sends a raw line (for tests of malformed input) and returns the reply's fields.
@@ -272,15 +276,16 @@ impl ControlClient {
             });
         }
         let mut value: Value =
-            serde_json::from_str(&reply).map_err(|e| ControlError::Malformed {
+            serde_json::from_str(&reply).map_err(|source| ControlError::NotJson {
                 path: self.path.clone(),
-                reason: format!("{e}: {}", reply.chars().take(200).collect::<String>()),
+                line: reply.trim_end().chars().take(200).collect(),
+                source,
             })?;
         let map = value
             .as_object_mut()
             .ok_or_else(|| ControlError::Malformed {
                 path: self.path.clone(),
-                reason: "reply is not a JSON object".into(),
+                reason: "reply is not a JSON object",
             })?;
         match map.remove("ok") {
             Some(Value::Bool(true)) => Ok(value),
@@ -295,92 +300,141 @@ impl ControlClient {
             }),
             _ => Err(ControlError::Malformed {
                 path: self.path.clone(),
-                reason: "reply has no boolean \"ok\"".into(),
+                reason: "reply has no boolean \"ok\"",
             }),
         }
     }
 
-    /// Sends a request and decodes the reply into `T`.
-    pub fn call_as<T: serde::de::DeserializeOwned>(
-        &mut self,
-        request: &Request,
-    ) -> Result<T, ControlError> {
+    /// Sends a request and reads the reply as `T`, the request's reply struct; a reply whose
+    /// fields are not `T`'s is [`ControlError::Reply`], naming the request and the field.
+    pub fn call_as<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ControlError> {
         let value = self.call(request)?;
-        serde_json::from_value(value).map_err(|e| ControlError::Malformed {
+        serde_json::from_value(value).map_err(|source| ControlError::Reply {
             path: self.path.clone(),
-            reason: format!("reply to `{}`: {e}", command_name(request)),
+            cmd: request.cmd(),
+            source,
         })
     }
-}
 
-fn command_name(request: &Request) -> String {
-    serde_json::to_value(request)
-        .ok()
-        .and_then(|v| v.get("cmd").and_then(Value::as_str).map(String::from))
-        .unwrap_or_default()
-}
-
-/// Lower-case hex of `bytes`.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Bytes of a hex string.
-pub fn from_hex(hex: &str) -> Result<Vec<u8>, String> {
-    if !hex.is_ascii() {
-        return Err("hex string has non-ASCII characters".into());
+    /// `status`: who the companion is and what state its device is in.
+    pub fn status(&mut self) -> Result<StatusReply, ControlError> {
+        self.call_as(&Request::Status)
     }
-    if hex.len() % 2 != 0 {
-        return Err("hex string has an odd number of digits".into());
+
+    /// `stats`: the companion's counters.
+    pub fn stats(&mut self) -> Result<StatsReply, ControlError> {
+        self.call_as(&Request::Stats)
     }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&hex[i..i + 2], 16)
-                .map_err(|_| format!("not a hex byte at offset {i}: {:?}", &hex[i..i + 2]))
+
+    /// `generator_start`: starts the traffic generator (a running one is stopped first).
+    pub fn generator_start(
+        &mut self,
+        config: GeneratorConfig,
+    ) -> Result<GeneratorStartReply, ControlError> {
+        self.call_as(&Request::GeneratorStart(config))
+    }
+
+    /// `generator_stop`: stops the traffic generator; its ledger stays.
+    pub fn generator_stop(&mut self) -> Result<GeneratorStopReply, ControlError> {
+        self.call_as(&Request::GeneratorStop)
+    }
+
+    /// `ledger`: the last version of each record that landed.
+    pub fn ledger(&mut self) -> Result<LedgerReply, ControlError> {
+        self.call_as(&Request::Ledger)
+    }
+
+    /// `scan`: what each record slot of `window` holds.
+    pub fn scan(&mut self, window: Window) -> Result<ScanReply, ControlError> {
+        self.call_as(&Request::Scan { window })
+    }
+
+    /// `read`: `len` bytes of guest RAM at `gpa` (at most [`MAX_READ`]).
+    pub fn read(&mut self, gpa: u64, len: u64) -> Result<ReadReply, ControlError> {
+        self.call_as(&Request::Read { gpa, len })
+    }
+
+    /// `write`: `bytes` into guest RAM at `gpa`, as the device would write them.
+    pub fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<WriteReply, ControlError> {
+        self.call_as(&Request::Write {
+            gpa,
+            hex: to_hex(bytes),
         })
-        .collect()
+    }
+
+    /// `vf_export`: the soft VF's state, after the switchover quiesce.
+    pub fn vf_export(&mut self) -> Result<VfExportReply, ControlError> {
+        self.call_as(&Request::VfExport)
+    }
+
+    /// `vf_import`: hands a migrated VM's soft VF state to this companion.
+    pub fn vf_import(
+        &mut self,
+        vf: crate::vf::soft::VfState,
+        rx_frames: Vec<String>,
+    ) -> Result<VfImportReply, ControlError> {
+        self.call_as(&Request::VfImport { vf, rx_frames })
+    }
+
+    /// `send_event`: tells the guest's runtime a migration event.
+    pub fn send_event(&mut self, event: GuestEvent) -> Result<SendEventReply, ControlError> {
+        self.call_as(&Request::SendEvent { event })
+    }
+
+    /// `set_tracking`: switches dirty tracking of device writes on or off.
+    pub fn set_tracking(&mut self, enabled: bool) -> Result<SetTrackingReply, ControlError> {
+        self.call_as(&Request::SetTracking { enabled })
+    }
+
+    /// `quit`: stops the companion.
+    pub fn quit(&mut self) -> Result<QuitReply, ControlError> {
+        self.call_as(&Request::Quit)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+
+    #[derive(Debug, thiserror::Error)]
+    enum EchoError {
+        #[error("too long")]
+        TooLong,
+        #[error("unsupported")]
+        Unsupported(#[source] std::io::Error),
+    }
 
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, request: Request) -> Result<Value, String> {
+        type Error = EchoError;
+
+        fn handle(&self, request: Request) -> Result<Reply, EchoError> {
             match request {
-                Request::Status => Ok(json!({"name": "vm"})),
-                Request::Read { len, .. } if len > MAX_READ => Err("too long".into()),
-                _ => Err("unsupported".into()),
+                Request::Read { len, .. } if len > MAX_READ => Err(EchoError::TooLong),
+                Request::Read { len, .. } => Ok(ReadReply {
+                    hex: to_hex(&vec![0xab; len as usize]),
+                }
+                .into()),
+                Request::SetTracking { .. } => Ok(ScanReply { slots: vec![] }.into()),
+                _ => Err(EchoError::Unsupported(std::io::Error::other(
+                    "nothing here answers it",
+                ))),
             }
         }
     }
 
-    #[test]
-    fn requests_parse_from_their_documented_form() {
-        let r: Request = serde_json::from_str(r#"{"cmd":"read","gpa":4096,"len":8}"#).unwrap();
-        assert_eq!(r, Request::Read { gpa: 4096, len: 8 });
-        let r: Request = serde_json::from_str(
-            r#"{"cmd":"generator_start","window":{"gpa":1,"slots":2,"stride":4096,"record_size":64},"rate":10}"#,
-        )
-        .unwrap();
-        assert!(matches!(r, Request::GeneratorStart(_)));
-        assert!(
-            serde_json::from_str::<Request>(r#"{"cmd":"read","gpa":1,"len":2,"x":1}"#).is_err()
-        );
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"read","gpa":"one","len":2}"#).is_err());
+    fn echo_client(dir: &tempfile::TempDir) -> ControlClient {
+        let path = dir.path().join("control.sock");
+        serve(&path, Arc::new(Echo)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        ControlClient::connect(&path, Duration::from_secs(5)).unwrap()
     }
 
     #[test]
     fn malformed_requests_get_an_error_reply_and_the_connection_survives() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("control.sock");
-        serve(&path, Arc::new(Echo)).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let mut c = ControlClient::connect(&path, Duration::from_secs(5)).unwrap();
+        let mut c = echo_client(&dir);
         for bad in ["not json", "{\"cmd\":\"explode\"}", "[1,2]", "{\"gpa\":1}"] {
             match c.call_raw(bad, "?") {
                 Err(ControlError::Refused { message, .. }) => {
@@ -389,8 +443,8 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
-        let v = c.call(&Request::Status).unwrap();
-        assert_eq!(v["name"], "vm");
+        let v = c.call(&Request::Read { gpa: 0, len: 2 }).unwrap();
+        assert_eq!(v["hex"], "abab");
         match c.call(&Request::Read {
             gpa: 0,
             len: MAX_READ + 1,
@@ -404,12 +458,41 @@ mod tests {
     }
 
     #[test]
-    fn hex_round_trips_and_rejects_garbage() {
-        assert_eq!(
-            from_hex(&to_hex(&[0, 1, 0xab, 0xff])).unwrap(),
-            vec![0, 1, 0xab, 0xff]
-        );
-        assert!(from_hex("abc").is_err());
-        assert!(from_hex("zz").is_err());
+    fn a_refusal_carries_the_error_and_its_causes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = echo_client(&dir);
+        match c.status() {
+            Err(ControlError::Refused { message, cmd, .. }) => {
+                assert_eq!(message, "unsupported: nothing here answers it");
+                assert_eq!(cmd, "status");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn typed_calls_read_their_reply_and_name_the_request_when_it_does_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = echo_client(&dir);
+        assert_eq!(c.read(0, 3).unwrap().hex, "ababab");
+        // A `read` reply read as another request's reply: the client names the request and
+        // the field it missed.
+        match c.call_as::<SetTrackingReply>(&Request::Read { gpa: 0, len: 1 }) {
+            Err(e @ ControlError::Reply { cmd, .. }) => {
+                assert_eq!(cmd, "read");
+                let text = error_chain(&e);
+                assert!(text.contains("missing field `tracking`"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A handler that answers with another request's reply is refused on the server.
+        match c.set_tracking(true) {
+            Err(ControlError::Refused { message, .. }) => {
+                assert!(message.contains("with the reply to `scan`"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The connection still serves.
+        assert_eq!(c.read(0, 1).unwrap().hex, "ab");
     }
 }

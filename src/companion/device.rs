@@ -24,7 +24,7 @@ use crate::vf::{DeviceStatus, MapChange, MappedRegion, QuiesceReport, VfDevice};
 pub const SYNC_PERIOD: Duration = Duration::from_millis(100);
 
 /// The device side and what the companion did with it, for `status`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeviceSideStatus {
     /// The device.
     pub device: DeviceStatus,

@@ -40,23 +40,61 @@ pub struct Window {
     pub record_size: u32,
 }
 
+/// Why a window's shape is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    /// Zero slots.
+    #[error("the window has no slots")]
+    NoSlots,
+    /// Records too small for a header and a checksum.
+    #[error("record size {record_size} is below the minimum of {MIN_RECORD} bytes")]
+    RecordTooSmall {
+        /// The window's record size.
+        record_size: u32,
+    },
+    /// Records that would overlap the next slot.
+    #[error("record size {record_size} exceeds the stride {stride}")]
+    RecordOverStride {
+        /// The window's record size.
+        record_size: u32,
+        /// The window's stride.
+        stride: u64,
+    },
+    /// A window that wraps around the address space.
+    #[error("the window overflows the address space")]
+    Overflow,
+}
+
+/// Why a generator did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GeneratorError {
+    /// The window's shape is wrong.
+    #[error("the generator's window is not usable")]
+    Window(#[from] WindowError),
+    /// A rate of zero.
+    #[error("rate must be at least 1 write per second")]
+    ZeroRate,
+    /// The thread could not be started.
+    #[error("cannot start the generator thread")]
+    Thread(#[source] std::io::Error),
+}
+
 impl Window {
     /// Checks the window's shape (not whether it lies in guest RAM: the DMA engine does that).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), WindowError> {
         if self.slots == 0 {
-            return Err("the window has no slots".into());
+            return Err(WindowError::NoSlots);
         }
         if (self.record_size as usize) < MIN_RECORD {
-            return Err(format!(
-                "record size {} is below the minimum of {MIN_RECORD} bytes",
-                self.record_size
-            ));
+            return Err(WindowError::RecordTooSmall {
+                record_size: self.record_size,
+            });
         }
         if u64::from(self.record_size) > self.stride {
-            return Err(format!(
-                "record size {} exceeds the stride {}",
-                self.record_size, self.stride
-            ));
+            return Err(WindowError::RecordOverStride {
+                record_size: self.record_size,
+                stride: self.stride,
+            });
         }
         if self
             .stride
@@ -64,7 +102,7 @@ impl Window {
             .and_then(|n| n.checked_add(self.gpa))
             .is_none()
         {
-            return Err("the window overflows the address space".into());
+            return Err(WindowError::Overflow);
         }
         Ok(())
     }
@@ -255,10 +293,10 @@ pub struct Generator {
 
 impl Generator {
     /// Starts writing through `dma`.
-    pub fn start(dma: Arc<DmaEngine>, config: GeneratorConfig) -> Result<Self, String> {
+    pub fn start(dma: Arc<DmaEngine>, config: GeneratorConfig) -> Result<Self, GeneratorError> {
         config.window.validate()?;
         if config.rate == 0 {
-            return Err("rate must be at least 1 write per second".into());
+            return Err(GeneratorError::ZeroRate);
         }
         let ledger = Arc::new(Ledger::new(config.window));
         let stop = Arc::new(AtomicBool::new(false));
@@ -268,7 +306,7 @@ impl Generator {
             std::thread::Builder::new()
                 .name("vfmig-generator".into())
                 .spawn(move || run(&dma, config, &ledger, &stop, &progress))
-                .map_err(|e| format!("cannot start the generator thread: {e}"))?
+                .map_err(GeneratorError::Thread)?
         };
         tracing::info!(?config, "traffic generator started");
         Ok(Self {

@@ -25,7 +25,7 @@ use crate::vf::verbs::{self, Access, GpaRange, RecvWr, SendWr};
 use crate::vf::Vf;
 
 /// Counters of the guest link.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GuestLinkStats {
     /// vfmig frames received from the guest.
     pub frames_from_guest: u64,

@@ -8,18 +8,19 @@ pub mod control;
 pub mod device;
 pub mod generator;
 pub mod guest_link;
+mod handler;
 pub mod vhost_filter;
 pub mod vhost_net;
+
+pub use handler::RequestError;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::GuestAddressSpace;
 
 use std::os::fd::AsRawFd;
 
@@ -29,9 +30,8 @@ use crate::memory::guest_ram;
 use crate::memory::DmaEngine;
 use crate::vf::vfio::{VfioVf, VfioVfError};
 use crate::vf::{self, soft::SoftVf};
-use control::{Handler, Request, MAX_READ};
 use device::DeviceSide;
-use generator::{Generator, GeneratorStatus};
+use generator::Generator;
 use guest_link::GuestLink;
 use vhost_net::NetBackend;
 
@@ -122,160 +122,6 @@ struct Companion {
     vhost_connected: AtomicBool,
     vhost_messages: vhost_filter::SharedMessageLog,
     quit: AtomicBool,
-}
-
-impl Companion {
-    fn generator_status(&self) -> Option<GeneratorStatus> {
-        self.generator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(Generator::status)
-    }
-
-    fn status(&self) -> Value {
-        let mem = self.dma.ram().memory();
-        json!({
-            "name": self.name,
-            "pid": std::process::id(),
-            "vhost_connected": self.vhost_connected.load(Ordering::SeqCst),
-            "regions": guest_ram::regions(&mem),
-            "gate": self.dma.gate_state(),
-            "tracking": self.dma.tracking(),
-            "vhost_messages": *self.vhost_messages.lock().unwrap_or_else(|e| e.into_inner()),
-            "vfio": self.device.as_ref().map(|d| d.status()),
-        })
-    }
-
-    fn stats(&self) -> Value {
-        let mem = self.dma.ram().memory();
-        let regions = guest_ram::regions(&mem);
-        let gate = self.dma.gate_state();
-        json!({
-            "dma": self.dma.stats(),
-            "net": self.net.stats(),
-            "epoch": gate.epoch,
-            "device_dirty_pages": self.dma.device_dirty_bitmap().count(),
-            "log_requested": gate.log_requested,
-            "log_on": gate.log_requested && !regions.is_empty() && regions.iter().all(|r| r.logged),
-            "quiesced": gate.quiesced,
-            "tracking": self.dma.tracking(),
-            "generator": self.generator_status(),
-            "soft_vf": self.vf.as_ref().map(SoftVf::stats),
-            "guest_link": self.guest.stats(),
-        })
-    }
-}
-
-impl Handler for Companion {
-    fn handle(&self, request: Request) -> Result<Value, String> {
-        match request {
-            Request::Status => Ok(self.status()),
-            Request::Stats => Ok(self.stats()),
-            Request::GeneratorStart(config) => {
-                let mut slot = self.generator.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(g) = slot.as_mut() {
-                    g.stop();
-                }
-                *slot = Some(Generator::start(self.dma.clone(), config)?);
-                Ok(json!({}))
-            }
-            Request::GeneratorStop => {
-                let mut slot = self.generator.lock().unwrap_or_else(|e| e.into_inner());
-                let g = slot
-                    .as_mut()
-                    .ok_or("no generator was started; send generator_start first")?;
-                g.stop();
-                Ok(json!({ "generator": g.status() }))
-            }
-            Request::Ledger => {
-                let slot = self.generator.lock().unwrap_or_else(|e| e.into_inner());
-                let g = slot
-                    .as_ref()
-                    .ok_or("no generator was started, so there is no ledger")?;
-                Ok(json!({
-                    "window": g.ledger().window(),
-                    "versions": g.ledger().versions(),
-                    "generator": g.status(),
-                }))
-            }
-            Request::Scan { window } => {
-                window.validate()?;
-                let found = generator::scan(&self.dma, &window).map_err(|e| e.to_string())?;
-                Ok(json!({ "slots": found }))
-            }
-            Request::Read { gpa, len } => {
-                if len > MAX_READ {
-                    return Err(format!(
-                        "read of {len} bytes refused: at most {MAX_READ} per request"
-                    ));
-                }
-                let bytes = self.dma.read(gpa, len).map_err(|e| e.to_string())?;
-                Ok(json!({ "hex": control::to_hex(&bytes) }))
-            }
-            Request::Write { gpa, hex } => {
-                let bytes = control::from_hex(&hex)?;
-                self.dma.write(gpa, &bytes).map_err(|e| e.to_string())?;
-                Ok(json!({ "written": bytes.len() }))
-            }
-            Request::VfExport => {
-                let vf = self
-                    .vf
-                    .as_ref()
-                    .ok_or("this companion has no soft VF (--fabric-listen)")?;
-                let state = vf.export_state().map_err(|e| e.to_string())?;
-                let rx: Vec<String> = self
-                    .guest
-                    .take_waiting()
-                    .iter()
-                    .map(|f| control::to_hex(f))
-                    .collect();
-                Ok(json!({ "vf": state, "rx_frames": rx }))
-            }
-            Request::VfImport {
-                vf: state,
-                rx_frames,
-            } => {
-                let vf = self
-                    .vf
-                    .as_ref()
-                    .ok_or("this companion has no soft VF (--fabric-listen)")?;
-                let frames = rx_frames
-                    .iter()
-                    .map(|h| control::from_hex(h))
-                    .collect::<Result<Vec<_>, _>>()?;
-                vf.import_state(state).map_err(|e| e.to_string())?;
-                self.guest.restore_waiting(frames);
-                let reached = vf.announce();
-                Ok(json!({ "announced_to": reached }))
-            }
-            Request::SendEvent { event } => {
-                let e = match event {
-                    control::GuestEvent::Suspend => vfmig_proto::Event::Suspend,
-                    control::GuestEvent::Resume => vfmig_proto::Event::Resume,
-                };
-                self.guest.queue(0, vfmig_proto::Message::Event(e));
-                Ok(json!({ "sent": event }))
-            }
-            Request::SetTracking { enabled } => {
-                self.dma.set_tracking(enabled);
-                Ok(json!({ "tracking": enabled }))
-            }
-            Request::Quit => {
-                self.quit.store(true, Ordering::SeqCst);
-                tracing::info!("quit requested on the control socket");
-                if let Some(device) = &self.device {
-                    device.release();
-                }
-                // Exit from a helper thread after the reply has gone out.
-                std::thread::spawn(|| {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    std::process::exit(0);
-                });
-                Ok(json!({}))
-            }
-        }
-    }
 }
 
 /// Runs a companion until QEMU has disconnected for good or `quit` arrives.

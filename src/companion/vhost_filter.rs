@@ -155,12 +155,12 @@ pub fn write_message(sock: &UnixStream, m: &Message) -> io::Result<()> {
 }
 
 /// When the messages that matter to migration arrived, in µs since the filter started.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MessageLog {
     /// Message counts by name.
-    pub counts: BTreeMap<&'static str, u64>,
+    pub counts: BTreeMap<String, u64>,
     /// Last arrival of each, µs since start.
-    pub last_us: BTreeMap<&'static str, u64>,
+    pub last_us: BTreeMap<String, u64>,
     /// `SET_VRING_ENABLE`s held until `SET_FEATURES` and then replayed.
     pub enables_replayed: u64,
     /// `SEND_RARP`s answered by the filter.
@@ -208,8 +208,9 @@ pub fn run(
         while let Some(m) = read_message(&qemu_r)? {
             if let Some(name) = name_of(m.request) {
                 let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-                *l.counts.entry(name).or_default() += 1;
-                l.last_us.insert(name, start.elapsed().as_micros() as u64);
+                *l.counts.entry(name.to_owned()).or_default() += 1;
+                l.last_us
+                    .insert(name.to_owned(), start.elapsed().as_micros() as u64);
             }
             match m.request {
                 code::SET_VRING_ENABLE if !acked_protocol_features => {

@@ -45,7 +45,7 @@ const QUEUE_SIZE: usize = 256;
 pub const NET_HDR_LEN: u32 = 12;
 
 /// Counters of the net device.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct NetStats {
     /// Frames the guest transmitted (counted and dropped for now).
     pub tx_frames: u64,

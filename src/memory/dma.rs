@@ -64,7 +64,7 @@ pub enum DmaError {
 }
 
 /// Counters of the DMA engine.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DmaStats {
     /// Device writes that landed in guest RAM.
     pub writes: u64,
@@ -81,7 +81,7 @@ pub struct DmaStats {
 }
 
 /// State of the gate, as reported by `status`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GateState {
     /// QEMU asked for dirty logging (a migration is running).
     pub log_requested: bool,

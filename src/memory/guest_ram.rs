@@ -20,7 +20,7 @@ pub fn empty() -> GuestRam {
 }
 
 /// One region of guest RAM, as reported to users.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RegionInfo {
     /// Guest-physical address of the first byte.
     pub gpa: u64,

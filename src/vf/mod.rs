@@ -172,7 +172,7 @@ impl std::fmt::Display for DirtyTracking {
 }
 
 /// What one call of [`VfDevice::map_guest_ram`] changed in the device's IOMMU mappings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MapChange {
     /// `(gpa, size)` of regions mapped by this call.
     pub mapped: Vec<(u64, u64)>,
@@ -183,7 +183,7 @@ pub struct MapChange {
 }
 
 /// What [`VfDevice::quiesce`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QuiesceReport {
     /// How long the quiesce took, in microseconds.
     pub waited_us: u64,
@@ -213,7 +213,7 @@ pub struct ResetReport {
 }
 
 /// A VF's device side, for the control socket's `status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceStatus {
     /// Short name (the VM for the soft VF, the PCI address for a VFIO VF).
     pub name: String,

@@ -79,7 +79,7 @@ impl Default for FabricTiming {
 }
 
 /// Counters of the soft VF.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct SoftVfStats {
     /// Requests sent (first transmissions).
     pub requests_sent: u64,

@@ -1,0 +1,239 @@
+//! The companion's answers to its control socket: one arm per [`Request`], each giving the
+//! request's reply struct or a [`RequestError`].
+
+use std::sync::atomic::Ordering;
+
+use vm_memory::GuestAddressSpace;
+
+use super::control::{
+    self, GeneratorStartReply, GeneratorStopReply, GuestEvent, Handler, HexError, LedgerReply,
+    QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetTrackingReply, StatsReply,
+    StatusReply, VfExportReply, VfImportReply, WriteReply, MAX_READ,
+};
+use super::generator::{self, Generator, GeneratorError, GeneratorStatus, WindowError};
+use super::Companion;
+use crate::memory::{guest_ram, DmaError};
+use crate::vf::soft::{SoftVf, StateError};
+
+/// Why the companion refused a request. The reply's `error` is this message followed by its
+/// causes'.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// `generator_start` failed.
+    #[error("the traffic generator did not start")]
+    GeneratorStart(#[source] GeneratorError),
+    /// `generator_stop` before any `generator_start`.
+    #[error("no generator was started; send generator_start first")]
+    NoGeneratorToStop,
+    /// `ledger` before any `generator_start`.
+    #[error("no generator was started, so there is no ledger")]
+    NoLedger,
+    /// `scan` of a window of the wrong shape.
+    #[error("scan refused")]
+    ScanWindow(#[source] WindowError),
+    /// `scan` could not read a slot.
+    #[error("scan of the window failed")]
+    Scan(#[source] DmaError),
+    /// `read` of more than [`MAX_READ`] bytes.
+    #[error("read of {len} bytes refused: at most {MAX_READ} per request")]
+    ReadTooLong {
+        /// The bytes asked for.
+        len: u64,
+    },
+    /// `read` refused by the DMA engine.
+    #[error("cannot read guest RAM")]
+    Read(#[source] DmaError),
+    /// `write`'s `hex` is not hex bytes.
+    #[error("the write's `hex` is not hex bytes")]
+    WriteHex(#[source] HexError),
+    /// `write` refused by the DMA engine.
+    #[error("cannot write guest RAM")]
+    Write(#[source] DmaError),
+    /// `vf_export` or `vf_import` to a companion without a soft VF.
+    #[error("this companion has no soft VF (--fabric-listen)")]
+    NoSoftVf,
+    /// The soft VF's state could not be exported.
+    #[error("cannot export the soft VF's state")]
+    VfExport(#[source] StateError),
+    /// A frame of `vf_import`'s `rx_frames` is not hex bytes.
+    #[error("frame {index} of the import's `rx_frames` is not hex bytes")]
+    RxFrameHex {
+        /// The frame's index in `rx_frames`.
+        index: usize,
+        /// Why.
+        #[source]
+        source: HexError,
+    },
+    /// The soft VF's state could not be imported.
+    #[error("cannot import the soft VF's state")]
+    VfImport(#[source] StateError),
+}
+
+impl Companion {
+    fn generator_status(&self) -> Option<GeneratorStatus> {
+        self.generator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Generator::status)
+    }
+
+    fn status(&self) -> StatusReply {
+        let mem = self.dma.ram().memory();
+        StatusReply {
+            name: self.name.clone(),
+            pid: std::process::id(),
+            vhost_connected: self.vhost_connected.load(Ordering::SeqCst),
+            regions: guest_ram::regions(&mem),
+            gate: self.dma.gate_state(),
+            tracking: self.dma.tracking(),
+            vhost_messages: self
+                .vhost_messages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            vfio: self.device.as_ref().map(|d| d.status()),
+        }
+    }
+
+    fn stats(&self) -> StatsReply {
+        let mem = self.dma.ram().memory();
+        let regions = guest_ram::regions(&mem);
+        let gate = self.dma.gate_state();
+        StatsReply {
+            dma: self.dma.stats(),
+            net: self.net.stats(),
+            epoch: gate.epoch,
+            device_dirty_pages: self.dma.device_dirty_bitmap().count(),
+            log_requested: gate.log_requested,
+            log_on: gate.log_requested && !regions.is_empty() && regions.iter().all(|r| r.logged),
+            quiesced: gate.quiesced,
+            tracking: self.dma.tracking(),
+            generator: self.generator_status(),
+            soft_vf: self.vf.as_ref().map(SoftVf::stats),
+            guest_link: self.guest.stats(),
+        }
+    }
+}
+
+impl Handler for Companion {
+    type Error = RequestError;
+
+    fn handle(&self, request: Request) -> Result<Reply, RequestError> {
+        match request {
+            Request::Status => Ok(self.status().into()),
+            Request::Stats => Ok(self.stats().into()),
+            Request::GeneratorStart(config) => {
+                let mut slot = self.generator.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(g) = slot.as_mut() {
+                    g.stop();
+                }
+                *slot = Some(
+                    Generator::start(self.dma.clone(), config)
+                        .map_err(RequestError::GeneratorStart)?,
+                );
+                Ok(GeneratorStartReply {}.into())
+            }
+            Request::GeneratorStop => {
+                let mut slot = self.generator.lock().unwrap_or_else(|e| e.into_inner());
+                let g = slot.as_mut().ok_or(RequestError::NoGeneratorToStop)?;
+                g.stop();
+                Ok(GeneratorStopReply {
+                    generator: g.status(),
+                }
+                .into())
+            }
+            Request::Ledger => {
+                let slot = self.generator.lock().unwrap_or_else(|e| e.into_inner());
+                let g = slot.as_ref().ok_or(RequestError::NoLedger)?;
+                Ok(LedgerReply {
+                    window: g.ledger().window(),
+                    versions: g.ledger().versions(),
+                    generator: g.status(),
+                }
+                .into())
+            }
+            Request::Scan { window } => {
+                window.validate().map_err(RequestError::ScanWindow)?;
+                let slots = generator::scan(&self.dma, &window).map_err(RequestError::Scan)?;
+                Ok(ScanReply { slots }.into())
+            }
+            Request::Read { gpa, len } => {
+                if len > MAX_READ {
+                    return Err(RequestError::ReadTooLong { len });
+                }
+                let bytes = self.dma.read(gpa, len).map_err(RequestError::Read)?;
+                Ok(ReadReply {
+                    hex: control::to_hex(&bytes),
+                }
+                .into())
+            }
+            Request::Write { gpa, hex } => {
+                let bytes = control::from_hex(&hex).map_err(RequestError::WriteHex)?;
+                self.dma.write(gpa, &bytes).map_err(RequestError::Write)?;
+                Ok(WriteReply {
+                    written: bytes.len(),
+                }
+                .into())
+            }
+            Request::VfExport => {
+                let vf = self.vf.as_ref().ok_or(RequestError::NoSoftVf)?;
+                let state = vf.export_state().map_err(RequestError::VfExport)?;
+                let rx_frames: Vec<String> = self
+                    .guest
+                    .take_waiting()
+                    .iter()
+                    .map(|f| control::to_hex(f))
+                    .collect();
+                Ok(VfExportReply {
+                    vf: state,
+                    rx_frames,
+                }
+                .into())
+            }
+            Request::VfImport {
+                vf: state,
+                rx_frames,
+            } => {
+                let vf = self.vf.as_ref().ok_or(RequestError::NoSoftVf)?;
+                let frames = rx_frames
+                    .iter()
+                    .enumerate()
+                    .map(|(index, h)| {
+                        control::from_hex(h)
+                            .map_err(|source| RequestError::RxFrameHex { index, source })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                vf.import_state(state).map_err(RequestError::VfImport)?;
+                self.guest.restore_waiting(frames);
+                let announced_to = vf.announce();
+                Ok(VfImportReply { announced_to }.into())
+            }
+            Request::SendEvent { event } => {
+                let e = match event {
+                    GuestEvent::Suspend => vfmig_proto::Event::Suspend,
+                    GuestEvent::Resume => vfmig_proto::Event::Resume,
+                };
+                self.guest.queue(0, vfmig_proto::Message::Event(e));
+                Ok(SendEventReply { sent: event }.into())
+            }
+            Request::SetTracking { enabled } => {
+                self.dma.set_tracking(enabled);
+                Ok(SetTrackingReply { tracking: enabled }.into())
+            }
+            Request::Quit => {
+                self.quit.store(true, Ordering::SeqCst);
+                tracing::info!("quit requested on the control socket");
+                if let Some(device) = &self.device {
+                    device.release();
+                }
+                // Exit from a helper thread after the reply has gone out.
+                std::thread::spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    std::process::exit(0);
+                });
+                Ok(QuitReply {}.into())
+            }
+        }
+    }
+}
