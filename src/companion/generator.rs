@@ -533,6 +533,71 @@ mod tests {
     }
 
     #[test]
+    fn a_window_of_the_wrong_shape_or_a_zero_rate_is_refused_with_the_reason() {
+        let ok = Window {
+            gpa: 0x1_0000,
+            slots: 4,
+            stride: 4096,
+            record_size: 64,
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(
+            Window { slots: 0, ..ok }.validate(),
+            Err(WindowError::NoSlots)
+        );
+        assert_eq!(
+            Window {
+                record_size: 63,
+                ..ok
+            }
+            .validate(),
+            Err(WindowError::RecordTooSmall { record_size: 63 })
+        );
+        assert_eq!(
+            Window { stride: 32, ..ok }.validate(),
+            Err(WindowError::RecordOverStride {
+                record_size: 64,
+                stride: 32
+            })
+        );
+        assert_eq!(
+            Window {
+                gpa: u64::MAX - 4096,
+                ..ok
+            }
+            .validate(),
+            Err(WindowError::Overflow)
+        );
+        let ram = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let dma = Arc::new(DmaEngine::new(ram));
+        let zero_rate = Generator::start(
+            dma.clone(),
+            GeneratorConfig {
+                window: ok,
+                rate: 0,
+            },
+        );
+        assert!(matches!(zero_rate, Err(GeneratorError::ZeroRate)));
+        let no_slots = Generator::start(
+            dma,
+            GeneratorConfig {
+                window: Window { slots: 0, ..ok },
+                rate: 1,
+            },
+        );
+        match no_slots {
+            Err(e @ GeneratorError::Window(WindowError::NoSlots)) => {
+                let cause = std::error::Error::source(&e).map(ToString::to_string);
+                assert_eq!(cause.as_deref(), Some("the window has no slots"));
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a window without slots started"),
+        }
+    }
+
+    #[test]
     fn a_window_outside_guest_ram_stops_the_generator_with_the_reason() {
         let ram = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),

@@ -237,3 +237,161 @@ impl Handler for Companion {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    use super::super::control::{ControlClient, ControlError};
+    use super::super::generator::{GeneratorConfig, SlotContent, Window};
+    use super::super::guest_link::GuestLink;
+    use super::super::vhost_net::NetBackend;
+    use super::*;
+    use crate::memory::DmaEngine;
+    use crate::vf::soft::{ClusterMap, FabricTiming};
+
+    /// A companion of VM `name` over 1 MiB of guest RAM, with a soft VF on loopback when
+    /// `soft_vf`, serving its control socket in `dir`.
+    fn companion(dir: &Path, name: &str, soft_vf: bool) -> (Arc<DmaEngine>, ControlClient) {
+        let ram = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let dma = Arc::new(DmaEngine::new(ram));
+        dma.adopt_memory();
+        let vf = soft_vf.then(|| {
+            SoftVf::start(
+                name,
+                dma.clone(),
+                "127.0.0.1:0",
+                ClusterMap::default(),
+                FabricTiming::default(),
+            )
+            .unwrap()
+        });
+        let guest = GuestLink::new(vf.clone(), dma.clone()).unwrap();
+        let companion = Arc::new(Companion {
+            name: name.into(),
+            dma: dma.clone(),
+            net: NetBackend::new(dma.clone(), guest.clone()),
+            vf,
+            device: None,
+            guest,
+            generator: Mutex::new(None),
+            vhost_connected: AtomicBool::new(false),
+            vhost_messages: Default::default(),
+            quit: AtomicBool::new(false),
+        });
+        static SOCKETS: AtomicUsize = AtomicUsize::new(0);
+        let path = dir.join(format!("{}.sock", SOCKETS.fetch_add(1, Ordering::Relaxed)));
+        control::serve(&path, companion).unwrap();
+        let client = ControlClient::connect(&path, Duration::from_secs(5)).unwrap();
+        (dma, client)
+    }
+
+    fn refusal<T: std::fmt::Debug>(r: Result<T, ControlError>) -> String {
+        match r {
+            Err(ControlError::Refused { message, .. }) => message,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    const WINDOW: Window = Window {
+        gpa: 0x1_0000,
+        slots: 8,
+        stride: 4096,
+        record_size: 64,
+    };
+
+    #[test]
+    fn every_reply_of_the_companion_reads_as_the_clients_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dma, mut c) = companion(dir.path(), "vm", true);
+        let status = c.status().unwrap();
+        assert_eq!(status.name, "vm");
+        assert_eq!(status.regions.len(), 1);
+        assert!(status.vfio.is_none());
+        assert!(c.set_tracking(true).unwrap().tracking);
+        assert_eq!(c.write(0x2000, b"vfmig").unwrap().written, 5);
+        assert_eq!(c.read(0x2000, 5).unwrap().hex, control::to_hex(b"vfmig"));
+        c.generator_start(GeneratorConfig {
+            window: WINDOW,
+            rate: 10_000,
+        })
+        .unwrap();
+        while c.stats().unwrap().generator.map_or(0, |g| g.writes) < 20 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!c.generator_stop().unwrap().generator.running);
+        let ledger = c.ledger().unwrap();
+        assert_eq!(ledger.window, WINDOW);
+        let slots = c.scan(WINDOW).unwrap().slots;
+        for (slot, version) in slots.iter().zip(&ledger.versions) {
+            assert_eq!(*slot, SlotContent::Record(*version));
+        }
+        let stats = c.stats().unwrap();
+        assert_eq!(stats.dma.writes, 1 + ledger.generator.writes);
+        assert!(stats.soft_vf.is_some());
+        assert_eq!(
+            c.send_event(GuestEvent::Suspend).unwrap().sent,
+            GuestEvent::Suspend
+        );
+
+        // The soft VF moves to another companion of the same VM.
+        dma.quiesce();
+        let exported = c.vf_export().unwrap();
+        assert_eq!(exported.vf.vm, "vm");
+        let (_, mut d) = companion(dir.path(), "vm", false);
+        assert!(refusal(d.vf_import(exported.vf.clone(), vec![])).contains("no soft VF"));
+        let (_, mut d) = companion(dir.path(), "vm", true);
+        let imported = d.vf_import(exported.vf, exported.rx_frames).unwrap();
+        assert!(imported.announced_to.is_empty(), "{imported:?}");
+    }
+
+    #[test]
+    fn refusals_say_what_was_refused_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut c) = companion(dir.path(), "vm", false);
+        let m = refusal(c.call_as::<WriteReply>(&Request::Write {
+            gpa: 0,
+            hex: "zz".into(),
+        }));
+        assert_eq!(
+            m,
+            "the write's `hex` is not hex bytes: not a hex byte at offset 0: \"zz\""
+        );
+        let m = refusal(c.write(1 << 30, &[0xee; 16]));
+        assert!(m.starts_with("cannot write guest RAM: "), "{m}");
+        assert!(m.contains("outside guest RAM"), "{m}");
+        assert!(m.contains("nothing was written"), "{m}");
+        let m = refusal(c.read(0, MAX_READ + 1));
+        assert!(m.contains("at most"), "{m}");
+        let m = refusal(c.generator_stop());
+        assert!(m.contains("send generator_start first"), "{m}");
+        let m = refusal(c.ledger());
+        assert!(m.contains("no ledger"), "{m}");
+        let m = refusal(c.generator_start(GeneratorConfig {
+            window: WINDOW,
+            rate: 0,
+        }));
+        assert_eq!(
+            m,
+            "the traffic generator did not start: rate must be at least 1 write per second"
+        );
+        let m = refusal(c.scan(Window { slots: 0, ..WINDOW }));
+        assert_eq!(m, "scan refused: the window has no slots");
+        let m = refusal(c.vf_export());
+        assert!(m.contains("no soft VF"), "{m}");
+
+        let (_, mut v) = companion(dir.path(), "vm", true);
+        let m = refusal(v.vf_export());
+        assert!(
+            m.starts_with("cannot export the soft VF's state: ") && m.contains("quiesced"),
+            "{m}"
+        );
+    }
+}

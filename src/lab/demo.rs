@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::Value;
 
 use super::verify::{self, RamComparison, VerifyError};
-use crate::companion::control::{ControlError, Request};
+use crate::companion::control::ControlError;
 use crate::companion::generator::{compare, GeneratorConfig, SlotContent, Verdict, Window};
 use crate::orchestrator::launch::{mac_for, GuestImage, LaunchError, Nic, Role, RunningVm, VmSpec};
 use crate::orchestrator::migrate::{
@@ -121,14 +120,6 @@ pub enum DemoError {
     /// A RAM check failed to run.
     #[error(transparent)]
     Verify(#[from] VerifyError),
-    /// A reply had an unexpected shape.
-    #[error("unexpected reply from the {side} companion: {reason}")]
-    Reply {
-        /// Which companion.
-        side: &'static str,
-        /// What was wrong.
-        reason: String,
-    },
 }
 
 /// The generator's window: one record per page of the reserved window.
@@ -147,17 +138,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(4444)
-}
-
-fn field<T: serde::de::DeserializeOwned>(
-    v: &Value,
-    key: &str,
-    side: &'static str,
-) -> Result<T, DemoError> {
-    serde_json::from_value(v[key].clone()).map_err(|e| DemoError::Reply {
-        side,
-        reason: format!("field {key}: {e}"),
-    })
 }
 
 /// Starts a VM of the demo, with a companion.
@@ -206,15 +186,13 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
     tracing::info!(secs = booted.as_secs_f64(), "source guest started its NIC");
 
     let mut src_ctl = src.control()?;
-    src_ctl.call(&Request::SetTracking {
-        enabled: opts.strategy != Strategy::UnsafeNoTracking,
-    })?;
+    src_ctl.set_tracking(opts.strategy != Strategy::UnsafeNoTracking)?;
     let window = window(opts.record_size);
     if opts.rate > 0 {
-        src_ctl.call(&Request::GeneratorStart(GeneratorConfig {
+        src_ctl.generator_start(GeneratorConfig {
             window,
             rate: opts.rate,
-        }))?;
+        })?;
         std::thread::sleep(opts.lead_time);
     }
 
@@ -240,16 +218,16 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
     )?;
 
     // The source is stopped and its VF quiesced: the ledger is final.
-    let stats = src_ctl.call(&Request::Stats)?;
+    let stats = src_ctl.stats()?;
     let versions: Vec<u64> = if opts.rate > 0 {
-        src_ctl.call(&Request::GeneratorStop)?;
-        field(&src_ctl.call(&Request::Ledger)?, "versions", "source")?
+        src_ctl.generator_stop()?;
+        src_ctl.ledger()?.versions
     } else {
         vec![0; window.slots as usize]
     };
-    let device_writes: u64 = field(&stats["dma"], "writes", "source")?;
-    let device_dirty_pages: u64 = field(&stats, "device_dirty_pages", "source")?;
-    let quiesced: bool = field(&stats, "quiesced", "source")?;
+    let device_writes = stats.dma.writes;
+    let device_dirty_pages = stats.device_dirty_pages;
+    let quiesced = stats.quiesced;
 
     let (found, through, ram_comparison) = if opts.keep_paused {
         // Both sides paused: dump all of RAM on both and compare, and read the records from
@@ -273,11 +251,7 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
         let mut dst = dst;
         dst.wait_guest_up(Duration::from_secs(60))?;
         let mut dst_ctl = dst.control()?;
-        let found: Vec<SlotContent> = field(
-            &dst_ctl.call(&Request::Scan { window })?,
-            "slots",
-            "destination",
-        )?;
+        let found: Vec<SlotContent> = dst_ctl.scan(window)?.slots;
         (found, "companion", None)
     };
     let verdict: Verdict = compare(&versions, &found);

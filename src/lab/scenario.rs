@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::demo::{DemoError, Strategy};
 use super::hosts::{Hosts, HostsError};
-use crate::companion::control::{ControlError, Request};
+use crate::companion::control::{error_chain, ControlError};
 use crate::orchestrator::hotplug::{self, Hotplug};
 use crate::orchestrator::launch::{
     mac_for, stand_in_vf_device, FabricSpec, GuestImage, LaunchError, Nic, PassthroughSlot, Role,
@@ -366,9 +366,7 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(100));
         }
         let mut src_ctl = vms[0].control()?;
-        src_ctl.call(&Request::SetTracking {
-            enabled: strategy != Strategy::UnsafeNoTracking,
-        })?;
+        src_ctl.set_tracking(strategy != Strategy::UnsafeNoTracking)?;
         let cancel = Arc::new(AtomicBool::new(false));
         let injector = opts.fault.map(|(fault, after)| {
             let (cancel, qemu, companion) = (cancel.clone(), dest.qemu_pid(), dest.companion_pid());
@@ -440,8 +438,12 @@ pub fn run(
             Err(e) => return Err(DemoError::from(e).into()),
         }
         // What the device dirtied on the source during the migration (its epoch).
-        if let Ok(stats) = src_ctl.call(&Request::Stats) {
-            device_dirty_pages = stats["device_dirty_pages"].as_u64();
+        match src_ctl.stats() {
+            Ok(stats) => device_dirty_pages = Some(stats.device_dirty_pages),
+            Err(e) => tracing::warn!(
+                error = %error_chain(&e),
+                "the source companion's stats are unreadable"
+            ),
         }
         iters_at.1 = job_lines(&dest.paths.serial_log)
             .iter()

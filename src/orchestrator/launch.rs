@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::companion::control::{ControlClient, ControlError, Request};
+use crate::companion::control::{ControlClient, ControlError};
 use crate::qmp::{QmpClient, QmpError};
 
 /// Errors of launching or stopping a VM.
@@ -554,14 +554,14 @@ impl RunningVm {
         loop {
             self.check_alive()?;
             let up = match control.as_mut() {
-                Some(c) => c
-                    .call(&Request::Status)
+                Some(c) => !c
+                    .status()
                     .map_err(|source| LaunchError::Control {
                         vm: self.spec.name.clone(),
                         source,
-                    })?["regions"]
-                    .as_array()
-                    .is_some_and(|r| !r.is_empty()),
+                    })?
+                    .regions
+                    .is_empty(),
                 None => std::fs::read_to_string(&self.paths.serial_log)
                     .unwrap_or_default()
                     .contains("vfmig-guest: nic-bound"),

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::hotplug::{self, Hotplug, HotplugTimes};
-use crate::companion::control::{ControlClient, ControlError, GuestEvent, Request};
+use crate::companion::control::{error_chain, ControlClient, ControlError, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient, QmpError};
 use crate::trace::TraceRecorder;
 use crate::vf::soft::VfState;
@@ -146,16 +146,21 @@ impl CompanionSampler {
             return;
         }
         self.last_us = now_us;
-        let Ok(s) = self.control.call(&Request::Stats) else {
-            return;
+        let s = match self.control.stats() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "no companion sample");
+                return;
+            }
         };
-        let pages = s["device_dirty_pages"].as_f64().unwrap_or(0.0);
+        let pages = s.device_dirty_pages as f64;
         self.trace
             .counter_for(self.pid, "device_dirty_pages", now_us, pages);
         self.trace
             .counter_for(self.pid, "bytes_resent", now_us, pages * 4096.0);
-        if let Some(held) = s["soft_vf"]["held"].as_f64() {
-            self.trace.counter_for(self.pid, "held_ops", now_us, held);
+        if let Some(vf) = &s.soft_vf {
+            self.trace
+                .counter_for(self.pid, "held_ops", now_us, vf.held as f64);
         }
     }
 }
@@ -643,21 +648,19 @@ fn send_event_and_wait(
     event: GuestEvent,
     timeout: Duration,
 ) -> Result<(), String> {
-    let key = match event {
-        GuestEvent::Suspend => "suspend_acks",
-        GuestEvent::Resume => "resume_acks",
-    };
     let acks = |c: &mut ControlClient| -> Result<u64, String> {
-        let s = c.call(&Request::Stats).map_err(|e| e.to_string())?;
-        Ok(s["guest_link"][key].as_u64().unwrap_or(0))
+        let link = c.stats().map_err(|e| error_chain(&e))?.guest_link;
+        Ok(match event {
+            GuestEvent::Suspend => link.suspend_acks,
+            GuestEvent::Resume => link.resume_acks,
+        })
     };
     let mut clients = Vec::new();
     for path in ranks {
         let mut c =
-            ControlClient::connect(path, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+            ControlClient::connect(path, Duration::from_secs(5)).map_err(|e| error_chain(&e))?;
         let before = acks(&mut c)?;
-        c.call(&Request::SendEvent { event })
-            .map_err(|e| e.to_string())?;
+        c.send_event(event).map_err(|e| error_chain(&e))?;
         clients.push((path, c, before));
     }
     let deadline = Instant::now() + timeout;
@@ -726,17 +729,15 @@ fn wait_source_settled(src: &QmpClient) -> String {
 /// Moves the VF from the source's companion (quiesced at switchover) to the destination's:
 /// `None` when the source's companion has no VF.
 fn take_over_vf(src_ctl: &Path, dst_ctl: &Path) -> Result<Option<Takeover>, MigrateError> {
-    let err = |e: ControlError| MigrateError::Takeover(e.to_string());
+    let err = |e: ControlError| MigrateError::Takeover(error_chain(&e));
     let start = Instant::now();
     let mut src = ControlClient::connect(src_ctl, Duration::from_secs(5)).map_err(err)?;
-    if src.call(&Request::Stats).map_err(err)?["soft_vf"].is_null() {
+    if src.stats().map_err(err)?.soft_vf.is_none() {
         return Ok(None);
     }
-    let exported = src.call(&Request::VfExport).map_err(err)?;
-    let state: VfState = serde_json::from_value(exported["vf"].clone())
-        .map_err(|e| MigrateError::Takeover(format!("malformed VF state: {e}")))?;
-    let rx_frames: Vec<String> = serde_json::from_value(exported["rx_frames"].clone())
-        .map_err(|e| MigrateError::Takeover(format!("malformed waiting frames: {e}")))?;
+    let exported = src.vf_export().map_err(err)?;
+    let state: VfState = exported.vf;
+    let rx_frames = exported.rx_frames;
     let mut info = Takeover {
         qps: state.qps.len(),
         pending_requests: state.qps.iter().map(|q| q.unacked.len()).sum(),
@@ -744,13 +745,7 @@ fn take_over_vf(src_ctl: &Path, dst_ctl: &Path) -> Result<Option<Takeover>, Migr
         ..Default::default()
     };
     let mut dst = ControlClient::connect(dst_ctl, Duration::from_secs(5)).map_err(err)?;
-    let reply = dst
-        .call(&Request::VfImport {
-            vf: state,
-            rx_frames,
-        })
-        .map_err(err)?;
-    info.announced_to = serde_json::from_value(reply["announced_to"].clone()).unwrap_or_default();
+    info.announced_to = dst.vf_import(state, rx_frames).map_err(err)?.announced_to;
     info.ms = start.elapsed().as_secs_f64() * 1e3;
     tracing::info!(?info, "VF moved to the destination's companion");
     Ok(Some(info))
