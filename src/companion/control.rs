@@ -3,6 +3,9 @@
 //! Each request is one JSON object with a `cmd` field; each reply is one JSON object with
 //! `"ok": true` and the result's fields, or `"ok": false` and an `error` that says what went
 //! wrong. A malformed request gets an error reply and the connection stays open.
+//!
+//! The requests and their replies are in [`protocol`]; the companion's side is a [`Handler`]
+//! and [`serve`], the orchestrator's a [`ControlClient`] with one typed method per request.
 
 use std::error::Error;
 use std::io::{BufRead, BufReader, Write};
