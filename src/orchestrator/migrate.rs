@@ -694,10 +694,10 @@ fn destination_dead(
     }
     if let Some(path) = dst_control {
         match ControlClient::connect(path, Duration::from_millis(200)) {
-            Err(e) => return Some(("companion", e.to_string())),
+            Err(e) => return Some(("companion", error_chain(&e))),
             Ok(mut c) => {
                 if let Err(e) = c.call(&Request::Status) {
-                    return Some(("companion", e.to_string()));
+                    return Some(("companion", error_chain(&e)));
                 }
             }
         }
