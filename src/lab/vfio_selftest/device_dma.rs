@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use super::error::SelfTestError;
 use super::igbvf;
+use super::plan::{DmaProbe, TEST_RAM_GPA};
 use super::ram::MemfdRam;
-use super::{DmaProbe, TEST_RAM_GPA};
 use crate::memory::LOG_PAGE_SIZE;
 use crate::vf::vfio::VfioVf;
 use crate::vf::VfDevice;

@@ -79,7 +79,7 @@ impl Drop for MemfdRam {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{TEST_RAM_GPA, TEST_RAM_SIZE};
+    use super::super::plan::{TEST_RAM_GPA, TEST_RAM_SIZE};
     use super::*;
 
     #[test]

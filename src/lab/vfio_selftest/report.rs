@@ -6,7 +6,7 @@ use std::fmt;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
-use super::STEPS;
+use super::plan::STEPS;
 use crate::vf::DirtyTracking;
 
 /// How a step ended.

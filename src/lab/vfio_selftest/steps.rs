@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use super::device_dma::device_dma;
 use super::error::SelfTestError;
+use super::plan::{DmaProbe, MOVED_GPA, TEST_RAM_GPA, TEST_RAM_SIZE};
 use super::ram::MemfdRam;
 use super::report::{SelfTestReport, Step, StepResult};
-use super::{DmaProbe, MOVED_GPA, TEST_RAM_GPA, TEST_RAM_SIZE};
 use crate::memory::LOG_PAGE_SIZE;
 use crate::vf::vfio::error::chain;
+use crate::vf::vfio::DEFAULT_SYSFS_ROOT;
 use crate::vf::vfio::{Bdf, RegionKey, VfioVf};
 use crate::vf::{DirtyTracking, MapChange, VfDevice};
 
@@ -77,9 +78,33 @@ fn spans(keys: &[RegionKey]) -> Vec<(u64, u64)> {
     keys.iter().map(|k| (k.gpa, k.size)).collect()
 }
 
+/// Runs the self-test on the VF at `bdf` with sysfs at `/sys`, calling `progress` as each
+/// step finishes.
+pub fn self_test(bdf: &str, progress: &mut dyn FnMut(&Step)) -> SelfTestReport {
+    self_test_with_root(Path::new(DEFAULT_SYSFS_ROOT), bdf, progress)
+}
+
+/// As [`self_test`], with sysfs at `sysfs_root`.
+pub fn self_test_with_root(
+    sysfs_root: &Path,
+    bdf: &str,
+    progress: &mut dyn FnMut(&Step),
+) -> SelfTestReport {
+    run(sysfs_root, bdf, None, progress)
+}
+
+/// As [`self_test`], with the `device_dma` step when `dma` is given.
+pub fn self_test_with_dma(
+    bdf: &str,
+    dma: Option<DmaProbe<'_>>,
+    progress: &mut dyn FnMut(&Step),
+) -> SelfTestReport {
+    run(Path::new(DEFAULT_SYSFS_ROOT), bdf, dma, progress)
+}
+
 /// Runs every step on the VF at `bdf` with sysfs at `sysfs_root`, `device_dma` too when
 /// `dma` is given, calling `progress` as each step finishes.
-pub(super) fn run(
+fn run(
     sysfs_root: &Path,
     bdf: &str,
     dma: Option<DmaProbe<'_>>,
@@ -321,7 +346,7 @@ fn distinct_pages(ranges: &[(u64, u64)]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{self_test_with_root, STEPS};
+    use super::super::plan::STEPS;
     use super::*;
     use crate::vf::vfio::sysfs::tests::FakeSysfs;
 

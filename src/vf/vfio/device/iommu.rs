@@ -11,7 +11,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::{VfioContainer, VfioOps};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
-use super::{Open, VfioVf};
+use super::state::{Open, VfioVf};
 use crate::vf::vfio::error::{DmaMapError, VfioVfError};
 use crate::vf::vfio::mapping::{plan_remap, DmaMapper, RegionKey};
 use crate::vf::{MapChange, MappedRegion};

@@ -9,7 +9,7 @@ use vfio_ioctls::VfioDevice;
 use vmm_sys_util::ioctl::ioctl;
 
 use super::iommu::ContainerMapper;
-use super::VfioVf;
+use super::state::VfioVf;
 use crate::vf::vfio::config;
 use crate::vf::vfio::error::VfioVfError;
 use crate::vf::{QuiesceReport, ResetReport};

@@ -13,7 +13,8 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
-use super::{tracking, Open, VfioVf};
+use super::state::{Open, VfioVf};
+use super::tracking;
 use crate::vf::vfio::config::{self, DEFAULT_PENDING_TIMEOUT};
 use crate::vf::vfio::error::VfioVfError;
 use crate::vf::vfio::mapping::Mappings;

@@ -1,5 +1,6 @@
 //! The device's VFIO regions: byte access through the device fd ([`VfioConfig`], for config
-//! space and BARs), and the table of the regions the device has ([`DeviceRegion`]).
+//! space and BARs), the config-space accessors built on it (IDs, Command, bus master), and the
+//! table of the regions the device has ([`DeviceRegion`]).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -11,8 +12,8 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::VfioDevice;
 
-use super::{Open, VfioVf};
-use crate::vf::vfio::config::ConfigSpace;
+use super::state::{Open, VfioVf};
+use crate::vf::vfio::config::{self, ConfigSpace};
 use crate::vf::vfio::error::VfioVfError;
 
 /// Names of the VFIO PCI regions, by index.
@@ -123,6 +124,28 @@ impl VfioVf {
     /// The config region, or [`VfioVfError::Released`].
     pub(super) fn config(&self) -> Result<VfioConfig<'_>, VfioVfError> {
         Ok(Self::config_of(self.opened()?))
+    }
+
+    /// Vendor and device IDs, read from config space.
+    pub fn ids(&self) -> Result<(u16, u16), VfioVfError> {
+        config::ids(&self.config()?).map_err(|e| self.config_error("reading the IDs", e))
+    }
+
+    /// The Command register.
+    pub fn command(&self) -> Result<u16, VfioVfError> {
+        config::read_u16(&self.config()?, config::PCI_COMMAND)
+            .map_err(|e| self.config_error("reading the Command register", e))
+    }
+
+    /// Whether Bus Master Enable is set.
+    pub fn bus_master(&self) -> Result<bool, VfioVfError> {
+        Ok(self.command()? & config::PCI_COMMAND_MASTER != 0)
+    }
+
+    /// Sets or clears Bus Master Enable.
+    pub fn set_bus_master(&mut self, on: bool) -> Result<(), VfioVfError> {
+        config::set_bus_master(&self.config()?, on)
+            .map_err(|e| self.config_error("writing the Command register", e))
     }
 
     /// Byte access to the device's VFIO region `index` (BAR0 is 0), through the device fd.

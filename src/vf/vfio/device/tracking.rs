@@ -11,19 +11,13 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::{DmaLoggingRange, VfioDevice, VfioError};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
-use super::VfioVf;
+use super::state::{Logging, VfioVf};
 use crate::memory::LOG_PAGE_SIZE;
 use crate::vf::vfio::dirty::{report_all_writable, report_bitmap};
 use crate::vf::vfio::error::{chain, VfioVfError};
 use crate::vf::DirtyTracking;
 
 vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_FEATURE, u32::from(VFIO_TYPE), VFIO_BASE + 17);
-
-/// Device DMA logging in progress.
-pub(super) struct Logging {
-    page_size: u64,
-    ranges: Vec<DmaLoggingRange>,
-}
 
 /// Probes a `VFIO_DEVICE_FEATURE` for SET support without doing it.
 fn probe_feature_set(device: &VfioDevice, feature: u32) -> io::Result<()> {
