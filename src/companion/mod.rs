@@ -71,13 +71,14 @@ pub enum CompanionError {
         source: std::io::Error,
     },
     /// The VFIO VF could not be opened.
-    #[error("VM {vm}: cannot own the VFIO VF {bdf}: {error}")]
+    #[error("VM {vm}: cannot own the VFIO VF {bdf}")]
     Vfio {
         /// The VM's name.
         vm: String,
         /// The VF's PCI address.
         bdf: String,
-        /// Why (in the message, so not repeated as a cause).
+        /// Why, with its own causes.
+        #[source]
         error: Box<VfioVfError>,
     },
     /// The vhost-user daemon failed.

@@ -76,7 +76,7 @@ pub const PROPOSED_MAC: [u8; 6] = [0x02, 0x76, 0x66, 0x6d, 0x69, 0x67];
 #[derive(Debug, thiserror::Error)]
 pub enum IgbvfError {
     /// A register access failed.
-    #[error("register {what} at BAR0+{offset:#x}: {source}")]
+    #[error("register {what} at BAR0+{offset:#x} could not be accessed")]
     Register {
         /// Which register.
         what: &'static str,
@@ -114,8 +114,8 @@ pub enum IgbvfError {
         need: u64,
     },
     /// Sending the frame failed.
-    #[error("sending the probe frame: {0}")]
-    Send(io::Error),
+    #[error("sending the probe frame failed")]
+    Send(#[source] io::Error),
     /// Nothing arrived.
     #[error(
         "no frame arrived within {ms} ms (RDH {rdh}, RDT {rdt}, RXDCTL {rxdctl:#x}): the PF's \

@@ -6,26 +6,11 @@ use std::path::Path;
 
 use serde::Serialize;
 
+pub use super::device::DeviceRegion;
 use super::device::VfioVf;
+use super::error::chain;
 use super::sysfs::{Bdf, GroupMember, SysfsInfo, DEFAULT_SYSFS_ROOT};
 use crate::vf::{DirtyTracking, VfDevice};
-
-/// One VFIO region of the device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeviceRegion {
-    /// VFIO region index (0-5 BARs, 6 ROM, 7 config, 8 VGA).
-    pub index: u32,
-    /// Its name.
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Readable through the device fd.
-    pub readable: bool,
-    /// Writable through the device fd.
-    pub writable: bool,
-    /// Can be mmapped.
-    pub mmap: bool,
-}
 
 /// What `check` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -81,7 +66,7 @@ pub fn check_with_root(sysfs_root: &Path, bdf: &str) -> CheckReport {
     let parsed: Bdf = match bdf.parse() {
         Ok(b) => b,
         Err(e) => {
-            report.problems.push(e.to_string());
+            report.problems.push(chain(&e));
             return report;
         }
     };
@@ -89,7 +74,7 @@ pub fn check_with_root(sysfs_root: &Path, bdf: &str) -> CheckReport {
     let info = match SysfsInfo::read(sysfs_root, parsed) {
         Ok(i) => i,
         Err(e) => {
-            report.problems.push(e.to_string());
+            report.problems.push(chain(&e));
             return report;
         }
     };
@@ -101,15 +86,13 @@ pub fn check_with_root(sysfs_root: &Path, bdf: &str) -> CheckReport {
     report.group_members = info.group_members.clone();
     let problems = info.problems();
     if !problems.is_empty() {
-        report
-            .problems
-            .extend(problems.into_iter().map(|p| p.to_string()));
+        report.problems.extend(problems.iter().map(|p| chain(p)));
         return report;
     }
     let mut vf = match VfioVf::open_checked(info) {
         Ok(vf) => vf,
         Err(e) => {
-            report.problems.push(e.to_string());
+            report.problems.push(chain(&e));
             return report;
         }
     };
@@ -119,7 +102,7 @@ pub fn check_with_root(sysfs_root: &Path, bdf: &str) -> CheckReport {
             report.vendor_id = Some(format!("{v:#06x}"));
             report.device_id = Some(format!("{d:#06x}"));
         }
-        Err(e) => report.problems.push(e.to_string()),
+        Err(e) => report.problems.push(chain(&e)),
     }
     report.regions = vf.regions();
     report.reset_supported = Some(vf.reset_supported());
@@ -127,7 +110,7 @@ pub fn check_with_root(sysfs_root: &Path, bdf: &str) -> CheckReport {
     report.dirty_tracking = Some(vf.dirty_tracking());
     report.dirty_tracking_reason = Some(vf.dirty_tracking_reason().to_string());
     if let Err(e) = vf.release() {
-        report.problems.push(e.to_string());
+        report.problems.push(chain(&e));
     }
     report.ok = report.problems.is_empty();
     report

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::VfioVfError;
+use super::error::{DmaMapError, TableError, VfioVfError};
 use crate::memory::LOG_PAGE_SIZE;
 use crate::vf::{KeepAlive, MapChange, MappedRegion};
 
@@ -60,41 +60,35 @@ pub struct RemapPlan {
 
 /// Checks a table: every region non-empty, 4 KiB aligned in GPA, size and host address,
 /// without wrap-around, and no two regions overlapping in GPA.
-pub fn validate_table(regions: &[RegionKey]) -> Result<(), String> {
+pub fn validate_table(regions: &[RegionKey]) -> Result<(), TableError> {
     let mut sorted: Vec<&RegionKey> = regions.iter().collect();
     sorted.sort_by_key(|r| r.gpa);
     for r in &sorted {
-        if r.size == 0 {
-            return Err(format!("the region at GPA {:#x} is empty", r.gpa));
+        let (gpa, size) = (r.gpa, r.size);
+        if size == 0 {
+            return Err(TableError::Empty { gpa });
         }
-        if r.gpa % LOG_PAGE_SIZE != 0 || r.size % LOG_PAGE_SIZE != 0 {
-            return Err(format!(
-                "the region {:#x}+{:#x} is not 4 KiB aligned in GPA or size",
-                r.gpa, r.size
-            ));
+        if gpa % LOG_PAGE_SIZE != 0 || size % LOG_PAGE_SIZE != 0 {
+            return Err(TableError::Unaligned { gpa, size });
         }
         if r.host_addr % LOG_PAGE_SIZE != 0 {
-            return Err(format!(
-                "the region at GPA {:#x} has a host address {:#x} that is not 4 KiB aligned",
-                r.gpa, r.host_addr
-            ));
+            return Err(TableError::HostUnaligned {
+                gpa,
+                host_addr: r.host_addr,
+            });
         }
-        if r.gpa.checked_add(r.size).is_none() || r.host_addr.checked_add(r.size).is_none() {
-            return Err(format!(
-                "the region {:#x}+{:#x} wraps around the address space",
-                r.gpa, r.size
-            ));
+        if gpa.checked_add(size).is_none() || r.host_addr.checked_add(size).is_none() {
+            return Err(TableError::Wraps { gpa, size });
         }
     }
     for pair in sorted.windows(2) {
         if pair[0].end() > pair[1].gpa {
-            return Err(format!(
-                "the regions {:#x}..{:#x} and {:#x}..{:#x} overlap in GPA",
-                pair[0].gpa,
-                pair[0].end(),
-                pair[1].gpa,
-                pair[1].end()
-            ));
+            return Err(TableError::Overlap {
+                a_start: pair[0].gpa,
+                a_end: pair[0].end(),
+                b_start: pair[1].gpa,
+                b_end: pair[1].end(),
+            });
         }
     }
     Ok(())
@@ -136,9 +130,9 @@ pub trait DmaMapper {
         size: u64,
         host_addr: u64,
         writable: bool,
-    ) -> Result<(), String>;
+    ) -> Result<(), DmaMapError>;
     /// Unmaps the range mapped at `iova`.
-    fn unmap(&self, iova: u64, size: u64) -> Result<(), String>;
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaMapError>;
 }
 
 /// The regions mapped into the device's IOMMU domain, keyed by GPA.
@@ -186,10 +180,7 @@ impl Mappings {
         validate_table(&keys).map_err(|reason| VfioVfError::BadTable { reason })?;
         if let Some(r) = wanted.iter().find(|r| !r.is_backed()) {
             return Err(VfioVfError::BadTable {
-                reason: format!(
-                    "the region at GPA {:#x} owns no memory (a descriptor): refusing to map it",
-                    r.gpa
-                ),
+                reason: TableError::NotBacked { gpa: r.gpa },
             });
         }
         let plan = plan_remap(&self.regions(), &keys);
@@ -212,10 +203,10 @@ impl Mappings {
         for k in &plan.unmap {
             mapper
                 .unmap(k.gpa, k.size)
-                .map_err(|reason| VfioVfError::Unmap {
+                .map_err(|source| VfioVfError::Unmap {
                     gpa: k.gpa,
                     size: k.size,
-                    reason,
+                    source,
                 })?;
             self.mapped.remove(&k.gpa);
             change.unmapped.push(k.span());
@@ -228,11 +219,11 @@ impl Mappings {
             // SAFETY: `k` comes from a backed `MappedRegion` (checked in `apply`), whose
             // constructor's contract is the one `map` asks for; its owner is kept in the books
             // until the range is unmapped, so the host memory stays mapped that long.
-            unsafe { mapper.map(k.gpa, k.size, k.host_addr, k.writable) }.map_err(|reason| {
+            unsafe { mapper.map(k.gpa, k.size, k.host_addr, k.writable) }.map_err(|source| {
                 VfioVfError::Map {
                     gpa: k.gpa,
                     size: k.size,
-                    reason,
+                    source,
                 }
             })?;
             self.mapped.insert(k.gpa, (*k, owner));
@@ -252,11 +243,11 @@ impl Mappings {
                     self.mapped.remove(&k.gpa);
                     change.unmapped.push(k.span());
                 }
-                Err(reason) => {
+                Err(source) => {
                     first_err.get_or_insert(VfioVfError::Unmap {
                         gpa: k.gpa,
                         size: k.size,
-                        reason,
+                        source,
                     });
                 }
             }
@@ -282,6 +273,14 @@ pub(crate) mod tests {
     use std::cell::RefCell;
     use std::sync::Arc;
 
+    /// The error a kernel would give.
+    fn refused(ioctl: &'static str, errno: i32) -> DmaMapError {
+        DmaMapError::Ioctl {
+            ioctl,
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
     /// Records calls; fails maps and unmaps at the GPAs listed.
     #[derive(Default)]
     pub(crate) struct FakeMapper {
@@ -291,9 +290,9 @@ pub(crate) mod tests {
     }
 
     impl DmaMapper for FakeMapper {
-        unsafe fn map(&self, iova: u64, size: u64, host: u64, w: bool) -> Result<(), String> {
+        unsafe fn map(&self, iova: u64, size: u64, host: u64, w: bool) -> Result<(), DmaMapError> {
             if self.fail_map_at == Some(iova) {
-                return Err("EEXIST".into());
+                return Err(refused("VFIO_IOMMU_MAP_DMA", libc::EEXIST));
             }
             self.calls.borrow_mut().push(format!(
                 "map {iova:#x}+{size:#x}@{host:#x}{}",
@@ -301,9 +300,9 @@ pub(crate) mod tests {
             ));
             Ok(())
         }
-        fn unmap(&self, iova: u64, size: u64) -> Result<(), String> {
+        fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaMapError> {
             if self.fail_unmap_at == Some(iova) {
-                return Err("EINVAL".into());
+                return Err(refused("VFIO_IOMMU_UNMAP_DMA", libc::EINVAL));
             }
             self.calls
                 .borrow_mut()
@@ -361,20 +360,25 @@ pub(crate) mod tests {
     fn bad_tables_are_refused() {
         assert!(validate_table(&[key(0, 0, 0)])
             .unwrap_err()
+            .to_string()
             .contains("empty"));
         assert!(validate_table(&[key(0x800, 0x1000, 0)])
             .unwrap_err()
+            .to_string()
             .contains("aligned"));
         assert!(validate_table(&[key(0, 0x1000, 0x10)])
             .unwrap_err()
+            .to_string()
             .contains("host address"));
         assert!(
             validate_table(&[key(0, 0x2000, 0), key(0x1000, 0x1000, 0x10000)])
                 .unwrap_err()
+                .to_string()
                 .contains("overlap")
         );
         assert!(validate_table(&[key(u64::MAX - 0xfff, 0x2000, 0)])
             .unwrap_err()
+            .to_string()
             .contains("wraps"));
         assert!(validate_table(&[key(0x1000, 0x1000, 0), key(0, 0x1000, 0x1000)]).is_ok());
     }

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use super::VfioVfError;
+use super::error::{BdfProblem, VfioVfError};
 
 /// The sysfs root of a real system.
 pub const DEFAULT_SYSFS_ROOT: &str = "/sys";
@@ -45,40 +45,39 @@ impl FromStr for Bdf {
 
     /// Parses `DDDD:BB:DD.F`, or `BB:DD.F` (domain 0000), in hexadecimal.
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: &str| VfioVfError::BadBdf {
+        let bad = |problem: BdfProblem| VfioVfError::BadBdf {
             input: input.to_string(),
-            reason: reason.to_string(),
+            problem,
         };
         let s = input.trim();
         let parts: Vec<&str> = s.split(':').collect();
         let (domain, bus, devfn) = match parts.as_slice() {
             [bus, devfn] => ("0000", *bus, *devfn),
             [domain, bus, devfn] => (*domain, *bus, *devfn),
-            _ => {
-                return Err(bad(
-                    "expected DOMAIN:BUS:DEVICE.FUNCTION or BUS:DEVICE.FUNCTION",
-                ))
-            }
+            _ => return Err(bad(BdfProblem::Shape)),
         };
         let Some((dev, func)) = devfn.split_once('.') else {
-            return Err(bad("the device and function must be separated by a dot"));
+            return Err(bad(BdfProblem::NoDot));
         };
-        let hex = |field: &str, text: &str, max_digits: usize, max: u32| {
+        let hex = |field: &'static str, text: &str, max_digits: usize, max: u32| {
+            let not_hex = || {
+                bad(BdfProblem::NotHex {
+                    field,
+                    text: text.to_string(),
+                    max_digits,
+                })
+            };
             if text.is_empty()
                 || text.len() > max_digits
                 || !text.chars().all(|c| c.is_ascii_hexdigit())
             {
-                return Err(bad(&format!(
-                    "the {field} `{text}` is not 1 to {max_digits} hexadecimal digits"
-                )));
+                return Err(not_hex());
             }
-            let v = u32::from_str_radix(text, 16).map_err(|_| bad(&format!("bad {field}")))?;
-            if v > max {
-                return Err(bad(&format!(
-                    "the {field} {v:#x} is out of range (at most {max:#x})"
-                )));
+            let value = u32::from_str_radix(text, 16).map_err(|_| not_hex())?;
+            if value > max {
+                return Err(bad(BdfProblem::OutOfRange { field, value, max }));
             }
-            Ok(v)
+            Ok(value)
         };
         Ok(Bdf {
             domain: hex("domain", domain, 8, u32::MAX)?,
