@@ -27,21 +27,23 @@
 //!
 //! Beside this file: [`options`](super::options) (what the operator sets),
 //! [`strategy`](super::strategy), [`summary`](super::summary) (phases and what the migration
-//! did) and [`progress`](super::progress) (observers).
+//! did), [`migrate_error`](super::migrate_error) (how it fails) and
+//! [`progress`](super::progress) (observers).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::hotplug::{self, Hotplug, HotplugError, HotplugTimes};
+use super::hotplug::{self, Hotplug, HotplugTimes};
 use super::options::{capabilities, shared_parameters, source_parameters};
 use super::summary::Timeline;
 use crate::companion::control::{ControlClient, ControlError, GuestEvent, Request};
-use crate::qmp::{MigrationInfo, QmpClient, QmpError};
+use crate::qmp::{MigrationInfo, QmpClient};
 use crate::trace::TraceRecorder;
 use crate::vf::soft::VfState;
 
+pub use super::migrate_error::MigrateError;
 pub use super::options::MigrateOptions;
 pub use super::progress::{with_progress, Observer, Quiet, TerminalProgress};
 pub use super::strategy::{Strategy, StrategyKind};
@@ -85,86 +87,6 @@ impl CompanionSampler {
             self.trace.counter_for(self.pid, "held_ops", now_us, held);
         }
     }
-}
-
-/// Errors of a migration. Each says in which state the source was left.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    /// A QMP call failed.
-    #[error("a QMP command to the {side} QEMU failed")]
-    Qmp {
-        /// `source` or `destination`.
-        side: &'static str,
-        /// Why.
-        #[source]
-        source: QmpError,
-    },
-    /// QEMU reported the migration failed.
-    #[error("migration failed: {reason}; the source VM keeps running")]
-    Failed {
-        /// QEMU's `error-desc`.
-        reason: String,
-    },
-    /// The migration was cancelled.
-    #[error("migration cancelled; the source VM keeps running")]
-    Cancelled,
-    /// The destination died during the migration; it was cancelled.
-    #[error(
-        "the destination's {what} died during the migration ({detail}); the migration was \
-         cancelled and the source VM keeps running{source_state}. Restart the destination and \
-         migrate again"
-    )]
-    DestinationDied {
-        /// `QEMU` or `companion`.
-        what: &'static str,
-        /// What was seen.
-        detail: String,
-        /// How the source was left, for the message.
-        source_state: String,
-    },
-    /// It took too long; it was cancelled.
-    #[error("migration did not finish within {secs} s and was cancelled; the source VM keeps running. Raise --timeout or --max-bandwidth")]
-    Timeout {
-        /// The limit.
-        secs: u64,
-    },
-    /// `unsafe-no-tracking` was asked for without the source companion to switch off.
-    #[error(
-        "the unsafe-no-tracking strategy switches off the source companion's dirty tracking: \
-         give its control socket (--src-control and --dst-control); nothing was migrated"
-    )]
-    NoCompanion,
-    /// The source companion did not switch its dirty tracking off.
-    #[error(
-        "the source companion did not switch off its dirty tracking (unsafe-no-tracking); \
-         nothing was migrated"
-    )]
-    Tracking(#[source] ControlError),
-    /// The VF could not move to the destination's companion.
-    #[error(
-        "the VF could not move to the destination's companion: {0}; the destination stays paused"
-    )]
-    Takeover(String),
-    /// A rank's runtime did not report ready after SUSPEND.
-    #[error("cooperative suspend: {0}; nothing was migrated and every rank was told RESUME")]
-    Suspend(String),
-    /// The passthrough VF could not be unplugged from the source (the cause is part of the
-    /// message, so it is not repeated as a source).
-    #[error("passthrough-hotplug: unplugging the VF: {0}. Nothing was migrated; every rank was told RESUME")]
-    Detach(HotplugError),
-    /// The passthrough VF could not be plugged in at the destination (the cause is part of the
-    /// message, so it is not repeated as a source).
-    #[error(
-        "passthrough-hotplug: the VM runs at the destination, but plugging in its VF failed: \
-         {0}. Every rank was told RESUME; plug a VF in by hand (QMP device_add) if the job needs it"
-    )]
-    Attach(HotplugError),
-    /// The destination did not reach `paused` after completion.
-    #[error("the destination did not reach the paused state after completion (it is {status})")]
-    DestinationNotReady {
-        /// Its status.
-        status: String,
-    },
 }
 
 /// What the strategy adds to the steps every migration takes.
@@ -668,18 +590,5 @@ mod tests {
         let steps = Steps::of(&s);
         assert!(steps.ranks.is_empty());
         assert_eq!(steps.hotplug.map(|h| h.device_id.as_str()), Some("vf0"));
-    }
-
-    #[test]
-    fn the_hotplug_failures_say_the_cause_once() {
-        let cause = HotplugError::NotReleased {
-            id: "vfmig-vf".into(),
-            secs: 3,
-        };
-        let e = MigrateError::Detach(cause);
-        let msg = e.to_string();
-        assert_eq!(msg.matches("did not release device `vfmig-vf`").count(), 1);
-        assert!(msg.contains("Nothing was migrated"), "{msg}");
-        assert!(std::error::Error::source(&e).is_none());
     }
 }
