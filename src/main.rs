@@ -55,3 +55,44 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => cli::demo::run(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn strategies_parse_by_their_kebab_case_names() {
+        let cli = Cli::try_parse_from([
+            "vfmig",
+            "migrate",
+            "--src-qmp",
+            "s",
+            "--dst-qmp",
+            "d",
+            "--uri",
+            "tcp:127.0.0.1:1",
+            "--strategy",
+            "passthrough-hotplug",
+            "--rank-control",
+            "a",
+            "--rank-control",
+            "b",
+        ])
+        .unwrap();
+        let Command::Migrate(args) = cli.command else {
+            panic!("not migrate");
+        };
+        assert_eq!(
+            args.strategy,
+            vfmig::orchestrator::StrategyKind::PassthroughHotplug
+        );
+        assert_eq!(args.rank_control.len(), 2);
+        assert!(Cli::try_parse_from(["vfmig", "demo", "--strategy", "sideways"]).is_err());
+    }
+}

@@ -327,3 +327,32 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
         migration: summary,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_demo_and_the_idle_one() {
+        let image = GuestImage {
+            kernel: "k".into(),
+            initrd: "i".into(),
+        };
+        let o = DemoOptions::new("/run".into(), image, "vfmig".into());
+        assert_eq!(o.strategy, StrategyKind::Transparent);
+        assert_eq!((o.mem_mib, o.rate, o.record_size), (512, 4000, 256));
+        assert_eq!(o.max_bandwidth, Some(64 << 20));
+        assert!(!o.keep_paused);
+        assert_eq!(o.lead_time, Duration::from_millis(500));
+        let idle = o.idle();
+        assert_eq!((idle.rate, idle.keep_paused), (0, true));
+        assert_eq!(idle.lead_time, Duration::ZERO);
+        assert_eq!(idle.mem_mib, 512);
+    }
+
+    #[test]
+    fn the_report_names_its_strategy_in_kebab_case() {
+        let v = serde_json::to_value(StrategyKind::UnsafeNoTracking).unwrap();
+        assert_eq!(v, "unsafe-no-tracking");
+    }
+}

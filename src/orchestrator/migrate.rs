@@ -591,4 +591,161 @@ mod tests {
         assert!(steps.ranks.is_empty());
         assert_eq!(steps.hotplug.map(|h| h.device_id.as_str()), Some("vf0"));
     }
+
+    /// A QEMU that answers every command from `answer` (by name) and records the names.
+    /// `answer` returns the reply and the events to send after it.
+    fn fake_qemu(
+        answer: impl Fn(&str) -> (serde_json::Value, Vec<serde_json::Value>) + Send + 'static,
+    ) -> (QmpClient, Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            let mut out = theirs.try_clone().unwrap();
+            let mut send = |v: serde_json::Value| {
+                let _ = writeln!(out, "{v}");
+            };
+            send(serde_json::json!({"QMP": {"version": {"qemu":
+                {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}));
+            for line in BufReader::new(theirs).lines() {
+                let Ok(line) = line else { return };
+                let cmd: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let name = cmd["execute"].as_str().unwrap_or_default().to_string();
+                let (reply, events) = match name.as_str() {
+                    "qmp_capabilities" => (serde_json::json!({}), vec![]),
+                    other => {
+                        log.lock().unwrap().push(other.to_string());
+                        answer(other)
+                    }
+                };
+                send(serde_json::json!({"return": reply, "id": cmd["id"]}));
+                for e in events {
+                    send(e);
+                }
+            }
+        });
+        let client = QmpClient::over(ours, Duration::from_secs(5)).unwrap();
+        (client, seen)
+    }
+
+    fn source_qemu() -> (QmpClient, Arc<std::sync::Mutex<Vec<String>>>) {
+        fake_qemu(|cmd| match cmd {
+            "query-migrate" => (
+                serde_json::json!({"status": "completed", "total-time": 120, "downtime": 7,
+                    "ram": {"transferred": 4096, "total": 8192, "remaining": 0}}),
+                vec![],
+            ),
+            "query-status" => (
+                serde_json::json!({"status": "postmigrate", "running": false}),
+                vec![],
+            ),
+            "device_del" => (
+                serde_json::json!({}),
+                vec![
+                    serde_json::json!({"event": "DEVICE_DELETED", "data": {"device": "vf0"},
+                    "timestamp": {"seconds": 0, "microseconds": 0}}),
+                ],
+            ),
+            _ => (serde_json::json!({}), vec![]),
+        })
+    }
+
+    fn destination_qemu() -> (QmpClient, Arc<std::sync::Mutex<Vec<String>>>) {
+        fake_qemu(|cmd| match cmd {
+            "query-status" => (
+                serde_json::json!({"status": "paused", "running": false}),
+                vec![],
+            ),
+            "query-pci" => (
+                serde_json::json!([{"bus": 0, "devices": [{"bus": 1, "slot": 0, "function": 0,
+                    "qdev_id": "vf0", "regions": [{"bar": 0, "type": "memory",
+                    "address": 4_261_412_864u64, "size": 4096}]}]}]),
+                vec![],
+            ),
+            _ => (serde_json::json!({}), vec![]),
+        })
+    }
+
+    fn phases(summary: &MigrationSummary) -> Vec<Phase> {
+        summary.timeline.iter().map(|s| s.phase).collect()
+    }
+
+    #[test]
+    fn a_transparent_migration_runs_the_common_steps_only() {
+        let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let summary = migrate(&src, &dst, &opts, &mut Quiet).unwrap();
+        assert_eq!(
+            phases(&summary),
+            [
+                Phase::PrepareDestination,
+                Phase::Precopy,
+                Phase::Switchover,
+                Phase::DestinationUp,
+                Phase::Done
+            ]
+        );
+        assert!(summary.destination_resumed);
+        assert_eq!((summary.total_ms, summary.downtime_ms), (120, 7));
+        assert!(summary.hotplug.is_none() && summary.vf_takeover.is_none());
+        let src_seen = src_seen.lock().unwrap().clone();
+        assert!(!src_seen.iter().any(|c| c == "device_del"), "{src_seen:?}");
+        let dst_seen = dst_seen.lock().unwrap().clone();
+        assert!(dst_seen.contains(&"cont".to_string()), "{dst_seen:?}");
+    }
+
+    #[test]
+    fn a_passthrough_vf_is_unplugged_before_precopy_and_plugged_in_after() {
+        let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            strategy: Strategy::PassthroughHotplug {
+                ranks: vec![],
+                hotplug: hotplug(),
+            },
+            ..Default::default()
+        };
+        let summary = migrate(&src, &dst, &opts, &mut Quiet).unwrap();
+        assert_eq!(
+            phases(&summary),
+            [
+                Phase::PrepareDestination,
+                Phase::Detach,
+                Phase::Precopy,
+                Phase::Switchover,
+                Phase::DestinationUp,
+                Phase::Attach,
+                Phase::Done
+            ]
+        );
+        let times = summary.hotplug.expect("hotplug times");
+        assert_eq!(times.destination_address.as_deref(), Some("01:00.0"));
+        let src_seen = src_seen.lock().unwrap().clone();
+        let del = src_seen.iter().position(|c| c == "device_del").unwrap();
+        let mig = src_seen.iter().position(|c| c == "migrate").unwrap();
+        assert!(del < mig, "{src_seen:?}");
+        let dst_seen = dst_seen.lock().unwrap().clone();
+        let cont = dst_seen.iter().position(|c| c == "cont").unwrap();
+        let add = dst_seen.iter().position(|c| c == "device_add").unwrap();
+        assert!(cont < add, "{dst_seen:?}");
+    }
+
+    #[test]
+    fn unsafe_no_tracking_without_a_companion_is_refused_before_anything_happens() {
+        let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            strategy: Strategy::UnsafeNoTracking,
+            ..Default::default()
+        };
+        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::NoCompanion), "{e:?}");
+        assert!(e.to_string().contains("--src-control"), "{e}");
+        assert!(src_seen.lock().unwrap().is_empty());
+        assert!(dst_seen.lock().unwrap().is_empty());
+    }
 }
