@@ -222,13 +222,13 @@ pub fn vm_spec(opts: &DemoOptions, name: &str, role: Role) -> VmSpec {
 
 /// Runs the demo end to end.
 pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport, DemoError> {
+    // The strategy first: one the demo cannot run fails before any VM starts.
+    let strategy = opts.strategy.with(StrategyInputs::default())?;
     let mut src = start_vm(opts, "source", Role::Source)?;
     let dst = start_vm(opts, "destination", Role::Destination)?;
     let booted = src.wait_guest_up(Duration::from_secs(120))?;
     tracing::info!(secs = booted.as_secs_f64(), "source guest started its NIC");
 
-    // The strategy first: one the demo cannot run fails before any device write.
-    let strategy = opts.strategy.with(StrategyInputs::default())?;
     let mut src_ctl = src.control()?;
     let window = window(opts.record_size);
     if opts.rate > 0 {
