@@ -679,3 +679,103 @@ pub fn run_compared(
     report.reference = reference.checksums;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn options(workload: Workload) -> ScenarioOptions {
+        ScenarioOptions {
+            workload,
+            vms: 2,
+            strategy: Some(StrategyKind::Transparent),
+            mem_mib: 256,
+            n: 1000,
+            iters: 10,
+            migrate_at: 2,
+            max_bandwidth: None,
+            run_dir: "/run".into(),
+            accel: "tcg".into(),
+            image: GuestImage {
+                kernel: "k".into(),
+                initrd: "i".into(),
+            },
+            vfmig_bin: "vfmig".into(),
+            timeout: Duration::from_secs(1),
+            fault: None,
+            trace: None,
+        }
+    }
+
+    #[test]
+    fn a_rank_reads_its_iterations_checksum_and_errors() {
+        let r = rank_result(&[
+            json!({"tool": "lu-lite", "iter": 1, "ms": 2.0}),
+            json!({"tool": "lu-lite", "iter": 2, "ms": 4.0}),
+            json!({"tool": "lu-lite", "checksum": "abc", "errors": 1, "duplicates": 2,
+                   "blackout_ms": 9.5}),
+        ]);
+        assert_eq!(r.iteration_ms, [2.0, 4.0]);
+        assert_eq!(r.checksum.as_deref(), Some("abc"));
+        assert!(r.done);
+        assert_eq!((r.failed_completions, r.duplicates), (1, 2));
+        assert_eq!(r.blackout_ms, Some(9.5));
+    }
+
+    #[test]
+    fn the_report_counts_lost_and_duplicate_ops_and_splits_iterations_around_the_migration() {
+        let a = RankResult {
+            iteration_ms: vec![1.0, 1.0, 5.0, 5.0, 2.0, 2.0],
+            bytes: Some(10_000),
+            done: true,
+            ..Default::default()
+        };
+        let b = RankResult {
+            bytes: Some(7_500),
+            blackout_ms: Some(12.0),
+            duplicates: 1,
+            done: true,
+            ..Default::default()
+        };
+        let outcome = MigrationOutcome {
+            iters_at: (2, 4),
+            ..Default::default()
+        };
+        let names = names(2);
+        let r = report(&options(Workload::RdmaBw), &names, vec![a, b], outcome);
+        // 2500 bytes that never arrived are 3 messages of 1000 bytes.
+        assert_eq!(r.lost_ops, 3);
+        assert_eq!(r.duplicate_ops, 1);
+        assert_eq!(r.blackout_ms, 12.0);
+        assert_eq!(
+            (
+                r.iteration_ms.before,
+                r.iteration_ms.during,
+                r.iteration_ms.after
+            ),
+            (1.0, 5.0, 2.0)
+        );
+        assert_eq!(r.strategy, Some(StrategyKind::Transparent));
+        assert!(r.migration.is_none() && r.migration_error.is_none());
+        assert_eq!(r.ranks.keys().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_rank_without_its_result_is_a_lost_op() {
+        let unfinished = RankResult::default();
+        let finished = RankResult {
+            checksum: Some("x".into()),
+            done: true,
+            ..Default::default()
+        };
+        let r = report(
+            &options(Workload::LuLite),
+            &names(2),
+            vec![finished, unfinished],
+            MigrationOutcome::default(),
+        );
+        assert_eq!(r.lost_ops, 1);
+        assert_eq!(r.checksums["b"], None);
+    }
+}
