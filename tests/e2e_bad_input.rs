@@ -8,8 +8,9 @@ use std::time::Duration;
 use common::{demo_options, init_logging, machine, RunDir};
 use vfmig::companion::control::{to_hex, ControlError, Request};
 use vfmig::companion::generator::{GeneratorConfig, Window};
-use vfmig::lab::demo::{self, Strategy};
+use vfmig::lab::demo;
 use vfmig::orchestrator::launch::Role;
+use vfmig::orchestrator::StrategyKind as Strategy;
 
 fn refused(r: Result<serde_json::Value, ControlError>) -> String {
     match r {

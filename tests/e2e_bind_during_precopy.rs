@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use common::{demo_options, init_logging, machine, RunDir};
 use vfmig::companion::control::Request;
 use vfmig::companion::generator::{compare, GeneratorConfig, SlotContent};
-use vfmig::lab::demo::{self, free_port, window, Strategy};
+use vfmig::lab::demo::{self, free_port, window};
 use vfmig::orchestrator::launch::Role;
 use vfmig::orchestrator::migrate::{migrate, MigrateOptions, Quiet};
+use vfmig::orchestrator::StrategyKind as Strategy;
 
 #[test]
 fn a_device_started_during_precopy_loses_no_write() {

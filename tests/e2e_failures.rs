@@ -10,9 +10,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{image, init_logging, machine, RunDir};
-use vfmig::lab::demo::Strategy;
 use vfmig::lab::scenario::{self, Fault, ScenarioOptions, ScenarioReport, Workload};
 use vfmig::orchestrator::migrate::Quiet;
+use vfmig::orchestrator::StrategyKind as Strategy;
 
 fn options(fault: Option<Fault>, dir: &RunDir) -> ScenarioOptions {
     ScenarioOptions {

@@ -4,8 +4,9 @@
 mod common;
 
 use common::{demo_options, init_logging, machine, RunDir};
-use vfmig::lab::demo::{self, Strategy};
+use vfmig::lab::demo;
 use vfmig::orchestrator::migrate::Quiet;
+use vfmig::orchestrator::StrategyKind as Strategy;
 
 #[test]
 fn tracking_on_no_device_write_is_lost() {

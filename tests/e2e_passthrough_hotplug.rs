@@ -7,12 +7,13 @@ mod common;
 use std::time::Duration;
 
 use common::{demo_options, init_logging, machine, RunDir};
-use vfmig::lab::demo::{free_port, Strategy};
+use vfmig::lab::demo::free_port;
 use vfmig::orchestrator::hotplug::{self, Hotplug, HotplugError};
 use vfmig::orchestrator::launch::{
     mac_for, stand_in_vf_device, PassthroughSlot, Role, RunningVm, PASSTHROUGH_DEVICE,
 };
 use vfmig::orchestrator::migrate::{migrate, MigrateError, MigrateOptions, Quiet};
+use vfmig::orchestrator::StrategyKind as Strategy;
 use vfmig::qmp::QmpClient;
 
 fn vm(dir: &RunDir, name: &str, role: Role) -> RunningVm {
@@ -70,7 +71,10 @@ fn a_guest_that_does_not_release_the_vf_stops_the_migration_before_precopy() {
         &dq,
         &MigrateOptions {
             uri: format!("tcp:127.0.0.1:{}", free_port()),
-            hotplug: Some(hotplug_to(vfmig::orchestrator::launch::PASSTHROUGH_PORT)),
+            strategy: vfmig::orchestrator::Strategy::PassthroughHotplug {
+                ranks: vec![],
+                hotplug: hotplug_to(vfmig::orchestrator::launch::PASSTHROUGH_PORT),
+            },
             timeout: Duration::from_secs(60),
             ..Default::default()
         },
@@ -104,7 +108,10 @@ fn a_destination_without_a_vf_slot_reports_the_failed_plug_after_the_migration()
         &dq,
         &MigrateOptions {
             uri: format!("tcp:127.0.0.1:{}", free_port()),
-            hotplug: Some(hotplug_to("no-such-port")),
+            strategy: vfmig::orchestrator::Strategy::PassthroughHotplug {
+                ranks: vec![],
+                hotplug: hotplug_to("no-such-port"),
+            },
             timeout: Duration::from_secs(120),
             ..Default::default()
         },

@@ -3,8 +3,8 @@
 mod common;
 
 use common::{demo_options, init_logging, machine, RunDir};
-use vfmig::lab::demo::Strategy;
 use vfmig::lab::plan_bench as plan;
+use vfmig::orchestrator::StrategyKind as Strategy;
 
 #[test]
 fn two_vms_migrate_at_once() {

@@ -8,9 +8,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{image, init_logging, machine, RunDir};
-use vfmig::lab::demo::Strategy;
 use vfmig::lab::scenario::{self, ScenarioOptions, ScenarioReport, Workload};
 use vfmig::orchestrator::migrate::Quiet;
+use vfmig::orchestrator::StrategyKind as Strategy;
 
 const RDMA_BW_ITERS: u32 = 100_000;
 

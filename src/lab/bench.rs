@@ -202,8 +202,8 @@ pub fn strategies(
     rounds: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<StrategyRow>, super::scenario::ScenarioError> {
-    use super::demo::Strategy;
     use super::scenario::run;
+    use crate::orchestrator::StrategyKind as Strategy;
     let mut reference_opts = opts.clone();
     reference_opts.strategy = None;
     reference_opts.trace = None;

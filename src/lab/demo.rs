@@ -14,25 +14,7 @@ use crate::orchestrator::launch::{mac_for, GuestImage, LaunchError, Nic, Role, R
 use crate::orchestrator::migrate::{
     migrate, MigrateError, MigrateOptions, MigrationSummary, Observer,
 };
-
-/// How device writes are tracked during the migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    /// vfmig's own: device writes keep going through precopy, each logged into QEMU's dirty
-    /// log; the VF is quiesced only inside the downtime.
-    Transparent,
-    /// The paper's design, the baseline to beat: every rank's runtime suspends communication
-    /// for the whole migration, then resumes.
-    Cooperative,
-    /// The paper's own setting: the VF is a passthrough PCI device of QEMU (`vfio-pci`); every
-    /// rank suspends, the VF is unplugged, the VM migrates, a VF is plugged in at the
-    /// destination, and the ranks resume.
-    PassthroughHotplug,
-    /// Negative control: the same load with the dirty log switched off. Loses writes, by
-    /// design, to prove that the check catches it.
-    UnsafeNoTracking,
-}
+use crate::orchestrator::strategy::{StrategyError, StrategyInputs, StrategyKind};
 
 /// Guest-physical address of the window the guest kernel never touches (`memmap=16M$…`).
 pub const WINDOW_GPA: u64 = 0x1800_0000;
@@ -42,8 +24,9 @@ pub const WINDOW_BYTES: u64 = 16 << 20;
 /// Settings of a demo run.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Tracking strategy.
-    pub strategy: Strategy,
+    /// Tracking strategy: `transparent` or `unsafe-no-tracking` (the others suspend a job's
+    /// ranks, and the generator demo has none).
+    pub strategy: StrategyKind,
     /// Guest RAM, MiB.
     pub mem_mib: u64,
     /// Generator writes per second (0: no generator).
@@ -72,11 +55,47 @@ pub struct DemoOptions {
     pub trace: Option<std::sync::Arc<crate::trace::TraceRecorder>>,
 }
 
+impl DemoOptions {
+    /// The demo's settings as `vfmig demo` has them by default, with its run directory, guest
+    /// image and companion binary: `transparent`, a 512 MiB guest, 4000 device writes a second
+    /// of 256 bytes for 0.5 s before the migration, precopy capped at 64 MiB/s, a 600 s
+    /// timeout.
+    pub fn new(run_dir: PathBuf, image: GuestImage, vfmig_bin: PathBuf) -> Self {
+        Self {
+            strategy: StrategyKind::Transparent,
+            mem_mib: 512,
+            rate: 4000,
+            record_size: 256,
+            max_bandwidth: Some(64 << 20),
+            downtime_limit_ms: None,
+            keep_paused: false,
+            run_dir,
+            accel: "tcg".into(),
+            image,
+            vfmig_bin,
+            lead_time: Duration::from_millis(500),
+            timeout: Duration::from_secs(600),
+            trace: None,
+        }
+    }
+
+    /// The same, for measuring migrations alone: no device writes, no lead time, and the
+    /// destination left paused.
+    pub fn idle(self) -> Self {
+        Self {
+            rate: 0,
+            keep_paused: true,
+            lead_time: Duration::ZERO,
+            ..self
+        }
+    }
+}
+
 /// The demo's result; the last line of `vfmig demo` is this, as JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoReport {
     /// The strategy.
-    pub strategy: Strategy,
+    pub strategy: StrategyKind,
     /// Device writes the destination does not hold (older version, missing or corrupt).
     pub lost_writes: u64,
     /// Device writes made by the source's VF (the generator).
@@ -120,6 +139,9 @@ pub enum DemoError {
     /// A RAM check failed to run.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// The strategy needs what the demo does not have (ranks to suspend).
+    #[error(transparent)]
+    Strategy(#[from] StrategyError),
 }
 
 /// The generator's window: one record per page of the reserved window.
@@ -180,13 +202,14 @@ pub fn vm_spec(opts: &DemoOptions, name: &str, role: Role) -> VmSpec {
 
 /// Runs the demo end to end.
 pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport, DemoError> {
+    // The strategy first: one the demo cannot run fails before any VM starts.
+    let strategy = opts.strategy.with(StrategyInputs::default())?;
     let mut src = start_vm(opts, "source", Role::Source)?;
     let dst = start_vm(opts, "destination", Role::Destination)?;
     let booted = src.wait_guest_up(Duration::from_secs(120))?;
     tracing::info!(secs = booted.as_secs_f64(), "source guest started its NIC");
 
     let mut src_ctl = src.control()?;
-    src_ctl.set_tracking(opts.strategy != Strategy::UnsafeNoTracking)?;
     let window = window(opts.record_size);
     if opts.rate > 0 {
         src_ctl.generator_start(GeneratorConfig {
@@ -211,6 +234,7 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
                 src.paths.control_socket.clone(),
                 dst.paths.control_socket.clone(),
             )),
+            strategy,
             trace: opts.trace.clone(),
             ..Default::default()
         },
@@ -278,4 +302,33 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
         quiesced_at_switchover: quiesced,
         migration: summary,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_demo_and_the_idle_one() {
+        let image = GuestImage {
+            kernel: "k".into(),
+            initrd: "i".into(),
+        };
+        let o = DemoOptions::new("/run".into(), image, "vfmig".into());
+        assert_eq!(o.strategy, StrategyKind::Transparent);
+        assert_eq!((o.mem_mib, o.rate, o.record_size), (512, 4000, 256));
+        assert_eq!(o.max_bandwidth, Some(64 << 20));
+        assert!(!o.keep_paused);
+        assert_eq!(o.lead_time, Duration::from_millis(500));
+        let idle = o.idle();
+        assert_eq!((idle.rate, idle.keep_paused), (0, true));
+        assert_eq!(idle.lead_time, Duration::ZERO);
+        assert_eq!(idle.mem_mib, 512);
+    }
+
+    #[test]
+    fn the_report_names_its_strategy_in_kebab_case() {
+        let v = serde_json::to_value(StrategyKind::UnsafeNoTracking).unwrap();
+        assert_eq!(v, "unsafe-no-tracking");
+    }
 }

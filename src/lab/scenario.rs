@@ -11,15 +11,19 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::demo::{DemoError, Strategy};
+use super::demo::DemoError;
 use super::hosts::{Hosts, HostsError};
 use crate::companion::control::{error_chain, ControlError};
-use crate::orchestrator::hotplug::{self, Hotplug};
+use crate::orchestrator::hotplug;
 use crate::orchestrator::launch::{
     mac_for, stand_in_vf_device, FabricSpec, GuestImage, LaunchError, Nic, PassthroughSlot, Role,
     RunningVm, VmSpec, PASSTHROUGH_DEVICE,
 };
 use crate::orchestrator::migrate::{migrate, MigrateOptions, MigrationSummary, Observer};
+use crate::orchestrator::strategy::{
+    Strategy, StrategyError, StrategyInputs, StrategyKind, VfDevices,
+};
+use crate::orchestrator::summary::error_text;
 use crate::vf::soft::ClusterMap;
 
 /// Port every soft VF listens on, in its own host.
@@ -57,7 +61,7 @@ pub struct ScenarioOptions {
     /// VMs (ranks).
     pub vms: usize,
     /// How `a` migrates; `None`: no migration (the reference run).
-    pub strategy: Option<Strategy>,
+    pub strategy: Option<StrategyKind>,
     /// Guest RAM per VM, MiB.
     pub mem_mib: u64,
     /// lu-lite: grid size; rdma-bw: message size in bytes.
@@ -113,7 +117,7 @@ pub struct ScenarioReport {
     /// The job.
     pub workload: Workload,
     /// How `a` migrated (`null`: it did not).
-    pub strategy: Option<Strategy>,
+    pub strategy: Option<StrategyKind>,
     /// VMs.
     pub vms: usize,
     /// Every rank's checksum equals the reference run's.
@@ -188,12 +192,18 @@ pub enum ScenarioError {
         /// The run directory.
         dir: PathBuf,
     },
-    /// Files of the run.
-    #[error("scenario files: {0}")]
-    Io(#[from] std::io::Error),
-    /// The passthrough VF's device arguments.
+    /// A file or directory of the run could not be written.
+    #[error("cannot write {path}: check the run directory's permissions and free space")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The strategy could not be built.
     #[error(transparent)]
-    Hotplug(#[from] crate::orchestrator::hotplug::HotplugError),
+    Strategy(#[from] StrategyError),
 }
 
 fn names(n: usize) -> Vec<String> {
@@ -259,9 +269,52 @@ pub fn run(
     opts: &ScenarioOptions,
     observer: &mut dyn Observer,
 ) -> Result<ScenarioReport, ScenarioError> {
+    let job = start_job(opts)?;
+    let deadline = Instant::now() + opts.timeout;
+    let outcome = match (opts.strategy, job.dest.as_ref()) {
+        (Some(kind), Some(dest)) => {
+            let started_at = wait_until_migrate_at(opts, &job.vms[0], deadline)?;
+            migrate_a(opts, kind, &job, dest, started_at, observer)?
+        }
+        _ => MigrationOutcome::default(),
+    };
+    let ranks = wait_for_results(opts, &job, deadline)?;
+    Ok(report(opts, &job.names, ranks, outcome))
+}
+
+/// The VMs of a run, each rank on its own test host, and `a`'s destination when it migrates.
+/// Fields drop in order: the VMs stop before their hosts go.
+struct Job {
+    /// `a`'s destination, on the host after the ranks'.
+    dest: Option<RunningVm>,
+    /// The ranks, `a` first.
+    vms: Vec<RunningVm>,
+    /// Their names.
+    names: Vec<String>,
+    /// The test hosts.
+    hosts: Hosts,
+}
+
+/// What migrating `a` left for the report.
+#[derive(Default)]
+struct MigrationOutcome {
+    migration: Option<MigrationSummary>,
+    migration_error: Option<String>,
+    source_vf_restored: Option<bool>,
+    device_dirty_pages: Option<u64>,
+    /// Rank `a`'s iterations when the migration started and when it ended.
+    iters_at: (usize, usize),
+}
+
+/// Step 1: the hosts, the cluster file, every rank's VM, and `a`'s destination when it
+/// migrates.
+fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
     let vm_names = names(opts.vms);
     let hosts = Hosts::create(opts.vms + 1)?;
-    std::fs::create_dir_all(&opts.run_dir)?;
+    std::fs::create_dir_all(&opts.run_dir).map_err(|source| ScenarioError::Io {
+        path: opts.run_dir.clone(),
+        source,
+    })?;
     let cluster = ClusterMap {
         vms: vm_names
             .iter()
@@ -273,7 +326,11 @@ pub fn run(
     std::fs::write(
         &cluster_file,
         serde_json::to_string_pretty(&cluster).unwrap_or_default(),
-    )?;
+    )
+    .map_err(|source| ScenarioError::Io {
+        path: cluster_file.clone(),
+        source,
+    })?;
     let guest_args = |me: &str| match opts.workload {
         Workload::LuLite => format!(
             "vfmig.run=lu-lite vfmig.args=--me:{me}:--peers:{}:--n:{}:--iters:{}",
@@ -314,7 +371,7 @@ pub fn run(
         guest_args: guest_args(name),
         // passthrough-hotplug: `a` has an emulated PCIe NIC standing in for its vfio-pci VF;
         // its destination has the empty slot the VF is plugged into after the migration.
-        passthrough: (opts.strategy == Some(Strategy::PassthroughHotplug) && name == "a").then(
+        passthrough: (opts.strategy == Some(StrategyKind::PassthroughHotplug) && name == "a").then(
             || PassthroughSlot {
                 device: (role == Role::Source).then(|| stand_in_vf_device(&mac_for("a-vf"))),
             },
@@ -333,152 +390,209 @@ pub fn run(
         ))?),
         None => None,
     };
-    let deadline = Instant::now() + opts.timeout;
-    let timeout = |detail: String| ScenarioError::Timeout {
+    Ok(Job {
+        dest,
+        vms,
+        names: vm_names,
+        hosts,
+    })
+}
+
+/// The job did not get as far as it should have by `opts.timeout`.
+fn timed_out(opts: &ScenarioOptions, detail: String) -> ScenarioError {
+    ScenarioError::Timeout {
         secs: opts.timeout.as_secs(),
         detail,
         dir: opts.run_dir.clone(),
-    };
+    }
+}
 
-    // Migrate `a` once rank 0 has done `migrate_at` iterations.
-    let mut migration = None;
-    let mut migration_error = None;
-    let mut source_vf_restored = None;
-    let mut device_dirty_pages = None;
-    let mut iters_at = (0usize, 0usize);
-    if let (Some(strategy), Some(dest)) = (opts.strategy, dest.as_ref()) {
-        loop {
-            // lu-lite: iterations of rank a; rdma-bw: its progress lines (one a second).
-            let done = job_lines(&vms[0].paths.serial_log)
-                .iter()
-                .filter(|v| v.get("iter").is_some() || v.get("t_ms").is_some())
-                .count();
-            if done >= opts.migrate_at as usize {
-                iters_at.0 = done;
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(timeout(format!(
+/// Step 2: waits until rank `a` has done `migrate_at` iterations; returns how many it did.
+fn wait_until_migrate_at(
+    opts: &ScenarioOptions,
+    a: &RunningVm,
+    deadline: Instant,
+) -> Result<usize, ScenarioError> {
+    loop {
+        // lu-lite: iterations of rank a; rdma-bw: its progress lines (one a second).
+        let done = job_lines(&a.paths.serial_log)
+            .iter()
+            .filter(|v| v.get("iter").is_some() || v.get("t_ms").is_some())
+            .count();
+        if done >= opts.migrate_at as usize {
+            return Ok(done);
+        }
+        if Instant::now() > deadline {
+            return Err(timed_out(
+                opts,
+                format!(
                     "rank a did {done} of the {} iterations to reach before migrating",
                     opts.migrate_at
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(100));
+                ),
+            ));
         }
-        let mut src_ctl = vms[0].control()?;
-        src_ctl.set_tracking(strategy != Strategy::UnsafeNoTracking)?;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let injector = opts.fault.map(|(fault, after)| {
-            let (cancel, qemu, companion) = (cancel.clone(), dest.qemu_pid(), dest.companion_pid());
-            std::thread::spawn(move || {
-                std::thread::sleep(after);
-                tracing::warn!(?fault, "injecting a failure into the migration");
-                let kill = |pid: Option<u32>| {
-                    if let Some(pid) = pid {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                };
-                match fault {
-                    Fault::Cancel => cancel.store(true, Ordering::SeqCst),
-                    Fault::KillDestinationQemu => kill(qemu),
-                    Fault::KillDestinationCompanion => kill(companion),
-                }
-            })
-        });
-        let result = migrate(
-            &vms[0].qmp()?,
-            &dest.qmp()?,
-            &MigrateOptions {
-                uri: format!("tcp:{}:{}", hosts.addr(opts.vms), 4444),
-                max_bandwidth: opts.max_bandwidth,
-                timeout: opts.timeout,
-                companions: Some((
-                    vms[0].paths.control_socket.clone(),
-                    dest.paths.control_socket.clone(),
-                )),
-                cancel: Some(cancel),
-                cooperative: matches!(
-                    strategy,
-                    Strategy::Cooperative | Strategy::PassthroughHotplug
-                )
-                .then(|| vms.iter().map(|v| v.paths.control_socket.clone()).collect()),
-                hotplug: (strategy == Strategy::PassthroughHotplug)
-                    .then(|| {
-                        let device = hotplug::device_args(&stand_in_vf_device(&mac_for("a-vf")))?;
-                        Ok::<_, hotplug::HotplugError>(Hotplug {
-                            device_id: PASSTHROUGH_DEVICE.into(),
-                            destination_device: device.clone(),
-                            source_device: Some(device),
-                            detach_timeout: Duration::from_secs(30),
-                            attach_timeout: Duration::from_secs(30),
-                        })
-                    })
-                    .transpose()?,
-                trace: opts.trace.clone(),
-                ..Default::default()
-            },
-            observer,
-        );
-        if let Some(t) = injector {
-            let _ = t.join();
-        }
-        match result {
-            Ok(summary) => migration = Some(summary),
-            Err(e) if opts.fault.is_some() => {
-                tracing::info!(error = %e, "the migration failed as the injected fault made it");
-                migration_error = Some(e.to_string());
-                if strategy == Strategy::PassthroughHotplug {
-                    source_vf_restored =
-                        Some(hotplug::driver_up(&vms[0].qmp()?, PASSTHROUGH_DEVICE));
-                }
-            }
-            Err(e) => return Err(DemoError::from(e).into()),
-        }
-        // What the device dirtied on the source during the migration (its epoch).
-        match src_ctl.stats() {
-            Ok(stats) => device_dirty_pages = Some(stats.device_dirty_pages),
-            Err(e) => tracing::warn!(
-                error = %error_chain(&e),
-                "the source companion's stats are unreadable"
-            ),
-        }
-        iters_at.1 = job_lines(&dest.paths.serial_log)
-            .iter()
-            .chain(job_lines(&vms[0].paths.serial_log).iter())
-            .filter(|v| v.get("iter").is_some())
-            .count();
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
 
-    // Wait for every rank's checksum. `a`'s console continues in its destination's log.
+/// The strategy `kind` for `a`: every rank's companion is told SUSPEND and RESUME, and the
+/// stand-in VF moves by unplug and plug.
+fn strategy_for(kind: StrategyKind, job: &Job) -> Result<Strategy, StrategyError> {
+    let vf = stand_in_vf_device(&mac_for("a-vf"));
+    kind.with(StrategyInputs {
+        ranks: job
+            .vms
+            .iter()
+            .map(|v| v.paths.control_socket.clone())
+            .collect(),
+        vf: VfDevices {
+            device_id: PASSTHROUGH_DEVICE.into(),
+            destination: Some(vf.clone()),
+            source: Some(vf),
+            timeout: Duration::from_secs(30),
+        },
+    })
+}
+
+/// Starts the failure to inject, if any, on its own thread.
+fn inject_fault(
+    opts: &ScenarioOptions,
+    dest: &RunningVm,
+    cancel: &Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    opts.fault.map(|(fault, after)| {
+        let (cancel, qemu, companion) = (cancel.clone(), dest.qemu_pid(), dest.companion_pid());
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            tracing::warn!(?fault, "injecting a failure into the migration");
+            let kill = |pid: Option<u32>| {
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            };
+            match fault {
+                Fault::Cancel => cancel.store(true, Ordering::SeqCst),
+                Fault::KillDestinationQemu => kill(qemu),
+                Fault::KillDestinationCompanion => kill(companion),
+            }
+        })
+    })
+}
+
+/// Step 3: migrates `a` to its destination under `kind`, with the fault injected if there is
+/// one. A migration that fails because of that fault is an outcome, not an error.
+fn migrate_a(
+    opts: &ScenarioOptions,
+    kind: StrategyKind,
+    job: &Job,
+    dest: &RunningVm,
+    started_at: usize,
+    observer: &mut dyn Observer,
+) -> Result<MigrationOutcome, ScenarioError> {
+    let mut outcome = MigrationOutcome {
+        iters_at: (started_at, 0),
+        ..Default::default()
+    };
+    let a = &job.vms[0];
+    let mut src_ctl = a.control()?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let strategy = strategy_for(kind, job)?;
+    let injector = inject_fault(opts, dest, &cancel);
+    let result = migrate(
+        &a.qmp()?,
+        &dest.qmp()?,
+        &MigrateOptions {
+            uri: format!("tcp:{}:{}", job.hosts.addr(opts.vms), 4444),
+            max_bandwidth: opts.max_bandwidth,
+            timeout: opts.timeout,
+            companions: Some((
+                a.paths.control_socket.clone(),
+                dest.paths.control_socket.clone(),
+            )),
+            cancel: Some(cancel),
+            strategy,
+            trace: opts.trace.clone(),
+            ..Default::default()
+        },
+        observer,
+    );
+    if let Some(t) = injector {
+        let _ = t.join();
+    }
+    match result {
+        Ok(summary) => outcome.migration = Some(summary),
+        Err(e) if opts.fault.is_some() => {
+            tracing::info!(error = %e, "the migration failed as the injected fault made it");
+            outcome.migration_error = Some(error_text(&e));
+            if kind == StrategyKind::PassthroughHotplug {
+                outcome.source_vf_restored =
+                    Some(hotplug::driver_up(&a.qmp()?, PASSTHROUGH_DEVICE));
+            }
+        }
+        Err(e) => return Err(DemoError::from(e).into()),
+    }
+    // What the device dirtied on the source during the migration (its epoch).
+    match src_ctl.stats() {
+        Ok(stats) => outcome.device_dirty_pages = Some(stats.device_dirty_pages),
+        Err(e) => tracing::warn!(
+            error = %error_chain(&e),
+            "the source companion's stats are unreadable"
+        ),
+    }
+    outcome.iters_at.1 = job_lines(&dest.paths.serial_log)
+        .iter()
+        .chain(job_lines(&a.paths.serial_log).iter())
+        .filter(|v| v.get("iter").is_some())
+        .count();
+    Ok(outcome)
+}
+
+/// Step 4: waits for every rank's result. `a`'s console continues in its destination's log.
+fn wait_for_results(
+    opts: &ScenarioOptions,
+    job: &Job,
+    deadline: Instant,
+) -> Result<Vec<RankResult>, ScenarioError> {
     let serial_of = |i: usize| -> Vec<Value> {
-        let mut lines = job_lines(&vms[i].paths.serial_log);
+        let mut lines = job_lines(&job.vms[i].paths.serial_log);
         if i == 0 {
-            if let Some(d) = &dest {
+            if let Some(d) = &job.dest {
                 lines.extend(job_lines(&d.paths.serial_log));
             }
         }
         lines
     };
-    let ranks = loop {
+    loop {
         let ranks: Vec<RankResult> = (0..opts.vms).map(|i| rank_result(&serial_of(i))).collect();
         let finished = ranks.iter().all(|r| r.done || !r.errors.is_empty());
         if finished {
-            break ranks;
+            return Ok(ranks);
         }
         if Instant::now() > deadline {
-            let missing: Vec<&String> = vm_names
+            let missing: Vec<&String> = job
+                .names
                 .iter()
                 .zip(&ranks)
                 .filter(|(_, r)| r.checksum.is_none())
                 .map(|(n, _)| n)
                 .collect();
-            return Err(timeout(format!("no checksum from {missing:?}")));
+            return Err(timed_out(opts, format!("no checksum from {missing:?}")));
         }
         std::thread::sleep(Duration::from_millis(200));
-    };
+    }
+}
+
+/// Step 5: the report from the ranks' results and the migration's outcome (`checksum_match`
+/// is filled in by [`run_compared`]).
+fn report(
+    opts: &ScenarioOptions,
+    vm_names: &[String],
+    ranks: Vec<RankResult>,
+    outcome: MigrationOutcome,
+) -> ScenarioReport {
     let by_name: BTreeMap<String, RankResult> = vm_names
         .iter()
         .cloned()
@@ -506,9 +620,12 @@ pub fn run(
         .filter_map(|r| r.blackout_ms)
         .fold(0.0, f64::max);
     let it = &ranks[0].iteration_ms;
-    let (b, d) = (iters_at.0.min(it.len()), iters_at.1.min(it.len()));
-    let summary = migration.clone().unwrap_or_default();
-    Ok(ScenarioReport {
+    let (b, d) = (
+        outcome.iters_at.0.min(it.len()),
+        outcome.iters_at.1.min(it.len()),
+    );
+    let summary = outcome.migration.clone().unwrap_or_default();
+    ScenarioReport {
         workload: opts.workload,
         strategy: opts.strategy,
         vms: opts.vms,
@@ -517,7 +634,7 @@ pub fn run(
         reference: BTreeMap::new(),
         lost_ops,
         duplicate_ops,
-        device_dirty_pages,
+        device_dirty_pages: outcome.device_dirty_pages,
         bytes_sent,
         bytes_received,
         blackout_ms,
@@ -528,11 +645,11 @@ pub fn run(
             during: median(&it[b..d.max(b)]),
             after: median(&it[d.max(b)..]),
         },
-        migration,
-        migration_error,
-        source_vf_restored,
+        migration: outcome.migration,
+        migration_error: outcome.migration_error,
+        source_vf_restored: outcome.source_vf_restored,
         ranks: by_name,
-    })
+    }
 }
 
 /// Runs the reference (no migration) and the migration, and compares their checksums. For
@@ -565,4 +682,104 @@ pub fn run_compared(
         report.checksums.values().all(Option::is_some) && report.checksums == reference.checksums;
     report.reference = reference.checksums;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn options(workload: Workload) -> ScenarioOptions {
+        ScenarioOptions {
+            workload,
+            vms: 2,
+            strategy: Some(StrategyKind::Transparent),
+            mem_mib: 256,
+            n: 1000,
+            iters: 10,
+            migrate_at: 2,
+            max_bandwidth: None,
+            run_dir: "/run".into(),
+            accel: "tcg".into(),
+            image: GuestImage {
+                kernel: "k".into(),
+                initrd: "i".into(),
+            },
+            vfmig_bin: "vfmig".into(),
+            timeout: Duration::from_secs(1),
+            fault: None,
+            trace: None,
+        }
+    }
+
+    #[test]
+    fn a_rank_reads_its_iterations_checksum_and_errors() {
+        let r = rank_result(&[
+            json!({"tool": "lu-lite", "iter": 1, "ms": 2.0}),
+            json!({"tool": "lu-lite", "iter": 2, "ms": 4.0}),
+            json!({"tool": "lu-lite", "checksum": "abc", "errors": 1, "duplicates": 2,
+                   "blackout_ms": 9.5}),
+        ]);
+        assert_eq!(r.iteration_ms, [2.0, 4.0]);
+        assert_eq!(r.checksum.as_deref(), Some("abc"));
+        assert!(r.done);
+        assert_eq!((r.failed_completions, r.duplicates), (1, 2));
+        assert_eq!(r.blackout_ms, Some(9.5));
+    }
+
+    #[test]
+    fn the_report_counts_lost_and_duplicate_ops_and_splits_iterations_around_the_migration() {
+        let a = RankResult {
+            iteration_ms: vec![1.0, 1.0, 5.0, 5.0, 2.0, 2.0],
+            bytes: Some(10_000),
+            done: true,
+            ..Default::default()
+        };
+        let b = RankResult {
+            bytes: Some(7_500),
+            blackout_ms: Some(12.0),
+            duplicates: 1,
+            done: true,
+            ..Default::default()
+        };
+        let outcome = MigrationOutcome {
+            iters_at: (2, 4),
+            ..Default::default()
+        };
+        let names = names(2);
+        let r = report(&options(Workload::RdmaBw), &names, vec![a, b], outcome);
+        // 2500 bytes that never arrived are 3 messages of 1000 bytes.
+        assert_eq!(r.lost_ops, 3);
+        assert_eq!(r.duplicate_ops, 1);
+        assert_eq!(r.blackout_ms, 12.0);
+        assert_eq!(
+            (
+                r.iteration_ms.before,
+                r.iteration_ms.during,
+                r.iteration_ms.after
+            ),
+            (1.0, 5.0, 2.0)
+        );
+        assert_eq!(r.strategy, Some(StrategyKind::Transparent));
+        assert!(r.migration.is_none() && r.migration_error.is_none());
+        assert_eq!(r.ranks.keys().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_rank_without_its_result_is_a_lost_op() {
+        let unfinished = RankResult::default();
+        let finished = RankResult {
+            checksum: Some("x".into()),
+            done: true,
+            ..Default::default()
+        };
+        let r = report(
+            &options(Workload::LuLite),
+            &names(2),
+            vec![finished, unfinished],
+            MigrationOutcome::default(),
+        );
+        assert_eq!(r.lost_ops, 1);
+        assert_eq!(r.checksums["b"], None);
+    }
 }

@@ -53,7 +53,7 @@ pub struct HotplugTimes {
 #[derive(Debug, thiserror::Error)]
 pub enum HotplugError {
     /// A QMP command failed.
-    #[error("{command}: {source}")]
+    #[error("QMP {command} failed")]
     Qmp {
         /// The command.
         command: &'static str,

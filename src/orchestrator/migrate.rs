@@ -1,6 +1,7 @@
 //! The migration state machine. It reads top to bottom:
 //!
-//! 1. **prepare the destination**: capabilities, `migrate-incoming` on the URI;
+//! 1. **prepare the destination**: capabilities, `migrate-incoming` on the URI (and, under
+//!    `unsafe-no-tracking`, the source companion stops logging device writes);
 //! 2. **suspend** (`cooperative` and `passthrough-hotplug`): every rank's guest runtime is told
 //!    SUSPEND and the migration waits until all report ready, as in the paper's
 //!    migration-thread design;
@@ -18,107 +19,35 @@
 //! 8. **resume** (`cooperative` and `passthrough-hotplug`): every rank's runtime is told RESUME;
 //! 9. **done**.
 //!
-//! If the migration fails or is cancelled after step 2, the source is put back as it was: the
-//! VF is plugged in again (when its arguments are known) and every rank is told RESUME.
-//! Every phase becomes a span of the returned timeline.
+//! The strategy is matched once, at the top of [`migrate`]: it decides which of steps 2, 3, 7
+//! and 8 run, and whether device writes are logged. If the migration fails or is cancelled
+//! after step 2, the source is put back as it was: the VF is plugged in again (when its
+//! arguments are known) and every rank is told RESUME. Every phase becomes a span of the
+//! returned timeline.
+//!
+//! Beside this file: [`options`](super::options) (what the operator sets),
+//! [`strategy`](super::strategy), [`summary`](super::summary) (phases and what the migration
+//! did), [`migrate_error`](super::migrate_error) (how it fails) and
+//! [`progress`](super::progress) (observers).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use super::hotplug::{self, Hotplug, HotplugTimes};
+use super::options::{capabilities, shared_parameters, source_parameters};
+use super::summary::Timeline;
 use crate::companion::control::{error_chain, ControlClient, ControlError, GuestEvent, Request};
-use crate::qmp::{MigrationInfo, QmpClient, QmpError};
+use crate::qmp::{MigrationInfo, QmpClient};
 use crate::trace::TraceRecorder;
 use crate::vf::soft::VfState;
 
-/// The phases, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    /// Capabilities and `migrate-incoming` on the destination.
-    PrepareDestination,
-    /// `cooperative`, `passthrough-hotplug`: every rank's runtime suspends communication and
-    /// reports ready.
-    Suspend,
-    /// `passthrough-hotplug`: the VF is unplugged from the source.
-    Detach,
-    /// RAM is copied while the source runs.
-    Precopy,
-    /// The source is stopped; last dirty pages and device state move.
-    Switchover,
-    /// The destination takes over and is resumed.
-    DestinationUp,
-    /// `passthrough-hotplug`: a VF is plugged into the destination and its driver comes up.
-    Attach,
-    /// `cooperative`, `passthrough-hotplug`: every rank's runtime communicates again.
-    Resume,
-    /// Finished.
-    Done,
-}
-
-/// One phase's place on the timeline, in ms from the start of the migration.
-#[derive(Debug, Clone, Serialize)]
-pub struct PhaseSpan {
-    /// The phase.
-    pub phase: Phase,
-    /// Start, ms.
-    pub start_ms: f64,
-    /// End, ms.
-    pub end_ms: f64,
-}
-
-/// Operator settings of one migration. `Default` is QEMU's own settings, no companions, no
-/// trace, and a 600 s timeout; set at least `uri`.
-#[derive(Debug, Clone)]
-pub struct MigrateOptions {
-    /// Migration stream URI, e.g. `tcp:127.0.0.1:4444`.
-    pub uri: String,
-    /// Leave the destination paused after completion (no `cont`).
-    pub keep_paused: bool,
-    /// QEMU `max-bandwidth`, bytes/s.
-    pub max_bandwidth: Option<u64>,
-    /// QEMU `downtime-limit`, ms.
-    pub downtime_limit_ms: Option<u64>,
-    /// Multifd channels (capability `multifd` on both sides, `multifd-channels`).
-    pub multifd: Option<u32>,
-    /// Give up (and cancel) after this long.
-    pub timeout: Duration,
-    /// Control sockets of the source's and the destination's companions: with them, the VF
-    /// moves at switchover, and the destination's companion is watched during precopy.
-    pub companions: Option<(PathBuf, PathBuf)>,
-    /// Set from elsewhere (Ctrl-C) to cancel the migration.
-    pub cancel: Option<Arc<AtomicBool>>,
-    /// `cooperative` strategy: the control sockets of every rank's companion (the migrating
-    /// VM's source companion among them), told SUSPEND before precopy and RESUME after.
-    pub cooperative: Option<Vec<PathBuf>>,
-    /// `passthrough-hotplug` strategy (with `cooperative`): the VF is a PCI device of QEMU,
-    /// unplugged before precopy and plugged in at the destination after it.
-    pub hotplug: Option<Hotplug>,
-    /// Where the timeline goes (phases, QEMU's passes, query-migrate and companion samples).
-    pub trace: Option<Arc<TraceRecorder>>,
-}
-
-impl Default for MigrateOptions {
-    fn default() -> Self {
-        Self {
-            uri: String::new(),
-            keep_paused: false,
-            max_bandwidth: None,
-            downtime_limit_ms: None,
-            multifd: None,
-            timeout: Duration::from_secs(600),
-            companions: None,
-            cancel: None,
-            cooperative: None,
-            hotplug: None,
-            trace: None,
-        }
-    }
-}
+pub use super::migrate_error::MigrateError;
+pub use super::options::MigrateOptions;
+pub use super::progress::{with_progress, Observer, Quiet, TerminalProgress};
+pub use super::strategy::{Strategy, StrategyKind};
+pub use super::summary::{MigrationSummary, Phase, PhaseSpan, Takeover};
 
 /// Samples the source companion onto the trace, at most every 100 ms: pages its device
 /// dirtied in this migration (and the bytes they made QEMU resend), and requests it holds.
@@ -165,180 +94,31 @@ impl CompanionSampler {
     }
 }
 
-/// What a migration did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct MigrationSummary {
-    /// QEMU's final status on the source (`completed`).
-    pub status: String,
-    /// QEMU's total migration time, ms.
-    pub total_ms: u64,
-    /// QEMU's downtime, ms.
-    pub downtime_ms: u64,
-    /// QEMU's setup time, ms.
-    pub setup_ms: u64,
-    /// RAM bytes sent.
-    pub transferred_bytes: u64,
-    /// Guest RAM size as QEMU counts it.
-    pub ram_total_bytes: u64,
-    /// Dirty-bitmap syncs QEMU made (each one also syncs the vhost-user log).
-    pub dirty_sync_count: u64,
-    /// Whether the destination was resumed.
-    pub destination_resumed: bool,
-    /// The VF's move to the destination's companion, when there was a VF to move.
-    pub vf_takeover: Option<Takeover>,
-    /// `passthrough-hotplug`: how long the unplug and the plug took.
-    pub hotplug: Option<HotplugTimes>,
-    /// The phases.
-    pub timeline: Vec<PhaseSpan>,
-    /// Wall-clock time of the whole state machine, ms.
-    pub wall_ms: u64,
+/// What the strategy adds to the steps every migration takes.
+struct Steps<'a> {
+    /// Steps 2 and 8: the ranks told SUSPEND and RESUME; empty: none.
+    ranks: &'a [PathBuf],
+    /// Steps 3 and 7: the passthrough VF, unplugged and plugged in again.
+    hotplug: Option<&'a Hotplug>,
+    /// Step 1: the source companion stops logging device writes (the negative control).
+    untracked: bool,
 }
 
-/// The VF's move at switchover.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Takeover {
-    /// Time from the start of the export to the end of the import and announce, ms.
-    pub ms: f64,
-    /// QPs moved.
-    pub qps: usize,
-    /// Requests in flight that the destination will replay.
-    pub pending_requests: usize,
-    /// Frames that waited for the guest and moved.
-    pub waiting_frames: usize,
-    /// Peers told of the VM's new place.
-    pub announced_to: Vec<String>,
-}
-
-/// Errors of a migration. After any of them the source VM keeps running.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    /// A QMP call failed.
-    #[error("{side} QEMU: {source}")]
-    Qmp {
-        /// `source` or `destination`.
-        side: &'static str,
-        /// Why.
-        #[source]
-        source: QmpError,
-    },
-    /// QEMU reported the migration failed.
-    #[error("migration failed: {reason}; the source VM keeps running")]
-    Failed {
-        /// QEMU's `error-desc`.
-        reason: String,
-    },
-    /// The migration was cancelled.
-    #[error("migration cancelled; the source VM keeps running")]
-    Cancelled,
-    /// The destination died during the migration; it was cancelled.
-    #[error(
-        "the destination's {what} died during the migration ({detail}); the migration was \
-         cancelled and the source VM keeps running{source_state}. Restart the destination and \
-         migrate again"
-    )]
-    DestinationDied {
-        /// `QEMU` or `companion`.
-        what: &'static str,
-        /// What was seen.
-        detail: String,
-        /// How the source was left, for the message.
-        source_state: String,
-    },
-    /// It took too long; it was cancelled.
-    #[error("migration did not finish within {secs} s and was cancelled; the source VM keeps running. Raise --timeout or --max-bandwidth")]
-    Timeout {
-        /// The limit.
-        secs: u64,
-    },
-    /// The VF could not move to the destination's companion.
-    #[error(
-        "the VF could not move to the destination's companion: {0}; the destination stays paused"
-    )]
-    Takeover(String),
-    /// A rank's runtime did not report ready after SUSPEND.
-    #[error("cooperative suspend: {0}; nothing was migrated and every rank was told RESUME")]
-    Suspend(String),
-    /// The passthrough VF could not be unplugged from the source.
-    #[error("passthrough-hotplug: unplugging the VF: {0}. Nothing was migrated; every rank was told RESUME")]
-    Detach(String),
-    /// The passthrough VF could not be plugged in at the destination.
-    #[error(
-        "passthrough-hotplug: the VM runs at the destination, but plugging in its VF failed: \
-         {0}. Every rank was told RESUME; plug a VF in by hand (QMP device_add) if the job needs it"
-    )]
-    Attach(String),
-    /// The destination did not reach `paused` after completion.
-    #[error("the destination did not reach the paused state after completion (it is {status})")]
-    DestinationNotReady {
-        /// Its status.
-        status: String,
-    },
-}
-
-/// Someone who wants to watch a migration (a progress bar, a trace).
-pub trait Observer {
-    /// A phase begins.
-    fn phase(&mut self, _phase: Phase) {}
-    /// A `query-migrate` sample of the source.
-    fn sample(&mut self, _info: &MigrationInfo) {}
-}
-
-/// An observer that ignores everything.
-pub struct Quiet;
-impl Observer for Quiet {}
-
-struct Timeline {
-    start: Instant,
-    spans: Vec<PhaseSpan>,
-    trace: Option<Arc<TraceRecorder>>,
-}
-
-impl Timeline {
-    /// µs since the start, on the trace's clock.
-    fn us(&self) -> f64 {
-        self.start.elapsed().as_secs_f64() * 1e6
-    }
-
-    fn enter(&mut self, phase: Phase, observer: &mut dyn Observer) {
-        let now = self.start.elapsed().as_secs_f64() * 1e3;
-        if let Some(last) = self.spans.last_mut() {
-            last.end_ms = now;
-        }
-        if self.spans.last().map(|s| s.phase) != Some(phase) {
-            self.spans.push(PhaseSpan {
-                phase,
-                start_ms: now,
-                end_ms: now,
-            });
-            tracing::info!(?phase, at_ms = now as u64, "migration phase");
-            if let Some(tr) = &self.trace {
-                let name = serde_json::to_value(phase)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default();
-                tr.enter_phase_at(&name, self.us());
-                if phase == Phase::Done {
-                    tr.close_phase_at(self.us());
-                }
-            }
-            observer.phase(phase);
+impl<'a> Steps<'a> {
+    /// The one place where the strategies differ.
+    fn of(strategy: &'a Strategy) -> Self {
+        let (ranks, hotplug, untracked): (&[PathBuf], _, _) = match strategy {
+            Strategy::Transparent => (&[], None, false),
+            Strategy::Cooperative { ranks } => (ranks, None, false),
+            Strategy::PassthroughHotplug { ranks, hotplug } => (ranks, Some(hotplug), false),
+            Strategy::UnsafeNoTracking => (&[], None, true),
+        };
+        Self {
+            ranks,
+            hotplug,
+            untracked,
         }
     }
-}
-
-/// Capabilities set on both sides.
-fn capabilities(opts: &MigrateOptions) -> Vec<(&'static str, bool)> {
-    let mut caps = vec![("events", true)];
-    if opts.multifd.is_some() {
-        caps.push(("multifd", true));
-    }
-    caps
-}
-
-/// Parameters set on both sides (multifd channels must match).
-fn shared_parameters(opts: &MigrateOptions) -> Option<serde_json::Value> {
-    opts.multifd
-        .map(|n| serde_json::json!({ "multifd-channels": n }))
 }
 
 /// Migrates the VM behind `src` into the one behind `dst`.
@@ -352,20 +132,24 @@ pub fn migrate(
         side: "destination",
         source,
     };
-    let mut t = Timeline {
-        // Trace timestamps count from the start of the migration.
-        start: Instant::now(),
-        spans: vec![],
-        trace: opts.trace.clone(),
-    };
+    let steps = Steps::of(&opts.strategy);
+    if steps.untracked && opts.companions.is_none() {
+        return Err(MigrateError::NoCompanion);
+    }
+    let mut t = Timeline::new(opts.trace.clone());
     // The source companion's samples on the trace, when there is a trace and a companion.
     let mut sampler = match (&opts.trace, &opts.companions) {
         (Some(tr), Some((src_ctl, _))) => CompanionSampler::new(tr.clone(), src_ctl),
         _ => None,
     };
 
-    // 1. Prepare the destination.
+    // 1. Prepare the destination; unsafe-no-tracking: the source companion stops logging.
     t.enter(Phase::PrepareDestination, observer);
+    if let (true, Some((src_ctl, _))) = (steps.untracked, &opts.companions) {
+        ControlClient::connect(src_ctl, Duration::from_secs(5))
+            .and_then(|mut c| c.call(&Request::SetTracking { enabled: false }))
+            .map_err(MigrateError::Tracking)?;
+    }
     let caps = capabilities(opts);
     dst.migrate_set_capabilities(&caps).map_err(on_dst)?;
     if let Some(p) = shared_parameters(opts) {
@@ -374,17 +158,19 @@ pub fn migrate(
     dst.migrate_incoming(&opts.uri).map_err(on_dst)?;
 
     // 2. Cooperative and passthrough-hotplug: every rank suspends and reports ready.
-    if let Some(ranks) = &opts.cooperative {
+    if !steps.ranks.is_empty() {
         t.enter(Phase::Suspend, observer);
-        if let Err(e) = send_event_and_wait(ranks, GuestEvent::Suspend, Duration::from_secs(60)) {
-            resume_ranks(ranks, None);
+        if let Err(e) =
+            send_event_and_wait(steps.ranks, GuestEvent::Suspend, Duration::from_secs(60))
+        {
+            resume_ranks(steps.ranks, None);
             return Err(MigrateError::Suspend(e));
         }
     }
 
     // 3. Passthrough-hotplug: the VF leaves the source; the guest must release it.
     let mut hotplug_times = None;
-    if let Some(h) = &opts.hotplug {
+    if let Some(h) = steps.hotplug {
         t.enter(Phase::Detach, observer);
         match hotplug::detach(src, &h.device_id, h.detach_timeout) {
             Ok(took) => {
@@ -394,10 +180,8 @@ pub fn migrate(
                 })
             }
             Err(e) => {
-                if let Some(ranks) = &opts.cooperative {
-                    resume_ranks(ranks, None);
-                }
-                return Err(MigrateError::Detach(e.to_string()));
+                resume_ranks(steps.ranks, None);
+                return Err(MigrateError::Detach(e));
             }
         }
     }
@@ -406,7 +190,7 @@ pub fn migrate(
     let info = match precopy(src, dst, opts, &mut t, observer, sampler.as_mut()) {
         Ok(info) => info,
         Err(e) => {
-            restore_source(src, opts, hotplug_times.is_some());
+            restore_source(src, &steps, hotplug_times.is_some());
             return Err(e);
         }
     };
@@ -441,27 +225,27 @@ pub fn migrate(
 
     // 7. Passthrough-hotplug: a free VF of the destination goes in; its driver must come up.
     let mut attach_error = None;
-    if opts.keep_paused && (opts.hotplug.is_some() || opts.cooperative.is_some()) {
+    if opts.keep_paused && (steps.hotplug.is_some() || !steps.ranks.is_empty()) {
         tracing::warn!(
             "the destination stays paused (keep_paused): no VF is plugged in and no rank is \
              told RESUME; do both once it runs"
         );
-    } else if let (Some(h), Some(times)) = (&opts.hotplug, hotplug_times.as_mut()) {
+    } else if let (Some(h), Some(times)) = (steps.hotplug, hotplug_times.as_mut()) {
         t.enter(Phase::Attach, observer);
         match hotplug::attach(dst, &h.destination_device, h.attach_timeout) {
             Ok((took, addr)) => {
                 times.attach_ms = took.as_secs_f64() * 1e3;
                 times.destination_address = addr;
             }
-            Err(e) => attach_error = Some(e.to_string()),
+            Err(e) => attach_error = Some(e),
         }
     }
 
     // 8. Cooperative and passthrough-hotplug: every rank resumes; the migrated VM's runtime is
     // told through the destination's companion.
-    if let (Some(ranks), false) = (&opts.cooperative, opts.keep_paused) {
+    if !steps.ranks.is_empty() && !opts.keep_paused {
         t.enter(Phase::Resume, observer);
-        resume_ranks(ranks, opts.companions.as_ref());
+        resume_ranks(steps.ranks, opts.companions.as_ref());
     }
     if let Some(e) = attach_error {
         return Err(MigrateError::Attach(e));
@@ -502,16 +286,7 @@ fn precopy(
     };
     let caps = capabilities(opts);
     src.migrate_set_capabilities(&caps).map_err(on_src)?;
-    let mut params = match shared_parameters(opts) {
-        Some(serde_json::Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
-    if let Some(bw) = opts.max_bandwidth {
-        params.insert("max-bandwidth".into(), bw.into());
-    }
-    if let Some(dl) = opts.downtime_limit_ms {
-        params.insert("downtime-limit".into(), dl.into());
-    }
+    let params = source_parameters(opts);
     if !params.is_empty() {
         src.migrate_set_parameters(params.into()).map_err(on_src)?;
     }
@@ -601,8 +376,8 @@ fn precopy(
 
 /// After a failed or cancelled migration: the VF back into the source (when it was unplugged
 /// and its arguments are known) and RESUME to every rank, so that the job goes on where it was.
-fn restore_source(src: &QmpClient, opts: &MigrateOptions, detached: bool) {
-    if let (true, Some(h)) = (detached, &opts.hotplug) {
+fn restore_source(src: &QmpClient, steps: &Steps, detached: bool) {
+    if let (true, Some(h)) = (detached, steps.hotplug) {
         // QEMU refuses device_add while a migration is still being cancelled.
         wait_source_settled(src);
         match &h.source_device {
@@ -621,8 +396,8 @@ fn restore_source(src: &QmpClient, opts: &MigrateOptions, detached: bool) {
             ),
         }
     }
-    if let Some(ranks) = &opts.cooperative {
-        resume_ranks(ranks, None);
+    if !steps.ranks.is_empty() {
+        resume_ranks(steps.ranks, None);
     }
 }
 
@@ -705,9 +480,9 @@ fn destination_dead(
     None
 }
 
-/// After a cancel or failure: waits until QEMU reports the migration over and the source
-/// running again, and describes the source's state for the message.
-fn wait_source_settled(src: &QmpClient) -> String {
+/// After a cancel or failure: waits (up to 30 s) until QEMU reports the migration over and the
+/// source running again, and describes the source's state for a message: empty when it runs.
+pub fn wait_source_settled(src: &QmpClient) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let over = src
@@ -751,53 +526,221 @@ fn take_over_vf(src_ctl: &Path, dst_ctl: &Path) -> Result<Option<Takeover>, Migr
     Ok(Some(info))
 }
 
-/// Runs `f` with a progress bar on stderr when it is a terminal, and with no observer when it
-/// is not (no progress noise in logs and pipes).
-pub fn with_progress<T>(f: impl FnOnce(&mut dyn Observer) -> T) -> T {
-    match TerminalProgress::on_stderr() {
-        Some(mut bar) => f(&mut bar),
-        None => f(&mut Quiet),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
 
-/// A progress bar on the terminal: phase, percent of RAM sent, rate and ETA.
-pub struct TerminalProgress {
-    bar: indicatif::ProgressBar,
-}
-
-impl TerminalProgress {
-    /// A bar on stderr, or `None` when stderr is not a terminal (no progress noise then).
-    pub fn on_stderr() -> Option<Self> {
-        use std::io::IsTerminal;
-        if !std::io::stderr().is_terminal() {
-            return None;
+    fn hotplug() -> Hotplug {
+        Hotplug {
+            device_id: "vf0".into(),
+            destination_device: hotplug::device_args("vfio-pci,id=vf0").unwrap(),
+            source_device: None,
+            detach_timeout: Duration::from_secs(1),
+            attach_timeout: Duration::from_secs(1),
         }
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:>20} [{bar:30}] {percent:>3}% {binary_bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    }
+
+    #[test]
+    fn each_strategy_adds_its_own_steps() {
+        let ranks: Vec<PathBuf> = vec!["a".into(), "b".into()];
+        let cases = [
+            (Strategy::Transparent, 0, false, false),
+            (
+                Strategy::Cooperative {
+                    ranks: ranks.clone(),
+                },
+                2,
+                false,
+                false,
+            ),
+            (
+                Strategy::PassthroughHotplug {
+                    ranks: ranks.clone(),
+                    hotplug: hotplug(),
+                },
+                2,
+                true,
+                false,
+            ),
+            (Strategy::UnsafeNoTracking, 0, false, true),
+        ];
+        let mut seen = BTreeMap::new();
+        for (strategy, n_ranks, has_hotplug, untracked) in &cases {
+            let s = Steps::of(strategy);
+            assert_eq!(s.ranks.len(), *n_ranks, "{strategy:?}");
+            assert_eq!(s.hotplug.is_some(), *has_hotplug, "{strategy:?}");
+            assert_eq!(s.untracked, *untracked, "{strategy:?}");
+            seen.insert(format!("{:?}", strategy.kind()), ());
+        }
+        assert_eq!(seen.len(), 4, "every strategy is covered");
+    }
+
+    #[test]
+    fn a_passthrough_vf_without_ranks_suspends_nobody() {
+        let s = Strategy::PassthroughHotplug {
+            ranks: vec![],
+            hotplug: hotplug(),
+        };
+        let steps = Steps::of(&s);
+        assert!(steps.ranks.is_empty());
+        assert_eq!(steps.hotplug.map(|h| h.device_id.as_str()), Some("vf0"));
+    }
+
+    /// A QEMU that answers every command from `answer` (by name) and records the names.
+    /// `answer` returns the reply and the events to send after it.
+    fn fake_qemu(
+        answer: impl Fn(&str) -> (serde_json::Value, Vec<serde_json::Value>) + Send + 'static,
+    ) -> (QmpClient, Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            let mut out = theirs.try_clone().unwrap();
+            let mut send = |v: serde_json::Value| {
+                let _ = writeln!(out, "{v}");
+            };
+            send(serde_json::json!({"QMP": {"version": {"qemu":
+                {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}));
+            for line in BufReader::new(theirs).lines() {
+                let Ok(line) = line else { return };
+                let cmd: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let name = cmd["execute"].as_str().unwrap_or_default().to_string();
+                let (reply, events) = match name.as_str() {
+                    "qmp_capabilities" => (serde_json::json!({}), vec![]),
+                    other => {
+                        log.lock().unwrap().push(other.to_string());
+                        answer(other)
+                    }
+                };
+                send(serde_json::json!({"return": reply, "id": cmd["id"]}));
+                for e in events {
+                    send(e);
+                }
+            }
+        });
+        let client = QmpClient::over(ours, Duration::from_secs(5)).unwrap();
+        (client, seen)
+    }
+
+    fn source_qemu() -> (QmpClient, Arc<std::sync::Mutex<Vec<String>>>) {
+        fake_qemu(|cmd| match cmd {
+            "query-migrate" => (
+                serde_json::json!({"status": "completed", "total-time": 120, "downtime": 7,
+                    "ram": {"transferred": 4096, "total": 8192, "remaining": 0}}),
+                vec![],
+            ),
+            "query-status" => (
+                serde_json::json!({"status": "postmigrate", "running": false}),
+                vec![],
+            ),
+            "device_del" => (
+                serde_json::json!({}),
+                vec![
+                    serde_json::json!({"event": "DEVICE_DELETED", "data": {"device": "vf0"},
+                    "timestamp": {"seconds": 0, "microseconds": 0}}),
+                ],
+            ),
+            _ => (serde_json::json!({}), vec![]),
+        })
+    }
+
+    fn destination_qemu() -> (QmpClient, Arc<std::sync::Mutex<Vec<String>>>) {
+        fake_qemu(|cmd| match cmd {
+            "query-status" => (
+                serde_json::json!({"status": "paused", "running": false}),
+                vec![],
+            ),
+            "query-pci" => (
+                serde_json::json!([{"bus": 0, "devices": [{"bus": 1, "slot": 0, "function": 0,
+                    "qdev_id": "vf0", "regions": [{"bar": 0, "type": "memory",
+                    "address": 4_261_412_864u64, "size": 4096}]}]}]),
+                vec![],
+            ),
+            _ => (serde_json::json!({}), vec![]),
+        })
+    }
+
+    fn phases(summary: &MigrationSummary) -> Vec<Phase> {
+        summary.timeline.iter().map(|s| s.phase).collect()
+    }
+
+    #[test]
+    fn a_transparent_migration_runs_the_common_steps_only() {
+        let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let summary = migrate(&src, &dst, &opts, &mut Quiet).unwrap();
+        assert_eq!(
+            phases(&summary),
+            [
+                Phase::PrepareDestination,
+                Phase::Precopy,
+                Phase::Switchover,
+                Phase::DestinationUp,
+                Phase::Done
+            ]
         );
-        Some(Self { bar })
-    }
-}
-
-impl Observer for TerminalProgress {
-    fn phase(&mut self, phase: Phase) {
-        self.bar.set_message(format!("{phase:?}"));
-        if phase == Phase::Done {
-            self.bar.finish();
-        }
+        assert!(summary.destination_resumed);
+        assert_eq!((summary.total_ms, summary.downtime_ms), (120, 7));
+        assert!(summary.hotplug.is_none() && summary.vf_takeover.is_none());
+        let src_seen = src_seen.lock().unwrap().clone();
+        assert!(!src_seen.iter().any(|c| c == "device_del"), "{src_seen:?}");
+        let dst_seen = dst_seen.lock().unwrap().clone();
+        assert!(dst_seen.contains(&"cont".to_string()), "{dst_seen:?}");
     }
 
-    fn sample(&mut self, info: &MigrationInfo) {
-        if let Some(ram) = &info.ram {
-            let total = ram.total.unwrap_or(0);
-            let remaining = ram.remaining.unwrap_or(total);
-            self.bar.set_length(total);
-            self.bar.set_position(total.saturating_sub(remaining));
-        }
+    #[test]
+    fn a_passthrough_vf_is_unplugged_before_precopy_and_plugged_in_after() {
+        let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            strategy: Strategy::PassthroughHotplug {
+                ranks: vec![],
+                hotplug: hotplug(),
+            },
+            ..Default::default()
+        };
+        let summary = migrate(&src, &dst, &opts, &mut Quiet).unwrap();
+        assert_eq!(
+            phases(&summary),
+            [
+                Phase::PrepareDestination,
+                Phase::Detach,
+                Phase::Precopy,
+                Phase::Switchover,
+                Phase::DestinationUp,
+                Phase::Attach,
+                Phase::Done
+            ]
+        );
+        let times = summary.hotplug.expect("hotplug times");
+        assert_eq!(times.destination_address.as_deref(), Some("01:00.0"));
+        let src_seen = src_seen.lock().unwrap().clone();
+        let del = src_seen.iter().position(|c| c == "device_del").unwrap();
+        let mig = src_seen.iter().position(|c| c == "migrate").unwrap();
+        assert!(del < mig, "{src_seen:?}");
+        let dst_seen = dst_seen.lock().unwrap().clone();
+        let cont = dst_seen.iter().position(|c| c == "cont").unwrap();
+        let add = dst_seen.iter().position(|c| c == "device_add").unwrap();
+        assert!(cont < add, "{dst_seen:?}");
+    }
+
+    #[test]
+    fn unsafe_no_tracking_without_a_companion_is_refused_before_anything_happens() {
+        let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            strategy: Strategy::UnsafeNoTracking,
+            ..Default::default()
+        };
+        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::NoCompanion), "{e:?}");
+        assert!(e.to_string().contains("--src-control"), "{e}");
+        assert!(src_seen.lock().unwrap().is_empty());
+        assert!(dst_seen.lock().unwrap().is_empty());
     }
 }

@@ -2,6 +2,9 @@
 //!
 //! - [`launch`]: a VM's companion, then a stock QEMU wired to it, in one run directory;
 //! - [`migrate`]: the migration state machine, in one file, top to bottom;
+//! - [`options`], [`strategy`], [`summary`], [`migrate_error`], [`progress`]: what it is
+//!   given (the operator's settings, the strategy with what it needs), what it returns (phases
+//!   and summary, or an error that says how the source was left), and who watches it;
 //! - [`plan`]: several migrations at once, each VM to its own destination;
 //! - [`hotplug`]: unplugging and plugging a passthrough VF (`passthrough-hotplug`).
 //!
@@ -10,4 +13,11 @@
 pub mod hotplug;
 pub mod launch;
 pub mod migrate;
+pub mod migrate_error;
+pub mod options;
 pub mod plan;
+pub mod progress;
+pub mod strategy;
+pub mod summary;
+
+pub use strategy::{Strategy, StrategyKind};

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use vfmig::lab::demo::{DemoOptions, Strategy};
+use vfmig::lab::demo::DemoOptions;
 use vfmig::orchestrator::launch::GuestImage;
+use vfmig::orchestrator::StrategyKind as Strategy;
 
 /// The machine has two cores: VMs of different tests must not compete for them.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -69,18 +70,11 @@ impl Drop for RunDir {
 pub fn demo_options(strategy: Strategy, run_dir: &RunDir) -> DemoOptions {
     DemoOptions {
         strategy,
-        mem_mib: 512,
-        rate: 4000,
-        record_size: 256,
-        max_bandwidth: Some(64 << 20),
-        downtime_limit_ms: None,
-        keep_paused: false,
-        run_dir: run_dir.path.clone(),
-        accel: "tcg".into(),
-        image: image(),
-        vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
-        lead_time: Duration::from_millis(500),
         timeout: Duration::from_secs(300),
-        trace: None,
+        ..DemoOptions::new(
+            run_dir.path.clone(),
+            image(),
+            PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
+        )
     }
 }

@@ -1,0 +1,68 @@
+//! `vfmig companion`: the per-VM companion process.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use vfmig::companion::{self, CompanionConfig};
+use vfmig::vf::soft::ClusterMap;
+
+use super::init_logging;
+
+/// The arguments of `vfmig companion`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The VM's name, for logs and status.
+    #[arg(long)]
+    pub name: String,
+    /// vhost-user socket to listen on; QEMU's `-chardev socket,path=…` connects to it.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Control socket (JSON lines, mode 0600) for the orchestrator.
+    #[arg(long)]
+    pub control: PathBuf,
+    /// Start with dirty tracking of device writes OFF. Loses writes during a migration:
+    /// only for the negative control that proves the checks can fail.
+    #[arg(long)]
+    pub unsafe_no_tracking: bool,
+    /// Run the soft VF, listening for peer companions on this address (`host:port`).
+    #[arg(long)]
+    pub fabric_listen: Option<String>,
+    /// Cluster file: `{"vms": {"NAME": "host:port", ...}}`, the fabric address of every VM.
+    #[arg(long)]
+    pub cluster: Option<PathBuf>,
+    /// Own this SR-IOV VF, bound to vfio-pci (PCI address `0000:00:02.1` or `00:02.1`):
+    /// guest RAM is mapped into its IOMMU domain at IOVA = GPA, it is quiesced at
+    /// switchover, and its dirty pages go into QEMU's log. The companion exits with the
+    /// reason if the VF cannot be opened (check it first with `vfmig vf check BDF`).
+    #[arg(long, value_name = "BDF")]
+    pub vfio: Option<String>,
+}
+
+/// Runs the companion until it is told to quit.
+pub fn run(args: Args) -> Result<()> {
+    let Args {
+        name,
+        socket,
+        control,
+        unsafe_no_tracking,
+        fabric_listen,
+        cluster,
+        vfio,
+    } = args;
+    init_logging("info");
+    let cluster = match cluster {
+        Some(path) => ClusterMap::load(&path).map_err(anyhow::Error::msg)?,
+        None => ClusterMap::default(),
+    };
+    companion::run(CompanionConfig {
+        name,
+        socket,
+        control,
+        unsafe_no_tracking,
+        fabric_listen,
+        cluster,
+        vfio,
+    })?;
+    Ok(())
+}

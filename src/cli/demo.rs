@@ -1,0 +1,216 @@
+//! `vfmig demo`: the main job on this machine, or, with `--workload`, an MPI-style job across
+//! VMs with one of them migrated midway. The last line is JSON.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use vfmig::lab::demo::{self, DemoOptions};
+use vfmig::lab::scenario::{self, ScenarioOptions, Workload};
+use vfmig::orchestrator::migrate::with_progress;
+use vfmig::orchestrator::StrategyKind;
+use vfmig::trace::TraceRecorder;
+
+use super::{image, init_logging, run_dir_or_temp, vfmig_bin};
+
+/// The arguments of `vfmig demo`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// `transparent` (device writes logged into QEMU's dirty log) or `unsafe-no-tracking`
+    /// (the negative control: the same load, no logging; must report lost writes). With
+    /// --workload also `cooperative` (ranks suspend for the whole migration) and
+    /// `passthrough-hotplug` (ranks suspend; an emulated PCIe NIC standing in for a
+    /// vfio-pci VF is unplugged before precopy and plugged in at the destination).
+    #[arg(long, value_enum, default_value = "transparent")]
+    pub strategy: StrategyKind,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub mem_mib: u64,
+    /// Device writes per second of the traffic generator.
+    #[arg(long, default_value_t = 4000)]
+    pub rate: u64,
+    /// Bytes per device write (one record per 4 KiB page; 64 to 4096).
+    #[arg(long, default_value_t = 256)]
+    pub record_size: u32,
+    /// QEMU `max-bandwidth`, bytes/s: lower keeps precopy open longer.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_bandwidth: u64,
+    /// QEMU `downtime-limit`, ms.
+    #[arg(long)]
+    pub downtime_limit: Option<u64>,
+    /// Leave the destination paused and compare every page of both RAM images by hash.
+    #[arg(long)]
+    pub keep_paused: bool,
+    /// Where to put the VMs' run directories (default: a fresh temporary directory).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// QEMU accelerator.
+    #[arg(long, default_value = "tcg")]
+    pub accel: String,
+    /// Seconds the generator runs before the migration starts.
+    #[arg(long, default_value_t = 0.5)]
+    pub lead_time: f64,
+    /// Run an MPI-style job across VMs on soft VFs instead of the generator, and migrate
+    /// VM `a` midway: `lu-lite` (compared with a run without migration), `rdma-bw` (every
+    /// byte sent must arrive; --n is the message size) or `rdma-lat`.
+    #[arg(long, value_enum)]
+    pub workload: Option<Workload>,
+    /// VMs of the job, each on its own test host (network namespace).
+    #[arg(long, default_value_t = 3)]
+    pub vms: usize,
+    /// lu-lite grid size.
+    #[arg(long, default_value_t = 256)]
+    pub n: u32,
+    /// lu-lite iterations.
+    #[arg(long, default_value_t = 1500)]
+    pub iters: u32,
+    /// Migrate once rank `a` has done this many iterations.
+    #[arg(long, default_value_t = 300)]
+    pub migrate_at: u32,
+    /// Write the migration's timeline to FILE (Chrome trace-event JSON).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+}
+
+/// Runs the demo, or the scenario with `--workload`, and prints its report.
+pub fn run(args: Args) -> Result<()> {
+    init_logging("vfmig=info,warn");
+    let recorder = args.trace.as_ref().map(|_| Arc::new(TraceRecorder::new()));
+    match args.workload {
+        Some(workload) => run_scenario(workload, args, recorder),
+        None => run_generator(args, recorder),
+    }
+}
+
+/// Writes the timeline, with `meta`, when `--trace` asked for one.
+fn write_trace(
+    trace: &Option<PathBuf>,
+    recorder: &Option<Arc<TraceRecorder>>,
+    meta: &[(&str, serde_json::Value)],
+) -> Result<()> {
+    if let (Some(path), Some(rec)) = (trace, recorder) {
+        for (k, v) in meta {
+            rec.set_meta(k, v.clone());
+        }
+        rec.write(path)?;
+        eprintln!("demo: timeline written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--workload`: the job on `--vms` VMs, VM `a` migrated midway, compared with a run without
+/// migration.
+fn run_scenario(
+    workload: Workload,
+    args: Args,
+    recorder: Option<Arc<TraceRecorder>>,
+) -> Result<()> {
+    let strategy = args.strategy;
+    let opts = ScenarioOptions {
+        workload,
+        vms: args.vms.max(2),
+        strategy: Some(strategy),
+        mem_mib: args.mem_mib.min(512),
+        n: args.n,
+        iters: args.iters,
+        migrate_at: args.migrate_at,
+        max_bandwidth: Some(args.max_bandwidth),
+        run_dir: run_dir_or_temp(args.run_dir)?,
+        accel: args.accel,
+        image: image(None, None)?,
+        vfmig_bin: vfmig_bin()?,
+        timeout: Duration::from_secs(900),
+        fault: None,
+        trace: recorder.clone(),
+    };
+    let report = with_progress(|observer| scenario::run_compared(&opts, observer))?;
+    write_trace(
+        &args.trace,
+        &recorder,
+        &[
+            ("strategy", serde_json::json!(strategy)),
+            ("vm", serde_json::json!("a")),
+            ("downtime_ms", serde_json::json!(report.downtime_ms)),
+        ],
+    )?;
+    eprintln!(
+        "demo: {:?} on {} VMs, `a` migrated ({:?}): checksums match: {}; lost ops {}, \
+         duplicate ops {}; blackout {:.1} ms; migration {} ms, downtime {} ms",
+        report.workload,
+        report.vms,
+        strategy,
+        report.checksum_match,
+        report.lost_ops,
+        report.duplicate_ops,
+        report.blackout_ms,
+        report.total_ms,
+        report.downtime_ms
+    );
+    if let Some(h) = report.migration.as_ref().and_then(|m| m.hotplug.as_ref()) {
+        eprintln!(
+            "demo: the VF was unplugged in {:.1} ms and plugged in at the destination \
+             ({}) in {:.1} ms",
+            h.detach_ms,
+            h.destination_address.as_deref().unwrap_or("?"),
+            h.attach_ms
+        );
+    }
+    eprintln!("demo: run directories kept in {}", opts.run_dir.display());
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// No workload: the traffic generator writes guest RAM through one migration, and the
+/// destination is checked for every write.
+fn run_generator(args: Args, recorder: Option<Arc<TraceRecorder>>) -> Result<()> {
+    let strategy = args.strategy;
+    if matches!(
+        strategy,
+        StrategyKind::Cooperative | StrategyKind::PassthroughHotplug
+    ) {
+        bail!(
+            "--strategy {strategy:?} suspends a job's ranks: the generator demo has none. \
+             Add --workload lu-lite"
+        );
+    }
+    let run_dir = run_dir_or_temp(args.run_dir)?;
+    let opts = DemoOptions {
+        strategy,
+        mem_mib: args.mem_mib,
+        rate: args.rate,
+        record_size: args.record_size,
+        max_bandwidth: Some(args.max_bandwidth),
+        downtime_limit_ms: args.downtime_limit,
+        keep_paused: args.keep_paused,
+        accel: args.accel,
+        lead_time: Duration::from_secs_f64(args.lead_time),
+        trace: recorder.clone(),
+        ..DemoOptions::new(run_dir.clone(), image(None, None)?, vfmig_bin()?)
+    };
+    let report = with_progress(|observer| demo::run(&opts, observer))?;
+    write_trace(
+        &args.trace,
+        &recorder,
+        &[
+            ("strategy", serde_json::json!(strategy)),
+            ("vm", serde_json::json!("source")),
+            ("downtime_ms", serde_json::json!(report.downtime_ms)),
+        ],
+    )?;
+    eprintln!(
+        "demo: strategy {:?}: {} device writes on {} distinct pages during the migration; \
+         {} lost at the destination (checked through the {}); migration {} ms, downtime {} ms",
+        report.strategy,
+        report.device_writes,
+        report.device_dirty_pages,
+        report.lost_writes,
+        report.verified_through,
+        report.total_ms,
+        report.downtime_ms
+    );
+    eprintln!("demo: run directories kept in {}", run_dir.display());
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
