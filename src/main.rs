@@ -441,7 +441,7 @@ fn main() -> Result<()> {
         } => {
             init_logging("info");
             let cluster = match cluster {
-                Some(path) => ClusterMap::load(&path).map_err(anyhow::Error::msg)?,
+                Some(path) => ClusterMap::load(&path)?,
                 None => ClusterMap::default(),
             };
             companion::run(CompanionConfig {

@@ -27,10 +27,11 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::memory::guest_ram;
 use crate::memory::DmaEngine;
+use crate::vf::soft::{self, SoftVf};
 use crate::vf::vfio::{VfioVf, VfioVfError};
-use crate::vf::{self, soft::SoftVf};
+use crate::vf::VfBackend;
 use control::{Handler, Request, MAX_READ};
-use device::DeviceSide;
+use device::Device;
 use generator::{Generator, GeneratorStatus};
 use guest_link::GuestLink;
 use vhost_net::NetBackend;
@@ -39,17 +40,32 @@ use vhost_net::NetBackend;
 #[derive(Debug, thiserror::Error)]
 pub enum CompanionError {
     /// The vhost-user socket could not be set up.
-    #[error("VM {vm}: cannot listen on vhost-user socket {path}: {reason}")]
+    #[error("VM {vm}: cannot listen on vhost-user socket {path}")]
     Listen {
         /// The VM's name.
         vm: String,
         /// The socket.
         path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vhost-user backend's private socket could not be set up.
+    #[error(
+        "VM {vm}: cannot listen on the backend socket {path}; check that its directory is \
+         writable"
+    )]
+    BackendSocket {
+        /// The VM's name.
+        vm: String,
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vhost::vhost_user::Error,
     },
     /// The control socket could not be set up.
-    #[error("VM {vm}: cannot serve control socket {path}: {source}")]
+    #[error("VM {vm}: cannot serve control socket {path}")]
     Control {
         /// The VM's name.
         vm: String,
@@ -60,7 +76,7 @@ pub enum CompanionError {
         source: std::io::Error,
     },
     /// The soft VF's fabric could not listen.
-    #[error("VM {vm}: the soft VF cannot listen on {addr}: {source}")]
+    #[error("VM {vm}: the soft VF cannot listen on {addr}; check that the address is free")]
     Fabric {
         /// The VM's name.
         vm: String,
@@ -71,14 +87,35 @@ pub enum CompanionError {
         source: std::io::Error,
     },
     /// The VFIO VF could not be opened.
-    #[error("VM {vm}: cannot own the VFIO VF {bdf}: {error}")]
+    #[error("VM {vm}: cannot own the VFIO VF {bdf}")]
     Vfio {
         /// The VM's name.
         vm: String,
         /// The VF's PCI address.
         bdf: String,
-        /// Why (in the message, so not repeated as a cause).
-        error: Box<VfioVfError>,
+        /// Why.
+        #[source]
+        source: Box<VfioVfError>,
+    },
+    /// Both a soft VF and a VFIO VF were asked for.
+    #[error(
+        "VM {vm}: the companion owns one VF: give either --vfio (a VF bound to vfio-pci) or \
+         --fabric-listen (the soft VF), not both"
+    )]
+    TwoVfs {
+        /// The VM's name.
+        vm: String,
+    },
+    /// A thread of the companion could not start.
+    #[error("VM {vm}: cannot start {what}; the process may be out of threads or memory")]
+    Thread {
+        /// The VM's name.
+        vm: String,
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The vhost-user daemon failed.
     #[error("VM {vm}: vhost-user backend failed: {reason}")]
@@ -104,7 +141,7 @@ pub struct CompanionConfig {
     /// Where the soft VF listens for peers (`host:port`); none: no fabric.
     pub fabric_listen: Option<String>,
     /// VM name → fabric address of every VM (the cluster file).
-    pub cluster: vf::soft::ClusterMap,
+    pub cluster: soft::ClusterMap,
     /// PCI address of a VF bound to vfio-pci that the companion owns; none: no VFIO VF.
     pub vfio: Option<String>,
 }
@@ -114,9 +151,8 @@ struct Companion {
     name: String,
     dma: Arc<DmaEngine>,
     net: NetBackend,
-    vf: Option<SoftVf>,
-    /// The VFIO VF's device side (`--vfio`).
-    device: Option<Arc<DeviceSide>>,
+    /// The VF, whichever the backend (or none).
+    device: Arc<Device>,
     guest: Arc<GuestLink>,
     generator: Mutex<Option<Generator>>,
     vhost_connected: AtomicBool,
@@ -143,7 +179,7 @@ impl Companion {
             "gate": self.dma.gate_state(),
             "tracking": self.dma.tracking(),
             "vhost_messages": *self.vhost_messages.lock().unwrap_or_else(|e| e.into_inner()),
-            "vfio": self.device.as_ref().map(|d| d.status()),
+            "vfio": self.device.vfio_status(),
         })
     }
 
@@ -161,7 +197,7 @@ impl Companion {
             "quiesced": gate.quiesced,
             "tracking": self.dma.tracking(),
             "generator": self.generator_status(),
-            "soft_vf": self.vf.as_ref().map(SoftVf::stats),
+            "soft_vf": self.device.fabric_stats(),
             "guest_link": self.guest.stats(),
         })
     }
@@ -218,37 +254,16 @@ impl Handler for Companion {
                 self.dma.write(gpa, &bytes).map_err(|e| e.to_string())?;
                 Ok(json!({ "written": bytes.len() }))
             }
-            Request::VfExport => {
-                let vf = self
-                    .vf
-                    .as_ref()
-                    .ok_or("this companion has no soft VF (--fabric-listen)")?;
-                let state = vf.export_state().map_err(|e| e.to_string())?;
-                let rx: Vec<String> = self
-                    .guest
-                    .take_waiting()
-                    .iter()
-                    .map(|f| control::to_hex(f))
-                    .collect();
-                Ok(json!({ "vf": state, "rx_frames": rx }))
-            }
-            Request::VfImport {
-                vf: state,
-                rx_frames,
-            } => {
-                let vf = self
-                    .vf
-                    .as_ref()
-                    .ok_or("this companion has no soft VF (--fabric-listen)")?;
-                let frames = rx_frames
-                    .iter()
-                    .map(|h| control::from_hex(h))
-                    .collect::<Result<Vec<_>, _>>()?;
-                vf.import_state(state).map_err(|e| e.to_string())?;
-                self.guest.restore_waiting(frames);
-                let reached = vf.announce();
-                Ok(json!({ "announced_to": reached }))
-            }
+            Request::VfExport => self
+                .device
+                .export(&self.guest)
+                .map(|r| json!(r))
+                .map_err(|e| e.to_string()),
+            Request::VfImport { vf, rx_frames } => self
+                .device
+                .import(&self.guest, vf, &rx_frames)
+                .map(|r| json!(r))
+                .map_err(|e| e.to_string()),
             Request::SendEvent { event } => {
                 let e = match event {
                     control::GuestEvent::Suspend => vfmig_proto::Event::Suspend,
@@ -264,9 +279,7 @@ impl Handler for Companion {
             Request::Quit => {
                 self.quit.store(true, Ordering::SeqCst);
                 tracing::info!("quit requested on the control socket");
-                if let Some(device) = &self.device {
-                    device.release();
-                }
+                self.device.release();
                 // Exit from a helper thread after the reply has gone out.
                 std::thread::spawn(|| {
                     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -278,6 +291,44 @@ impl Handler for Companion {
     }
 }
 
+/// The companion's one VF, from either backend: a VF bound to vfio-pci (`--vfio`, owned
+/// before anything else, so that a VF that cannot be used stops the companion at once with the
+/// reason), or the soft VF (`--fabric-listen`); none without either.
+fn vf_backend(
+    config: &CompanionConfig,
+    dma: &Arc<DmaEngine>,
+) -> Result<Option<VfBackend>, CompanionError> {
+    match (&config.vfio, &config.fabric_listen) {
+        (Some(_), Some(_)) => Err(CompanionError::TwoVfs {
+            vm: config.name.clone(),
+        }),
+        (Some(bdf), None) => {
+            let vfio = VfioVf::open(bdf).map_err(|source| CompanionError::Vfio {
+                vm: config.name.clone(),
+                bdf: bdf.clone(),
+                source: Box::new(source),
+            })?;
+            Ok(Some(vfio.into_backend()))
+        }
+        (None, Some(addr)) => {
+            let vf = SoftVf::start(
+                &config.name,
+                dma.clone(),
+                addr,
+                config.cluster.clone(),
+                soft::FabricTiming::default(),
+            )
+            .map_err(|source| CompanionError::Fabric {
+                vm: config.name.clone(),
+                addr: addr.clone(),
+                source,
+            })?;
+            Ok(Some(vf.backend()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// Runs a companion until QEMU has disconnected for good or `quit` arrives.
 pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     let ram = guest_ram::empty();
@@ -285,55 +336,25 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     if config.unsafe_no_tracking {
         dma.set_tracking(false);
     }
-    // Own the VFIO VF before anything else, so that a VF that cannot be used stops the
-    // companion at once with the reason.
-    let device = match &config.vfio {
-        Some(bdf) => {
-            let vfio = VfioVf::open(bdf).map_err(|source| CompanionError::Vfio {
-                vm: config.name.clone(),
-                bdf: bdf.clone(),
-                error: Box::new(source),
-            })?;
-            let side = DeviceSide::new(Box::new(vfio), dma.clone());
-            side.start_sync_thread(device::SYNC_PERIOD)
-                .map_err(|e| CompanionError::Daemon {
-                    vm: config.name.clone(),
-                    reason: format!("cannot start the VF dirty-sync thread: {e}"),
-                })?;
-            Some(side)
-        }
-        None => None,
-    };
-    let vf = match &config.fabric_listen {
-        Some(addr) => Some(
-            SoftVf::start(
-                &config.name,
-                dma.clone(),
-                addr,
-                config.cluster.clone(),
-                vf::soft::FabricTiming::default(),
-            )
-            .map_err(|e| CompanionError::Fabric {
-                vm: config.name.clone(),
-                addr: addr.clone(),
-                source: e,
-            })?,
-        ),
-        None => None,
-    };
-    let guest = GuestLink::new(vf.clone(), dma.clone()).map_err(|e| CompanionError::Daemon {
-        vm: config.name.clone(),
-        reason: format!("cannot set up the guest link: {e}"),
-    })?;
-    let mut net = NetBackend::new(dma.clone(), guest.clone());
-    if let Some(side) = &device {
-        net = net.with_device(side.clone());
-    }
+    let device = Device::new(vf_backend(&config, &dma)?, dma.clone());
+    device
+        .start_sync_thread(device::SYNC_PERIOD)
+        .map_err(|source| CompanionError::Thread {
+            vm: config.name.clone(),
+            what: "the VF dirty-sync thread",
+            source,
+        })?;
+    let guest =
+        GuestLink::new(device.verbs(), dma.clone()).map_err(|source| CompanionError::Thread {
+            vm: config.name.clone(),
+            what: "the guest link's completion pump",
+            source,
+        })?;
+    let net = NetBackend::new(dma.clone(), guest.clone(), device.clone());
     let companion = Arc::new(Companion {
         name: config.name.clone(),
         dma,
         net: net.clone(),
-        vf,
         device: device.clone(),
         guest: guest.clone(),
         generator: Mutex::new(None),
@@ -351,17 +372,22 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
 
     // QEMU connects to the public socket; the backend crate listens on a private one behind
     // the message filter (see `vhost_filter`).
-    let listen_err = |reason: String| CompanionError::Listen {
+    let listen_err = |source: std::io::Error| CompanionError::Listen {
         vm: config.name.clone(),
         path: config.socket.clone(),
-        reason,
+        source,
     };
     let mut backend_path = config.socket.clone().into_os_string();
     backend_path.push(".backend");
     let backend_path = PathBuf::from(backend_path);
-    let mut listener = Listener::new(&backend_path, true).map_err(|e| listen_err(e.to_string()))?;
+    let mut listener =
+        Listener::new(&backend_path, true).map_err(|source| CompanionError::BackendSocket {
+            vm: config.name.clone(),
+            path: backend_path.clone(),
+            source,
+        })?;
     let _ = std::fs::remove_file(&config.socket);
-    let public = UnixListener::bind(&config.socket).map_err(|e| listen_err(e.to_string()))?;
+    let public = UnixListener::bind(&config.socket).map_err(listen_err)?;
     let mut daemon =
         VhostUserDaemon::new(format!("vfmig-{}", config.name), net, ram).map_err(|e| {
             CompanionError::Daemon {
@@ -392,9 +418,8 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     // shut down), keep the control socket up so that the guest RAM last mapped can still be
     // verified, and accept a new connection if one comes.
     loop {
-        let (qemu, _) = public.accept().map_err(|e| listen_err(e.to_string()))?;
-        let to_backend =
-            UnixStream::connect(&backend_path).map_err(|e| listen_err(e.to_string()))?;
+        let (qemu, _) = public.accept().map_err(listen_err)?;
+        let to_backend = UnixStream::connect(&backend_path).map_err(listen_err)?;
         daemon
             .start(&mut listener)
             .map_err(|e| CompanionError::Daemon {
@@ -412,9 +437,10 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
                     net.quiesce("SET_VRING_ENABLE 0", queue)
                 })
             })
-            .map_err(|e| CompanionError::Daemon {
+            .map_err(|source| CompanionError::Thread {
                 vm: config.name.clone(),
-                reason: format!("cannot start the vhost-user filter thread: {e}"),
+                what: "the vhost-user filter thread",
+                source,
             })?;
         let result = daemon.wait();
         match filter.join() {
@@ -428,9 +454,7 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
             Err(e) => tracing::warn!(error = %e, "QEMU connection ended with an error"),
         }
         if companion.quit.load(Ordering::SeqCst) {
-            if let Some(side) = &device {
-                side.release();
-            }
+            device.release();
             return Ok(());
         }
     }

@@ -13,7 +13,6 @@ use super::bench::median;
 use crate::memory::DmaEngine;
 use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
 use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status};
-use crate::vf::Vf;
 
 const RAM: usize = 96 << 20;
 const BUF_GPA: u64 = 16 << 20;

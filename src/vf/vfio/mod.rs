@@ -16,6 +16,7 @@ pub mod config;
 pub(crate) mod device;
 pub mod dirty;
 pub mod mapping;
+mod seam;
 pub mod sysfs;
 
 use std::path::PathBuf;
