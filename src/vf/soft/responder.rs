@@ -239,7 +239,9 @@ fn finish(inner: &Inner, req: &Request) -> Outcome {
 fn dma_pieces(inner: &Inner, pieces: &[GpaRange], payload: &[u8]) -> Option<Result<(), ()>> {
     let mut at = 0usize;
     for p in pieces {
-        let chunk = &payload[at..at + p.len as usize];
+        let Some(chunk) = payload.get(at..at.saturating_add(p.len as usize)) else {
+            return Some(Err(())); // the pieces are longer than the data: refuse, never panic
+        };
         loop {
             match inner.dma.write(p.gpa, chunk) {
                 Ok(()) => break,
