@@ -21,13 +21,13 @@ pub const MAX_PAYLOAD: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The connection failed or closed.
-    #[error("fabric connection: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     /// The frame breaks the protocol.
     #[error("malformed fabric frame: {0}")]
     Malformed(String),
     /// The frame ends before its fields do.
-    #[error("malformed fabric frame")]
+    #[error(transparent)]
     Truncated(#[from] Truncated),
     /// The peer speaks another version of the fabric protocol.
     #[error(
