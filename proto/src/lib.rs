@@ -444,66 +444,146 @@ pub fn encode(f: &Frame) -> Vec<u8> {
     w.0
 }
 
-struct R<'a> {
-    b: &'a [u8],
+/// A read past the end of a byte buffer: the frame is shorter than its fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncated {
+    /// Offset of the field that did not fit.
+    pub at: usize,
+    /// Bytes the field needs.
+    pub wanted: usize,
+    /// Bytes that were left.
+    pub left: usize,
+}
+
+impl std::fmt::Display for Truncated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "frame shorter than its fields: {} bytes wanted at offset {}, {} left",
+            self.wanted, self.at, self.left
+        )
+    }
+}
+
+impl std::error::Error for Truncated {}
+
+impl From<Truncated> for FrameError {
+    fn from(_: Truncated) -> Self {
+        FrameError::Truncated
+    }
+}
+
+/// A cursor over received bytes: little-endian integers and byte runs, each read either whole
+/// or refused with [`Truncated`]; it never panics. The one reader of both the guest frames and
+/// the companions' fabric frames.
+#[derive(Debug, Clone)]
+pub struct ByteReader<'a> {
+    bytes: &'a [u8],
     at: usize,
 }
 
-impl<'a> R<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
-        let end = self.at.checked_add(n).ok_or(FrameError::Truncated)?;
-        let s = self.b.get(self.at..end).ok_or(FrameError::Truncated)?;
+impl<'a> ByteReader<'a> {
+    /// A reader at the start of `bytes`.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, at: 0 }
+    }
+
+    /// A reader at `offset` into `bytes` (past a header read otherwise).
+    pub fn at(bytes: &'a [u8], offset: usize) -> Self {
+        Self { bytes, at: offset }
+    }
+
+    /// The offset of the next byte to read.
+    pub fn position(&self) -> usize {
+        self.at
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.bytes.len().saturating_sub(self.at)
+    }
+
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], Truncated> {
+        let short = Truncated {
+            at: self.at,
+            wanted: n,
+            left: self.remaining(),
+        };
+        let end = self.at.checked_add(n).ok_or(short)?;
+        let s = self.bytes.get(self.at..end).ok_or(short)?;
         self.at = end;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, FrameError> {
-        Ok(self.take(1)?[0])
+
+    /// The next `N` bytes as an array.
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Truncated> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.bytes(N)?);
+        Ok(a)
     }
-    fn u16(&mut self) -> Result<u16, FrameError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+
+    /// Everything not read yet.
+    pub fn rest(&mut self) -> &'a [u8] {
+        let s = self.bytes.get(self.at..).unwrap_or(&[]);
+        self.at = self.at.max(self.bytes.len());
+        s
     }
-    fn u32(&mut self) -> Result<u32, FrameError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+
+    /// One byte.
+    pub fn u8(&mut self) -> Result<u8, Truncated> {
+        Ok(self.array::<1>()?[0])
     }
-    fn u64(&mut self) -> Result<u64, FrameError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
+
+    /// A little-endian `u16`.
+    pub fn u16(&mut self) -> Result<u16, Truncated> {
+        self.array().map(u16::from_le_bytes)
     }
-    fn imm(&mut self) -> Result<Option<u32>, FrameError> {
-        let has = self.u8()?;
-        let v = self.u32()?;
-        match has {
-            0 => Ok(None),
-            1 => Ok(Some(v)),
-            x => Err(FrameError::Unknown("immediate flag", x.into())),
-        }
+
+    /// A little-endian `u32`.
+    pub fn u32(&mut self) -> Result<u32, Truncated> {
+        self.array().map(u32::from_le_bytes)
     }
-    fn sge(&mut self) -> Result<Sge, FrameError> {
-        Ok(Sge {
-            addr: self.u64()?,
-            len: self.u32()?,
-            lkey: self.u32()?,
-        })
+
+    /// A little-endian `u64`.
+    pub fn u64(&mut self) -> Result<u64, Truncated> {
+        self.array().map(u64::from_le_bytes)
     }
-    fn str(&mut self, max: usize) -> Result<String, FrameError> {
-        let n = self.u8()? as usize;
-        if n > max {
-            return Err(FrameError::BadName);
-        }
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| FrameError::BadName)
+}
+
+fn read_imm(r: &mut ByteReader<'_>) -> Result<Option<u32>, FrameError> {
+    let has = r.u8()?;
+    let v = r.u32()?;
+    match has {
+        0 => Ok(None),
+        1 => Ok(Some(v)),
+        x => Err(FrameError::Unknown("immediate flag", x.into())),
     }
-    fn event(&mut self) -> Result<Event, FrameError> {
-        Ok(match self.u8()? {
-            1 => Event::Suspend,
-            2 => Event::Resume,
-            3 => Event::Migrated,
-            x => return Err(FrameError::Unknown("event", x.into())),
-        })
+}
+
+fn read_sge(r: &mut ByteReader<'_>) -> Result<Sge, FrameError> {
+    Ok(Sge {
+        addr: r.u64()?,
+        len: r.u32()?,
+        lkey: r.u32()?,
+    })
+}
+
+fn read_str(r: &mut ByteReader<'_>, max: usize) -> Result<String, FrameError> {
+    let n = r.u8()? as usize;
+    if n > max {
+        return Err(FrameError::BadName);
     }
+    String::from_utf8(r.bytes(n)?.to_vec()).map_err(|_| FrameError::BadName)
+}
+
+fn read_event(r: &mut ByteReader<'_>) -> Result<Event, FrameError> {
+    Ok(match r.u8()? {
+        1 => Event::Suspend,
+        2 => Event::Resume,
+        3 => Event::Migrated,
+        x => return Err(FrameError::Unknown("event", x.into())),
+    })
 }
 
 /// Decodes a frame (Ethernet header included). Padding after the body is allowed only up to
@@ -516,7 +596,7 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
     let mut src = [0u8; 6];
     dst.copy_from_slice(&bytes[0..6]);
     src.copy_from_slice(&bytes[6..12]);
-    let mut r = R { b: bytes, at: 14 };
+    let mut r = ByteReader::at(bytes, 14);
     if r.u16()? != MAGIC || r.u8()? != VERSION {
         return Err(FrameError::BadHeader);
     }
@@ -549,17 +629,17 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
         K_CONNECT_QP => {
             let qp = r.u32()?;
             let peer_qp = r.u32()?;
-            let peer = r.str(64)?;
+            let peer = read_str(&mut r, 64)?;
             Message::ConnectQp { qp, peer, peer_qp }
         }
         K_POST_SEND => {
             let qp = r.u32()?;
             let wr_id = r.u64()?;
-            let sge = r.sge()?;
+            let sge = read_sge(&mut r)?;
             let op = r.u8()?;
             let remote_addr = r.u64()?;
             let rkey = r.u32()?;
-            let imm = r.imm()?;
+            let imm = read_imm(&mut r)?;
             let op = match op {
                 0 => SendOp::Write {
                     remote_addr,
@@ -574,13 +654,15 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
         K_POST_RECV => Message::PostRecv {
             qp: r.u32()?,
             wr_id: r.u64()?,
-            sge: r.sge()?,
+            sge: read_sge(&mut r)?,
         },
-        K_EVENT_ACK => Message::EventAck { event: r.event()? },
+        K_EVENT_ACK => Message::EventAck {
+            event: read_event(&mut r)?,
+        },
         K_REPLY => Message::Reply {
             status: r.u32()?,
             value: r.u64()?,
-            error: r.str(255)?,
+            error: read_str(&mut r, 255)?,
         },
         K_COMPLETIONS => {
             let n = r.u16()? as usize;
@@ -595,16 +677,17 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
                     opcode: Opcode::from_u8(r.u8()?)?,
                     status: Status::from_u8(r.u8()?)?,
                     byte_len: r.u32()?,
-                    imm: r.imm()?,
+                    imm: read_imm(&mut r)?,
                 });
             }
             Message::Completions(cs)
         }
-        K_EVENT => Message::Event(r.event()?),
+        K_EVENT => Message::Event(read_event(&mut r)?),
         k => return Err(FrameError::Unknown("kind", k.into())),
     };
     // Anything after the body must be Ethernet padding: zeros, up to 60 bytes in all.
-    if r.at < bytes.len() && (bytes.len() > 60 || bytes[r.at..].iter().any(|&b| b != 0)) {
+    let at = r.position();
+    if at < bytes.len() && (bytes.len() > 60 || bytes[at..].iter().any(|&b| b != 0)) {
         return Err(FrameError::Trailing);
     }
     Ok(Frame { dst, src, seq, msg })
@@ -726,5 +809,30 @@ mod tests {
             b[i] = b[i].wrapping_add(0x41);
             let _ = decode(&b);
         }
+    }
+
+    #[test]
+    fn the_byte_reader_reads_little_endian_and_refuses_short_reads() {
+        let b = [1u8, 2, 0, 3, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 9, 9];
+        let mut r = ByteReader::new(&b);
+        assert_eq!(r.u8(), Ok(1));
+        assert_eq!(r.u16(), Ok(2));
+        assert_eq!(r.u32(), Ok(3));
+        assert_eq!(r.u64(), Ok(4));
+        assert_eq!(r.remaining(), 2);
+        assert_eq!(
+            r.u32(),
+            Err(Truncated {
+                at: 15,
+                wanted: 4,
+                left: 2
+            })
+        );
+        assert_eq!(r.position(), 15, "a refused read consumes nothing");
+        assert_eq!(r.bytes(usize::MAX).unwrap_err().left, 2);
+        assert_eq!(r.rest(), &[9, 9]);
+        assert_eq!(r.rest(), &[] as &[u8]);
+        assert_eq!(ByteReader::at(&b, 99).u8().unwrap_err().left, 0);
+        assert_eq!(FrameError::from(r.u8().unwrap_err()), FrameError::Truncated);
     }
 }

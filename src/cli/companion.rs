@@ -52,7 +52,7 @@ pub fn run(args: Args) -> Result<()> {
     } = args;
     init_logging("info");
     let cluster = match cluster {
-        Some(path) => ClusterMap::load(&path).map_err(anyhow::Error::msg)?,
+        Some(path) => ClusterMap::load(&path)?,
         None => ClusterMap::default(),
     };
     companion::run(CompanionConfig {

@@ -1,24 +1,36 @@
-//! The companion's hold on a VF's device side ([`VfDevice`]), for a VFIO VF (`--vfio BDF`).
-//!
-//! A VFIO VF writes guest RAM by DMA, behind both QEMU and the [`DmaEngine`]. So the companion:
-//! - maps each new vhost-user memory table into the VF's IOMMU domain at IOVA = GPA;
-//! - while a migration runs (QEMU asked for the log and the log is installed), feeds the VF's
-//!   dirty pages into QEMU's log every [`SYNC_PERIOD`], through the engine's
-//!   [`DmaEngine::mark_dirty`];
-//! - at switchover, inside `GET_VRING_BASE` before the reply, quiesces the VF and syncs once
-//!   more, so that QEMU's final log sync sees the VF's last writes;
-//! - releases it on exit.
+//! The companion's one handle on its VF, whichever the backend ([`VfBackend`]): the soft VF
+//! (`--fabric-listen`) or a VF bound to vfio-pci (`--vfio BDF`). Everything the companion does
+//! with the VF goes through it:
+//! - the guest link gets its verbs ([`Device::verbs`]);
+//! - each new vhost-user memory table is mapped into the device at IOVA = GPA (a no-op for the
+//!   soft VF, whose DMA engine reads the table itself);
+//! - while a migration runs (QEMU asked for the log and the log is installed), a device that
+//!   writes guest RAM behind the [`DmaEngine`] has its dirty pages fed into QEMU's log every
+//!   [`SYNC_PERIOD`], through the engine's [`DmaEngine::mark_dirty`];
+//! - at switchover, inside `GET_VRING_BASE` before the reply, [`Device::quiesce`] is the one
+//!   quiesce path: it stops the VF's DMA (the soft VF: the engine's gate closes and writes in
+//!   flight land; a VFIO VF: bus master off, then its last dirty pages are logged), then closes
+//!   the engine's gate for the companion's own writes;
+//! - the VF's state moves to the destination ([`Device::export`], [`Device::import`]);
+//! - it is released on exit.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use serde::Serialize;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
+use super::control::{self, HexError, VfExportReply, VfImportReply};
+use super::guest_link::GuestLink;
 use crate::memory::guest_ram::GuestRamMmap;
 use crate::memory::DmaEngine;
-use crate::vf::{DeviceStatus, MapChange, MappedRegion, QuiesceReport, VfDevice};
+use crate::vf::soft::{SoftVf, SoftVfStats, StateError, VfState};
+use crate::vf::{
+    BackendKind, DeviceStatus, DirtyTracking, MapChange, MappedRegion, QuiesceReport, Vf,
+    VfBackend, VfDevice, VfPersist,
+};
 
 /// How often the VF's dirty pages are fed into QEMU's log during precopy.
 pub const SYNC_PERIOD: Duration = Duration::from_millis(100);
@@ -42,6 +54,29 @@ pub struct DeviceSideStatus {
     pub last_error: Option<String>,
 }
 
+/// Why the VF's state could not move.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The companion has no VF.
+    #[error("this companion has no soft VF (--fabric-listen)")]
+    NoVf,
+    /// The VF refused to export or import its state.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A waiting frame of an import is not hex.
+    #[error(
+        "waiting frame #{index} of the imported VF state is not hex; pass the frames as \
+         vf_export gave them"
+    )]
+    FrameHex {
+        /// Which frame.
+        index: usize,
+        /// What is wrong with it.
+        #[source]
+        source: HexError,
+    },
+}
+
 #[derive(Default)]
 struct Record {
     last_quiesce: Option<QuiesceReport>,
@@ -49,11 +84,15 @@ struct Record {
     last_error: Option<String>,
 }
 
-/// A VF's device side, shared by the vhost-user handlers, the sync thread and the control
-/// socket.
-pub struct DeviceSide {
-    dev: Mutex<Box<dyn VfDevice>>,
+/// The companion's VF, shared by the vhost-user handlers, the sync thread, the guest link and
+/// the control socket. Without a VF it still holds the engine's gate.
+pub struct Device {
     dma: Arc<DmaEngine>,
+    kind: Option<BackendKind>,
+    dev: Option<Mutex<Box<dyn VfDevice>>>,
+    verbs: Option<Arc<dyn Vf>>,
+    persist: Option<Arc<dyn VfPersist>>,
+    fabric: Option<SoftVf>,
     record: Mutex<Record>,
     syncs: AtomicU64,
     pages_synced: AtomicU64,
@@ -61,16 +100,27 @@ pub struct DeviceSide {
     released: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl DeviceSide {
-    /// Holds `dev`, whose writes are logged through `dma`'s guest memory.
-    pub fn new(dev: Box<dyn VfDevice>, dma: Arc<DmaEngine>) -> Arc<Self> {
+impl Device {
+    /// Holds `backend` (none: the companion has no VF), whose writes are logged through
+    /// `dma`'s guest memory.
+    pub fn new(backend: Option<VfBackend>, dma: Arc<DmaEngine>) -> Arc<Self> {
+        let (kind, dev, verbs, persist, fabric) = match backend {
+            Some(b) => (
+                Some(b.kind),
+                Some(Mutex::new(b.device)),
+                Some(b.verbs),
+                Some(b.persist),
+                b.fabric,
+            ),
+            None => (None, None, None, None, None),
+        };
         Arc::new(Self {
-            dev: Mutex::new(dev),
             dma,
+            kind,
+            dev,
+            verbs,
+            persist,
+            fabric,
             record: Mutex::new(Record::default()),
             syncs: AtomicU64::new(0),
             pages_synced: AtomicU64::new(0),
@@ -79,21 +129,40 @@ impl DeviceSide {
         })
     }
 
+    /// The VF's verbs, for the guest link; `None` without a VF.
+    pub fn verbs(&self) -> Option<Arc<dyn Vf>> {
+        self.verbs.clone()
+    }
+
+    /// The device side, unless there is none or it was released.
+    fn device(&self) -> Option<&Mutex<Box<dyn VfDevice>>> {
+        if self.released.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.dev.as_ref()
+    }
+
+    /// Whether the device writes guest RAM behind the engine, so that its dirty pages must be
+    /// fed into QEMU's log (the soft VF's engine logs its writes itself).
+    fn writes_behind_the_engine(&self) -> bool {
+        self.dev
+            .as_ref()
+            .is_some_and(|d| d.lock().dirty_tracking() != DirtyTracking::DmaEngine)
+    }
+
     fn error(&self, what: &str, e: impl std::fmt::Display) {
         let msg = format!("{what}: {e}");
         tracing::error!("VF device: {msg}");
-        lock(&self.record).last_error = Some(msg);
+        self.record.lock().last_error = Some(msg);
     }
 
     /// Maps the memory table `mem` into the device at IOVA = GPA (unmapping what changed).
     pub fn on_memory_table(&self, mem: &Arc<GuestRamMmap>) {
-        if self.released.load(Ordering::SeqCst) {
-            return;
-        }
+        let Some(dev) = self.device() else { return };
         let regions = MappedRegion::from_guest_ram(mem);
-        let result = lock(&self.dev).map_guest_ram(&regions);
+        let result = dev.lock().map_guest_ram(&regions);
         match result {
-            Ok(change) => lock(&self.record).last_map = Some(change),
+            Ok(change) => self.record.lock().last_map = Some(change),
             Err(e) => self.error(
                 &format!(
                     "mapping the new guest RAM table ({} regions) into the VF",
@@ -121,12 +190,13 @@ impl DeviceSide {
     /// Feeds the pages the device dirtied since the last sync into QEMU's log, if a migration
     /// runs with the log installed. Returns the pages reported, or `None` if no sync ran.
     pub fn sync_into_log(&self, why: &str) -> Option<u64> {
-        if self.released.load(Ordering::SeqCst) || !self.migrating_with_log() {
+        let dev = self.device()?;
+        if !self.migrating_with_log() {
             return None;
         }
         let mut unlogged = 0u64;
         let dma = &self.dma;
-        let result = lock(&self.dev).sync_dirty(&mut |gpa, len| {
+        let result = dev.lock().sync_dirty(&mut |gpa, len| {
             unlogged += dma.mark_dirty(gpa, len);
         });
         match result {
@@ -151,58 +221,114 @@ impl DeviceSide {
         }
     }
 
-    /// Quiesces the device, then syncs its last dirty pages into QEMU's log: call before the
-    /// reply to `GET_VRING_BASE`.
-    pub fn quiesce(&self, message: &str) {
-        if self.released.load(Ordering::SeqCst) {
-            return;
+    /// The switchover quiesce, the one path for every backend; call it before the reply to
+    /// `GET_VRING_BASE`. When it returns, the VF's DMA has stopped, every write that landed is
+    /// marked in QEMU's log, and the engine's gate is closed. Idempotent: returns how long it
+    /// took, or `None` if the engine was quiesced already.
+    pub fn quiesce(&self, message: &str) -> Option<Duration> {
+        if self.dma.gate_state().quiesced {
+            return None;
         }
-        let result = lock(&self.dev).quiesce();
-        match result {
-            Ok(report) => {
-                tracing::info!(
-                    waited_us = report.waited_us,
-                    "{message}: VFIO VF quiesced: {}",
-                    report.detail
-                );
-                lock(&self.record).last_quiesce = Some(report);
+        let started = Instant::now();
+        // The VF's own DMA first: stop it, then log what it wrote, before the reply.
+        if let Some(dev) = self.device() {
+            let result = dev.lock().quiesce();
+            match result {
+                Ok(report) => {
+                    tracing::info!(
+                        waited_us = report.waited_us,
+                        "{message}: VF quiesced: {}",
+                        report.detail
+                    );
+                    self.record.lock().last_quiesce = Some(report);
+                }
+                Err(e) => self.error(&format!("quiescing the VF at {message}"), e),
             }
-            Err(e) => self.error(&format!("quiescing the VF at {message}"), e),
+            if self.writes_behind_the_engine() {
+                if let Some(pages) = self.sync_into_log(message) {
+                    tracing::info!(
+                        pages,
+                        "{message}: VF's last dirty pages logged before the reply"
+                    );
+                }
+            }
         }
-        if let Some(pages) = self.sync_into_log(message) {
-            tracing::info!(
-                pages,
-                "{message}: VF's last dirty pages logged before the reply"
-            );
-        }
+        // Then the companion's own writes through the engine (rings, the traffic generator).
+        self.dma.quiesce();
+        Some(started.elapsed())
     }
 
-    /// Lets the device DMA again (QEMU restarted the device after a quiesce).
+    /// Lets the VF and the engine work again (QEMU restarted the device after a quiesce: the
+    /// migration failed or was cancelled).
     pub fn resume(&self) {
-        if self.released.load(Ordering::SeqCst) {
-            return;
-        }
-        let result = lock(&self.dev).resume();
+        self.dma.resume();
+        let Some(dev) = self.device() else { return };
+        let result = dev.lock().resume();
         if let Err(e) = result {
             self.error("resuming the VF", e);
         }
     }
 
-    /// Releases the device (idempotent). Later calls of the other methods do nothing.
+    /// Takes the VF's state for the destination, with the frames that wait for the guest
+    /// (the guest link's pump is stopped meanwhile). The VF must be quiesced.
+    pub fn export(&self, guest: &GuestLink) -> Result<VfExportReply, DeviceError> {
+        let persist = self.persist.as_ref().ok_or(DeviceError::NoVf)?;
+        let vf = persist.export_state()?;
+        let rx_frames = guest
+            .take_waiting()
+            .iter()
+            .map(|f| control::to_hex(f))
+            .collect();
+        Ok(VfExportReply { vf, rx_frames })
+    }
+
+    /// Takes over a migrated VM's VF state and the frames that waited for its guest, then
+    /// tells the VF's peers where the VM now lives.
+    pub fn import(
+        &self,
+        guest: &GuestLink,
+        state: VfState,
+        rx_frames: &[String],
+    ) -> Result<VfImportReply, DeviceError> {
+        let persist = self.persist.as_ref().ok_or(DeviceError::NoVf)?;
+        let frames = rx_frames
+            .iter()
+            .enumerate()
+            .map(|(index, h)| {
+                control::from_hex(h).map_err(|source| DeviceError::FrameHex { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        persist.import_state(state)?;
+        guest.restore_waiting(frames);
+        Ok(VfImportReply {
+            announced_to: persist.announce(),
+        })
+    }
+
+    /// Releases the device (idempotent). Later calls of the other methods leave it alone.
     pub fn release(&self) {
+        let Some(dev) = self.dev.as_ref() else { return };
         if self.released.swap(true, Ordering::SeqCst) {
             return;
         }
-        let result = lock(&self.dev).release();
+        let result = dev.lock().release();
         if let Err(e) = result {
             self.error("releasing the VF", e);
         }
     }
 
-    /// The device side's state.
-    pub fn status(&self) -> DeviceSideStatus {
-        let device = lock(&self.dev).status();
-        let r = lock(&self.record);
+    /// The device side's state, for `status`: a VFIO VF's only (`None` for the soft VF, whose
+    /// counters are [`Device::fabric_stats`], and without a VF).
+    pub fn vfio_status(&self) -> Option<DeviceSideStatus> {
+        if self.kind != Some(BackendKind::Vfio) {
+            return None;
+        }
+        self.dev.as_ref().map(|dev| self.status_of(dev))
+    }
+
+    fn status_of(&self, dev: &Mutex<Box<dyn VfDevice>>) -> DeviceSideStatus {
+        let device = dev.lock().status();
+        let r = self.record.lock();
         DeviceSideStatus {
             device,
             syncs: self.syncs.load(Ordering::Relaxed),
@@ -214,9 +340,18 @@ impl DeviceSide {
         }
     }
 
+    /// The soft VF's fabric counters; `None` for other backends and without a VF.
+    pub fn fabric_stats(&self) -> Option<SoftVfStats> {
+        self.fabric.as_ref().map(SoftVf::stats)
+    }
+
     /// Starts the thread that syncs the device's dirty pages into QEMU's log every `period`
-    /// while a migration runs and the device is not quiesced. It ends on release.
+    /// while a migration runs and the device is not quiesced, if the device writes guest RAM
+    /// behind the engine. It ends on release.
     pub fn start_sync_thread(self: &Arc<Self>, period: Duration) -> std::io::Result<()> {
+        if !self.writes_behind_the_engine() {
+            return Ok(());
+        }
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name("vfmig-vf-dirty-sync".into())
@@ -239,6 +374,27 @@ mod tests {
     use crate::vf::{DirtyTracking, ResetReport, VfDeviceError};
     use vhost_user_backend::bitmap::BitmapReplace;
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
+        m.lock()
+    }
+
+    /// A handle on a VFIO-like device side alone (no verbs, no state).
+    fn device_handle(dev: Box<dyn VfDevice>, dma: Arc<DmaEngine>) -> Arc<Device> {
+        Arc::new(Device {
+            dma,
+            kind: Some(BackendKind::Vfio),
+            dev: Some(Mutex::new(dev)),
+            verbs: None,
+            persist: None,
+            fabric: None,
+            record: Mutex::new(Record::default()),
+            syncs: AtomicU64::new(0),
+            pages_synced: AtomicU64::new(0),
+            unlogged_bytes: AtomicU64::new(0),
+            released: AtomicBool::new(false),
+        })
+    }
 
     /// A device that dirties the pages it is told to, and records calls.
     #[derive(Default)]
@@ -297,7 +453,7 @@ mod tests {
     }
 
     fn setup() -> (
-        Arc<DeviceSide>,
+        Arc<Device>,
         Arc<DmaEngine>,
         FakeDevice,
         crate::memory::guest_ram::GuestRam,
@@ -311,12 +467,7 @@ mod tests {
             calls: fake.calls.clone(),
             dirty: fake.dirty.clone(),
         };
-        (
-            DeviceSide::new(Box::new(fake), dma.clone()),
-            dma,
-            handle,
-            ram,
-        )
+        (device_handle(Box::new(fake), dma.clone()), dma, handle, ram)
     }
 
     #[test]
@@ -338,7 +489,7 @@ mod tests {
         }
         assert_eq!(side.sync_into_log("test"), Some(1));
         assert!(log.is_set(0x1000) && log.count_set() == 1);
-        assert_eq!(side.status().pages_synced, 1);
+        assert_eq!(side.vfio_status().unwrap().pages_synced, 1);
     }
 
     #[test]
@@ -363,8 +514,77 @@ mod tests {
             *lock(&dev.calls),
             vec!["map 1", "quiesce", "sync", "resume", "release"]
         );
-        let st = side.status();
+        let st = side.vfio_status().unwrap();
         assert!(st.last_quiesce.is_some());
         assert_eq!(st.last_map.unwrap().mapped, vec![(0, 1 << 20)]);
+    }
+
+    fn soft_handle(vm: &str) -> (Arc<Device>, Arc<DmaEngine>, Arc<GuestLink>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dma = Arc::new(DmaEngine::new(GuestMemoryAtomic::new(mem)));
+        dma.adopt_memory();
+        let vf = SoftVf::start(
+            vm,
+            dma.clone(),
+            "127.0.0.1:0",
+            Default::default(),
+            Default::default(),
+        )
+        .unwrap();
+        let device = Device::new(Some(vf.backend()), dma.clone());
+        let guest = GuestLink::new(device.verbs(), dma.clone()).unwrap();
+        (device, dma, guest)
+    }
+
+    #[test]
+    fn the_soft_vf_quiesces_and_moves_through_the_one_handle() {
+        let (src, src_dma, src_guest) = soft_handle("m");
+        assert!(src.vfio_status().is_none(), "status shows a VFIO VF only");
+        assert!(src.fabric_stats().is_some());
+        let verbs = src.verbs().unwrap();
+        let qp = verbs.create_qp().unwrap();
+        assert!(matches!(
+            src.export(&src_guest),
+            Err(DeviceError::State(StateError::NotQuiesced(_)))
+        ));
+        let waited = src.quiesce("GET_VRING_BASE");
+        assert!(waited.is_some());
+        assert!(src_dma.gate_state().quiesced, "the engine's gate is closed");
+        assert_eq!(
+            src_dma.write(0, &[1]).unwrap_err(),
+            crate::memory::DmaError::Quiesced
+        );
+        assert_eq!(src.quiesce("GET_VRING_BASE"), None, "once per switchover");
+        let exported = src.export(&src_guest).unwrap();
+        assert_eq!(exported.vf.qps.len(), 1);
+
+        let (dst, _, dst_guest) = soft_handle("m");
+        let json = serde_json::to_value(&exported).unwrap();
+        assert!(json["vf"].is_object() && json["rx_frames"].is_array());
+        let bad = [String::from("zz")];
+        assert!(matches!(
+            dst.import(&dst_guest, exported.vf.clone(), &bad),
+            Err(DeviceError::FrameHex { index: 0, .. })
+        ));
+        let imported = dst.import(&dst_guest, exported.vf, &[]).unwrap();
+        assert!(imported.announced_to.is_empty(), "no peers in the cluster");
+        assert!(dst.verbs().unwrap().connect_qp(qp, "nobody", 1).is_err());
+        src.resume();
+        assert!(!src_dma.gate_state().quiesced);
+        src.release();
+        dst.release();
+    }
+
+    #[test]
+    fn without_a_vf_the_handle_still_closes_the_engine_gate() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dma = Arc::new(DmaEngine::new(GuestMemoryAtomic::new(mem)));
+        let device = Device::new(None, dma.clone());
+        assert!(device.verbs().is_none());
+        assert!(device.quiesce("GET_VRING_BASE").is_some());
+        assert!(dma.gate_state().quiesced);
+        let guest = GuestLink::new(None, dma.clone()).unwrap();
+        assert!(matches!(device.export(&guest), Err(DeviceError::NoVf)));
+        device.release();
     }
 }

@@ -13,15 +13,15 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use vfmig_proto as proto;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::DmaEngine;
-use crate::vf::soft::SoftVf;
-use crate::vf::verbs::{self, Access, GpaRange, RecvWr, SendWr};
+use crate::vf::verbs::{Access, GpaRange, RecvWr, SendWr, VerbsError};
 use crate::vf::Vf;
 
 /// Counters of the guest link.
@@ -55,7 +55,7 @@ struct Counters {
 
 /// The guest's end of the VF.
 pub struct GuestLink {
-    vf: Option<SoftVf>,
+    vf: Option<Arc<dyn Vf>>,
     dma: Arc<DmaEngine>,
     rx: Mutex<VecDeque<Vec<u8>>>,
     /// Written when frames are queued; the vring worker then fills the receive queue.
@@ -67,13 +67,10 @@ pub struct GuestLink {
     pump: Mutex<()>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl GuestLink {
-    /// A guest link to `vf` (none: the companion has no fabric; commands get an error reply).
-    pub fn new(vf: Option<SoftVf>, dma: Arc<DmaEngine>) -> std::io::Result<Arc<Self>> {
+    /// A guest link to the verbs of `vf` (none: the companion has no VF; commands get an
+    /// error reply).
+    pub fn new(vf: Option<Arc<dyn Vf>>, dma: Arc<DmaEngine>) -> std::io::Result<Arc<Self>> {
         let link = Arc::new(Self {
             vf,
             dma,
@@ -100,7 +97,7 @@ impl GuestLink {
             other_frames: c.other.load(Ordering::Relaxed),
             malformed_frames: c.malformed.load(Ordering::Relaxed),
             frames_to_guest: c.to_guest.load(Ordering::Relaxed),
-            frames_waiting: lock(&self.rx).len() as u64,
+            frames_waiting: self.rx.lock().len() as u64,
             suspend_acks: c.suspend_acks.load(Ordering::Relaxed),
             resume_acks: c.resume_acks.load(Ordering::Relaxed),
         }
@@ -114,8 +111,16 @@ impl GuestLink {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            let _pump = lock(&self.pump);
-            let cs = vf.wait_cq(proto::MAX_COMPLETIONS, Duration::from_millis(50));
+            let _pump = self.pump.lock();
+            let cs = match vf.wait_cq(proto::MAX_COMPLETIONS, Duration::from_millis(50)) {
+                Ok(cs) => cs,
+                Err(e) => {
+                    // A VF whose completions are not the companion's (a VFIO VF's are in the
+                    // HCA's queues): nothing to pump.
+                    tracing::info!(reason = %e, "no completions to forward to the guest");
+                    return;
+                }
+            };
             if cs.is_empty() {
                 continue;
             }
@@ -127,12 +132,12 @@ impl GuestLink {
     /// Queues a frame for the guest.
     pub fn queue(&self, seq: u32, msg: proto::Message) {
         let frame = proto::encode(&proto::Frame {
-            dst: *lock(&self.guest_mac),
+            dst: *self.guest_mac.lock(),
             src: proto::COMPANION_MAC,
             seq,
             msg,
         });
-        lock(&self.rx).push_back(frame);
+        self.rx.lock().push_back(frame);
         let _ = self.rx_event.write(1);
     }
 
@@ -141,12 +146,12 @@ impl GuestLink {
         if self.dma.gate_state().quiesced {
             return None;
         }
-        lock(&self.rx).pop_front()
+        self.rx.lock().pop_front()
     }
 
     /// Puts back a frame that found no receive buffer.
     pub fn put_back(&self, frame: Vec<u8>) {
-        lock(&self.rx).push_front(frame);
+        self.rx.lock().push_front(frame);
     }
 
     /// Counts a frame written into the guest's receive queue.
@@ -156,13 +161,13 @@ impl GuestLink {
 
     /// Frames waiting for the guest, taken for a migration (with the pump stopped).
     pub fn take_waiting(&self) -> Vec<Vec<u8>> {
-        let _pump = lock(&self.pump);
-        lock(&self.rx).drain(..).collect()
+        let _pump = self.pump.lock();
+        self.rx.lock().drain(..).collect()
     }
 
     /// Queues frames that waited at the source.
     pub fn restore_waiting(&self, frames: Vec<Vec<u8>>) {
-        let mut rx = lock(&self.rx);
+        let mut rx = self.rx.lock();
         for f in frames.into_iter().rev() {
             rx.push_front(f);
         }
@@ -187,8 +192,8 @@ impl GuestLink {
             }
         };
         self.counters.from_guest.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.guest_mac) = frame.src;
-        let reply = |r: Result<u64, String>| match r {
+        *self.guest_mac.lock() = frame.src;
+        let reply = |r: Result<u64, VerbsError>| match r {
             Ok(value) => proto::Message::Reply {
                 status: 0,
                 value,
@@ -197,7 +202,7 @@ impl GuestLink {
             Err(error) => proto::Message::Reply {
                 status: 1,
                 value: 0,
-                error,
+                error: error.to_string(),
             },
         };
         let Some(vf) = &self.vf else {
@@ -205,16 +210,10 @@ impl GuestLink {
                 frame.msg,
                 proto::Message::PostSend { .. } | proto::Message::PostRecv { .. }
             ) {
-                self.queue(
-                    frame.seq,
-                    reply(Err(
-                        "this companion has no VF fabric (start it with --fabric-listen)".into(),
-                    )),
-                );
+                self.queue(frame.seq, reply(Err(VerbsError::NoVf)));
             }
             return;
         };
-        let e = |e: verbs::VerbsError| e.to_string();
         let answer = match frame.msg {
             proto::Message::Open => Some(Ok(0)),
             proto::Message::RegMr {
@@ -236,13 +235,12 @@ impl GuestLink {
                         remote_write: access & proto::access::REMOTE_WRITE != 0,
                     },
                 )
-                .map(u64::from)
-                .map_err(e),
+                .map(u64::from),
             ),
-            proto::Message::DeregMr { key } => Some(vf.deregister_mr(key).map(|_| 0).map_err(e)),
-            proto::Message::CreateQp => Some(Ok(u64::from(vf.create_qp()))),
+            proto::Message::DeregMr { key } => Some(vf.deregister_mr(key).map(|_| 0)),
+            proto::Message::CreateQp => Some(vf.create_qp().map(u64::from)),
             proto::Message::ConnectQp { qp, peer, peer_qp } => {
-                Some(vf.connect_qp(qp, &peer, peer_qp).map(|_| 0).map_err(e))
+                Some(vf.connect_qp(qp, &peer, peer_qp).map(|_| 0))
             }
             proto::Message::PostSend {
                 qp,
@@ -291,7 +289,7 @@ impl GuestLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vf::soft::{ClusterMap, FabricTiming};
+    use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
@@ -344,7 +342,7 @@ mod tests {
         let a = SoftVf::start("a", da.clone(), "127.0.0.1:0", ClusterMap::default(), t).unwrap();
         let b = SoftVf::start("b", db.clone(), "127.0.0.1:0", ClusterMap::default(), t).unwrap();
         a.set_peer_address("b", b.listen_addr());
-        let link = GuestLink::new(Some(a.clone()), da.clone()).unwrap();
+        let link = GuestLink::new(Some(Arc::new(a.clone())), da.clone()).unwrap();
         // b's side, directly through the verbs: a region and a QP for a.
         let kb = b
             .register_mr(

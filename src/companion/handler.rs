@@ -8,12 +8,12 @@ use vm_memory::GuestAddressSpace;
 use super::control::{
     self, GeneratorStartReply, GeneratorStopReply, GuestEvent, Handler, HexError, LedgerReply,
     QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetTrackingReply, StatsReply,
-    StatusReply, VfExportReply, VfImportReply, WriteReply, MAX_READ,
+    StatusReply, WriteReply, MAX_READ,
 };
+use super::device::DeviceError;
 use super::generator::{self, Generator, GeneratorError, GeneratorStatus, WindowError};
 use super::Companion;
 use crate::memory::{guest_ram, DmaError};
-use crate::vf::soft::{SoftVf, StateError};
 
 /// Why the companion refused a request. The reply's `error` is this message followed by its
 /// causes'.
@@ -49,24 +49,12 @@ pub enum RequestError {
     /// `write` refused by the DMA engine.
     #[error("cannot write guest RAM")]
     Write(#[source] DmaError),
-    /// `vf_export` or `vf_import` to a companion without a soft VF.
-    #[error("this companion has no soft VF (--fabric-listen)")]
-    NoSoftVf,
-    /// The soft VF's state could not be exported.
+    /// The VF's state could not be exported.
     #[error("cannot export the soft VF's state")]
-    VfExport(#[source] StateError),
-    /// A frame of `vf_import`'s `rx_frames` is not hex bytes.
-    #[error("frame {index} of the import's `rx_frames` is not hex bytes")]
-    RxFrameHex {
-        /// The frame's index in `rx_frames`.
-        index: usize,
-        /// Why.
-        #[source]
-        source: HexError,
-    },
-    /// The soft VF's state could not be imported.
+    VfExport(#[source] DeviceError),
+    /// The VF's state could not be imported.
     #[error("cannot import the soft VF's state")]
-    VfImport(#[source] StateError),
+    VfImport(#[source] DeviceError),
 }
 
 impl Companion {
@@ -92,7 +80,7 @@ impl Companion {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
-            vfio: self.device.as_ref().map(|d| d.status()),
+            vfio: self.device.vfio_status(),
         }
     }
 
@@ -110,7 +98,7 @@ impl Companion {
             quiesced: gate.quiesced,
             tracking: self.dma.tracking(),
             generator: self.generator_status(),
-            soft_vf: self.vf.as_ref().map(SoftVf::stats),
+            soft_vf: self.device.fabric_stats(),
             guest_link: self.guest.stats(),
         }
     }
@@ -176,39 +164,16 @@ impl Handler for Companion {
                 }
                 .into())
             }
-            Request::VfExport => {
-                let vf = self.vf.as_ref().ok_or(RequestError::NoSoftVf)?;
-                let state = vf.export_state().map_err(RequestError::VfExport)?;
-                let rx_frames: Vec<String> = self
-                    .guest
-                    .take_waiting()
-                    .iter()
-                    .map(|f| control::to_hex(f))
-                    .collect();
-                Ok(VfExportReply {
-                    vf: state,
-                    rx_frames,
-                }
-                .into())
-            }
-            Request::VfImport {
-                vf: state,
-                rx_frames,
-            } => {
-                let vf = self.vf.as_ref().ok_or(RequestError::NoSoftVf)?;
-                let frames = rx_frames
-                    .iter()
-                    .enumerate()
-                    .map(|(index, h)| {
-                        control::from_hex(h)
-                            .map_err(|source| RequestError::RxFrameHex { index, source })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                vf.import_state(state).map_err(RequestError::VfImport)?;
-                self.guest.restore_waiting(frames);
-                let announced_to = vf.announce();
-                Ok(VfImportReply { announced_to }.into())
-            }
+            Request::VfExport => Ok(self
+                .device
+                .export(&self.guest)
+                .map_err(RequestError::VfExport)?
+                .into()),
+            Request::VfImport { vf, rx_frames } => Ok(self
+                .device
+                .import(&self.guest, vf, &rx_frames)
+                .map_err(RequestError::VfImport)?
+                .into()),
             Request::SendEvent { event } => {
                 let e = match event {
                     GuestEvent::Suspend => vfmig_proto::Event::Suspend,
@@ -224,9 +189,7 @@ impl Handler for Companion {
             Request::Quit => {
                 self.quit.store(true, Ordering::SeqCst);
                 tracing::info!("quit requested on the control socket");
-                if let Some(device) = &self.device {
-                    device.release();
-                }
+                self.device.release();
                 // Exit from a helper thread after the reply has gone out.
                 std::thread::spawn(|| {
                     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -248,12 +211,13 @@ mod tests {
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::super::control::{ControlClient, ControlError};
+    use super::super::device::Device;
     use super::super::generator::{GeneratorConfig, SlotContent, Window};
     use super::super::guest_link::GuestLink;
     use super::super::vhost_net::NetBackend;
     use super::*;
     use crate::memory::DmaEngine;
-    use crate::vf::soft::{ClusterMap, FabricTiming};
+    use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
 
     /// A companion of VM `name` over 1 MiB of guest RAM, with a soft VF on loopback when
     /// `soft_vf`, serving its control socket in `dir`.
@@ -273,13 +237,13 @@ mod tests {
             )
             .unwrap()
         });
-        let guest = GuestLink::new(vf.clone(), dma.clone()).unwrap();
+        let device = Device::new(vf.map(|vf| vf.backend()), dma.clone());
+        let guest = GuestLink::new(device.verbs(), dma.clone()).unwrap();
         let companion = Arc::new(Companion {
             name: name.into(),
             dma: dma.clone(),
-            net: NetBackend::new(dma.clone(), guest.clone()),
-            vf,
-            device: None,
+            net: NetBackend::new(dma.clone(), guest.clone(), device.clone()),
+            device,
             guest,
             generator: Mutex::new(None),
             vhost_connected: AtomicBool::new(false),

@@ -28,9 +28,10 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::memory::guest_ram;
 use crate::memory::DmaEngine;
+use crate::vf::soft::{self, SoftVf};
 use crate::vf::vfio::{VfioVf, VfioVfError};
-use crate::vf::{self, soft::SoftVf};
-use device::DeviceSide;
+use crate::vf::VfBackend;
+use device::Device;
 use generator::Generator;
 use guest_link::GuestLink;
 use vhost_net::NetBackend;
@@ -39,17 +40,32 @@ use vhost_net::NetBackend;
 #[derive(Debug, thiserror::Error)]
 pub enum CompanionError {
     /// The vhost-user socket could not be set up.
-    #[error("VM {vm}: cannot listen on vhost-user socket {path}: {reason}")]
+    #[error("VM {vm}: cannot listen on vhost-user socket {path}")]
     Listen {
         /// The VM's name.
         vm: String,
         /// The socket.
         path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vhost-user backend's private socket could not be set up.
+    #[error(
+        "VM {vm}: cannot listen on the backend socket {path}; check that its directory is \
+         writable"
+    )]
+    BackendSocket {
+        /// The VM's name.
+        vm: String,
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vhost::vhost_user::Error,
     },
     /// The control socket could not be set up.
-    #[error("VM {vm}: cannot serve control socket {path}: {source}")]
+    #[error("VM {vm}: cannot serve control socket {path}")]
     Control {
         /// The VM's name.
         vm: String,
@@ -60,7 +76,7 @@ pub enum CompanionError {
         source: std::io::Error,
     },
     /// The soft VF's fabric could not listen.
-    #[error("VM {vm}: the soft VF cannot listen on {addr}: {source}")]
+    #[error("VM {vm}: the soft VF cannot listen on {addr}; check that the address is free")]
     Fabric {
         /// The VM's name.
         vm: String,
@@ -77,9 +93,29 @@ pub enum CompanionError {
         vm: String,
         /// The VF's PCI address.
         bdf: String,
-        /// Why, with its own causes.
+        /// Why.
         #[source]
-        error: Box<VfioVfError>,
+        source: Box<VfioVfError>,
+    },
+    /// Both a soft VF and a VFIO VF were asked for.
+    #[error(
+        "VM {vm}: the companion owns one VF: give either --vfio (a VF bound to vfio-pci) or \
+         --fabric-listen (the soft VF), not both"
+    )]
+    TwoVfs {
+        /// The VM's name.
+        vm: String,
+    },
+    /// A thread of the companion could not start.
+    #[error("VM {vm}: cannot start {what}; the process may be out of threads or memory")]
+    Thread {
+        /// The VM's name.
+        vm: String,
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The vhost-user daemon failed.
     #[error("VM {vm}: vhost-user backend failed: {reason}")]
@@ -105,7 +141,7 @@ pub struct CompanionConfig {
     /// Where the soft VF listens for peers (`host:port`); none: no fabric.
     pub fabric_listen: Option<String>,
     /// VM name → fabric address of every VM (the cluster file).
-    pub cluster: vf::soft::ClusterMap,
+    pub cluster: soft::ClusterMap,
     /// PCI address of a VF bound to vfio-pci that the companion owns; none: no VFIO VF.
     pub vfio: Option<String>,
 }
@@ -115,14 +151,51 @@ struct Companion {
     name: String,
     dma: Arc<DmaEngine>,
     net: NetBackend,
-    vf: Option<SoftVf>,
-    /// The VFIO VF's device side (`--vfio`).
-    device: Option<Arc<DeviceSide>>,
+    /// The VF, whichever the backend (or none).
+    device: Arc<Device>,
     guest: Arc<GuestLink>,
     generator: Mutex<Option<Generator>>,
     vhost_connected: AtomicBool,
     vhost_messages: vhost_filter::SharedMessageLog,
     quit: AtomicBool,
+}
+
+/// The companion's one VF, from either backend: a VF bound to vfio-pci (`--vfio`, owned
+/// before anything else, so that a VF that cannot be used stops the companion at once with the
+/// reason), or the soft VF (`--fabric-listen`); none without either.
+fn vf_backend(
+    config: &CompanionConfig,
+    dma: &Arc<DmaEngine>,
+) -> Result<Option<VfBackend>, CompanionError> {
+    match (&config.vfio, &config.fabric_listen) {
+        (Some(_), Some(_)) => Err(CompanionError::TwoVfs {
+            vm: config.name.clone(),
+        }),
+        (Some(bdf), None) => {
+            let vfio = VfioVf::open(bdf).map_err(|source| CompanionError::Vfio {
+                vm: config.name.clone(),
+                bdf: bdf.clone(),
+                source: Box::new(source),
+            })?;
+            Ok(Some(vfio.into_backend()))
+        }
+        (None, Some(addr)) => {
+            let vf = SoftVf::start(
+                &config.name,
+                dma.clone(),
+                addr,
+                config.cluster.clone(),
+                soft::FabricTiming::default(),
+            )
+            .map_err(|source| CompanionError::Fabric {
+                vm: config.name.clone(),
+                addr: addr.clone(),
+                source,
+            })?;
+            Ok(Some(vf.backend()))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// Runs a companion until QEMU has disconnected for good or `quit` arrives.
@@ -132,55 +205,25 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     if config.unsafe_no_tracking {
         dma.set_tracking(false);
     }
-    // Own the VFIO VF before anything else, so that a VF that cannot be used stops the
-    // companion at once with the reason.
-    let device = match &config.vfio {
-        Some(bdf) => {
-            let vfio = VfioVf::open(bdf).map_err(|source| CompanionError::Vfio {
-                vm: config.name.clone(),
-                bdf: bdf.clone(),
-                error: Box::new(source),
-            })?;
-            let side = DeviceSide::new(Box::new(vfio), dma.clone());
-            side.start_sync_thread(device::SYNC_PERIOD)
-                .map_err(|e| CompanionError::Daemon {
-                    vm: config.name.clone(),
-                    reason: format!("cannot start the VF dirty-sync thread: {e}"),
-                })?;
-            Some(side)
-        }
-        None => None,
-    };
-    let vf = match &config.fabric_listen {
-        Some(addr) => Some(
-            SoftVf::start(
-                &config.name,
-                dma.clone(),
-                addr,
-                config.cluster.clone(),
-                vf::soft::FabricTiming::default(),
-            )
-            .map_err(|e| CompanionError::Fabric {
-                vm: config.name.clone(),
-                addr: addr.clone(),
-                source: e,
-            })?,
-        ),
-        None => None,
-    };
-    let guest = GuestLink::new(vf.clone(), dma.clone()).map_err(|e| CompanionError::Daemon {
-        vm: config.name.clone(),
-        reason: format!("cannot set up the guest link: {e}"),
-    })?;
-    let mut net = NetBackend::new(dma.clone(), guest.clone());
-    if let Some(side) = &device {
-        net = net.with_device(side.clone());
-    }
+    let device = Device::new(vf_backend(&config, &dma)?, dma.clone());
+    device
+        .start_sync_thread(device::SYNC_PERIOD)
+        .map_err(|source| CompanionError::Thread {
+            vm: config.name.clone(),
+            what: "the VF dirty-sync thread",
+            source,
+        })?;
+    let guest =
+        GuestLink::new(device.verbs(), dma.clone()).map_err(|source| CompanionError::Thread {
+            vm: config.name.clone(),
+            what: "the guest link's completion pump",
+            source,
+        })?;
+    let net = NetBackend::new(dma.clone(), guest.clone(), device.clone());
     let companion = Arc::new(Companion {
         name: config.name.clone(),
         dma,
         net: net.clone(),
-        vf,
         device: device.clone(),
         guest: guest.clone(),
         generator: Mutex::new(None),
@@ -198,17 +241,22 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
 
     // QEMU connects to the public socket; the backend crate listens on a private one behind
     // the message filter (see `vhost_filter`).
-    let listen_err = |reason: String| CompanionError::Listen {
+    let listen_err = |source: std::io::Error| CompanionError::Listen {
         vm: config.name.clone(),
         path: config.socket.clone(),
-        reason,
+        source,
     };
     let mut backend_path = config.socket.clone().into_os_string();
     backend_path.push(".backend");
     let backend_path = PathBuf::from(backend_path);
-    let mut listener = Listener::new(&backend_path, true).map_err(|e| listen_err(e.to_string()))?;
+    let mut listener =
+        Listener::new(&backend_path, true).map_err(|source| CompanionError::BackendSocket {
+            vm: config.name.clone(),
+            path: backend_path.clone(),
+            source,
+        })?;
     let _ = std::fs::remove_file(&config.socket);
-    let public = UnixListener::bind(&config.socket).map_err(|e| listen_err(e.to_string()))?;
+    let public = UnixListener::bind(&config.socket).map_err(listen_err)?;
     let mut daemon =
         VhostUserDaemon::new(format!("vfmig-{}", config.name), net, ram).map_err(|e| {
             CompanionError::Daemon {
@@ -239,9 +287,8 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     // shut down), keep the control socket up so that the guest RAM last mapped can still be
     // verified, and accept a new connection if one comes.
     loop {
-        let (qemu, _) = public.accept().map_err(|e| listen_err(e.to_string()))?;
-        let to_backend =
-            UnixStream::connect(&backend_path).map_err(|e| listen_err(e.to_string()))?;
+        let (qemu, _) = public.accept().map_err(listen_err)?;
+        let to_backend = UnixStream::connect(&backend_path).map_err(listen_err)?;
         daemon
             .start(&mut listener)
             .map_err(|e| CompanionError::Daemon {
@@ -259,9 +306,10 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
                     net.quiesce("SET_VRING_ENABLE 0", queue)
                 })
             })
-            .map_err(|e| CompanionError::Daemon {
+            .map_err(|source| CompanionError::Thread {
                 vm: config.name.clone(),
-                reason: format!("cannot start the vhost-user filter thread: {e}"),
+                what: "the vhost-user filter thread",
+                source,
             })?;
         let result = daemon.wait();
         match filter.join() {
@@ -275,9 +323,7 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
             Err(e) => tracing::warn!(error = %e, "QEMU connection ended with an error"),
         }
         if companion.quit.load(Ordering::SeqCst) {
-            if let Some(side) = &device {
-                side.release();
-            }
+            device.release();
             return Ok(());
         }
     }

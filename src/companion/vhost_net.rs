@@ -25,7 +25,7 @@ use vm_memory::Bytes;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
-use super::device::DeviceSide;
+use super::device::Device;
 use super::guest_link::GuestLink;
 use crate::memory::guest_ram::GuestRam;
 use crate::memory::DmaEngine;
@@ -72,27 +72,22 @@ pub struct NetBackend {
     guest: Arc<GuestLink>,
     event_idx: Arc<AtomicBool>,
     counters: Arc<Counters>,
-    /// A VFIO VF's device side, when the companion owns one (`--vfio`).
-    device: Option<Arc<DeviceSide>>,
+    /// The companion's VF (whichever backend, or none): each memory table is mapped into it,
+    /// and it is quiesced at switchover.
+    device: Arc<Device>,
 }
 
 impl NetBackend {
-    /// A backend whose device writes go through `dma`, and whose vfmig frames go to `guest`.
-    pub fn new(dma: Arc<DmaEngine>, guest: Arc<GuestLink>) -> Self {
+    /// A backend whose device writes go through `dma`, whose vfmig frames go to `guest`, and
+    /// which drives the companion's VF through `device`.
+    pub fn new(dma: Arc<DmaEngine>, guest: Arc<GuestLink>, device: Arc<Device>) -> Self {
         Self {
             dma,
             guest,
             event_idx: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(Counters::default()),
-            device: None,
+            device,
         }
-    }
-
-    /// The same backend, also driving a VF's device side: each memory table is mapped into
-    /// it, and it is quiesced (and its last dirty pages logged) at switchover.
-    pub fn with_device(mut self, device: Arc<DeviceSide>) -> Self {
-        self.device = Some(device);
-        self
     }
 
     /// Counters so far.
@@ -109,12 +104,7 @@ impl NetBackend {
     /// Quiesces the VF at the switchover point, before QEMU gets its reply: when this
     /// returns, every device write that landed is marked in QEMU's log. Idempotent.
     pub fn quiesce(&self, message: &str, queue_index: u32) {
-        if !self.dma.gate_state().quiesced {
-            // The VF's own DMA first: stop it, then log what it wrote, before the reply.
-            if let Some(device) = &self.device {
-                device.quiesce(message);
-            }
-            let waited = self.dma.quiesce();
+        if let Some(waited) = self.device.quiesce(message) {
             self.counters.quiesces.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 queue = queue_index,
@@ -243,10 +233,7 @@ impl VhostUserBackend for NetBackend {
         // SET_FEATURES after a quiesce means QEMU is starting the device again: the source
         // VM runs again (a failed or cancelled migration), so the VF may work again.
         if self.dma.gate_state().quiesced {
-            self.dma.resume();
-            if let Some(device) = &self.device {
-                device.resume();
-            }
+            self.device.resume();
         }
     }
 
@@ -263,9 +250,7 @@ impl VhostUserBackend for NetBackend {
     fn update_memory(&self, mem: GuestRam) -> io::Result<()> {
         self.counters.mem_tables.fetch_add(1, Ordering::Relaxed);
         self.dma.adopt_memory();
-        if let Some(device) = &self.device {
-            device.on_memory_table(&mem.memory().into_inner());
-        }
+        self.device.on_memory_table(&mem.memory().into_inner());
         Ok(())
     }
 

@@ -13,7 +13,6 @@ use super::bench::median;
 use crate::memory::DmaEngine;
 use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
 use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status};
-use crate::vf::Vf;
 
 const RAM: usize = 96 << 20;
 const BUF_GPA: u64 = 16 << 20;
@@ -58,8 +57,7 @@ struct Side {
 
 fn side(name: &str) -> std::io::Result<Side> {
     let ram = GuestMemoryAtomic::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)])
-            .map_err(|e| std::io::Error::other(e.to_string()))?,
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).map_err(std::io::Error::other)?,
     );
     let dma = Arc::new(DmaEngine::new(ram));
     dma.adopt_memory();
@@ -67,7 +65,7 @@ fn side(name: &str) -> std::io::Result<Side> {
     let chunk = vec![0x5au8; 1 << 20];
     for off in (0..BUF_LEN).step_by(chunk.len()) {
         dma.write(BUF_GPA + off, &chunk)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            .map_err(std::io::Error::other)?;
     }
     let vf = SoftVf::start(
         name,
@@ -88,7 +86,7 @@ fn side(name: &str) -> std::io::Result<Side> {
                 remote_write: true,
             },
         )
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        .map_err(std::io::Error::other)?;
     Ok(Side { vf, key })
 }
 
@@ -121,7 +119,7 @@ fn soft_vf_bw(a: &Side, b: &Side, qa: u32, size: u64) -> std::io::Result<f64> {
         while outstanding < DEPTH && posted < ops {
             let off = (posted % slots) * size;
             a.vf.post_send(qa, write(posted, size, off, a.key, b.key, None))
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+                .map_err(std::io::Error::other)?;
             posted += 1;
             outstanding += 1;
         }
@@ -195,7 +193,7 @@ fn tcp_bw(size: u64) -> std::io::Result<f64> {
 }
 
 fn soft_vf_lat(a: &Side, b: &Side, qa: u32, qb: u32, iters: u32) -> std::io::Result<f64> {
-    let io = |e: crate::vf::verbs::VerbsError| std::io::Error::other(e.to_string());
+    let io = |e: crate::vf::verbs::VerbsError| std::io::Error::other(e);
     let recv = |key| RecvWr {
         wr_id: 0,
         sge: Sge {
@@ -268,7 +266,7 @@ pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> std::io::Result<Fab
     a.vf.set_peer_address("bench-b", b.vf.listen_addr());
     b.vf.set_peer_address("bench-a", a.vf.listen_addr());
     let (qa, qb) = (a.vf.create_qp(), b.vf.create_qp());
-    let io = |e: crate::vf::verbs::VerbsError| std::io::Error::other(e.to_string());
+    let io = |e: crate::vf::verbs::VerbsError| std::io::Error::other(e);
     a.vf.connect_qp(qa, "bench-b", qb).map_err(io)?;
     b.vf.connect_qp(qb, "bench-a", qa).map_err(io)?;
     let mut rows = Vec::new();

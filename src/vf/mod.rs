@@ -3,9 +3,18 @@
 //! A VF reaches guest RAM only through [`crate::memory::DmaEngine`] (the soft VF) or through
 //! its IOMMU mappings (a VFIO VF).
 //!
-//! [`VfDevice`] is the lifecycle seam of a VF's device side (map guest RAM, quiesce, reset,
-//! dirty tracking, release), implemented by the soft VF ([`soft::SoftVf`]) and by a real VF
-//! bound to vfio-pci ([`vfio::VfioVf`]).
+//! The seam is three small traits, after cloud-hypervisor's `vm-migration` (`Pausable`,
+//! `Snapshottable`, `Migratable`, with default methods) and firecracker's split of a device
+//! into device, persist and metrics:
+//! - [`Vf`]: the verbs, what the guest link calls;
+//! - [`VfDevice`]: the device side (map guest RAM, quiesce and resume, reset, dirty pages,
+//!   release);
+//! - [`VfPersist`]: what moves with the VM at switchover besides guest RAM; by default
+//!   nothing, said as an error.
+//!
+//! [`VfBackend`] holds one backend through the three: the soft VF ([`soft::SoftVf::backend`])
+//! or a real VF bound to vfio-pci ([`vfio::VfioVf::into_backend`], whose verbs run in the
+//! HCA's own queues and so are refused here with [`VerbsError::ServedByDevice`]).
 
 pub mod soft;
 pub mod verbs;
@@ -19,11 +28,12 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::guest_ram::GuestRamMmap;
 
+use soft::{SoftVf, StateError, VfState};
 use verbs::{Access, Completion, GpaRange, RecvWr, SendWr, VerbsError};
 
-/// The VF backend seam: what the companion asks of a VF, whether the soft VF (a software RDMA
+/// The verbs of a VF: what the guest link asks of it, whether the soft VF (a software RDMA
 /// engine over TCP) or a real VF owned through VFIO. Failed transfers are completions with a
-/// status; errors here are about bad handles.
+/// status; errors here are about bad handles, or verbs the backend does not serve.
 pub trait Vf: Send + Sync {
     /// Registers guest memory: `segments` (guest-physical) appear at `addr` onwards.
     fn register_mr(
@@ -35,7 +45,7 @@ pub trait Vf: Send + Sync {
     /// Drops a region.
     fn deregister_mr(&self, key: u32) -> Result<(), VerbsError>;
     /// A new reliable-connected QP, not yet connected.
-    fn create_qp(&self) -> u32;
+    fn create_qp(&self) -> Result<u32, VerbsError>;
     /// Connects a QP to a peer VM's QP.
     fn connect_qp(&self, qp: u32, peer_vm: &str, peer_qp: u32) -> Result<(), VerbsError>;
     /// Posts a send work request (WRITE, WRITE_WITH_IMM, SEND).
@@ -43,7 +53,68 @@ pub trait Vf: Send + Sync {
     /// Posts a receive work request.
     fn post_recv(&self, qp: u32, wr: RecvWr) -> Result<(), VerbsError>;
     /// Takes up to `max` completions.
-    fn poll_cq(&self, max: usize) -> Vec<Completion>;
+    fn poll_cq(&self, max: usize) -> Result<Vec<Completion>, VerbsError>;
+    /// Waits up to `timeout` for at least one completion, then takes up to `max`.
+    fn wait_cq(&self, max: usize, timeout: Duration) -> Result<Vec<Completion>, VerbsError>;
+}
+
+/// What of a VF moves with the VM at switchover besides guest RAM, as cloud-hypervisor's
+/// `Snapshottable` and `Migratable`. The defaults say that the backend keeps no such state
+/// in the companion.
+pub trait VfPersist: Send + Sync {
+    /// Short name of the device, for messages.
+    fn device_name(&self) -> String;
+    /// Takes the VF's state for the destination; the device must be quiesced.
+    fn export_state(&self) -> Result<VfState, StateError> {
+        Err(StateError::NoState {
+            device: self.device_name(),
+        })
+    }
+    /// Takes over a migrated VM's VF state.
+    fn import_state(&self, state: VfState) -> Result<(), StateError> {
+        let _ = state;
+        Err(StateError::NoState {
+            device: self.device_name(),
+        })
+    }
+    /// Tells the VF's peers that the VM now lives here; returns the peers reached.
+    fn announce(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Which backend a [`VfBackend`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// The soft VF.
+    Soft,
+    /// A real VF bound to vfio-pci.
+    Vfio,
+}
+
+/// One VF backend through the three traits of the seam: built by
+/// [`soft::SoftVf::backend`] or [`vfio::VfioVf::into_backend`].
+pub struct VfBackend {
+    /// Which backend it is.
+    pub kind: BackendKind,
+    /// Its verbs.
+    pub verbs: Arc<dyn Vf>,
+    /// Its device side.
+    pub device: Box<dyn VfDevice>,
+    /// What of it moves at switchover.
+    pub persist: Arc<dyn VfPersist>,
+    /// The soft VF, for its fabric counters; `None` for other backends.
+    pub fabric: Option<SoftVf>,
+}
+
+impl std::fmt::Debug for VfBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfBackend")
+            .field("kind", &self.kind)
+            .field("device", &self.device.name())
+            .finish()
+    }
 }
 
 /// Whatever keeps a [`MappedRegion`]'s host memory mapped while a device maps it.
@@ -231,24 +302,17 @@ pub struct DeviceStatus {
     pub released: bool,
 }
 
-/// Why a VF's device side failed an operation.
+/// Why a VF's device side failed an operation. The soft VF's device side cannot fail (its
+/// device is the DMA engine), so only a VFIO VF's errors appear here.
 #[derive(Debug, thiserror::Error)]
 pub enum VfDeviceError {
     /// The VFIO VF failed.
     #[error(transparent)]
     Vfio(#[from] vfio::VfioVfError),
-    /// The soft VF failed.
-    #[error("soft VF of VM {vm}: {reason}")]
-    Soft {
-        /// The VM.
-        vm: String,
-        /// What happened and what to do.
-        reason: String,
-    },
 }
 
-/// The lifecycle seam of a VF's device side: what the companion asks of any VF, soft or real,
-/// beside the verbs of [`Vf`].
+/// The device side of a VF (cloud-hypervisor's `Pausable` and dirty-log sync): what the
+/// companion asks of any VF, soft or real, beside the verbs of [`Vf`].
 pub trait VfDevice: Send {
     /// Short name: the VM for the soft VF, the PCI address for a VFIO VF.
     fn name(&self) -> String;

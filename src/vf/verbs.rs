@@ -127,6 +127,18 @@ pub enum VerbsError {
     /// The VF is quiesced for a migration.
     #[error("the VF is quiesced for switchover")]
     Quiesced,
+    /// The companion has no VF to serve verbs.
+    #[error("this companion has no VF fabric (start it with --fabric-listen)")]
+    NoVf,
+    /// The verb runs in the device's own queues, not in the companion.
+    #[error(
+        "{device} runs its verbs in the HCA's own queues, driven by the provider library in \
+         the guest (rdma-core); use the guest's verbs library, not the companion's frames"
+    )]
+    ServedByDevice {
+        /// The device (its PCI address).
+        device: String,
+    },
 }
 
 #[cfg(test)]

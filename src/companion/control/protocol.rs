@@ -499,7 +499,7 @@ mod tests {
             (
                 "vf_export",
                 json!({
-                    "vf": {"vm": "a", "mrs": [], "next_key": 1, "qps": [], "next_qp": 1, "cq": []},
+                    "vf": {"version": 1, "vm": "a", "mrs": [], "next_key": 1, "qps": [], "next_qp": 1, "cq": []},
                     "rx_frames": ["00ff"],
                 }),
             ),
@@ -552,6 +552,9 @@ mod tests {
         "vhost_messages.counts.set_mem_table",
         "vhost_messages.last_us.set_mem_table",
         "generator.error",
+        // A state without a version reads as version 0 and is then refused by the importer's
+        // version check, which names both versions.
+        "vf.version",
     ];
 
     /// Every path to an object key in `v`, with a copy of `v` where that key is renamed.

@@ -1,8 +1,15 @@
 //! The soft VF between two VMs in one process: real TCP on loopback, real guest-memory
 //! mappings, the real DMA engine.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use super::*;
-use crate::vf::verbs::Sge;
+use crate::memory::{DmaEngine, DmaError};
+use crate::vf::verbs::{
+    Access, Completion, GpaRange, Opcode, RecvWr, SendOp, SendWr, Sge, Status, VerbsError,
+};
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 const RAM: usize = 16 << 20;
@@ -526,6 +533,36 @@ fn export_needs_a_quiesced_device() {
         other.vf.import_state(st),
         Err(StateError::WrongVm { .. })
     ));
+}
+
+#[test]
+fn state_of_another_version_is_refused_with_both_versions_named() {
+    let (_a, b, ..) = pair();
+    b.dma.quiesce();
+    let mut st = b.vf.export_state().unwrap();
+    assert_eq!(st.version, VF_STATE_VERSION);
+    let b2 = vm("b");
+    st.version = VF_STATE_VERSION + 1;
+    let e = b2.vf.import_state(st.clone()).unwrap_err();
+    assert!(
+        matches!(e, StateError::Version { got, want, .. } if got == VF_STATE_VERSION + 1 && want == VF_STATE_VERSION),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("version 2") && msg.contains("version 1"),
+        "{msg}"
+    );
+    // A state from before versions has none: it reads as version 0 and is refused too.
+    let mut json = serde_json::to_value(&st).unwrap();
+    json.as_object_mut().unwrap().remove("version");
+    let old: VfState = serde_json::from_value(json).unwrap();
+    assert!(matches!(
+        b2.vf.import_state(old),
+        Err(StateError::Version { got: 0, .. })
+    ));
+    st.version = VF_STATE_VERSION;
+    b2.vf.import_state(st).expect("the same version is taken");
 }
 
 #[test]

@@ -1,11 +1,18 @@
 //! The soft VF's fabric protocol: length-prefixed binary frames over TCP between companions.
 //!
 //! Every frame is `u32 length` (of what follows), `u8 kind`, then the kind's fields in
-//! little-endian order. A connection starts with `Hello` from the side that dialled; then the
-//! dialler sends requests (`Write`, `Send`) and the listener answers each with an `Ack`
-//! carrying the request's packet sequence number (PSN) and status.
+//! little-endian order. A connection starts with `Hello` from the side that dialled, carrying
+//! the fabric's [`FABRIC_VERSION`]; the listener refuses another version ([`WireError::Version`],
+//! both versions named). Then the dialler sends requests (`Write`, `Send`) and the listener
+//! answers each with an `Ack` carrying the request's packet sequence number (PSN) and status.
 
 use std::io::{self, Read, Write};
+
+use vfmig_proto::{ByteReader, Truncated};
+
+/// Version of the fabric protocol, sent in every `Hello`. Companions of two releases that
+/// frame requests differently refuse each other's connections instead of misreading them.
+pub const FABRIC_VERSION: u16 = 1;
 
 /// Largest payload one request carries.
 pub const MAX_PAYLOAD: usize = 16 << 20;
@@ -14,11 +21,32 @@ pub const MAX_PAYLOAD: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The connection failed or closed.
-    #[error("fabric connection: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     /// The frame breaks the protocol.
     #[error("malformed fabric frame: {0}")]
     Malformed(String),
+    /// The frame ends before its fields do.
+    #[error(transparent)]
+    Truncated(#[from] Truncated),
+    /// The peer speaks another version of the fabric protocol.
+    #[error(
+        "the peer speaks fabric protocol version {theirs}, this companion speaks version {ours}; \
+         run companions of one vfmig release on every VM of the cluster"
+    )]
+    Version {
+        /// The peer's version (0: a release before versions were sent).
+        theirs: u16,
+        /// This companion's version.
+        ours: u16,
+    },
+}
+
+impl WireError {
+    /// Whether the peer broke the protocol (as opposed to the connection failing).
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, WireError::Malformed(_) | WireError::Truncated(_))
+    }
 }
 
 /// Status of an acknowledged request, as the target saw it.
@@ -53,8 +81,9 @@ impl AckStatus {
 /// A fabric frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// First frame of a connection: who dials. `announce` is set by a VM that has just
-    /// migrated: the peer learns its new fabric address and replays what it holds for it.
+    /// First frame of a connection: who dials (and, on the wire, [`FABRIC_VERSION`]).
+    /// `announce` is set by a VM that has just migrated: the peer learns its new fabric
+    /// address and replays what it holds for it.
     Hello {
         /// The dialling VM.
         vm: String,
@@ -104,7 +133,9 @@ pub enum Frame {
     },
 }
 
-const HELLO: u8 = 1;
+/// The hello of releases before [`FABRIC_VERSION`]: refused as version 0.
+const UNVERSIONED_HELLO: u8 = 1;
+const HELLO: u8 = 5;
 const WRITE: u8 = 2;
 const SEND: u8 = 3;
 const ACK: u8 = 4;
@@ -124,6 +155,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             announce,
         } => {
             b.push(HELLO);
+            b.extend_from_slice(&FABRIC_VERSION.to_le_bytes());
             b.push(*announce as u8);
             for s in [vm, listen] {
                 b.extend_from_slice(&(s.len() as u16).to_le_bytes());
@@ -180,74 +212,39 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
     Ok(())
 }
 
-struct Cursor<'a> {
-    b: &'a [u8],
-    at: usize,
+fn read_imm(c: &mut ByteReader<'_>) -> Result<Option<u32>, WireError> {
+    let has = c.u8()?;
+    let v = c.u32()?;
+    Ok((has != 0).then_some(v))
 }
 
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.b.len())
-            .ok_or_else(|| WireError::Malformed("frame shorter than its fields".into()))?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().unwrap_or([0; 2]),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().unwrap_or([0; 4]),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().unwrap_or([0; 8]),
-        ))
-    }
-    fn imm(&mut self) -> Result<Option<u32>, WireError> {
-        let has = self.u8()?;
-        let v = self.u32()?;
-        Ok((has != 0).then_some(v))
-    }
-    fn string(&mut self) -> Result<String, WireError> {
-        let n = self.u16()? as usize;
-        String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| WireError::Malformed("a name is not UTF-8".into()))
-    }
-    fn rest(&mut self) -> Vec<u8> {
-        let s = self.b[self.at..].to_vec();
-        self.at = self.b.len();
-        s
-    }
-    fn done(&self) -> Result<(), WireError> {
-        if self.at == self.b.len() {
-            Ok(())
-        } else {
-            Err(WireError::Malformed(
-                "trailing bytes after the fields".into(),
-            ))
-        }
-    }
+fn read_string(c: &mut ByteReader<'_>) -> Result<String, WireError> {
+    let n = c.u16()? as usize;
+    String::from_utf8(c.bytes(n)?.to_vec())
+        .map_err(|_| WireError::Malformed("a name is not UTF-8".into()))
 }
 
 /// Decodes a frame body (without the length prefix).
 pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
-    let mut c = Cursor { b: body, at: 0 };
+    let mut c = ByteReader::new(body);
     let frame = match c.u8()? {
+        UNVERSIONED_HELLO => {
+            return Err(WireError::Version {
+                theirs: 0,
+                ours: FABRIC_VERSION,
+            })
+        }
         HELLO => {
+            let theirs = c.u16()?;
+            if theirs != FABRIC_VERSION {
+                return Err(WireError::Version {
+                    theirs,
+                    ours: FABRIC_VERSION,
+                });
+            }
             let announce = c.u8()? != 0;
-            let vm = c.string()?;
-            let listen = c.string()?;
+            let vm = read_string(&mut c)?;
+            let listen = read_string(&mut c)?;
             Frame::Hello {
                 vm,
                 listen,
@@ -260,15 +257,15 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
             psn: c.u64()?,
             rkey: c.u32()?,
             addr: c.u64()?,
-            imm: c.imm()?,
-            payload: c.rest(),
+            imm: read_imm(&mut c)?,
+            payload: c.rest().to_vec(),
         },
         SEND => Frame::Send {
             src_qp: c.u32()?,
             dst_qp: c.u32()?,
             psn: c.u64()?,
-            imm: c.imm()?,
-            payload: c.rest(),
+            imm: read_imm(&mut c)?,
+            payload: c.rest().to_vec(),
         },
         ACK => Frame::Ack {
             qp: c.u32()?,
@@ -277,7 +274,11 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
         },
         k => return Err(WireError::Malformed(format!("unknown frame kind {k}"))),
     };
-    c.done()?;
+    if c.remaining() != 0 {
+        return Err(WireError::Malformed(
+            "trailing bytes after the fields".into(),
+        ));
+    }
     Ok(frame)
 }
 
@@ -354,6 +355,32 @@ mod tests {
         assert!(decode(&ack[4..]).is_err(), "trailing byte");
         let huge = (u32::MAX).to_le_bytes();
         assert!(read_frame(&mut &huge[..]).is_err());
+    }
+
+    #[test]
+    fn a_hello_of_another_version_is_refused_with_both_versions_named() {
+        let mut hello = encode(&Frame::Hello {
+            vm: "a".into(),
+            listen: "10.0.0.1:7000".into(),
+            announce: false,
+        });
+        hello[5..7].copy_from_slice(&(FABRIC_VERSION + 1).to_le_bytes());
+        let e = decode(&hello[4..]).unwrap_err();
+        assert!(
+            matches!(e, WireError::Version { theirs, ours } if theirs == FABRIC_VERSION + 1 && ours == FABRIC_VERSION),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 2") && msg.contains("version 1"),
+            "{msg}"
+        );
+        // A release before versions: its hello (kind 1, no version) is version 0.
+        let old = [1u8, 0, 1, 0, b'a', 1, 0, b'b'];
+        assert!(matches!(
+            decode(&old),
+            Err(WireError::Version { theirs: 0, .. })
+        ));
     }
 
     proptest! {

@@ -25,6 +25,7 @@ pub(crate) mod device;
 pub mod dirty;
 pub mod error;
 pub mod mapping;
+mod seam;
 pub mod sysfs;
 
 pub use check::{check, check_with_root, CheckReport};

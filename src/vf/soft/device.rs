@@ -1,0 +1,279 @@
+//! The soft VF at the seam of [`crate::vf`]: its verbs ([`Vf`]), its device side
+//! ([`VfDevice`]: the DMA engine is its device) and what moves at switchover ([`VfPersist`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestAddressSpace;
+
+use super::state::Qp;
+use super::{SoftVf, StateError, VfState};
+use crate::vf::verbs::{Access, Completion, GpaRange, MemoryRegion, RecvWr, SendWr, VerbsError};
+use crate::vf::{
+    BackendKind, DeviceStatus, DirtyTracking, MapChange, MappedRegion, QuiesceReport, ResetReport,
+    Vf, VfBackend, VfDevice, VfDeviceError, VfPersist,
+};
+
+/// The pages of one epoch's device-dirty bitmap already reported by `sync_dirty`.
+#[derive(Default)]
+pub(super) struct DirtySeen {
+    bitmap: Option<Arc<crate::memory::DeviceDirtyBitmap>>,
+    words: Vec<u64>,
+}
+
+/// The verbs. A soft VF serves every verb, so QPs and completions are given without a
+/// `Result` here; [`Vf`] wraps them.
+impl SoftVf {
+    /// Registers guest memory: `segments` (guest-physical) appear at `addr` onwards.
+    pub fn register_mr(
+        &self,
+        addr: u64,
+        segments: Vec<GpaRange>,
+        access: Access,
+    ) -> Result<u32, VerbsError> {
+        let mem = self.inner.dma.ram().memory();
+        for s in &segments {
+            if !crate::memory::guest_ram::contains(&mem, s.gpa, s.len) {
+                return Err(VerbsError::SegmentOutsideRam {
+                    gpa: s.gpa,
+                    len: s.len,
+                });
+            }
+        }
+        let mut st = self.inner.state.lock();
+        let key = st.next_key;
+        st.next_key += 1;
+        st.mrs.insert(
+            key,
+            MemoryRegion {
+                key,
+                addr,
+                segments,
+                access,
+            },
+        );
+        Ok(key)
+    }
+
+    /// Drops a region.
+    pub fn deregister_mr(&self, key: u32) -> Result<(), VerbsError> {
+        self.inner
+            .state
+            .lock()
+            .mrs
+            .remove(&key)
+            .map(drop)
+            .ok_or(VerbsError::NoSuchMr(key))
+    }
+
+    /// A new reliable-connected QP, not yet connected.
+    pub fn create_qp(&self) -> u32 {
+        let mut st = self.inner.state.lock();
+        let n = st.next_qp;
+        st.next_qp += 1;
+        st.qps.insert(n, Qp::new());
+        n
+    }
+
+    /// Connects a QP to a peer VM's QP; the peer must be in the cluster map.
+    pub fn connect_qp(&self, qp: u32, peer_vm: &str, peer_qp: u32) -> Result<(), VerbsError> {
+        if !self.inner.book.lock().contains_key(peer_vm) {
+            return Err(VerbsError::UnknownPeer(peer_vm.into()));
+        }
+        let mut st = self.inner.state.lock();
+        let q = st.qps.get_mut(&qp).ok_or(VerbsError::NoSuchQp(qp))?;
+        q.peer = Some((peer_vm.into(), peer_qp));
+        Ok(())
+    }
+
+    /// Posts a receive work request.
+    pub fn post_recv(&self, qp: u32, wr: RecvWr) -> Result<(), VerbsError> {
+        let mut st = self.inner.state.lock();
+        let q = st.qps.get_mut(&qp).ok_or(VerbsError::NoSuchQp(qp))?;
+        q.recvs.push_back(wr);
+        Ok(())
+    }
+
+    /// Takes up to `max` completions.
+    pub fn poll_cq(&self, max: usize) -> Vec<Completion> {
+        let mut st = self.inner.state.lock();
+        let n = st.cq.len().min(max);
+        st.cq.drain(..n).collect()
+    }
+
+    /// Waits up to `timeout` for at least one completion, then returns up to `max`.
+    pub fn wait_cq(&self, max: usize, timeout: Duration) -> Vec<Completion> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.inner.state.lock();
+        while st.cq.is_empty() {
+            if Instant::now() >= deadline {
+                return vec![];
+            }
+            self.inner.cq_ready.wait_until(&mut st, deadline);
+        }
+        let n = st.cq.len().min(max);
+        st.cq.drain(..n).collect()
+    }
+
+    /// The soft VF as a backend of the seam: its verbs, its device side and its state are
+    /// all this VF.
+    pub fn backend(&self) -> VfBackend {
+        VfBackend {
+            kind: BackendKind::Soft,
+            verbs: Arc::new(self.clone()),
+            device: Box::new(self.clone()),
+            persist: Arc::new(self.clone()),
+            fabric: Some(self.clone()),
+        }
+    }
+}
+
+impl Vf for SoftVf {
+    fn register_mr(
+        &self,
+        addr: u64,
+        segments: Vec<GpaRange>,
+        access: Access,
+    ) -> Result<u32, VerbsError> {
+        SoftVf::register_mr(self, addr, segments, access)
+    }
+
+    fn deregister_mr(&self, key: u32) -> Result<(), VerbsError> {
+        SoftVf::deregister_mr(self, key)
+    }
+
+    fn create_qp(&self) -> Result<u32, VerbsError> {
+        Ok(SoftVf::create_qp(self))
+    }
+
+    fn connect_qp(&self, qp: u32, peer_vm: &str, peer_qp: u32) -> Result<(), VerbsError> {
+        SoftVf::connect_qp(self, qp, peer_vm, peer_qp)
+    }
+
+    fn post_send(&self, qp: u32, wr: SendWr) -> Result<(), VerbsError> {
+        SoftVf::post_send(self, qp, wr)
+    }
+
+    fn post_recv(&self, qp: u32, wr: RecvWr) -> Result<(), VerbsError> {
+        SoftVf::post_recv(self, qp, wr)
+    }
+
+    fn poll_cq(&self, max: usize) -> Result<Vec<Completion>, VerbsError> {
+        Ok(SoftVf::poll_cq(self, max))
+    }
+
+    fn wait_cq(&self, max: usize, timeout: Duration) -> Result<Vec<Completion>, VerbsError> {
+        Ok(SoftVf::wait_cq(self, max, timeout))
+    }
+}
+
+impl VfPersist for SoftVf {
+    fn device_name(&self) -> String {
+        format!("the soft VF of VM {}", self.inner.vm)
+    }
+
+    fn export_state(&self) -> Result<VfState, StateError> {
+        SoftVf::export_state(self)
+    }
+
+    fn import_state(&self, state: VfState) -> Result<(), StateError> {
+        SoftVf::import_state(self, state)
+    }
+
+    fn announce(&self) -> Vec<String> {
+        SoftVf::announce(self)
+    }
+}
+
+/// The soft VF's device side. Its "device" is the [`crate::memory::DmaEngine`], which already
+/// writes through the guest memory table and logs every write into QEMU's log as it makes it:
+/// mapping needs nothing, quiesce (close the gate, wait for writes in flight) and resume are
+/// the engine's, and `sync_dirty` reports the pages the engine wrote for the first time in
+/// this epoch since the last sync (from its device-dirty bitmap, which it leaves whole for
+/// statistics). A page written again after it was reported is not reported again: the engine
+/// has already logged that write into QEMU's log itself.
+impl VfDevice for SoftVf {
+    fn name(&self) -> String {
+        self.inner.vm.clone()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "soft VF of VM {} (fabric {}), dirty tracking {}",
+            self.inner.vm,
+            self.inner.listen,
+            DirtyTracking::DmaEngine
+        )
+    }
+
+    fn map_guest_ram(&mut self, regions: &[MappedRegion]) -> Result<MapChange, VfDeviceError> {
+        // The DMA engine reads the memory table itself; nothing to map.
+        Ok(MapChange {
+            kept: regions.iter().map(|r| (r.gpa, r.size)).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn quiesce(&mut self) -> Result<QuiesceReport, VfDeviceError> {
+        let was = !self.inner.dma.gate_state().quiesced;
+        let waited = self.inner.dma.quiesce();
+        Ok(QuiesceReport {
+            waited_us: waited.as_micros() as u64,
+            was_bus_master: was,
+            detail: "DMA engine gate closed; no write in progress".into(),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), VfDeviceError> {
+        self.inner.dma.resume();
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<ResetReport, VfDeviceError> {
+        Ok(ResetReport {
+            performed: false,
+            flr_advertised: None,
+            detail: "the soft VF has no device to reset; nothing done".into(),
+        })
+    }
+
+    fn dirty_tracking(&self) -> DirtyTracking {
+        DirtyTracking::DmaEngine
+    }
+
+    fn sync_dirty(&mut self, report: &mut dyn FnMut(u64, u64)) -> Result<u64, VfDeviceError> {
+        let bitmap = self.inner.dma.device_dirty_bitmap();
+        let mut seen = self.inner.dirty_seen.lock();
+        if !seen
+            .bitmap
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, &bitmap))
+        {
+            // A new epoch (or a grown table): its bitmap starts from what it holds now.
+            seen.bitmap = Some(Arc::clone(&bitmap));
+            seen.words.clear();
+        }
+        let page = crate::memory::LOG_PAGE_SIZE;
+        Ok(bitmap.report_new(&mut seen.words, |p| report(p * page, page)))
+    }
+
+    fn release(&mut self) -> Result<(), VfDeviceError> {
+        self.close();
+        Ok(())
+    }
+
+    fn status(&self) -> DeviceStatus {
+        let mem = self.inner.dma.ram().memory();
+        let regions = crate::memory::guest_ram::regions(&mem);
+        DeviceStatus {
+            name: VfDevice::name(self),
+            description: self.describe(),
+            dirty_tracking: Some(DirtyTracking::DmaEngine),
+            mapped_regions: regions.len(),
+            mapped_bytes: regions.iter().map(|r| r.size).sum(),
+            quiesced: self.inner.dma.gate_state().quiesced,
+            released: self.inner.closed.load(Ordering::SeqCst),
+        }
+    }
+}

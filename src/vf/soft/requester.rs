@@ -1,0 +1,277 @@
+//! The send half of go-back-N: requests are numbered and kept until the target acks them,
+//! sent in PSN order on the current link, sent again from the first unacked one after a
+//! broken link or a "receiver not ready", and failed only after the hold or RNR timeout.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::link;
+use super::state::{
+    complete, fail_qp, opcode_of, pending_completion, Pending, State, NEVER_SENT, NOT_ON_A_LINK,
+};
+use super::wire::{self, AckStatus, Frame};
+use super::{Inner, SoftVf};
+use crate::memory::DmaError;
+use crate::vf::verbs::{Completion, MemoryRegion, SendOp, SendWr, Status, VerbsError};
+
+/// Why a send request's local data could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LocalReadError {
+    /// The buffer is not inside a registered region.
+    #[error("the local buffer is not inside a registered region")]
+    NotRegistered,
+    /// Guest RAM could not be read there.
+    #[error("the local buffer could not be read from guest RAM")]
+    Dma(#[from] DmaError),
+}
+
+impl SoftVf {
+    /// Posts a send work request (WRITE, WRITE_WITH_IMM, SEND); it completes on the target's
+    /// ack, or with an error status.
+    pub fn post_send(&self, qp: u32, wr: SendWr) -> Result<(), VerbsError> {
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        let State { mrs, qps, cq, .. } = &mut *st;
+        let q = qps.get_mut(&qp).ok_or(VerbsError::NoSuchQp(qp))?;
+        let fail = |cq: &mut std::collections::VecDeque<Completion>, status| {
+            cq.push_back(Completion {
+                wr_id: wr.wr_id,
+                qp,
+                opcode: opcode_of(&wr.op),
+                status,
+                byte_len: 0,
+                imm: None,
+            });
+            inner.cq_ready.notify_all();
+            Ok(())
+        };
+        if q.error {
+            return fail(cq, Status::Flushed);
+        }
+        let Some((peer_vm, peer_qp)) = q.peer.clone() else {
+            return fail(cq, Status::UnknownPeer);
+        };
+        let payload = match read_local(inner, mrs, &wr) {
+            Ok(p) => p,
+            Err(_) => return fail(cq, Status::LocalProtectionError),
+        };
+        let psn = q.next_psn;
+        q.next_psn += 1;
+        let frame = frame_for(qp, peer_qp, psn, &wr, payload);
+        q.unacked.push_back(Pending {
+            psn,
+            wr,
+            frame: Some(frame),
+            sent_on: NEVER_SENT,
+            since: Instant::now(),
+            rnr_since: None,
+            retry_after: None,
+        });
+        drop(st);
+        flush_qp(inner, qp, &peer_vm);
+        Ok(())
+    }
+}
+
+/// Reads a send request's local data from guest RAM, checking it lies in one of `mrs`.
+pub(super) fn read_local(
+    inner: &Inner,
+    mrs: &HashMap<u32, MemoryRegion>,
+    wr: &SendWr,
+) -> Result<Vec<u8>, LocalReadError> {
+    let pieces = mrs
+        .get(&wr.sge.lkey)
+        .and_then(|m| m.translate(wr.sge.addr, u64::from(wr.sge.len)))
+        .ok_or(LocalReadError::NotRegistered)?;
+    let mut payload = Vec::with_capacity(wr.sge.len as usize);
+    for p in pieces {
+        payload.extend_from_slice(&inner.dma.read(p.gpa, p.len)?);
+    }
+    Ok(payload)
+}
+
+/// The fabric frame of a send request.
+pub(super) fn frame_for(qp: u32, peer_qp: u32, psn: u64, wr: &SendWr, payload: Vec<u8>) -> Frame {
+    match wr.op {
+        SendOp::Write {
+            remote_addr,
+            rkey,
+            imm,
+        } => Frame::Write {
+            src_qp: qp,
+            dst_qp: peer_qp,
+            psn,
+            rkey,
+            addr: remote_addr,
+            imm,
+            payload,
+        },
+        SendOp::Send { imm } => Frame::Send {
+            src_qp: qp,
+            dst_qp: peer_qp,
+            psn,
+            imm,
+            payload,
+        },
+    }
+}
+
+/// Sends every request of `qp` that the current link has not carried yet, in PSN order.
+///
+/// Lock order: the link's writer, then the state; the frames are encoded under the state lock
+/// and written after it is released, so the link's ack reader (which needs the state) keeps
+/// draining acks while a large write blocks on a full socket.
+pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
+    if inner.dma.gate_state().quiesced {
+        return; // the VM is switching over: its requests move with its state
+    }
+    let Some(link) = link::link_to(inner, peer_vm) else {
+        return; // held: the retry loop tries again
+    };
+    let mut w = link.writer.lock();
+    let (mut first, mut again) = (0u64, 0u64);
+    let frames: Vec<Vec<u8>> = {
+        let mut st = inner.state.lock();
+        let State { mrs, qps, .. } = &mut *st;
+        let Some(q) = qps.get_mut(&qp) else { return };
+        let peer_qp = q.peer.as_ref().map(|p| p.1).unwrap_or(0);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for p in q.unacked.iter_mut() {
+            if p.retry_after.is_some_and(|t| t > now) {
+                break; // go-back-N: nothing after a request waiting out an RNR
+            }
+            if p.sent_on == link.generation && p.retry_after.is_none() {
+                continue;
+            }
+            if p.frame.is_none() {
+                // Moved with a migration: read the data again from this VM's guest RAM.
+                match read_local(inner, mrs, &p.wr) {
+                    Ok(payload) => p.frame = Some(frame_for(qp, peer_qp, p.psn, &p.wr, payload)),
+                    Err(_) => break, // no guest RAM yet: the retry loop comes back
+                }
+            }
+            let Some(frame) = &p.frame else { break };
+            if p.sent_on == NEVER_SENT {
+                first += 1;
+            } else {
+                again += 1;
+            }
+            out.push(wire::encode(frame));
+            p.sent_on = link.generation;
+            p.retry_after = None;
+        }
+        out
+    };
+    let sent = frames.iter().all(|f| w.write_all(f).is_ok()) && w.flush().is_ok();
+    if !sent {
+        link.alive.store(false, Ordering::SeqCst);
+    }
+    drop(w);
+    let mut s = inner.stats.lock();
+    s.requests_sent += first;
+    s.requests_replayed += again;
+}
+
+/// Takes the target's ack of `psn` on `qp`: completes what it covers, or goes back after an
+/// RNR, or fails the QP.
+pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatus) {
+    if inner.dma.gate_state().quiesced {
+        return; // after the switchover the destination owns completions
+    }
+    let mut st = inner.state.lock();
+    let Some(q) = st.qps.get_mut(&qp) else { return };
+    match status {
+        AckStatus::Ok => {
+            let mut done = Vec::new();
+            while q.unacked.front().is_some_and(|p| p.psn <= psn) {
+                if let Some(p) = q.unacked.pop_front() {
+                    done.push(pending_completion(qp, &p, Status::Success));
+                }
+            }
+            for c in done {
+                complete(&mut st, inner, c);
+            }
+        }
+        AckStatus::ReceiverNotReady => {
+            let now = Instant::now();
+            let Some(p) = q.unacked.iter_mut().find(|p| p.psn == psn) else {
+                return;
+            };
+            let since = *p.rnr_since.get_or_insert(now);
+            if now - since > inner.timing.rnr_timeout {
+                fail_qp(&mut st, inner, qp, Status::RnrRetryExceeded);
+                return;
+            }
+            // Go back to this request after a pause; everything after it is resent too.
+            p.retry_after = Some(now + Duration::from_millis(2));
+            // The target drops what follows a gap; all of it goes again after the pause.
+            for later in q.unacked.iter_mut().filter(|x| x.psn > psn) {
+                later.sent_on = NOT_ON_A_LINK;
+            }
+        }
+        AckStatus::RemoteAccess => fail_qp(&mut st, inner, qp, Status::RemoteAccessError),
+        AckStatus::RemoteInvalid => fail_qp(&mut st, inner, qp, Status::RemoteInvalidRequest),
+        AckStatus::NoSuchQp => fail_qp(&mut st, inner, qp, Status::UnknownPeer),
+    }
+}
+
+/// Retries held requests; fails those held too long.
+pub(super) fn retry_loop(inner: &Arc<Inner>) {
+    while !inner.closed.load(Ordering::SeqCst) {
+        std::thread::sleep(inner.timing.retry_interval);
+        if inner.dma.gate_state().quiesced {
+            continue;
+        }
+        for (qp, vm) in held_work(inner) {
+            // A dead link means the peer moved or restarted: start a new one and replay.
+            let alive = inner
+                .links
+                .lock()
+                .get(&vm)
+                .is_some_and(|l| l.alive.load(Ordering::SeqCst));
+            if !alive {
+                let mut st = inner.state.lock();
+                if let Some(q) = st.qps.get_mut(&qp) {
+                    for p in q.unacked.iter_mut() {
+                        if p.sent_on != NEVER_SENT {
+                            p.sent_on = NOT_ON_A_LINK;
+                        }
+                    }
+                }
+            }
+            flush_qp(inner, qp, &vm);
+        }
+    }
+}
+
+/// The QPs with requests held for a peer, as `(qp, peer VM)`; QPs whose oldest request was
+/// held past the hold timeout are failed instead.
+fn held_work(inner: &Inner) -> Vec<(u32, String)> {
+    let mut st = inner.state.lock();
+    let now = Instant::now();
+    let mut expired = Vec::new();
+    let mut out = Vec::new();
+    for (&n, q) in st.qps.iter() {
+        let Some((vm, _)) = &q.peer else { continue };
+        let Some(first) = q.unacked.front() else {
+            continue;
+        };
+        if now - first.since > inner.timing.hold_timeout {
+            expired.push(n);
+        } else {
+            out.push((n, vm.clone()));
+        }
+    }
+    for n in expired {
+        tracing::warn!(
+            qp = n,
+            "peer unreachable for too long: failing held requests"
+        );
+        fail_qp(&mut st, inner, n, Status::RetryExceeded);
+    }
+    out
+}

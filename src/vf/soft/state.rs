@@ -1,0 +1,121 @@
+//! The soft VF's tables: memory regions, queue pairs with their go-back-N state, and the
+//! completion queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use super::wire::Frame;
+use super::Inner;
+use crate::vf::verbs::{Completion, MemoryRegion, Opcode, RecvWr, SendOp, SendWr, Status};
+
+/// `Pending::sent_on` of a request never sent.
+pub(super) const NEVER_SENT: u64 = 0;
+
+/// `Pending::sent_on` of a request that no live link carries (it must be sent again).
+pub(super) const NOT_ON_A_LINK: u64 = u64::MAX;
+
+/// A request sent (or to be sent) and not yet acknowledged.
+pub(super) struct Pending {
+    pub(super) psn: u64,
+    pub(super) wr: SendWr,
+    /// The request's frame; `None` after a migration until it is rebuilt from guest RAM
+    /// (the destination has no guest RAM until its device starts).
+    pub(super) frame: Option<Frame>,
+    /// Link generation it was last sent on (0: never sent).
+    pub(super) sent_on: u64,
+    pub(super) since: Instant,
+    pub(super) rnr_since: Option<Instant>,
+    pub(super) retry_after: Option<Instant>,
+}
+
+/// A reliable-connected queue pair.
+pub(super) struct Qp {
+    pub(super) peer: Option<(String, u32)>,
+    pub(super) next_psn: u64,
+    pub(super) expected_psn: u64,
+    pub(super) recvs: VecDeque<RecvWr>,
+    pub(super) unacked: VecDeque<Pending>,
+    pub(super) error: bool,
+}
+
+impl Qp {
+    /// A new QP, not connected, both PSNs at 1.
+    pub(super) fn new() -> Self {
+        Self {
+            peer: None,
+            next_psn: 1,
+            expected_psn: 1,
+            recvs: VecDeque::new(),
+            unacked: VecDeque::new(),
+            error: false,
+        }
+    }
+}
+
+/// Everything the verbs change, under one lock.
+pub(super) struct State {
+    pub(super) mrs: HashMap<u32, MemoryRegion>,
+    pub(super) next_key: u32,
+    pub(super) qps: HashMap<u32, Qp>,
+    pub(super) next_qp: u32,
+    pub(super) cq: VecDeque<Completion>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            mrs: HashMap::new(),
+            next_key: 1,
+            qps: HashMap::new(),
+            next_qp: 1,
+            cq: VecDeque::new(),
+        }
+    }
+}
+
+/// The completion opcode of a send request.
+pub(super) fn opcode_of(op: &SendOp) -> Opcode {
+    match op {
+        SendOp::Write { .. } => Opcode::Write,
+        SendOp::Send { .. } => Opcode::Send,
+    }
+}
+
+/// Posts a completion and wakes whoever waits for one.
+pub(super) fn complete(st: &mut State, inner: &Inner, c: Completion) {
+    st.cq.push_back(c);
+    inner.cq_ready.notify_all();
+}
+
+/// The completion of a pending request.
+pub(super) fn pending_completion(qp: u32, p: &Pending, status: Status) -> Completion {
+    Completion {
+        wr_id: p.wr.wr_id,
+        qp,
+        opcode: opcode_of(&p.wr.op),
+        status,
+        byte_len: if status == Status::Success {
+            p.wr.sge.len
+        } else {
+            0
+        },
+        imm: None,
+    }
+}
+
+/// Moves a QP to the error state: the failing request completes with `status`, the rest are
+/// flushed.
+pub(super) fn fail_qp(st: &mut State, inner: &Inner, qp: u32, status: Status) {
+    let Some(q) = st.qps.get_mut(&qp) else { return };
+    q.error = true;
+    let mut done: Vec<Completion> = Vec::new();
+    if let Some(p) = q.unacked.pop_front() {
+        done.push(pending_completion(qp, &p, status));
+    }
+    for p in q.unacked.drain(..) {
+        done.push(pending_completion(qp, &p, Status::Flushed));
+    }
+    for c in done {
+        complete(st, inner, c);
+    }
+}
