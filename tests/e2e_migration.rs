@@ -8,6 +8,10 @@ use vfmig::lab::demo::{self, Strategy};
 use vfmig::orchestrator::migrate::Quiet;
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn tracking_on_no_device_write_is_lost() {
     let _m = machine();
     init_logging();
@@ -31,6 +35,10 @@ fn tracking_on_no_device_write_is_lost() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn negative_control_without_tracking_detects_lost_writes() {
     let _m = machine();
     init_logging();
@@ -46,6 +54,10 @@ fn negative_control_without_tracking_detects_lost_writes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn keep_paused_destination_ram_equals_the_source_page_by_page() {
     let _m = machine();
     init_logging();
@@ -64,6 +76,10 @@ fn keep_paused_destination_ram_equals_the_source_page_by_page() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn keep_paused_comparison_catches_untracked_device_writes() {
     let _m = machine();
     init_logging();
