@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::bench::median;
+use super::stats::median;
 use crate::memory::DmaEngine;
 use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
 use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status};
