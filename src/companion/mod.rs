@@ -142,7 +142,7 @@ impl Companion {
             "regions": guest_ram::regions(&mem),
             "gate": self.dma.gate_state(),
             "tracking": self.dma.tracking(),
-            "vhost_messages": *self.vhost_messages.lock().unwrap_or_else(|e| e.into_inner()),
+            "vhost_messages": *self.vhost_messages.lock(),
             "vfio": self.device.as_ref().map(|d| d.status()),
         })
     }
