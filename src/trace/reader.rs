@@ -90,7 +90,7 @@ impl Trace {
             .enumerate()
             .map(|(index, raw)| {
                 serde_json::from_value::<TraceEvent>(raw)
-                    .map_err(|e| TraceError::event(index, e.to_string()))
+                    .map_err(|source| TraceError::Event { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let display_time_unit = top
@@ -263,62 +263,94 @@ pub fn validate(value: &Value) -> Result<(), TraceError> {
         }
     }
     for (index, event) in events.iter().enumerate() {
-        validate_event(event).map_err(|reason| TraceError::event(index, reason))?;
+        validate_event(index, event)?;
     }
     Ok(())
 }
 
-fn validate_event(event: &Value) -> Result<(), String> {
+fn validate_event(index: usize, event: &Value) -> Result<(), TraceError> {
     let Some(obj) = event.as_object() else {
-        return Err(format!("must be an object, not {}", kind_of(event)));
+        return Err(TraceError::event(
+            index,
+            format!("must be an object, not {}", kind_of(event)),
+        ));
     };
     let ph = match obj.get("ph") {
-        None => return Err("has no \"ph\"".to_string()),
+        None => return Err(TraceError::event(index, "has no \"ph\"".to_string())),
         Some(Value::String(ph)) if EventKind::LETTERS.contains(&ph.as_str()) => ph.as_str(),
         Some(other) => {
-            return Err(format!(
-                "\"ph\" is {other}, not one of {}",
-                EventKind::LETTERS.join(" ")
+            return Err(TraceError::event(
+                index,
+                format!(
+                    "\"ph\" is {other}, not one of {}",
+                    EventKind::LETTERS.join(" ")
+                ),
             ))
         }
     };
     match obj.get("name") {
         Some(Value::String(_)) => {}
-        None => return Err(format!("{ph} event has no \"name\"")),
-        Some(other) => return Err(format!("\"name\" must be a string, not {}", kind_of(other))),
+        None => {
+            return Err(TraceError::event(
+                index,
+                format!("{ph} event has no \"name\""),
+            ))
+        }
+        Some(other) => {
+            return Err(TraceError::event(
+                index,
+                format!("\"name\" must be a string, not {}", kind_of(other)),
+            ))
+        }
     }
     for (field, required) in [("pid", true), ("tid", false)] {
         match obj.get(field) {
-            None if required => return Err(format!("{ph} event has no \"{field}\"")),
+            None if required => {
+                return Err(TraceError::event(
+                    index,
+                    format!("{ph} event has no \"{field}\""),
+                ))
+            }
             None => {}
             Some(v) if v.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)) => {}
             Some(other) => {
-                return Err(format!(
-                    "\"{field}\" must be an integer from 0 to {}, not {other}",
-                    u32::MAX
+                return Err(TraceError::event(
+                    index,
+                    format!(
+                        "\"{field}\" must be an integer from 0 to {}, not {other}",
+                        u32::MAX
+                    ),
                 ))
             }
         }
     }
     if ph != "M" {
-        non_negative_number(obj, "ts", ph)?;
+        non_negative_number(index, obj, "ts", ph)?;
     }
     match ph {
-        "X" => non_negative_number(obj, "dur", ph)?,
+        "X" => non_negative_number(index, obj, "dur", ph)?,
         "C" => match obj.get("args") {
             Some(Value::Object(args)) => {
                 if let Some((key, v)) = args.iter().find(|(_, v)| !v.is_number()) {
-                    return Err(format!(
-                        "C event's args.{key} must be a number, not {}",
-                        kind_of(v)
+                    return Err(TraceError::event(
+                        index,
+                        format!("C event's args.{key} must be a number, not {}", kind_of(v)),
                     ));
                 }
             }
-            None => return Err("C event has no \"args\"".to_string()),
+            None => {
+                return Err(TraceError::event(
+                    index,
+                    "C event has no \"args\"".to_string(),
+                ))
+            }
             Some(other) => {
-                return Err(format!(
-                    "C event's \"args\" must be an object, not {}",
-                    kind_of(other)
+                return Err(TraceError::event(
+                    index,
+                    format!(
+                        "C event's \"args\" must be an object, not {}",
+                        kind_of(other)
+                    ),
                 ))
             }
         },
@@ -326,8 +358,9 @@ fn validate_event(event: &Value) -> Result<(), String> {
             None => {}
             Some(Value::String(s)) if matches!(s.as_str(), "g" | "p" | "t") => {}
             Some(other) => {
-                return Err(format!(
-                    "{ph} event's scope \"s\" must be \"g\", \"p\" or \"t\", not {other}"
+                return Err(TraceError::event(
+                    index,
+                    format!("{ph} event's scope \"s\" must be \"g\", \"p\" or \"t\", not {other}"),
                 ))
             }
         },
@@ -336,15 +369,29 @@ fn validate_event(event: &Value) -> Result<(), String> {
     Ok(())
 }
 
-fn non_negative_number(obj: &Map<String, Value>, field: &str, ph: &str) -> Result<(), String> {
+fn non_negative_number(
+    index: usize,
+    obj: &Map<String, Value>,
+    field: &str,
+    ph: &str,
+) -> Result<(), TraceError> {
     match obj.get(field) {
-        None => Err(format!("{ph} event has no \"{field}\"")),
+        None => Err(TraceError::event(
+            index,
+            format!("{ph} event has no \"{field}\""),
+        )),
         Some(v) => match v.as_f64() {
             Some(n) if n >= 0.0 => Ok(()),
-            Some(n) => Err(format!("{ph} event has a negative \"{field}\" ({n})")),
-            None => Err(format!(
-                "{ph} event's \"{field}\" must be a number, not {}",
-                kind_of(v)
+            Some(n) => Err(TraceError::event(
+                index,
+                format!("{ph} event has a negative \"{field}\" ({n})"),
+            )),
+            None => Err(TraceError::event(
+                index,
+                format!(
+                    "{ph} event's \"{field}\" must be a number, not {}",
+                    kind_of(v)
+                ),
             )),
         },
     }
