@@ -41,11 +41,12 @@ pub enum NestedError {
     )]
     NotStatic(PathBuf),
     /// Files or QEMU could not be handled.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,
         /// The error.
+        #[source]
         source: std::io::Error,
     },
     /// The option file is malformed.

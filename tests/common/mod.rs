@@ -3,18 +3,17 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use vfmig::lab::demo::{DemoOptions, Strategy};
 use vfmig::orchestrator::launch::GuestImage;
 
 /// The machine has two cores: VMs of different tests must not compete for them.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// Takes the machine for one test.
-pub fn machine() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+pub fn machine() -> parking_lot::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock()
 }
 
 /// Logs of the run go to the test's output (shown on failure).
