@@ -204,54 +204,18 @@ pub fn run(
             Ok(())
         })?;
 
-    let mut acked_protocol_features = false;
-    let mut held_enables: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut requests = Requests {
+        qemu: &qemu_r,
+        backend: &backend_w,
+        log: &log,
+        start,
+        on_vring_disable: &on_vring_disable,
+        acked_protocol_features: false,
+        held_enables: BTreeMap::new(),
+    };
     let result = (|| -> io::Result<()> {
         while let Some(m) = read_message(&qemu_r)? {
-            let request = m.frontend_request();
-            if let Some(name) = request.and_then(name_of) {
-                let mut l = log.lock();
-                *l.counts.entry(name).or_default() += 1;
-                l.last_us.insert(name, start.elapsed().as_micros() as u64);
-            }
-            match request {
-                Some(FrontendReq::SET_VRING_ENABLE) if !acked_protocol_features => {
-                    let (index, num) = (m.u32_at(0).unwrap_or(0), m.u32_at(4).unwrap_or(0));
-                    tracing::debug!(index, num, "SET_VRING_ENABLE before SET_FEATURES: held");
-                    held_enables.insert(index, num);
-                    ack_if_asked(&qemu_r, &m)?;
-                }
-                Some(FrontendReq::SET_VRING_ENABLE) if m.u32_at(4) == Some(0) => {
-                    on_vring_disable(m.u32_at(0).unwrap_or(0));
-                    write_message(&backend_w, &m)?;
-                }
-                Some(FrontendReq::SEND_RARP) => {
-                    tracing::info!("SEND_RARP: the VM runs here now");
-                    log.lock().rarp += 1;
-                    ack_if_asked(&qemu_r, &m)?;
-                }
-                Some(FrontendReq::SET_FEATURES) => {
-                    acked_protocol_features = m.u64_at(0).unwrap_or(0) & PROTOCOL_FEATURES != 0;
-                    write_message(&backend_w, &m)?;
-                    if acked_protocol_features {
-                        for (index, num) in std::mem::take(&mut held_enables) {
-                            let mut payload = index.to_le_bytes().to_vec();
-                            payload.extend_from_slice(&num.to_le_bytes());
-                            write_message(
-                                &backend_w,
-                                &Message {
-                                    request: FrontendReq::SET_VRING_ENABLE.into(),
-                                    flags: FLAG_VERSION_1,
-                                    payload,
-                                    fds: vec![],
-                                },
-                            )?;
-                            log.lock().enables_replayed += 1;
-                        }
-                    }
-                }
-                _ => write_message(&backend_w, &m)?,
-            }
+            requests.handle(m)?;
         }
         Ok(())
     })();
@@ -259,6 +223,77 @@ pub fn run(
     let _ = qemu_r.shutdown(std::net::Shutdown::Both);
     let _ = replies.join();
     result
+}
+
+/// The QEMU → backend direction: what the filter remembers between requests.
+struct Requests<'a> {
+    qemu: &'a UnixStream,
+    backend: &'a UnixStream,
+    log: &'a SharedMessageLog,
+    start: Instant,
+    on_vring_disable: &'a dyn Fn(u32),
+    /// Whether the last `SET_FEATURES` acked `VHOST_USER_F_PROTOCOL_FEATURES`.
+    acked_protocol_features: bool,
+    /// Early `SET_VRING_ENABLE`s: ring index → enable.
+    held_enables: BTreeMap<u32, u32>,
+}
+
+impl Requests<'_> {
+    /// Logs `m`, then forwards, holds or answers it.
+    fn handle(&mut self, m: Message) -> io::Result<()> {
+        let request = m.frontend_request();
+        if let Some(name) = request.and_then(name_of) {
+            let mut l = self.log.lock();
+            *l.counts.entry(name).or_default() += 1;
+            l.last_us
+                .insert(name, self.start.elapsed().as_micros() as u64);
+        }
+        match request {
+            Some(FrontendReq::SET_VRING_ENABLE) if !self.acked_protocol_features => {
+                let (index, num) = (m.u32_at(0).unwrap_or(0), m.u32_at(4).unwrap_or(0));
+                tracing::debug!(index, num, "SET_VRING_ENABLE before SET_FEATURES: held");
+                self.held_enables.insert(index, num);
+                ack_if_asked(self.qemu, &m)
+            }
+            Some(FrontendReq::SET_VRING_ENABLE) if m.u32_at(4) == Some(0) => {
+                (self.on_vring_disable)(m.u32_at(0).unwrap_or(0));
+                write_message(self.backend, &m)
+            }
+            Some(FrontendReq::SEND_RARP) => {
+                tracing::info!("SEND_RARP: the VM runs here now");
+                self.log.lock().rarp += 1;
+                ack_if_asked(self.qemu, &m)
+            }
+            Some(FrontendReq::SET_FEATURES) => {
+                self.acked_protocol_features = m.u64_at(0).unwrap_or(0) & PROTOCOL_FEATURES != 0;
+                write_message(self.backend, &m)?;
+                if self.acked_protocol_features {
+                    self.replay_held_enables()?;
+                }
+                Ok(())
+            }
+            _ => write_message(self.backend, &m),
+        }
+    }
+
+    /// Sends the held `SET_VRING_ENABLE`s to the backend, now that they are valid.
+    fn replay_held_enables(&mut self) -> io::Result<()> {
+        for (index, num) in std::mem::take(&mut self.held_enables) {
+            let mut payload = index.to_le_bytes().to_vec();
+            payload.extend_from_slice(&num.to_le_bytes());
+            write_message(
+                self.backend,
+                &Message {
+                    request: FrontendReq::SET_VRING_ENABLE.into(),
+                    flags: FLAG_VERSION_1,
+                    payload,
+                    fds: vec![],
+                },
+            )?;
+            self.log.lock().enables_replayed += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Sends the success reply a `NEED_REPLY` message asks for.
