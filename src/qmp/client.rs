@@ -150,7 +150,7 @@ impl QmpClient {
             }
         };
 
-        let mut client = QmpClient {
+        let client = QmpClient {
             shared,
             writer: Mutex::new(writer),
             events: events_rx,
@@ -162,7 +162,16 @@ impl QmpClient {
         };
         // From here on, an early return drops `client`, which shuts the
         // transport down and joins the reader thread.
-        client.greeting = match greeting_rx.recv_timeout(timeout) {
+        client.handshake(&greeting_rx, timeout)
+    }
+
+    /// Waits for the greeting the reader thread passes on, then negotiates capabilities.
+    fn handshake(
+        mut self,
+        greeting_rx: &Receiver<Result<Value, QmpError>>,
+        timeout: Duration,
+    ) -> Result<Self, QmpError> {
+        self.greeting = match greeting_rx.recv_timeout(timeout) {
             Ok(greeting) => greeting?,
             Err(RecvTimeoutError::Timeout) => {
                 return Err(QmpError::Timeout {
@@ -170,12 +179,13 @@ impl QmpClient {
                     after: timeout,
                 })
             }
-            Err(RecvTimeoutError::Disconnected) => return Err(client.shared.disconnected()),
+            Err(RecvTimeoutError::Disconnected) => return Err(self.shared.disconnected()),
         };
-        tracing::debug!(path = %path.display(), version = ?client.qemu_version(), "QMP greeting received");
-        client.execute_with_timeout("qmp_capabilities", None, timeout)?;
-        tracing::debug!(path = %path.display(), "QMP capabilities negotiated");
-        Ok(client)
+        let path = self.shared.path.display();
+        tracing::debug!(path = %path, version = ?self.qemu_version(), "QMP greeting received");
+        self.execute_with_timeout("qmp_capabilities", None, timeout)?;
+        tracing::debug!(path = %path, "QMP capabilities negotiated");
+        Ok(self)
     }
 
     /// The contents of QEMU's greeting (the object under `"QMP"`, with
