@@ -1,4 +1,8 @@
 //! Shared set-up of the end-to-end tests: real QEMU, a real Linux guest, real sockets.
+//!
+//! They run with the `e2e` feature (`bash tools/test.sh`, or `cargo test --release --workspace
+//! --features e2e` once `tools/setup.sh` has built the guest); without it `cargo test` lists
+//! each of them as ignored.
 
 #![allow(dead_code)]
 
