@@ -8,6 +8,12 @@
 mod qemu_args;
 mod spec;
 
+pub use qemu_args::{parse_args, qemu_args};
+pub use spec::{
+    mac_for, stand_in_vf_device, FabricSpec, GuestImage, Nic, PassthroughSlot, Role, RunPaths,
+    VmSpec, PASSTHROUGH_DEVICE, PASSTHROUGH_PORT,
+};
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,12 +21,6 @@ use std::time::{Duration, Instant};
 
 use crate::companion::control::{ControlClient, ControlError, Request};
 use crate::qmp::{QmpClient, QmpError};
-
-pub use qemu_args::{parse_args, qemu_args};
-pub use spec::{
-    mac_for, stand_in_vf_device, FabricSpec, GuestImage, Nic, PassthroughSlot, Role, RunPaths,
-    VmSpec, PASSTHROUGH_DEVICE, PASSTHROUGH_PORT,
-};
 
 /// Errors of launching or stopping a VM.
 #[derive(Debug, thiserror::Error)]
