@@ -20,6 +20,10 @@ fn refused(r: Result<serde_json::Value, ControlError>) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_running_companion_refuses_bad_input_and_keeps_serving() {
     let _m = machine();
     init_logging();

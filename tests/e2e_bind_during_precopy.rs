@@ -16,6 +16,10 @@ use vfmig::orchestrator::migrate::{migrate, MigrateOptions, Quiet};
 use vfmig::orchestrator::StrategyKind as Strategy;
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_device_started_during_precopy_loses_no_write() {
     let _m = machine();
     init_logging();

@@ -77,6 +77,10 @@ fn survives_under(strategy: Strategy, fault: Fault, expect_in_error: &str) -> Sc
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_cancelled_migration_leaves_the_job_running() {
     survives(Fault::Cancel, "cancelled");
 }
@@ -85,17 +89,29 @@ fn a_cancelled_migration_leaves_the_job_running() {
 /// the cancel, the source must have its VF back with the guest's driver up, and the ranks must
 /// have been resumed (the job finishes with the reference result).
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_cancelled_passthrough_hotplug_migration_gives_the_source_its_vf_back() {
     let r = survives_under(Strategy::PassthroughHotplug, Fault::Cancel, "cancelled");
     assert_eq!(r.source_vf_restored, Some(true), "{r:?}");
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn the_destination_qemu_killed_during_precopy_leaves_the_job_running() {
     survives(Fault::KillDestinationQemu, "destination's QEMU died");
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn the_destination_companion_killed_during_precopy_leaves_the_job_running() {
     survives(
         Fault::KillDestinationCompanion,

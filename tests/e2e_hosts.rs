@@ -5,6 +5,10 @@ use std::process::Command;
 use vfmig::lab::hosts::Hosts;
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn two_hosts_reach_each_other_over_the_bridge() {
     let hosts = Hosts::create(2).expect("hosts (needs root and iproute2)");
     let server = format!(

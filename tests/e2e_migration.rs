@@ -9,6 +9,10 @@ use vfmig::orchestrator::migrate::Quiet;
 use vfmig::orchestrator::StrategyKind as Strategy;
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn tracking_on_no_device_write_is_lost() {
     let _m = machine();
     init_logging();
@@ -32,6 +36,10 @@ fn tracking_on_no_device_write_is_lost() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn negative_control_without_tracking_detects_lost_writes() {
     let _m = machine();
     init_logging();
@@ -47,6 +55,10 @@ fn negative_control_without_tracking_detects_lost_writes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn keep_paused_destination_ram_equals_the_source_page_by_page() {
     let _m = machine();
     init_logging();
@@ -65,6 +77,10 @@ fn keep_paused_destination_ram_equals_the_source_page_by_page() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn keep_paused_comparison_catches_untracked_device_writes() {
     let _m = machine();
     init_logging();

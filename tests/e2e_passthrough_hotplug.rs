@@ -58,6 +58,10 @@ fn hotplug_to(bus: &str) -> Hotplug {
 /// start, the error must say why, and once the guest runs again the VF is still usable
 /// (the pending unplug then completes, as QEMU does it).
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_guest_that_does_not_release_the_vf_stops_the_migration_before_precopy() {
     let _m = machine();
     init_logging();
@@ -96,6 +100,10 @@ fn a_guest_that_does_not_release_the_vf_stops_the_migration_before_precopy() {
 /// A destination without a slot for the VF: the migration completes (the VM runs there), and
 /// the error says the plug failed and what to do.
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_destination_without_a_vf_slot_reports_the_failed_plug_after_the_migration() {
     let _m = machine();
     init_logging();
@@ -131,6 +139,10 @@ fn a_destination_without_a_vf_slot_reports_the_failed_plug_after_the_migration()
 /// The detach half alone, against a running guest: it releases the VF, QEMU says so, and the
 /// plug brings it back with its driver up.
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_running_guest_releases_and_takes_back_the_vf() {
     let _m = machine();
     init_logging();

@@ -7,6 +7,10 @@ use vfmig::lab::plan_bench as plan;
 use vfmig::orchestrator::StrategyKind as Strategy;
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn two_vms_migrate_at_once() {
     let _m = machine();
     init_logging();

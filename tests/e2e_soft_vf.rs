@@ -55,6 +55,10 @@ fn reference() -> &'static ScenarioReport {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn lu_lite_on_three_vms_keeps_its_result_when_a_migrates() {
     let _m = machine();
     init_logging();
@@ -114,6 +118,10 @@ fn lu_lite_on_three_vms_keeps_its_result_when_a_migrates() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn lu_lite_negative_control_without_tracking_changes_the_result() {
     let _m = machine();
     init_logging();
@@ -131,6 +139,10 @@ fn lu_lite_negative_control_without_tracking_changes_the_result() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn rdma_bw_across_a_migration_receives_every_byte_sent() {
     let _m = machine();
     init_logging();
@@ -151,6 +163,10 @@ fn rdma_bw_across_a_migration_receives_every_byte_sent() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps_serving() {
     use vfmig::companion::control::Request;
     use vfmig::lab::demo::free_port;
@@ -231,6 +247,10 @@ fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn lu_lite_under_the_cooperative_strategy_keeps_its_result() {
     let _m = machine();
     init_logging();
@@ -258,6 +278,10 @@ fn lu_lite_under_the_cooperative_strategy_keeps_its_result() {
 /// vfio-pci VF); ranks suspend, the VF is unplugged, `a` migrates, a VF is plugged in at the
 /// destination and its guest driver comes up, ranks resume. The job keeps its result.
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn lu_lite_under_the_passthrough_hotplug_strategy_keeps_its_result() {
     let _m = machine();
     init_logging();
@@ -310,6 +334,10 @@ fn lu_lite_under_the_passthrough_hotplug_strategy_keeps_its_result() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn rdma_lat_between_two_vms_reports_perftest_fields() {
     let _m = machine();
     init_logging();

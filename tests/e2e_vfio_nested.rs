@@ -33,6 +33,10 @@ const STEPS: [&str; 16] = [
 ];
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn the_vfio_self_test_passes_on_an_emulated_sr_iov_vf_inside_l1() {
     let _m = machine();
     let dir = RunDir::new("vfio-nested");
@@ -75,6 +79,10 @@ fn the_vfio_self_test_passes_on_an_emulated_sr_iov_vf_inside_l1() {
 /// The runner refuses a vfmig that could not run in L1's initramfs, before booting anything,
 /// and says how to get the right one.
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_dynamically_linked_vfmig_is_refused_with_the_fix() {
     let dir = RunDir::new("vfio-nested-dynamic");
     let out = Command::new(VFMIG)

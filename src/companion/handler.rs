@@ -75,11 +75,7 @@ impl Companion {
             regions: guest_ram::regions(&mem),
             gate: self.dma.gate_state(),
             tracking: self.dma.tracking(),
-            vhost_messages: self
-                .vhost_messages
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            vhost_messages: self.vhost_messages.lock().clone(),
             vfio: self.device.vfio_status(),
         }
     }

@@ -21,32 +21,29 @@ use std::collections::BTreeMap;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use parking_lot::Mutex;
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures, MAX_ATTACHED_FD_ENTRIES,
+    MAX_MSG_SIZE,
+};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
-const PROTOCOL_FEATURES: u64 = 1 << 30;
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 /// Most file descriptors one message carries.
-const MAX_FDS: usize = 32;
-/// Largest payload the protocol allows.
-const MAX_PAYLOAD: usize = 0x1000 + 0x100;
+const MAX_FDS: usize = MAX_ATTACHED_FD_ENTRIES;
+/// Largest payload accepted: the crate's limit with some slack, so that the crate, not the
+/// filter, is the one to refuse a message just over it.
+const MAX_PAYLOAD: usize = MAX_MSG_SIZE + 0x100;
 
-/// Front-end request codes the filter looks at.
-mod code {
-    pub const SET_FEATURES: u32 = 2;
-    pub const SET_MEM_TABLE: u32 = 5;
-    pub const SET_LOG_BASE: u32 = 6;
-    pub const GET_VRING_BASE: u32 = 11;
-    pub const SET_VRING_ENABLE: u32 = 18;
-    pub const SEND_RARP: u32 = 19;
-}
-
-/// Flag bits of a message header.
+/// Flag bits of a message header: version 1 (the version field's only value), reply, and
+/// "the sender waits for a reply".
 const FLAG_VERSION_1: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
+const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
 /// A vhost-user message: header fields, payload and attached fds.
 #[derive(Debug)]
@@ -62,6 +59,11 @@ pub struct Message {
 }
 
 impl Message {
+    /// The request, when it is one the `vhost` crate knows.
+    fn frontend_request(&self) -> Option<FrontendReq> {
+        FrontendReq::try_from(self.request).ok()
+    }
+
     fn u64_at(&self, at: usize) -> Option<u64> {
         self.payload
             .get(at..at + 8)
@@ -167,14 +169,14 @@ pub struct MessageLog {
     pub rarp: u64,
 }
 
-fn name_of(request: u32) -> Option<&'static str> {
+fn name_of(request: FrontendReq) -> Option<&'static str> {
     Some(match request {
-        code::SET_FEATURES => "set_features",
-        code::SET_MEM_TABLE => "set_mem_table",
-        code::SET_LOG_BASE => "set_log_base",
-        code::GET_VRING_BASE => "get_vring_base",
-        code::SET_VRING_ENABLE => "set_vring_enable",
-        code::SEND_RARP => "send_rarp",
+        FrontendReq::SET_FEATURES => "set_features",
+        FrontendReq::SET_MEM_TABLE => "set_mem_table",
+        FrontendReq::SET_LOG_BASE => "set_log_base",
+        FrontendReq::GET_VRING_BASE => "get_vring_base",
+        FrontendReq::SET_VRING_ENABLE => "set_vring_enable",
+        FrontendReq::SEND_RARP => "send_rarp",
         _ => return None,
     })
 }
@@ -202,56 +204,18 @@ pub fn run(
             Ok(())
         })?;
 
-    let mut acked_protocol_features = false;
-    let mut held_enables: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut requests = Requests {
+        qemu: &qemu_r,
+        backend: &backend_w,
+        log: &log,
+        start,
+        on_vring_disable: &on_vring_disable,
+        acked_protocol_features: false,
+        held_enables: BTreeMap::new(),
+    };
     let result = (|| -> io::Result<()> {
         while let Some(m) = read_message(&qemu_r)? {
-            if let Some(name) = name_of(m.request) {
-                let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-                *l.counts.entry(name.to_owned()).or_default() += 1;
-                l.last_us
-                    .insert(name.to_owned(), start.elapsed().as_micros() as u64);
-            }
-            match m.request {
-                code::SET_VRING_ENABLE if !acked_protocol_features => {
-                    let (index, num) = (m.u32_at(0).unwrap_or(0), m.u32_at(4).unwrap_or(0));
-                    tracing::debug!(index, num, "SET_VRING_ENABLE before SET_FEATURES: held");
-                    held_enables.insert(index, num);
-                    ack_if_asked(&qemu_r, &m)?;
-                }
-                code::SET_VRING_ENABLE if m.u32_at(4) == Some(0) => {
-                    on_vring_disable(m.u32_at(0).unwrap_or(0));
-                    write_message(&backend_w, &m)?;
-                }
-                code::SEND_RARP => {
-                    tracing::info!("SEND_RARP: the VM runs here now");
-                    log.lock().unwrap_or_else(|e| e.into_inner()).rarp += 1;
-                    ack_if_asked(&qemu_r, &m)?;
-                }
-                code::SET_FEATURES => {
-                    acked_protocol_features = m.u64_at(0).unwrap_or(0) & PROTOCOL_FEATURES != 0;
-                    write_message(&backend_w, &m)?;
-                    if acked_protocol_features {
-                        for (index, num) in std::mem::take(&mut held_enables) {
-                            let mut payload = index.to_le_bytes().to_vec();
-                            payload.extend_from_slice(&num.to_le_bytes());
-                            write_message(
-                                &backend_w,
-                                &Message {
-                                    request: code::SET_VRING_ENABLE,
-                                    flags: FLAG_VERSION_1,
-                                    payload,
-                                    fds: vec![],
-                                },
-                            )?;
-                            log.lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .enables_replayed += 1;
-                        }
-                    }
-                }
-                _ => write_message(&backend_w, &m)?,
-            }
+            requests.handle(m)?;
         }
         Ok(())
     })();
@@ -259,6 +223,77 @@ pub fn run(
     let _ = qemu_r.shutdown(std::net::Shutdown::Both);
     let _ = replies.join();
     result
+}
+
+/// The QEMU → backend direction: what the filter remembers between requests.
+struct Requests<'a> {
+    qemu: &'a UnixStream,
+    backend: &'a UnixStream,
+    log: &'a SharedMessageLog,
+    start: Instant,
+    on_vring_disable: &'a dyn Fn(u32),
+    /// Whether the last `SET_FEATURES` acked `VHOST_USER_F_PROTOCOL_FEATURES`.
+    acked_protocol_features: bool,
+    /// Early `SET_VRING_ENABLE`s: ring index → enable.
+    held_enables: BTreeMap<u32, u32>,
+}
+
+impl Requests<'_> {
+    /// Logs `m`, then forwards, holds or answers it.
+    fn handle(&mut self, m: Message) -> io::Result<()> {
+        let request = m.frontend_request();
+        if let Some(name) = request.and_then(name_of) {
+            let mut l = self.log.lock();
+            *l.counts.entry(name.to_owned()).or_default() += 1;
+            l.last_us
+                .insert(name.to_owned(), self.start.elapsed().as_micros() as u64);
+        }
+        match request {
+            Some(FrontendReq::SET_VRING_ENABLE) if !self.acked_protocol_features => {
+                let (index, num) = (m.u32_at(0).unwrap_or(0), m.u32_at(4).unwrap_or(0));
+                tracing::debug!(index, num, "SET_VRING_ENABLE before SET_FEATURES: held");
+                self.held_enables.insert(index, num);
+                ack_if_asked(self.qemu, &m)
+            }
+            Some(FrontendReq::SET_VRING_ENABLE) if m.u32_at(4) == Some(0) => {
+                (self.on_vring_disable)(m.u32_at(0).unwrap_or(0));
+                write_message(self.backend, &m)
+            }
+            Some(FrontendReq::SEND_RARP) => {
+                tracing::info!("SEND_RARP: the VM runs here now");
+                self.log.lock().rarp += 1;
+                ack_if_asked(self.qemu, &m)
+            }
+            Some(FrontendReq::SET_FEATURES) => {
+                self.acked_protocol_features = m.u64_at(0).unwrap_or(0) & PROTOCOL_FEATURES != 0;
+                write_message(self.backend, &m)?;
+                if self.acked_protocol_features {
+                    self.replay_held_enables()?;
+                }
+                Ok(())
+            }
+            _ => write_message(self.backend, &m),
+        }
+    }
+
+    /// Sends the held `SET_VRING_ENABLE`s to the backend, now that they are valid.
+    fn replay_held_enables(&mut self) -> io::Result<()> {
+        for (index, num) in std::mem::take(&mut self.held_enables) {
+            let mut payload = index.to_le_bytes().to_vec();
+            payload.extend_from_slice(&num.to_le_bytes());
+            write_message(
+                self.backend,
+                &Message {
+                    request: FrontendReq::SET_VRING_ENABLE.into(),
+                    flags: FLAG_VERSION_1,
+                    payload,
+                    fds: vec![],
+                },
+            )?;
+            self.log.lock().enables_replayed += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Sends the success reply a `NEED_REPLY` message asks for.
@@ -280,6 +315,17 @@ fn ack_if_asked(qemu: &UnixStream, m: &Message) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Request codes as they travel on the wire.
+    mod code {
+        use super::FrontendReq;
+
+        pub const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
+        pub const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+        pub const GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
+        pub const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+        pub const SEND_RARP: u32 = FrontendReq::SEND_RARP as u32;
+    }
 
     fn msg(request: u32, payload: Vec<u8>) -> Message {
         Message {
@@ -332,9 +378,7 @@ mod tests {
         let disabled = Arc::new(Mutex::new(vec![]));
         let d2 = disabled.clone();
         let t = std::thread::spawn(move || {
-            run(qemu_side, backend_side, l2, move |i| {
-                d2.lock().unwrap().push(i)
-            })
+            run(qemu_side, backend_side, l2, move |i| d2.lock().push(i))
         });
         write_message(&qemu, &msg(code::SET_VRING_ENABLE, enable(0, 1))).unwrap();
         write_message(&qemu, &msg(code::SET_VRING_ENABLE, enable(1, 1))).unwrap();
@@ -371,12 +415,12 @@ mod tests {
         assert_eq!(read_message(&qemu).unwrap().unwrap().payload, vec![9; 8]);
         drop(qemu);
         t.join().unwrap().unwrap();
-        let l = log.lock().unwrap();
+        let l = log.lock();
         assert_eq!(l.enables_replayed, 2);
         assert_eq!(l.rarp, 1);
         assert_eq!(l.counts["set_vring_enable"], 3);
         assert_eq!(
-            *disabled.lock().unwrap(),
+            *disabled.lock(),
             vec![1],
             "the hook saw the disable of ring 1"
         );

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::demo::{free_port, start_vm_with, DemoError, DemoOptions};
+use super::stats::median;
 use crate::orchestrator::launch::{Nic, Role};
 use crate::orchestrator::migrate::{migrate, MigrateOptions, Quiet};
 
@@ -85,20 +86,6 @@ pub struct MigrationBench {
     pub total_time_ratio: f64,
     /// Median of the per-pair ratios (with ÷ without of the same run number).
     pub paired_ratio_median: f64,
-}
-
-/// Median of `xs` (mean of the middle two for an even count); 0 when empty.
-pub fn median(mut xs: Vec<f64>) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
 }
 
 fn one(opts: &DemoOptions, nic: Nic, run: u32) -> Result<BenchRun, DemoError> {
@@ -412,12 +399,5 @@ mod tests {
         assert!(strategies_markdown(&rows)
             .contains("blackout passthrough-hotplug / transparent: 10.0x"));
         assert_eq!(blackout_ratio(&rows, "cooperative", "transparent"), None);
-    }
-
-    #[test]
-    fn medians_of_odd_and_even_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert_eq!(median(vec![]), 0.0);
     }
 }

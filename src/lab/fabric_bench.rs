@@ -7,18 +7,42 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use vm_memory::mmap::FromRangesError;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::bench::median;
-use crate::memory::DmaEngine;
+use super::stats::median;
+use crate::memory::{DmaEngine, DmaError};
 use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
-use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status};
+use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status, VerbsError};
 
 const RAM: usize = 96 << 20;
 const BUF_GPA: u64 = 16 << 20;
 const BUF_LEN: u64 = 64 << 20;
 const VA: u64 = 0x7f00_0000_0000;
 const DEPTH: usize = 64;
+
+/// Why the fabric bench stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FabricBenchError {
+    /// The bench's guest RAM could not be mapped.
+    #[error("cannot map {} MiB of anonymous memory for the bench's guest RAM", RAM >> 20)]
+    Ram(#[source] FromRangesError),
+    /// The buffer could not be touched through the DMA engine.
+    #[error("cannot fill the bench buffer through the DMA engine")]
+    Dma(#[source] DmaError),
+    /// A verbs call on a soft VF failed.
+    #[error("a soft VF verbs call failed")]
+    Verbs(#[from] VerbsError),
+    /// A soft VF reported a failed completion.
+    #[error("soft VF completion {0}: the fabric lost or refused a write")]
+    Completion(String),
+    /// A soft VF or a TCP peer stopped answering.
+    #[error("{0}")]
+    Stalled(&'static str),
+    /// Starting a soft VF, or a TCP socket, failed.
+    #[error("bench socket I/O failed")]
+    Io(#[from] std::io::Error),
+}
 
 /// One message size's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -55,9 +79,9 @@ struct Side {
     key: u32,
 }
 
-fn side(name: &str) -> std::io::Result<Side> {
+fn side(name: &str) -> Result<Side, FabricBenchError> {
     let ram = GuestMemoryAtomic::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).map_err(std::io::Error::other)?,
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).map_err(FabricBenchError::Ram)?,
     );
     let dma = Arc::new(DmaEngine::new(ram));
     dma.adopt_memory();
@@ -65,7 +89,7 @@ fn side(name: &str) -> std::io::Result<Side> {
     let chunk = vec![0x5au8; 1 << 20];
     for off in (0..BUF_LEN).step_by(chunk.len()) {
         dma.write(BUF_GPA + off, &chunk)
-            .map_err(std::io::Error::other)?;
+            .map_err(FabricBenchError::Dma)?;
     }
     let vf = SoftVf::start(
         name,
@@ -74,19 +98,17 @@ fn side(name: &str) -> std::io::Result<Side> {
         ClusterMap::default(),
         FabricTiming::default(),
     )?;
-    let key = vf
-        .register_mr(
-            VA,
-            vec![GpaRange {
-                gpa: BUF_GPA,
-                len: BUF_LEN,
-            }],
-            Access {
-                local_write: true,
-                remote_write: true,
-            },
-        )
-        .map_err(std::io::Error::other)?;
+    let key = vf.register_mr(
+        VA,
+        vec![GpaRange {
+            gpa: BUF_GPA,
+            len: BUF_LEN,
+        }],
+        Access {
+            local_write: true,
+            remote_write: true,
+        },
+    )?;
     Ok(Side { vf, key })
 }
 
@@ -110,7 +132,7 @@ fn ops_for(size: u64) -> u64 {
     ((128u64 << 20) / size).clamp(512, 20_000)
 }
 
-fn soft_vf_bw(a: &Side, b: &Side, qa: u32, size: u64) -> std::io::Result<f64> {
+fn soft_vf_bw(a: &Side, b: &Side, qa: u32, size: u64) -> Result<f64, FabricBenchError> {
     let ops = ops_for(size);
     let slots = (BUF_LEN / size).max(1);
     let start = Instant::now();
@@ -118,18 +140,19 @@ fn soft_vf_bw(a: &Side, b: &Side, qa: u32, size: u64) -> std::io::Result<f64> {
     while done < ops {
         while outstanding < DEPTH && posted < ops {
             let off = (posted % slots) * size;
-            a.vf.post_send(qa, write(posted, size, off, a.key, b.key, None))
-                .map_err(std::io::Error::other)?;
+            a.vf.post_send(qa, write(posted, size, off, a.key, b.key, None))?;
             posted += 1;
             outstanding += 1;
         }
         let cs = a.vf.wait_cq(DEPTH, Duration::from_secs(10));
         if cs.is_empty() {
-            return Err(std::io::Error::other("soft VF: no completion within 10 s"));
+            return Err(FabricBenchError::Stalled(
+                "soft VF: no completion within 10 s",
+            ));
         }
         for c in cs {
             if c.status != Status::Success {
-                return Err(std::io::Error::other(format!("soft VF completion {c:?}")));
+                return Err(FabricBenchError::Completion(format!("{c:?}")));
             }
             done += 1;
             outstanding -= 1;
@@ -192,8 +215,7 @@ fn tcp_bw(size: u64) -> std::io::Result<f64> {
     Ok(total as f64 / (1 << 20) as f64 / secs)
 }
 
-fn soft_vf_lat(a: &Side, b: &Side, qa: u32, qb: u32, iters: u32) -> std::io::Result<f64> {
-    let io = |e: crate::vf::verbs::VerbsError| std::io::Error::other(e);
+fn soft_vf_lat(a: &Side, b: &Side, qa: u32, qb: u32, iters: u32) -> Result<f64, FabricBenchError> {
     let recv = |key| RecvWr {
         wr_id: 0,
         sge: Sge {
@@ -204,27 +226,25 @@ fn soft_vf_lat(a: &Side, b: &Side, qa: u32, qb: u32, iters: u32) -> std::io::Res
     };
     let mut samples = Vec::with_capacity(iters as usize);
     for i in 0..iters {
-        b.vf.post_recv(qb, recv(b.key)).map_err(io)?;
-        a.vf.post_recv(qa, recv(a.key)).map_err(io)?;
+        b.vf.post_recv(qb, recv(b.key))?;
+        a.vf.post_recv(qa, recv(a.key))?;
         let t = Instant::now();
-        a.vf.post_send(qa, write(u64::from(i), 64, 0, a.key, b.key, Some(i)))
-            .map_err(io)?;
+        a.vf.post_send(qa, write(u64::from(i), 64, 0, a.key, b.key, Some(i)))?;
         // b sees the receive, answers with its own write; a waits for that receive.
         loop {
             let cs = b.vf.wait_cq(4, Duration::from_secs(5));
             if cs.is_empty() {
-                return Err(std::io::Error::other("latency: b got nothing"));
+                return Err(FabricBenchError::Stalled("latency: b got nothing"));
             }
             if cs.iter().any(|c| c.imm == Some(i)) {
                 break;
             }
         }
-        b.vf.post_send(qb, write(u64::from(i), 64, 64, b.key, a.key, Some(i)))
-            .map_err(io)?;
+        b.vf.post_send(qb, write(u64::from(i), 64, 64, b.key, a.key, Some(i)))?;
         loop {
             let cs = a.vf.wait_cq(4, Duration::from_secs(5));
             if cs.is_empty() {
-                return Err(std::io::Error::other("latency: a got nothing"));
+                return Err(FabricBenchError::Stalled("latency: a got nothing"));
             }
             if cs.iter().any(|c| c.imm == Some(i) && c.wr_id == 0) {
                 break;
@@ -261,14 +281,13 @@ fn tcp_lat(iters: u32) -> std::io::Result<f64> {
 }
 
 /// Runs the fabric bench; `progress` is told each figure as it is measured.
-pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> std::io::Result<FabricBench> {
+pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> Result<FabricBench, FabricBenchError> {
     let (a, b) = (side("bench-a")?, side("bench-b")?);
     a.vf.set_peer_address("bench-b", b.vf.listen_addr());
     b.vf.set_peer_address("bench-a", a.vf.listen_addr());
     let (qa, qb) = (a.vf.create_qp(), b.vf.create_qp());
-    let io = |e: crate::vf::verbs::VerbsError| std::io::Error::other(e);
-    a.vf.connect_qp(qa, "bench-b", qb).map_err(io)?;
-    b.vf.connect_qp(qb, "bench-a", qa).map_err(io)?;
+    a.vf.connect_qp(qa, "bench-b", qb)?;
+    b.vf.connect_qp(qb, "bench-a", qa)?;
     let mut rows = Vec::new();
     for shift in [6u32, 8, 10, 12, 14, 16, 18, 20] {
         let size = 1u64 << shift;

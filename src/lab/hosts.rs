@@ -9,12 +9,21 @@ use std::process::Command;
 #[derive(Debug, thiserror::Error)]
 pub enum HostsError {
     /// An `ip` command failed.
-    #[error("cannot set up test host network: `ip {args}` failed: {reason} (root and iproute2 are needed)")]
+    #[error("cannot set up test host network: `ip {args}` failed: {stderr} (root and iproute2 are needed)")]
     Ip {
         /// Its arguments.
         args: String,
         /// Its error output.
-        reason: String,
+        stderr: String,
+    },
+    /// `ip` could not be run at all.
+    #[error("cannot set up test host network: cannot run `ip {args}`: install iproute2")]
+    Spawn {
+        /// Its arguments.
+        args: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -30,16 +39,16 @@ fn ip(args: &[&str]) -> Result<(), HostsError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| HostsError::Ip {
+        .map_err(|source| HostsError::Spawn {
             args: args.join(" "),
-            reason: e.to_string(),
+            source,
         })?;
     if out.status.success() {
         Ok(())
     } else {
         Err(HostsError::Ip {
             args: args.join(" "),
-            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
     }
 }

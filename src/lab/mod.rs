@@ -6,6 +6,7 @@
 //! - [`bench`]: side-by-side measurements of whole migrations;
 //! - [`plan_bench`]: several VMs migrated at once against what the bandwidth allows;
 //! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP;
+//! - [`stats`]: statistics of repeated measurements (medians);
 //! - [`hosts`]: network namespaces standing for cluster hosts;
 //! - [`verify`]: checks that rely on nothing of vfmig's (`pmemsave` dumps);
 //! - [`nested`]: the nested VFIO test (a real VF bound to vfio-pci inside an L1 guest);
@@ -19,5 +20,6 @@ pub mod hosts;
 pub mod nested;
 pub mod plan_bench;
 pub mod scenario;
+pub mod stats;
 pub mod verify;
 pub mod vfio_selftest;

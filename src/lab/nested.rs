@@ -11,8 +11,9 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -41,11 +42,12 @@ pub enum NestedError {
     )]
     NotStatic(PathBuf),
     /// Files or QEMU could not be handled.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,
         /// The error.
+        #[source]
         source: std::io::Error,
     },
     /// The option file is malformed.
@@ -300,6 +302,55 @@ pub fn run(
     opts: &NestedOptions,
     on_step: &mut dyn FnMut(&str, &str),
 ) -> Result<NestedReport, NestedError> {
+    let vfmig = read_static_vfmig(opts)?;
+    std::fs::create_dir_all(&opts.work_dir)
+        .map_err(io(format!("creating {}", opts.work_dir.display())))?;
+    let initrd_path = write_initrd(opts, &vfmig)?;
+    let p = |p: &Path| p.display().to_string();
+    let args = parse_args(
+        "nested-l1.args",
+        NESTED_L1_ARGS,
+        &[
+            ("mem_mib", opts.mem_mib.to_string()),
+            ("kernel", p(&opts.kernel)),
+            ("initrd", p(&initrd_path)),
+        ],
+    )?;
+    let console_path = opts.work_dir.join("l1-console.log");
+    let mut console = std::fs::File::create(&console_path)
+        .map_err(io(format!("creating {}", console_path.display())))?;
+    tracing::info!(kernel = %opts.kernel.display(), "booting the L1 guest under TCG");
+    let start = Instant::now();
+    let mut l1 = L1::start(&args)?;
+    let mut watch = Watch::new(on_step);
+    loop {
+        let left = opts.timeout.saturating_sub(start.elapsed());
+        match l1.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(line) => {
+                let _ = writeln!(console, "{line}");
+                if opts.verbose {
+                    eprintln!("l1| {line}");
+                }
+                watch.line(&line, start);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                watch.report.error = Some(format!(
+                    "L1 did not finish within {:?}; its console is in {}",
+                    opts.timeout,
+                    console_path.display()
+                ));
+                let _ = l1.child.kill();
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    l1.wait();
+    Ok(watch.finish(start.elapsed(), &console_path))
+}
+
+/// Checks that the kernel, the L1 initramfs and the static vfmig are there, and reads vfmig.
+fn read_static_vfmig(opts: &NestedOptions) -> Result<Vec<u8>, NestedError> {
     for (what, path, fix) in [
         (
             "the generic guest kernel",
@@ -330,162 +381,175 @@ pub fn run(
     if !is_static_elf(&vfmig) {
         return Err(NestedError::NotStatic(opts.vfmig.clone()));
     }
-    std::fs::create_dir_all(&opts.work_dir)
-        .map_err(io(format!("creating {}", opts.work_dir.display())))?;
+    Ok(vfmig)
+}
 
-    // The base archive (gzip), zero-padded to 4 bytes, then a cpio archive with /bin/vfmig:
-    // the kernel unpacks concatenated archives in order.
+/// Writes the L1 initramfs with `vfmig` in it to the work directory: the base archive (gzip),
+/// zero-padded to 4 bytes, then a cpio archive with /bin/vfmig (the kernel unpacks
+/// concatenated archives in order).
+fn write_initrd(opts: &NestedOptions, vfmig: &[u8]) -> Result<PathBuf, NestedError> {
     let mut initrd =
         std::fs::read(&opts.initrd).map_err(io(format!("reading {}", opts.initrd.display())))?;
     while initrd.len() % 4 != 0 {
         initrd.push(0);
     }
-    initrd.extend(cpio_newc(&[("bin/vfmig", 0o100755, &vfmig)]));
+    initrd.extend(cpio_newc(&[("bin/vfmig", 0o100755, vfmig)]));
     let initrd_path = opts.work_dir.join("l1-initramfs-with-vfmig.cpio");
     std::fs::write(&initrd_path, &initrd)
         .map_err(io(format!("writing {}", initrd_path.display())))?;
+    Ok(initrd_path)
+}
 
-    let p = |p: &Path| p.display().to_string();
-    let args = parse_args(
-        "nested-l1.args",
-        NESTED_L1_ARGS,
-        &[
-            ("mem_mib", opts.mem_mib.to_string()),
-            ("kernel", p(&opts.kernel)),
-            ("initrd", p(&initrd_path)),
-        ],
-    )?;
-    let console_path = opts.work_dir.join("l1-console.log");
-    let mut console = std::fs::File::create(&console_path)
-        .map_err(io(format!("creating {}", console_path.display())))?;
-    tracing::info!(kernel = %opts.kernel.display(), "booting the L1 guest under TCG");
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io(
-            "starting qemu-system-x86_64 (run `bash tools/setup.sh` to install it)",
-        ))?;
-    let (tx, rx) = mpsc::channel::<String>();
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let tx2 = tx.clone();
-    let readers = [
-        std::thread::spawn(move || {
-            if let Some(s) = stdout {
-                for line in BufReader::new(s).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            }
-        }),
-        std::thread::spawn(move || {
-            if let Some(s) = stderr {
-                for line in BufReader::new(s).lines().map_while(Result::ok) {
-                    let _ = tx2.send(format!("qemu: {line}"));
-                }
-            }
-        }),
-    ];
+/// The L1 guest's QEMU, its stdout and stderr read line by line into `lines` (stderr's
+/// prefixed with `qemu: `).
+struct L1 {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    readers: [JoinHandle<()>; 2],
+}
 
-    let mut report = NestedReport {
-        steps: Vec::new(),
-        dirty_tracking: None,
-        bdf: None,
-        check: None,
-        elapsed: Duration::ZERO,
-        ok: false,
-        error: None,
-    };
-    let mut booted = false;
-    let mut result: Option<Value> = None;
-    let mut done_rc: Option<i32> = None;
-    let mut record = |report: &mut NestedReport, k: String, v: String| {
-        on_step(&k, &v);
-        report.steps.push((k, v));
-    };
-    loop {
-        let left = opts.timeout.saturating_sub(start.elapsed());
-        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok(line) => {
-                let _ = writeln!(console, "{line}");
-                if opts.verbose {
-                    eprintln!("l1| {line}");
-                }
-                let parsed = parse_line(&line);
-                if !booted && matches!(parsed, Line::L1Step(..) | Line::Done(_)) {
-                    booted = true;
-                    let secs = start.elapsed().as_secs_f64();
-                    record(&mut report, "boot".into(), format!("ok ({secs:.1} s)"));
-                }
-                match parsed {
-                    Line::L1Step(k, v) | Line::SelfTestStep(k, v) => record(&mut report, k, v),
-                    Line::Result(v) => result = Some(v),
-                    Line::Check(v) => {
-                        let verdict = check_verdict(&v);
-                        report.check = Some(v);
-                        record(&mut report, "check".into(), verdict);
+impl L1 {
+    fn start(args: &[String]) -> Result<Self, NestedError> {
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io(
+                "starting qemu-system-x86_64 (run `bash tools/setup.sh` to install it)",
+            ))?;
+        let (tx, lines) = mpsc::channel::<String>();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let tx2 = tx.clone();
+        let readers = [
+            std::thread::spawn(move || {
+                if let Some(s) = stdout {
+                    for line in BufReader::new(s).lines().map_while(Result::ok) {
+                        let _ = tx.send(line);
                     }
-                    Line::Done(rc) => done_rc = Some(rc),
-                    Line::Other => {}
                 }
+            }),
+            std::thread::spawn(move || {
+                if let Some(s) = stderr {
+                    for line in BufReader::new(s).lines().map_while(Result::ok) {
+                        let _ = tx2.send(format!("qemu: {line}"));
+                    }
+                }
+            }),
+        ];
+        Ok(L1 {
+            child,
+            lines,
+            readers,
+        })
+    }
+
+    /// Waits for QEMU to exit and for its output to be read.
+    fn wait(mut self) {
+        let _ = self.child.wait();
+        for r in self.readers {
+            let _ = r.join();
+        }
+    }
+}
+
+/// What L1's console has told so far.
+struct Watch<'a> {
+    on_step: &'a mut dyn FnMut(&str, &str),
+    report: NestedReport,
+    booted: bool,
+    result: Option<Value>,
+    done_rc: Option<i32>,
+}
+
+impl<'a> Watch<'a> {
+    fn new(on_step: &'a mut dyn FnMut(&str, &str)) -> Self {
+        Watch {
+            on_step,
+            report: NestedReport {
+                steps: Vec::new(),
+                dirty_tracking: None,
+                bdf: None,
+                check: None,
+                elapsed: Duration::ZERO,
+                ok: false,
+                error: None,
+            },
+            booted: false,
+            result: None,
+            done_rc: None,
+        }
+    }
+
+    fn record(&mut self, k: String, v: String) {
+        (self.on_step)(&k, &v);
+        self.report.steps.push((k, v));
+    }
+
+    /// Takes in one console line; the first step or `done` line means L1 booted.
+    fn line(&mut self, line: &str, start: Instant) {
+        let parsed = parse_line(line);
+        if !self.booted && matches!(parsed, Line::L1Step(..) | Line::Done(_)) {
+            self.booted = true;
+            let secs = start.elapsed().as_secs_f64();
+            self.record("boot".into(), format!("ok ({secs:.1} s)"));
+        }
+        match parsed {
+            Line::L1Step(k, v) | Line::SelfTestStep(k, v) => self.record(k, v),
+            Line::Result(v) => self.result = Some(v),
+            Line::Check(v) => {
+                let verdict = check_verdict(&v);
+                self.report.check = Some(v);
+                self.record("check".into(), verdict);
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                report.error = Some(format!(
-                    "L1 did not finish within {:?}; its console is in {}",
-                    opts.timeout,
+            Line::Done(rc) => self.done_rc = Some(rc),
+            Line::Other => {}
+        }
+    }
+
+    /// The report once L1 is gone: the self-test's own result is authoritative for its steps
+    /// (any L1 step before it is kept).
+    fn finish(mut self, elapsed: Duration, console_path: &Path) -> NestedReport {
+        self.report.elapsed = elapsed;
+        if !self.booted {
+            self.record(
+                "boot".into(),
+                format!(
+                    "error: L1 printed no step; its console is in {}",
                     console_path.display()
-                ));
-                let _ = child.kill();
-                break;
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                ),
+            );
         }
-    }
-    let _ = child.wait();
-    for r in readers {
-        let _ = r.join();
-    }
-    report.elapsed = start.elapsed();
-    if !booted {
-        record(
-            &mut report,
-            "boot".into(),
-            format!(
-                "error: L1 printed no step; its console is in {}",
-                console_path.display()
-            ),
-        );
-    }
-    // The self-test's own result is authoritative for its steps; keep any L1 step before it.
-    if let Some(v) = &result {
-        report.dirty_tracking = v
-            .get("dirty_tracking")
-            .and_then(Value::as_str)
-            .map(String::from);
-        report.bdf = v.get("bdf").and_then(Value::as_str).map(String::from);
-        if let Some(steps) = v.get("steps").and_then(Value::as_object) {
-            for (k, val) in steps {
-                let val = val.as_str().unwrap_or("(not a string)").to_string();
-                match report.steps.iter_mut().find(|(name, _)| name == k) {
-                    Some(s) => s.1 = val,
-                    None => report.steps.push((k.clone(), val)),
+        let mut report = self.report;
+        if let Some(v) = &self.result {
+            report.dirty_tracking = v
+                .get("dirty_tracking")
+                .and_then(Value::as_str)
+                .map(String::from);
+            report.bdf = v.get("bdf").and_then(Value::as_str).map(String::from);
+            if let Some(steps) = v.get("steps").and_then(Value::as_object) {
+                for (k, val) in steps {
+                    let val = val.as_str().unwrap_or("(not a string)").to_string();
+                    match report.steps.iter_mut().find(|(name, _)| name == k) {
+                        Some(s) => s.1 = val,
+                        None => report.steps.push((k.clone(), val)),
+                    }
                 }
             }
+        } else if report.error.is_none() && self.booted {
+            report.error = Some(format!(
+                "the self-test printed no result (L1 exit code {}); its console is in {}",
+                self.done_rc.map_or("unknown".into(), |rc| rc.to_string()),
+                console_path.display()
+            ));
         }
-    } else if report.error.is_none() && booted {
-        report.error = Some(format!(
-            "the self-test printed no result (L1 exit code {}); its console is in {}",
-            done_rc.map_or("unknown".into(), |rc| rc.to_string()),
-            console_path.display()
-        ));
+        report.ok = self.result.is_some()
+            && self.done_rc == Some(0)
+            && report.steps.iter().all(|(_, v)| v.starts_with("ok"));
+        report
     }
-    report.ok = result.is_some()
-        && done_rc == Some(0)
-        && report.steps.iter().all(|(_, v)| v.starts_with("ok"));
-    Ok(report)
 }
 
 #[cfg(test)]

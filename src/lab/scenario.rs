@@ -261,7 +261,7 @@ fn rank_result(lines: &[Value]) -> RankResult {
 }
 
 fn median(xs: &[f64]) -> f64 {
-    super::bench::median(xs.to_vec())
+    super::stats::median(xs.to_vec())
 }
 
 /// Runs the job on `opts.vms` VMs, migrating `a` midway unless `opts.strategy` is `None`.

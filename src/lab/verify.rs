@@ -15,7 +15,7 @@ use crate::qmp::{QmpClient, QmpError};
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     /// `pmemsave` failed.
-    #[error("pmemsave on the {side}: {source}")]
+    #[error("QEMU could not dump guest RAM (pmemsave) on the {side}")]
     Pmemsave {
         /// `source` or `destination`.
         side: &'static str,
@@ -24,7 +24,7 @@ pub enum VerifyError {
         source: QmpError,
     },
     /// A dump could not be read.
-    #[error("cannot read RAM dump {path}: {source}")]
+    #[error("cannot read RAM dump {}", path.display())]
     Read {
         /// The dump.
         path: PathBuf,

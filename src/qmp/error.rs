@@ -17,7 +17,7 @@ pub enum QmpError {
     /// The UNIX socket could not be connected to (it never appeared, kept
     /// refusing connections until the timeout, or could not be opened).
     #[error(
-        "cannot connect to QMP socket {}: {source}: is QEMU running with \
+        "cannot connect to QMP socket {}: is QEMU running with \
          -qmp unix:{},server=on,wait=off?",
         path.display(),
         path.display()
@@ -54,6 +54,9 @@ pub enum QmpError {
         line: String,
         /// Why it was rejected.
         reason: String,
+        /// The JSON parser's error, when the line is not JSON or not of the expected shape.
+        #[source]
+        source: Option<serde_json::Error>,
     },
 
     /// QEMU answered the command with an error reply.
@@ -83,7 +86,7 @@ pub enum QmpError {
 
     /// Writing to (or setting up) the QMP socket failed for a reason other
     /// than the peer having closed it.
-    #[error("I/O error on QMP socket {}: {source}", path.display())]
+    #[error("I/O error on QMP socket {}: check that QEMU still runs", path.display())]
     Io {
         /// The socket concerned.
         path: PathBuf,
@@ -101,6 +104,22 @@ pub enum QmpError {
         /// What is wrong with the argument.
         reason: String,
     },
+
+    /// A file name for QEMU could not be made absolute (it is empty, or the working directory
+    /// is gone). Nothing was sent.
+    #[error(
+        "cannot make {} absolute for QMP command `{command}`: give an absolute path",
+        path.display()
+    )]
+    RelativePath {
+        /// The command that was not sent.
+        command: String,
+        /// The path as given.
+        path: PathBuf,
+        /// Why it could not be made absolute.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl QmpError {
@@ -109,7 +128,33 @@ impl QmpError {
         QmpError::Malformed {
             line: truncate_for_display(line),
             reason: reason.into(),
+            source: None,
         }
+    }
+
+    /// Builds a [`QmpError::Malformed`] for a line the JSON parser refused.
+    pub fn malformed_json(
+        line: &str,
+        reason: impl Into<String>,
+        source: serde_json::Error,
+    ) -> Self {
+        QmpError::Malformed {
+            line: truncate_for_display(line),
+            reason: reason.into(),
+            source: Some(source),
+        }
+    }
+
+    /// This error and its causes, `: `-separated, for log lines (which show no source chain).
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(err) = cause {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            cause = err.source();
+        }
+        text
     }
 
     /// Whether this error means the connection to QEMU is gone for good.
@@ -180,5 +225,16 @@ mod tests {
             "QEMU rejected QMP command `migrate`: GenericError: There's a \
              migration process in progress"
         );
+    }
+
+    #[test]
+    fn the_cause_is_printed_once_by_the_chain() {
+        let source = serde_json::from_str::<serde_json::Value>("HMP").unwrap_err();
+        let cause = source.to_string();
+        let err = QmpError::malformed_json("HMP", "not JSON", source);
+        assert!(!err.to_string().contains(&cause), "{err}");
+        let chain = err.chain();
+        assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+        assert!(chain.starts_with(&err.to_string()), "{chain}");
     }
 }

@@ -196,8 +196,11 @@ impl QmpClient {
             command: COMMAND.into(),
             reason,
         };
-        let absolute = std::path::absolute(path)
-            .map_err(|err| invalid(format!("cannot make {} absolute: {err}", path.display())))?;
+        let absolute = std::path::absolute(path).map_err(|source| QmpError::RelativePath {
+            command: COMMAND.into(),
+            path: path.to_path_buf(),
+            source,
+        })?;
         let filename = absolute
             .to_str()
             .ok_or_else(|| invalid(format!("file name {} is not UTF-8", absolute.display())))?;

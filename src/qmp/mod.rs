@@ -16,6 +16,11 @@
 //! not valid QMP are logged and skipped. When QEMU goes away, every pending
 //! and later call returns [`QmpError::Disconnected`].
 //!
+//! The module by role: `client.rs` (connection, commands, waiting for events), `reader.rs` (the
+//! reader thread and the table of callers waiting for replies), `wire.rs` (the line format:
+//! bounded line reads, greeting/reply/event parsing), `migration.rs` (the typed commands of a
+//! migration), `transport.rs` (the byte stream underneath), `error.rs`.
+//!
 //! QEMU must expose a QMP monitor, e.g.
 //! `-qmp unix:/run/vm/qmp.sock,server=on,wait=off`.
 //!
@@ -36,12 +41,15 @@
 mod client;
 mod error;
 mod migration;
+mod reader;
 mod transport;
+mod wire;
 
 #[cfg(test)]
 mod testutil;
 
-pub use client::{QmpClient, QmpEvent, EVENT_QUEUE_CAPACITY};
+pub use client::{QmpClient, EVENT_QUEUE_CAPACITY};
 pub use error::{QmpError, MAX_LINE_IN_MESSAGE};
 pub use migration::{MigrationInfo, RamStats, VfioStats, VmStatus};
 pub use transport::{QmpTransport, ShutdownFn, TransportParts};
+pub use wire::QmpEvent;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("cannot read or write {}: check the path and its permissions", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -15,11 +15,20 @@ pub enum TraceError {
         source: std::io::Error,
     },
     /// The text is not JSON (or could not be turned into JSON).
-    #[error("{what}: not valid JSON: {source}")]
+    #[error("{what}: not valid JSON: is it a trace written by vfmig --trace?")]
     Json {
         /// What was being parsed or written: a path, or `"trace"`.
         what: String,
         /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An event passed the format's rules but is not one vfmig can read.
+    #[error("trace event #{index}: not a trace event vfmig can read")]
+    Event {
+        /// Index of the offending event in `traceEvents`.
+        index: usize,
+        /// Why it could not be read.
         #[source]
         source: serde_json::Error,
     },

@@ -90,7 +90,7 @@ impl Trace {
             .enumerate()
             .map(|(index, raw)| {
                 serde_json::from_value::<TraceEvent>(raw)
-                    .map_err(|e| TraceError::event(index, e.to_string()))
+                    .map_err(|source| TraceError::Event { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let display_time_unit = top
@@ -263,90 +263,125 @@ pub fn validate(value: &Value) -> Result<(), TraceError> {
         }
     }
     for (index, event) in events.iter().enumerate() {
-        validate_event(event).map_err(|reason| TraceError::event(index, reason))?;
+        validate_event(index, event)?;
     }
     Ok(())
 }
 
-fn validate_event(event: &Value) -> Result<(), String> {
+fn validate_event(index: usize, event: &Value) -> Result<(), TraceError> {
     let Some(obj) = event.as_object() else {
-        return Err(format!("must be an object, not {}", kind_of(event)));
+        let reason = format!("must be an object, not {}", kind_of(event));
+        return Err(TraceError::event(index, reason));
     };
-    let ph = match obj.get("ph") {
-        None => return Err("has no \"ph\"".to_string()),
-        Some(Value::String(ph)) if EventKind::LETTERS.contains(&ph.as_str()) => ph.as_str(),
-        Some(other) => {
-            return Err(format!(
-                "\"ph\" is {other}, not one of {}",
-                EventKind::LETTERS.join(" ")
-            ))
-        }
-    };
-    match obj.get("name") {
-        Some(Value::String(_)) => {}
-        None => return Err(format!("{ph} event has no \"name\"")),
-        Some(other) => return Err(format!("\"name\" must be a string, not {}", kind_of(other))),
-    }
-    for (field, required) in [("pid", true), ("tid", false)] {
-        match obj.get(field) {
-            None if required => return Err(format!("{ph} event has no \"{field}\"")),
-            None => {}
-            Some(v) if v.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)) => {}
-            Some(other) => {
-                return Err(format!(
-                    "\"{field}\" must be an integer from 0 to {}, not {other}",
-                    u32::MAX
-                ))
-            }
-        }
-    }
+    let rules = EventRules { index, obj };
+    let ph = rules.ph()?;
+    rules.name(ph)?;
+    rules.ids(ph)?;
     if ph != "M" {
-        non_negative_number(obj, "ts", ph)?;
+        rules.non_negative_number("ts", ph)?;
     }
     match ph {
-        "X" => non_negative_number(obj, "dur", ph)?,
-        "C" => match obj.get("args") {
-            Some(Value::Object(args)) => {
-                if let Some((key, v)) = args.iter().find(|(_, v)| !v.is_number()) {
-                    return Err(format!(
-                        "C event's args.{key} must be a number, not {}",
-                        kind_of(v)
-                    ));
-                }
-            }
-            None => return Err("C event has no \"args\"".to_string()),
-            Some(other) => {
-                return Err(format!(
-                    "C event's \"args\" must be an object, not {}",
-                    kind_of(other)
-                ))
-            }
-        },
-        "i" | "I" => match obj.get("s") {
-            None => {}
-            Some(Value::String(s)) if matches!(s.as_str(), "g" | "p" | "t") => {}
-            Some(other) => {
-                return Err(format!(
-                    "{ph} event's scope \"s\" must be \"g\", \"p\" or \"t\", not {other}"
-                ))
-            }
-        },
-        _ => {}
+        "X" => rules.non_negative_number("dur", ph),
+        "C" => rules.counter_args(),
+        "i" | "I" => rules.instant_scope(ph),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-fn non_negative_number(obj: &Map<String, Value>, field: &str, ph: &str) -> Result<(), String> {
-    match obj.get(field) {
-        None => Err(format!("{ph} event has no \"{field}\"")),
-        Some(v) => match v.as_f64() {
+/// The format's rules, checked on event `index` of `traceEvents`.
+struct EventRules<'a> {
+    index: usize,
+    obj: &'a Map<String, Value>,
+}
+
+impl EventRules<'_> {
+    fn broken(&self, reason: impl Into<String>) -> TraceError {
+        TraceError::event(self.index, reason)
+    }
+
+    /// The event's kind: one letter of [`EventKind::LETTERS`].
+    fn ph(&self) -> Result<&str, TraceError> {
+        match self.obj.get("ph") {
+            None => Err(self.broken("has no \"ph\"")),
+            Some(Value::String(ph)) if EventKind::LETTERS.contains(&ph.as_str()) => Ok(ph),
+            Some(other) => Err(self.broken(format!(
+                "\"ph\" is {other}, not one of {}",
+                EventKind::LETTERS.join(" ")
+            ))),
+        }
+    }
+
+    fn name(&self, ph: &str) -> Result<(), TraceError> {
+        match self.obj.get("name") {
+            Some(Value::String(_)) => Ok(()),
+            None => Err(self.broken(format!("{ph} event has no \"name\""))),
+            Some(other) => {
+                Err(self.broken(format!("\"name\" must be a string, not {}", kind_of(other))))
+            }
+        }
+    }
+
+    /// `pid` (required) and `tid` (optional) are 32-bit unsigned integers.
+    fn ids(&self, ph: &str) -> Result<(), TraceError> {
+        for (field, required) in [("pid", true), ("tid", false)] {
+            match self.obj.get(field) {
+                None if required => {
+                    return Err(self.broken(format!("{ph} event has no \"{field}\"")))
+                }
+                None => {}
+                Some(v) if v.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)) => {}
+                Some(other) => {
+                    return Err(self.broken(format!(
+                        "\"{field}\" must be an integer from 0 to {}, not {other}",
+                        u32::MAX
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn non_negative_number(&self, field: &str, ph: &str) -> Result<(), TraceError> {
+        let Some(v) = self.obj.get(field) else {
+            return Err(self.broken(format!("{ph} event has no \"{field}\"")));
+        };
+        match v.as_f64() {
             Some(n) if n >= 0.0 => Ok(()),
-            Some(n) => Err(format!("{ph} event has a negative \"{field}\" ({n})")),
-            None => Err(format!(
+            Some(n) => Err(self.broken(format!("{ph} event has a negative \"{field}\" ({n})"))),
+            None => Err(self.broken(format!(
                 "{ph} event's \"{field}\" must be a number, not {}",
                 kind_of(v)
-            )),
-        },
+            ))),
+        }
+    }
+
+    /// A counter's `args` is an object of numbers.
+    fn counter_args(&self) -> Result<(), TraceError> {
+        match self.obj.get("args") {
+            Some(Value::Object(args)) => match args.iter().find(|(_, v)| !v.is_number()) {
+                Some((key, v)) => Err(self.broken(format!(
+                    "C event's args.{key} must be a number, not {}",
+                    kind_of(v)
+                ))),
+                None => Ok(()),
+            },
+            None => Err(self.broken("C event has no \"args\"")),
+            Some(other) => Err(self.broken(format!(
+                "C event's \"args\" must be an object, not {}",
+                kind_of(other)
+            ))),
+        }
+    }
+
+    /// An instant's scope `s`, when present, is `g`, `p` or `t`.
+    fn instant_scope(&self, ph: &str) -> Result<(), TraceError> {
+        match self.obj.get("s") {
+            None => Ok(()),
+            Some(Value::String(s)) if matches!(s.as_str(), "g" | "p" | "t") => Ok(()),
+            Some(other) => Err(self.broken(format!(
+                "{ph} event's scope \"s\" must be \"g\", \"p\" or \"t\", not {other}"
+            ))),
+        }
     }
 }
 

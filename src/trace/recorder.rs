@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use parking_lot::{Mutex, MutexGuard};
 use serde_json::{json, Map, Value};
 
 use super::event::{EventKind, TraceEvent, Track};
@@ -98,10 +98,7 @@ impl TraceRecorder {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic elsewhere while holding the lock leaves only a half-pushed Vec at worst.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock()
     }
 
     fn push(&self, event: TraceEvent) {

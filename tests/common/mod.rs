@@ -1,9 +1,12 @@
 //! Shared set-up of the end-to-end tests: real QEMU, a real Linux guest, real sockets.
+//!
+//! They run with the `e2e` feature (`bash tools/test.sh`, or `cargo test --release --workspace
+//! --features e2e` once `tools/setup.sh` has built the guest); without it `cargo test` lists
+//! each of them as ignored.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use vfmig::lab::demo::DemoOptions;
@@ -11,11 +14,11 @@ use vfmig::orchestrator::launch::GuestImage;
 use vfmig::orchestrator::StrategyKind as Strategy;
 
 /// The machine has two cores: VMs of different tests must not compete for them.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// Takes the machine for one test.
-pub fn machine() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+pub fn machine() -> parking_lot::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock()
 }
 
 /// Logs of the run go to the test's output (shown on failure).
