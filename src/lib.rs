@@ -9,9 +9,11 @@
 //!   generator;
 //! - [`orchestrator`]: launching VMs and the migration state machine;
 //! - [`trace`]: migration timelines as Chrome trace-event JSON, and the report drawn from them;
+//! - [`errors`]: an error and its causes as one line of text;
 //! - [`lab`]: the demo, scenarios, benches and nested test, above the product.
 
 pub mod companion;
+pub mod errors;
 pub mod lab;
 pub mod memory;
 pub mod orchestrator;

@@ -119,18 +119,7 @@ pub enum ControlError {
     },
 }
 
-/// `error`'s message followed by its causes', separated by `: ` (for a message that travels
-/// as one string: a reply on the socket, a log field).
-pub fn error_chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
-}
+pub use crate::errors::chain as error_chain;
 
 /// Serves the control socket at `path` on a background thread.
 pub fn serve<H: Handler>(path: &Path, handler: Arc<H>) -> std::io::Result<()> {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use super::hotplug::{self, Hotplug, HotplugTimes};
 use super::options::{capabilities, shared_parameters, source_parameters};
-use super::summary::Timeline;
+use super::progress::Timeline;
 use crate::companion::control::{error_chain, ControlClient, ControlError, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient};
 use crate::trace::TraceRecorder;

@@ -1,14 +1,9 @@
 //! What a migration did, and when: its [`Phase`]s on a timeline, and the [`MigrationSummary`]
 //! it returns.
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use serde::Serialize;
 
 use super::hotplug::HotplugTimes;
-use super::progress::Observer;
-use crate::trace::TraceRecorder;
 
 /// The phases, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,95 +85,11 @@ pub struct Takeover {
     pub announced_to: Vec<String>,
 }
 
-/// An error and its causes on one line, `what: why: …`, for reports that keep a failed
-/// migration as text.
-pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
-/// The phases as they happen: spans for the summary, phase events on the trace, and the
-/// observer told.
-pub(super) struct Timeline {
-    pub(super) start: Instant,
-    pub(super) spans: Vec<PhaseSpan>,
-    pub(super) trace: Option<Arc<TraceRecorder>>,
-}
-
-impl Timeline {
-    /// A timeline starting now: trace timestamps count from the start of the migration.
-    pub(super) fn new(trace: Option<Arc<TraceRecorder>>) -> Self {
-        Self {
-            start: Instant::now(),
-            spans: vec![],
-            trace,
-        }
-    }
-
-    /// µs since the start, on the trace's clock.
-    pub(super) fn us(&self) -> f64 {
-        self.start.elapsed().as_secs_f64() * 1e6
-    }
-
-    /// `phase` begins (nothing happens if it is the current one).
-    pub(super) fn enter(&mut self, phase: Phase, observer: &mut dyn Observer) {
-        let now = self.start.elapsed().as_secs_f64() * 1e3;
-        if let Some(last) = self.spans.last_mut() {
-            last.end_ms = now;
-        }
-        if self.spans.last().map(|s| s.phase) != Some(phase) {
-            self.spans.push(PhaseSpan {
-                phase,
-                start_ms: now,
-                end_ms: now,
-            });
-            tracing::info!(?phase, at_ms = now as u64, "migration phase");
-            if let Some(tr) = &self.trace {
-                let name = serde_json::to_value(phase)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default();
-                tr.enter_phase_at(&name, self.us());
-                if phase == Phase::Done {
-                    tr.close_phase_at(self.us());
-                }
-            }
-            observer.phase(phase);
-        }
-    }
-}
+pub use crate::errors::chain as error_text;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Default)]
-    struct Seen(Vec<Phase>);
-    impl Observer for Seen {
-        fn phase(&mut self, phase: Phase) {
-            self.0.push(phase);
-        }
-    }
-
-    #[test]
-    fn a_phase_entered_twice_is_one_span_and_one_event() {
-        let mut t = Timeline::new(None);
-        let mut seen = Seen::default();
-        t.enter(Phase::Precopy, &mut seen);
-        t.enter(Phase::Switchover, &mut seen);
-        t.enter(Phase::Switchover, &mut seen);
-        t.enter(Phase::Done, &mut seen);
-        assert_eq!(seen.0, [Phase::Precopy, Phase::Switchover, Phase::Done]);
-        let phases: Vec<Phase> = t.spans.iter().map(|s| s.phase).collect();
-        assert_eq!(phases, seen.0);
-        assert!(t.spans.windows(2).all(|w| w[0].end_ms <= w[1].start_ms));
-    }
 
     #[test]
     fn an_error_is_written_with_its_causes() {

@@ -147,14 +147,7 @@ impl QmpError {
 
     /// This error and its causes, `: `-separated, for log lines (which show no source chain).
     pub fn chain(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(err) = cause {
-            text.push_str(": ");
-            text.push_str(&err.to_string());
-            cause = err.source();
-        }
-        text
+        crate::errors::chain(self)
     }
 
     /// Whether this error means the connection to QEMU is gone for good.

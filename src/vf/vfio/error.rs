@@ -9,7 +9,6 @@
 //!   [`VfioVfError::Map`] and [`VfioVfError::Unmap`].
 //! - [`chain`]: an error and its causes on one line, for reports that hold text.
 
-use std::error::Error;
 use std::io;
 use std::path::PathBuf;
 
@@ -23,22 +22,7 @@ fn held_by(driver: &Option<String>) -> String {
     }
 }
 
-/// An error and each of its causes, joined by `: ` on one line (as `anyhow`'s `{:#}`). A cause
-/// whose text its parent's message already ends with (some crates print their source in their
-/// own message) is not repeated.
-pub fn chain(err: &dyn Error) -> String {
-    let mut out = err.to_string();
-    let mut next = err.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
-}
+pub use crate::errors::chain;
 
 /// What is wrong with a PCI address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
