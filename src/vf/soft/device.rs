@@ -217,11 +217,16 @@ impl VfDevice for SoftVf {
 
     fn quiesce(&mut self) -> Result<QuiesceReport, VfDeviceError> {
         let was = !self.inner.dma.gate_state().quiesced;
-        let waited = self.inner.dma.quiesce();
+        let started = Instant::now();
+        self.inner.dma.quiesce();
+        // A peer's request whose DMA landed before the gate closed is finished (PSN, receive
+        // completion) before the state can be exported: wait for every apply in progress, not
+        // only for the write in flight.
+        drop(self.inner.applying.lock());
         Ok(QuiesceReport {
-            waited_us: waited.as_micros() as u64,
+            waited_us: started.elapsed().as_micros() as u64,
             was_bus_master: was,
-            detail: "DMA engine gate closed; no write in progress".into(),
+            detail: "DMA engine gate closed; no write and no request in progress".into(),
         })
     }
 

@@ -146,6 +146,8 @@ impl SoftVf {
         for vm in links {
             link::drop_link(inner, &vm);
         }
+        // No request half-applied: its PSN and completion are in the state, or none of it is.
+        let _applying = inner.applying.lock();
         let st = inner.state.lock();
         let mut qps: Vec<QpState> = st.qps.iter().map(|(&n, q)| qp_state(n, q)).collect();
         qps.sort_by_key(|q| q.num);
