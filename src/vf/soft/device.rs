@@ -184,6 +184,10 @@ impl VfPersist for SoftVf {
     fn announce(&self) -> Vec<String> {
         SoftVf::announce(self)
     }
+
+    fn discard_state(&self) {
+        SoftVf::discard_state(self)
+    }
 }
 
 /// The soft VF's device side. Its "device" is the [`crate::memory::DmaEngine`], which already

@@ -424,7 +424,7 @@ fn dma_pieces(inner: &Inner, pieces: &[GpaRange], payload: &[u8]) -> Option<Resu
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::mpsc;
     use std::time::Instant;
 
@@ -439,7 +439,7 @@ mod tests {
 
     const BUF: u64 = 0x40_0000;
 
-    fn vm(name: &str) -> SoftVf {
+    pub(in crate::vf::soft) fn vm(name: &str) -> SoftVf {
         let ram = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("guest RAM"),
         );
