@@ -400,7 +400,8 @@ mod tests {
     #[test]
     fn an_inconsistent_or_oversized_state_is_refused_before_any_of_it_is_applied() {
         assert!(good().validate("a").is_ok());
-        let cases: Vec<(&str, Box<dyn Fn(&mut VfState)>)> = vec![
+        type Spoil = Box<dyn Fn(&mut VfState)>;
+        let cases: Vec<(&str, Spoil)> = vec![
             (
                 "pending PSNs out of order",
                 Box::new(|s| s.qps[0].unacked.swap(0, 1)),
