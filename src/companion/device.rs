@@ -364,7 +364,9 @@ impl Device {
     /// destination runs, at a destination whose takeover was rolled back. The device stays
     /// quiesced and the frames waiting for the guest are dropped with it.
     pub fn drop_state(&self, guest: &GuestLink) -> Result<VfReleaseReply, DeviceError> {
-        let persist = self.persist.as_ref().ok_or(DeviceError::NoVf)?;
+        let Some(persist) = self.persist.as_ref() else {
+            return Ok(VfReleaseReply { had_state: false });
+        };
         let mut handover = self.handover.lock();
         let was = *handover;
         if was != Handover::Released {
@@ -386,7 +388,12 @@ impl Device {
     /// or start failed): its peers are told the VM lives here again. The device resumes when
     /// QEMU starts it again (`cont`).
     pub fn reclaim(&self) -> Result<VfReclaimReply, DeviceError> {
-        let persist = self.persist.as_ref().ok_or(DeviceError::NoVf)?;
+        // Without a VF there is nothing to take back: the VM may resume.
+        let Some(persist) = self.persist.as_ref() else {
+            return Ok(VfReclaimReply {
+                announced_to: Vec::new(),
+            });
+        };
         let mut handover = self.handover.lock();
         if *handover == Handover::Released {
             return Err(DeviceError::Released);
