@@ -229,7 +229,7 @@ fn own_stream(inner: &Inner, peer: &str, req: &Request) -> Result<(), Outcome> {
     }
     if me > q.stream {
         if q.stream != 0 {
-            tracing::info!(
+            tracing::debug!(
                 peer,
                 qp = req.dst_qp,
                 "a newer connection of the peer now applies to the QP"
