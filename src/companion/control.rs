@@ -25,7 +25,8 @@ pub mod protocol;
 pub use protocol::{
     from_hex, to_hex, GeneratorStartReply, GeneratorStopReply, GuestEvent, HexError, LedgerReply,
     QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetTrackingReply, StatsReply,
-    StatusReply, VfExportReply, VfImportReply, WriteReply, MAX_READ,
+    StatusReply, VfExportReply, VfImportReply, VfReclaimReply, VfReleaseReply, WriteReply,
+    MAX_READ,
 };
 
 /// Something that answers requests.
@@ -366,6 +367,16 @@ impl ControlClient {
         rx_frames: Vec<String>,
     ) -> Result<VfImportReply, ControlError> {
         self.call_as(&Request::VfImport { vf, rx_frames })
+    }
+
+    /// `vf_release`: this companion drops its soft VF state (the VM's VF lives elsewhere).
+    pub fn vf_release(&mut self) -> Result<VfReleaseReply, ControlError> {
+        self.call_as(&Request::VfRelease)
+    }
+
+    /// `vf_reclaim`: the source takes back the soft VF state it exported.
+    pub fn vf_reclaim(&mut self) -> Result<VfReclaimReply, ControlError> {
+        self.call_as(&Request::VfReclaim)
     }
 
     /// `send_event`: tells the guest's runtime a migration event.

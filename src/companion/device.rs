@@ -11,7 +11,9 @@
 //!   quiesce path: it stops the VF's DMA (the soft VF: the engine's gate closes and writes in
 //!   flight land; a VFIO VF: bus master off, then its last dirty pages are logged), then closes
 //!   the engine's gate for the companion's own writes;
-//! - the VF's state moves to the destination ([`Device::export`], [`Device::import`]);
+//! - the VF's state moves to the destination ([`Device::export`], [`Device::import`]); the
+//!   export is a copy, so the source can take its state back ([`Device::reclaim`]) until the
+//!   destination runs, and only then drops it ([`Device::drop_state`]);
 //! - it is released on exit.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +24,9 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
-use super::control::{self, HexError, VfExportReply, VfImportReply};
+use super::control::{
+    self, HexError, VfExportReply, VfImportReply, VfReclaimReply, VfReleaseReply,
+};
 use super::guest_link::GuestLink;
 use crate::memory::guest_ram::GuestRamMmap;
 use crate::memory::DmaEngine;
@@ -63,6 +67,23 @@ pub enum DeviceError {
     /// The VF refused to export or import its state.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The VF's state was dropped here (`vf_release`): it lives in another companion now.
+    #[error(
+        "this companion dropped the VF's state (vf_release): the VM's VF lives in another \
+         companion now; it cannot be exported or taken back here"
+    )]
+    Released,
+    /// An import brought more waiting frames than a guest link holds.
+    #[error(
+        "the imported VF state has {got} waiting frames, at most {max} are accepted; nothing \
+         of it was applied"
+    )]
+    TooManyFrames {
+        /// How many it has.
+        got: usize,
+        /// The bound.
+        max: usize,
+    },
     /// A waiting frame of an import is not hex.
     #[error(
         "waiting frame #{index} of the imported VF state is not hex; pass the frames as \
@@ -75,6 +96,20 @@ pub enum DeviceError {
         #[source]
         source: HexError,
     },
+}
+
+/// Most frames waiting for the guest an import accepts.
+pub const MAX_WAITING_FRAMES: usize = 65_536;
+
+/// Where the VF's state stands in a switchover, at this companion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    /// The state is here and this companion owns it.
+    Here,
+    /// A copy went to a destination; this one is kept until the destination runs.
+    Exported,
+    /// Dropped: the VF lives in another companion.
+    Released,
 }
 
 #[derive(Default)]
@@ -98,6 +133,7 @@ pub struct Device {
     pages_synced: AtomicU64,
     unlogged_bytes: AtomicU64,
     released: AtomicBool,
+    handover: Mutex<Handover>,
 }
 
 impl Device {
@@ -126,6 +162,7 @@ impl Device {
             pages_synced: AtomicU64::new(0),
             unlogged_bytes: AtomicU64::new(0),
             released: AtomicBool::new(false),
+            handover: Mutex::new(Handover::Here),
         })
     }
 
@@ -269,21 +306,30 @@ impl Device {
         }
     }
 
-    /// Takes the VF's state for the destination, with the frames that wait for the guest
-    /// (the guest link's pump is stopped meanwhile). The VF must be quiesced.
+    /// Copies the VF's state for the destination, with the frames that wait for the guest
+    /// (the guest link's pump is stopped meanwhile). The VF must be quiesced. This companion
+    /// keeps its state, frozen (quiesced), until [`Device::drop_state`] (the destination runs)
+    /// or [`Device::reclaim`] (it does not).
     pub fn export(&self, guest: &GuestLink) -> Result<VfExportReply, DeviceError> {
         let persist = self.persist.as_ref().ok_or(DeviceError::NoVf)?;
+        let mut handover = self.handover.lock();
+        if *handover == Handover::Released {
+            return Err(DeviceError::Released);
+        }
         let vf = persist.export_state()?;
-        let rx_frames = guest
-            .take_waiting()
-            .iter()
-            .map(|f| control::to_hex(f))
-            .collect();
+        let frames = guest.take_waiting();
+        let rx_frames = frames.iter().map(|f| control::to_hex(f)).collect();
+        // Quiesced: they stay queued, not delivered, and go to the guest here only if the
+        // source takes its state back.
+        guest.restore_waiting(frames);
+        *handover = Handover::Exported;
+        tracing::info!("VF state exported; this copy is kept until the destination runs");
         Ok(VfExportReply { vf, rx_frames })
     }
 
     /// Takes over a migrated VM's VF state and the frames that waited for its guest, then
-    /// tells the VF's peers where the VM now lives.
+    /// tells the VF's peers where the VM now lives. The state is validated before any of it
+    /// is applied.
     pub fn import(
         &self,
         guest: &GuestLink,
@@ -291,6 +337,14 @@ impl Device {
         rx_frames: &[String],
     ) -> Result<VfImportReply, DeviceError> {
         let persist = self.persist.as_ref().ok_or(DeviceError::NoVf)?;
+        if rx_frames.len() > MAX_WAITING_FRAMES {
+            let e = DeviceError::TooManyFrames {
+                got: rx_frames.len(),
+                max: MAX_WAITING_FRAMES,
+            };
+            tracing::warn!(error = %e, "VF state refused at import");
+            return Err(e);
+        }
         let frames = rx_frames
             .iter()
             .enumerate()
@@ -300,9 +354,60 @@ impl Device {
             .collect::<Result<Vec<_>, _>>()?;
         persist.import_state(state)?;
         guest.restore_waiting(frames);
+        *self.handover.lock() = Handover::Here;
         Ok(VfImportReply {
             announced_to: persist.announce(),
         })
+    }
+
+    /// `vf_release`: drops this companion's VF state, for good: at the source once the
+    /// destination runs, at a destination whose takeover was rolled back. The device stays
+    /// quiesced and the frames waiting for the guest are dropped with it.
+    pub fn drop_state(&self, guest: &GuestLink) -> Result<VfReleaseReply, DeviceError> {
+        let Some(persist) = self.persist.as_ref() else {
+            return Ok(VfReleaseReply { had_state: false });
+        };
+        let mut handover = self.handover.lock();
+        let was = *handover;
+        if was != Handover::Released {
+            self.quiesce("vf_release");
+            persist.discard_state();
+            drop(guest.take_waiting());
+            *handover = Handover::Released;
+        }
+        tracing::info!(
+            ?was,
+            "VF state released: the VM's VF lives in another companion"
+        );
+        Ok(VfReleaseReply {
+            had_state: was != Handover::Released,
+        })
+    }
+
+    /// `vf_reclaim`: the source takes back the state it exported (the destination's takeover
+    /// or start failed): its peers are told the VM lives here again. The device resumes when
+    /// QEMU starts it again (`cont`).
+    pub fn reclaim(&self) -> Result<VfReclaimReply, DeviceError> {
+        // Without a VF there is nothing to take back: the VM may resume.
+        let Some(persist) = self.persist.as_ref() else {
+            return Ok(VfReclaimReply {
+                announced_to: Vec::new(),
+            });
+        };
+        let mut handover = self.handover.lock();
+        if *handover == Handover::Released {
+            return Err(DeviceError::Released);
+        }
+        let exported = *handover == Handover::Exported;
+        *handover = Handover::Here;
+        drop(handover);
+        let announced_to = persist.announce();
+        tracing::warn!(
+            exported,
+            ?announced_to,
+            "VF state taken back: the VM stays here"
+        );
+        Ok(VfReclaimReply { announced_to })
     }
 
     /// Releases the device (idempotent). Later calls of the other methods leave it alone.
@@ -393,6 +498,7 @@ mod tests {
             pages_synced: AtomicU64::new(0),
             unlogged_bytes: AtomicU64::new(0),
             released: AtomicBool::new(false),
+            handover: Mutex::new(Handover::Here),
         })
     }
 
@@ -571,6 +677,81 @@ mod tests {
         assert!(dst.verbs().unwrap().connect_qp(qp, "nobody", 1).is_err());
         src.resume();
         assert!(!src_dma.gate_state().quiesced);
+        src.release();
+        dst.release();
+    }
+
+    #[test]
+    fn the_export_is_a_copy_the_source_takes_back_until_it_releases_it() {
+        let (src, _, src_guest) = soft_handle("m");
+        let verbs = src.verbs().unwrap();
+        let qp = verbs.create_qp().unwrap();
+        src_guest.queue(0, vfmig_proto::Message::Event(vfmig_proto::Event::Resume));
+        src.quiesce("GET_VRING_BASE");
+        let exported = src.export(&src_guest).unwrap();
+        assert_eq!(exported.rx_frames.len(), 1);
+        // The source keeps all of it: a second export (a retried takeover) sees the same.
+        let again = src.export(&src_guest).unwrap();
+        assert_eq!(again.vf, exported.vf);
+        assert_eq!(again.rx_frames, exported.rx_frames);
+        assert_eq!(
+            src_guest.stats().frames_waiting,
+            1,
+            "the frame waits here still"
+        );
+        // The destination failed: the source takes its state back and works on with it.
+        src.reclaim().unwrap();
+        src.resume();
+        verbs
+            .post_recv(
+                qp,
+                crate::vf::verbs::RecvWr {
+                    wr_id: 1,
+                    sge: crate::vf::verbs::Sge {
+                        addr: 0,
+                        len: 8,
+                        lkey: 1,
+                    },
+                },
+            )
+            .unwrap();
+        // A committed migration: the source drops its state; nothing takes it back.
+        src.quiesce("GET_VRING_BASE");
+        src.export(&src_guest).unwrap();
+        assert!(src.drop_state(&src_guest).unwrap().had_state);
+        assert!(!src.drop_state(&src_guest).unwrap().had_state, "idempotent");
+        assert!(matches!(src.reclaim(), Err(DeviceError::Released)));
+        assert!(matches!(src.export(&src_guest), Err(DeviceError::Released)));
+        assert_eq!(src_guest.stats().frames_waiting, 0);
+        assert!(matches!(
+            verbs.post_recv(
+                qp,
+                crate::vf::verbs::RecvWr {
+                    wr_id: 2,
+                    sge: crate::vf::verbs::Sge {
+                        addr: 0,
+                        len: 8,
+                        lkey: 1
+                    },
+                }
+            ),
+            Err(crate::vf::verbs::VerbsError::NoSuchQp(_))
+        ));
+        src.release();
+    }
+
+    #[test]
+    fn an_import_with_too_many_waiting_frames_is_refused_before_any_of_it_is_applied() {
+        let (dst, _, dst_guest) = soft_handle("m");
+        let (src, _, src_guest) = soft_handle("m");
+        src.quiesce("GET_VRING_BASE");
+        let exported = src.export(&src_guest).unwrap();
+        let frames = vec![String::from("00"); MAX_WAITING_FRAMES + 1];
+        assert!(matches!(
+            dst.import(&dst_guest, exported.vf, &frames),
+            Err(DeviceError::TooManyFrames { .. })
+        ));
+        assert_eq!(dst_guest.stats().frames_waiting, 0);
         src.release();
         dst.release();
     }

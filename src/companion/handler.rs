@@ -55,6 +55,12 @@ pub enum RequestError {
     /// The VF's state could not be imported.
     #[error("cannot import the soft VF's state")]
     VfImport(#[source] DeviceError),
+    /// The VF's state could not be dropped.
+    #[error("cannot release the soft VF's state")]
+    VfRelease(#[source] DeviceError),
+    /// The VF's exported state could not be taken back.
+    #[error("cannot take the soft VF's state back")]
+    VfReclaim(#[source] DeviceError),
 }
 
 impl Companion {
@@ -169,6 +175,16 @@ impl Handler for Companion {
                 .device
                 .import(&self.guest, vf, &rx_frames)
                 .map_err(RequestError::VfImport)?
+                .into()),
+            Request::VfRelease => Ok(self
+                .device
+                .drop_state(&self.guest)
+                .map_err(RequestError::VfRelease)?
+                .into()),
+            Request::VfReclaim => Ok(self
+                .device
+                .reclaim()
+                .map_err(RequestError::VfReclaim)?
                 .into()),
             Request::SendEvent { event } => {
                 let e = match event {

@@ -12,8 +12,10 @@
 //! 5. **switchover**: the source stops (QEMU status `device`); the companion quiesces the VF
 //!    inside `GET_VRING_BASE`, and QEMU's last log sync picks up its last writes;
 //! 6. **destination up**: the destination has all of RAM and is paused (`-S`); its companion
-//!    takes over the VF (the source's VF state moves, and the VM's new place is announced to
-//!    its peers); then, unless `keep_paused`, it is resumed, once;
+//!    takes over the VF (a copy of the source's VF state moves, and the VM's new place is
+//!    announced to its peers); then, unless `keep_paused`, it is resumed, once. If the takeover
+//!    or `cont` fails, the destination is stopped, the source companion takes its VF state
+//!    back and the source VM resumes (6b); otherwise the source companion drops its copy (6c);
 //! 7. **attach** (`passthrough-hotplug` only): a free VF of the destination is plugged in
 //!    (`device_add`) and the migration waits until the guest's driver has enabled it;
 //! 8. **resume** (`cooperative` and `passthrough-hotplug`): every rank's runtime is told RESUME;
@@ -38,10 +40,10 @@ use std::time::{Duration, Instant};
 use super::hotplug::{self, Hotplug, HotplugTimes};
 use super::options::{capabilities, shared_parameters, source_parameters};
 use super::progress::Timeline;
-use crate::companion::control::{error_chain, ControlClient, ControlError, GuestEvent, Request};
+use super::takeover::{release_source_vf, roll_back, take_over_vf};
+use crate::companion::control::{error_chain, ControlClient, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient};
 use crate::trace::TraceRecorder;
-use crate::vf::soft::VfState;
 
 pub use super::migrate_error::MigrateError;
 pub use super::options::MigrateOptions;
@@ -198,30 +200,20 @@ pub fn migrate(
     t.enter(Phase::Switchover, observer);
 
     // 6. Destination up: it has all of RAM and stays paused (-S) until resumed here, once.
+    // If it cannot take over the VF or start, the source takes its VF state back and resumes
+    // (6b); once it runs, the source companion drops its copy of the VF state (6c).
     t.enter(Phase::DestinationUp, observer);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let s = dst.query_status().map_err(on_dst)?;
-        if s.status == "paused" || s.status == "running" || Instant::now() > deadline {
-            break s;
+    let (vf_takeover, resumed) = match destination_up(dst, opts) {
+        Ok(up) => up,
+        Err(e) => {
+            let e = roll_back(src, dst, opts, e);
+            restore_source(src, &steps, hotplug_times.is_some());
+            return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(20));
     };
-    if status.status != "paused" && status.status != "running" {
-        return Err(MigrateError::DestinationNotReady {
-            status: status.status,
-        });
+    if let (Some(_), Some((src_ctl, _))) = (&vf_takeover, &opts.companions) {
+        release_source_vf(src_ctl);
     }
-    let vf_takeover = match &opts.companions {
-        Some((src_ctl, dst_ctl)) => take_over_vf(src_ctl, dst_ctl)?,
-        None => None,
-    };
-    let resumed = if opts.keep_paused {
-        false
-    } else {
-        dst.cont().map_err(on_dst)?;
-        true
-    };
 
     // 7. Passthrough-hotplug: a free VF of the destination goes in; its driver must come up.
     let mut attach_error = None;
@@ -501,29 +493,45 @@ pub fn wait_source_settled(src: &QmpClient) -> String {
     }
 }
 
-/// Moves the VF from the source's companion (quiesced at switchover) to the destination's:
-/// `None` when the source's companion has no VF.
-fn take_over_vf(src_ctl: &Path, dst_ctl: &Path) -> Result<Option<Takeover>, MigrateError> {
-    let err = |e: ControlError| MigrateError::Takeover(error_chain(&e));
-    let start = Instant::now();
-    let mut src = ControlClient::connect(src_ctl, Duration::from_secs(5)).map_err(err)?;
-    if src.stats().map_err(err)?.soft_vf.is_none() {
-        return Ok(None);
-    }
-    let exported = src.vf_export().map_err(err)?;
-    let state: VfState = exported.vf;
-    let rx_frames = exported.rx_frames;
-    let mut info = Takeover {
-        qps: state.qps.len(),
-        pending_requests: state.qps.iter().map(|q| q.unacked.len()).sum(),
-        waiting_frames: rx_frames.len(),
-        ..Default::default()
+/// Step 6: waits until the destination is paused with all of RAM, moves the VF to its
+/// companion and, unless `keep_paused`, resumes it. Returns the takeover and whether the
+/// destination runs.
+fn destination_up(
+    dst: &QmpClient,
+    opts: &MigrateOptions,
+) -> Result<(Option<Takeover>, bool), MigrateError> {
+    let on_dst = |source| MigrateError::Qmp {
+        side: "destination",
+        source,
     };
-    let mut dst = ControlClient::connect(dst_ctl, Duration::from_secs(5)).map_err(err)?;
-    info.announced_to = dst.vf_import(state, rx_frames).map_err(err)?.announced_to;
-    info.ms = start.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(?info, "VF moved to the destination's companion");
-    Ok(Some(info))
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = dst.query_status().map_err(on_dst)?;
+        if s.status == "paused" || s.status == "running" || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.status != "paused" && status.status != "running" {
+        return Err(MigrateError::DestinationNotReady {
+            status: status.status,
+        });
+    }
+    let vf_takeover = match &opts.companions {
+        Some((src_ctl, dst_ctl)) => take_over_vf(src_ctl, dst_ctl)?,
+        None => None,
+    };
+    if opts.keep_paused {
+        return Ok((vf_takeover, false));
+    }
+    if let Err(e) = dst.cont() {
+        // A `cont` whose reply was lost may have started it: then it runs, and stays.
+        if !dst.query_status().is_ok_and(|s| s.running) {
+            return Err(on_dst(e));
+        }
+        tracing::warn!(error = %e, "cont failed but the destination runs");
+    }
+    Ok((vf_takeover, true))
 }
 
 #[cfg(test)]
@@ -614,7 +622,11 @@ mod tests {
                         answer(other)
                     }
                 };
-                send(serde_json::json!({"return": reply, "id": cmd["id"]}));
+                match reply.get("__error") {
+                    Some(desc) => send(serde_json::json!({"error":
+                        {"class": "GenericError", "desc": desc}, "id": cmd["id"]})),
+                    None => send(serde_json::json!({"return": reply, "id": cmd["id"]})),
+                }
                 for e in events {
                     send(e);
                 }
@@ -742,5 +754,139 @@ mod tests {
         assert!(e.to_string().contains("--src-control"), "{e}");
         assert!(src_seen.lock().unwrap().is_empty());
         assert!(dst_seen.lock().unwrap().is_empty());
+    }
+
+    /// A companion's control socket that answers each `cmd` from `answer` (`Err`: refused)
+    /// and records the commands.
+    fn fake_companion(
+        dir: &Path,
+        name: &str,
+        answer: impl Fn(&str) -> Result<serde_json::Value, String> + Send + Sync + 'static,
+    ) -> (PathBuf, Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let path = dir.join(name);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (log, answer) = (seen.clone(), Arc::new(answer));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let (log, answer) = (log.clone(), answer.clone());
+                std::thread::spawn(move || {
+                    let mut out = conn.try_clone().unwrap();
+                    for line in BufReader::new(conn).lines() {
+                        let Ok(line) = line else { return };
+                        let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                        let cmd = req["cmd"].as_str().unwrap_or_default().to_string();
+                        log.lock().unwrap().push(cmd.clone());
+                        let reply = match answer(&cmd) {
+                            Ok(mut v) => {
+                                v["ok"] = true.into();
+                                v
+                            }
+                            Err(e) => serde_json::json!({"ok": false, "error": e}),
+                        };
+                        let _ = writeln!(out, "{reply}");
+                    }
+                });
+            }
+        });
+        (path, seen)
+    }
+
+    fn position(seen: &Arc<std::sync::Mutex<Vec<String>>>, cmd: &str) -> Option<usize> {
+        seen.lock().unwrap().iter().position(|c| c == cmd)
+    }
+
+    #[test]
+    fn a_failed_cont_at_the_destination_stops_it_and_resumes_the_source() {
+        let (src, src_seen) = source_qemu();
+        let (dst, dst_seen) = fake_qemu(|cmd| match cmd {
+            "query-status" => (
+                serde_json::json!({"status": "paused", "running": false}),
+                vec![],
+            ),
+            "cont" => (
+                serde_json::json!({"__error": "no vhost-user backend"}),
+                vec![],
+            ),
+            _ => (serde_json::json!({}), vec![]),
+        });
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::RolledBack(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("no vhost-user backend"), "{msg}");
+        assert!(msg.contains("the source VM was resumed"), "{msg}");
+        assert!(
+            position(&dst_seen, "cont") < position(&dst_seen, "quit"),
+            "the destination is stopped after its failed cont"
+        );
+        assert!(position(&src_seen, "cont").is_some(), "the source resumes");
+    }
+
+    #[test]
+    fn a_failed_takeover_gives_the_vf_state_back_to_the_source_before_it_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
+        let (src_ctl, src_calls) = fake_companion(dir.path(), "src.sock", |cmd| match cmd {
+            "vf_reclaim" => Ok(serde_json::json!({"announced_to": ["b"]})),
+            _ => Err("the source companion refuses".into()),
+        });
+        // The destination's companion fails at the takeover (as one killed after `completed`).
+        let (dst_ctl, dst_calls) = fake_companion(dir.path(), "dst.sock", |cmd| match cmd {
+            "status" => Ok(serde_json::json!({})),
+            _ => Err("the destination companion is going away".into()),
+        });
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            companions: Some((src_ctl, dst_ctl)),
+            ..Default::default()
+        };
+        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::RolledBack(_)), "{e:?}");
+        assert!(e.to_string().contains("the VF could not move"), "{e}");
+        assert!(position(&src_calls, "vf_reclaim").is_some());
+        assert!(
+            position(&dst_calls, "vf_release").is_some(),
+            "it drops what it has"
+        );
+        assert!(
+            position(&dst_seen, "quit").is_some(),
+            "the destination is stopped"
+        );
+        assert!(
+            position(&dst_seen, "cont").is_none(),
+            "the destination never runs"
+        );
+        assert!(position(&src_seen, "cont").is_some(), "the source resumes");
+    }
+
+    #[test]
+    fn a_source_companion_that_cannot_take_its_state_back_leaves_the_source_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ((src, src_seen), (dst, _)) = (source_qemu(), destination_qemu());
+        let (src_ctl, _) = fake_companion(dir.path(), "src.sock", |_| Err("released".into()));
+        let (dst_ctl, dst_calls) = fake_companion(dir.path(), "dst.sock", |cmd| match cmd {
+            "status" => Ok(serde_json::json!({})),
+            "vf_release" => Ok(serde_json::json!({"had_state": false})),
+            _ => Err("no".into()),
+        });
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            companions: Some((src_ctl, dst_ctl)),
+            ..Default::default()
+        };
+        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::RollbackFailed { .. }), "{e:?}");
+        assert!(e.to_string().contains("paused in `postmigrate`"), "{e}");
+        assert!(position(&dst_calls, "vf_release").is_some());
+        assert!(
+            position(&src_seen, "cont").is_none(),
+            "never resumed without its VF state"
+        );
     }
 }

@@ -60,10 +60,29 @@ pub enum MigrateError {
     )]
     Tracking(#[source] ControlError),
     /// The VF could not move to the destination's companion.
-    #[error(
-        "the VF could not move to the destination's companion: {0}; the destination stays paused"
-    )]
+    #[error("the VF could not move to the destination's companion: {0}")]
     Takeover(String),
+    /// After QEMU completed, the destination could not take over the VF or start; it was
+    /// stopped and the source resumed. The cause is part of the message, as for `Detach`.
+    #[error(
+        "{}; the destination was stopped, the source companion took its VF state back and the \
+         source VM was resumed: it runs where it was. Fix the destination and migrate again",
+        error_text(.0.as_ref())
+    )]
+    RolledBack(Box<MigrateError>),
+    /// After QEMU completed, the destination could not take over or start, and the source
+    /// could not be resumed either.
+    #[error(
+        "{}; the destination was stopped, but the source VM could not be resumed ({resume}): it \
+         is paused in `postmigrate`. Check its companion, then resume it with QMP `cont`",
+        error_text(.cause.as_ref())
+    )]
+    RollbackFailed {
+        /// Why the destination did not take over.
+        cause: Box<MigrateError>,
+        /// Why the source did not resume.
+        resume: String,
+    },
     /// A rank's runtime did not report ready after SUSPEND.
     #[error("cooperative suspend: {0}; nothing was migrated and every rank was told RESUME")]
     Suspend(String),

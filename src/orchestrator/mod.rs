@@ -6,7 +6,9 @@
 //!   given (the operator's settings, the strategy with what it needs), what it returns (phases
 //!   and summary, or an error that says how the source was left), and who watches it;
 //! - [`plan`]: several migrations at once, each VM to its own destination;
-//! - [`hotplug`]: unplugging and plugging a passthrough VF (`passthrough-hotplug`).
+//! - [`hotplug`]: unplugging and plugging a passthrough VF (`passthrough-hotplug`);
+//! - `takeover`: the soft VF's state moved at switchover, and taken back if the destination
+//!   cannot take over or start.
 //!
 //! The demo, the scenarios, the benches and the nested test are in [`crate::lab`].
 
@@ -19,5 +21,6 @@ pub mod plan;
 pub mod progress;
 pub mod strategy;
 pub mod summary;
+mod takeover;
 
 pub use strategy::{Strategy, StrategyKind};

@@ -81,6 +81,9 @@ pub trait VfPersist: Send + Sync {
     fn announce(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Drops the VF's state: the VM's VF lives in another companion now. Nothing to do for a
+    /// VF that keeps no state in the companion.
+    fn discard_state(&self) {}
 }
 
 /// Which backend a [`VfBackend`] holds.

@@ -63,6 +63,12 @@ pub enum Request {
         /// Frames that waited for the guest at the source, hex-encoded.
         rx_frames: Vec<String>,
     },
+    /// Drop this companion's soft VF state for good: the source's once the destination runs,
+    /// or a destination's whose takeover was rolled back.
+    VfRelease,
+    /// Take back the soft VF state this companion exported (the destination's takeover or
+    /// start failed) and tell the peers the VM lives here again; QEMU's `cont` resumes it.
+    VfReclaim,
     /// Tell the guest's runtime a migration event (`suspend` or `resume`), for the cooperative
     /// strategy; its acknowledgement shows in `stats` (`guest_link.suspend_acks`).
     SendEvent {
@@ -92,6 +98,8 @@ impl Request {
             Request::Write { .. } => "write",
             Request::VfExport => "vf_export",
             Request::VfImport { .. } => "vf_import",
+            Request::VfRelease => "vf_release",
+            Request::VfReclaim => "vf_reclaim",
             Request::SendEvent { .. } => "send_event",
             Request::SetTracking { .. } => "set_tracking",
             Request::Quit => "quit",
@@ -225,6 +233,20 @@ pub struct VfImportReply {
     pub announced_to: Vec<String>,
 }
 
+/// Reply to `vf_release`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VfReleaseReply {
+    /// Whether there was state to drop (false: released before).
+    pub had_state: bool,
+}
+
+/// Reply to `vf_reclaim`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VfReclaimReply {
+    /// The peers told the VM lives here again.
+    pub announced_to: Vec<String>,
+}
+
 /// Reply to `send_event`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SendEventReply {
@@ -267,6 +289,10 @@ pub enum Reply {
     VfExport(VfExportReply),
     /// To `vf_import`.
     VfImport(VfImportReply),
+    /// To `vf_release`.
+    VfRelease(VfReleaseReply),
+    /// To `vf_reclaim`.
+    VfReclaim(VfReclaimReply),
     /// To `send_event`.
     SendEvent(SendEventReply),
     /// To `set_tracking`.
@@ -289,6 +315,8 @@ impl Reply {
             Reply::Write(_) => "write",
             Reply::VfExport(_) => "vf_export",
             Reply::VfImport(_) => "vf_import",
+            Reply::VfRelease(_) => "vf_release",
+            Reply::VfReclaim(_) => "vf_reclaim",
             Reply::SendEvent(_) => "send_event",
             Reply::SetTracking(_) => "set_tracking",
             Reply::Quit(_) => "quit",
@@ -317,6 +345,8 @@ reply_from!(
     Write(WriteReply),
     VfExport(VfExportReply),
     VfImport(VfImportReply),
+    VfRelease(VfReleaseReply),
+    VfReclaim(VfReclaimReply),
     SendEvent(SendEventReply),
     SetTracking(SetTrackingReply),
     Quit(QuitReply),
@@ -409,6 +439,8 @@ mod tests {
                 hex: "00".into(),
             },
             Request::VfExport,
+            Request::VfRelease,
+            Request::VfReclaim,
             Request::SendEvent {
                 event: GuestEvent::Resume,
             },
@@ -504,6 +536,8 @@ mod tests {
                 }),
             ),
             ("vf_import", json!({"announced_to": ["b"]})),
+            ("vf_release", json!({"had_state": true})),
+            ("vf_reclaim", json!({"announced_to": ["b"]})),
             ("send_event", json!({"sent": "suspend"})),
             ("set_tracking", json!({"tracking": false})),
             ("quit", json!({})),
@@ -530,6 +564,8 @@ mod tests {
             "write" => round::<WriteReply>(fields),
             "vf_export" => round::<VfExportReply>(fields),
             "vf_import" => round::<VfImportReply>(fields),
+            "vf_release" => round::<VfReleaseReply>(fields),
+            "vf_reclaim" => round::<VfReclaimReply>(fields),
             "send_event" => round::<SendEventReply>(fields),
             "set_tracking" => round::<SetTrackingReply>(fields),
             "quit" => round::<QuitReply>(fields),

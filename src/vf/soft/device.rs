@@ -184,6 +184,10 @@ impl VfPersist for SoftVf {
     fn announce(&self) -> Vec<String> {
         SoftVf::announce(self)
     }
+
+    fn discard_state(&self) {
+        SoftVf::discard_state(self)
+    }
 }
 
 /// The soft VF's device side. Its "device" is the [`crate::memory::DmaEngine`], which already
@@ -217,11 +221,16 @@ impl VfDevice for SoftVf {
 
     fn quiesce(&mut self) -> Result<QuiesceReport, VfDeviceError> {
         let was = !self.inner.dma.gate_state().quiesced;
-        let waited = self.inner.dma.quiesce();
+        let started = Instant::now();
+        self.inner.dma.quiesce();
+        // A peer's request whose DMA landed before the gate closed is finished (PSN, receive
+        // completion) before the state can be exported: wait for every apply in progress, not
+        // only for the write in flight.
+        drop(self.inner.applying.lock());
         Ok(QuiesceReport {
-            waited_us: waited.as_micros() as u64,
+            waited_us: started.elapsed().as_micros() as u64,
             was_bus_master: was,
-            detail: "DMA engine gate closed; no write in progress".into(),
+            detail: "DMA engine gate closed; no write and no request in progress".into(),
         })
     }
 

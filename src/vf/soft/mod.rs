@@ -70,6 +70,8 @@ struct Inner {
     stats: Mutex<SoftVfStats>,
     /// Held while a peer's request is applied (see `responder::apply`).
     applying: Mutex<()>,
+    /// The responder's own table: which stream applies to each QP, NAKs sent, peers' epochs.
+    rx: Mutex<responder::Receive>,
     /// What `sync_dirty` reported so far of the current epoch's device-dirty bitmap.
     dirty_seen: Mutex<device::DirtySeen>,
     /// Tests only: apply the next N requests but send no ack for them, as if the acks were
@@ -109,6 +111,7 @@ impl SoftVf {
             closed: AtomicBool::new(false),
             stats: Mutex::new(SoftVfStats::default()),
             applying: Mutex::new(()),
+            rx: Mutex::new(responder::Receive::default()),
             dirty_seen: Mutex::new(device::DirtySeen::default()),
             #[cfg(test)]
             swallow_acks: AtomicU64::new(0),

@@ -16,6 +16,23 @@ use crate::vf::verbs::{Completion, MemoryRegion, RecvWr, SendWr};
 /// releases refuse each other's state instead of misreading it.
 pub const VF_STATE_VERSION: u32 = 1;
 
+/// Bounds of a [`VfState`] an importer accepts: far above what a guest sets up, far below
+/// what would exhaust the companion.
+pub mod limits {
+    /// Queue pairs, and registered regions.
+    pub const MAX_QPS: usize = 65_536;
+    /// Registered regions.
+    pub const MAX_MRS: usize = 65_536;
+    /// Guest-physical segments of one region.
+    pub const MAX_SEGMENTS: usize = 65_536;
+    /// Unacknowledged requests, and posted receives, of one QP.
+    pub const MAX_QUEUE: usize = 65_536;
+    /// Completions not yet taken.
+    pub const MAX_COMPLETIONS: usize = 1 << 20;
+    /// Bytes of a VM name.
+    pub const MAX_NAME: usize = 256;
+}
+
 /// A QP as it moves from the source companion to the destination's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QpState {
@@ -84,6 +101,18 @@ pub enum StateError {
         /// The version this companion reads.
         want: u32,
     },
+    /// The state is inconsistent or larger than any VF sets up: refused before any of it
+    /// was applied.
+    #[error(
+        "VF state of VM {vm} refused, nothing of it applied: {what}; export it again from the \
+         source companion"
+    )]
+    Invalid {
+        /// The VM the state names.
+        vm: String,
+        /// What is wrong with it.
+        what: String,
+    },
     /// The VF keeps no state in the companion.
     #[error(
         "{device} keeps no VF state in the companion: its queues live in the device itself; \
@@ -93,6 +122,99 @@ pub enum StateError {
         /// The device.
         device: String,
     },
+}
+
+impl VfState {
+    /// Checks the state before any of it is applied: its version, sizes, counts, numbering
+    /// and PSNs. `vm` is the importing VM.
+    pub fn validate(&self, vm: &str) -> Result<(), StateError> {
+        use limits::*;
+        if self.vm != vm {
+            return Err(StateError::WrongVm {
+                want: vm.to_string(),
+                got: self.vm.chars().take(MAX_NAME).collect(),
+            });
+        }
+        if self.version != VF_STATE_VERSION {
+            return Err(StateError::Version {
+                vm: self.vm.clone(),
+                got: self.version,
+                want: VF_STATE_VERSION,
+            });
+        }
+        let invalid = |what: String| StateError::Invalid {
+            vm: self.vm.clone(),
+            what,
+        };
+        let at_most = |what: &str, n: usize, max: usize| {
+            if n > max {
+                Err(invalid(format!("{n} {what}, at most {max} are accepted")))
+            } else {
+                Ok(())
+            }
+        };
+        at_most("queue pairs", self.qps.len(), MAX_QPS)?;
+        at_most("memory regions", self.mrs.len(), MAX_MRS)?;
+        at_most("completions", self.cq.len(), MAX_COMPLETIONS)?;
+        let mut keys = std::collections::HashSet::new();
+        for m in &self.mrs {
+            at_most("segments in one region", m.segments.len(), MAX_SEGMENTS)?;
+            if !keys.insert(m.key) || m.key >= self.next_key {
+                return Err(invalid(format!(
+                    "region key {} is repeated or not below next_key {}",
+                    m.key, self.next_key
+                )));
+            }
+            let total = m.segments.iter().try_fold(0u64, |t, g| {
+                g.gpa.checked_add(g.len)?;
+                t.checked_add(g.len)
+            });
+            if total.and_then(|t| m.addr.checked_add(t)).is_none() {
+                return Err(invalid(format!(
+                    "region {} overflows the address space",
+                    m.key
+                )));
+            }
+        }
+        let mut nums = std::collections::HashSet::new();
+        for q in &self.qps {
+            if !nums.insert(q.num) || q.num >= self.next_qp {
+                return Err(invalid(format!(
+                    "QP {} is repeated or not below next_qp {}",
+                    q.num, self.next_qp
+                )));
+            }
+            if q.peer.as_ref().is_some_and(|(p, _)| p.len() > MAX_NAME) {
+                return Err(invalid(format!("QP {}'s peer name is too long", q.num)));
+            }
+            at_most(
+                "unacknowledged requests on one QP",
+                q.unacked.len(),
+                MAX_QUEUE,
+            )?;
+            at_most("posted receives on one QP", q.recvs.len(), MAX_QUEUE)?;
+            if q.next_psn == 0 || q.expected_psn == 0 {
+                return Err(invalid(format!("QP {} has a PSN of 0", q.num)));
+            }
+            let mut last = 0u64;
+            for (psn, wr) in &q.unacked {
+                if *psn <= last || *psn >= q.next_psn {
+                    return Err(invalid(format!(
+                        "QP {}'s pending PSN {psn} is out of order or not below next_psn {}",
+                        q.num, q.next_psn
+                    )));
+                }
+                last = *psn;
+                if wr.sge.len as usize > super::wire::MAX_PAYLOAD {
+                    return Err(invalid(format!(
+                        "QP {}'s pending request of {} bytes is larger than a request carries",
+                        q.num, wr.sge.len
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl From<&QpState> for Qp {
@@ -146,6 +268,8 @@ impl SoftVf {
         for vm in links {
             link::drop_link(inner, &vm);
         }
+        // No request half-applied: its PSN and completion are in the state, or none of it is.
+        let _applying = inner.applying.lock();
         let st = inner.state.lock();
         let mut qps: Vec<QpState> = st.qps.iter().map(|(&n, q)| qp_state(n, q)).collect();
         qps.sort_by_key(|q| q.num);
@@ -167,18 +291,9 @@ impl SoftVf {
     /// [`SoftVf::announce`] next, before the VM resumes.
     pub fn import_state(&self, state: VfState) -> Result<(), StateError> {
         let inner = &self.inner;
-        if state.vm != inner.vm {
-            return Err(StateError::WrongVm {
-                want: inner.vm.clone(),
-                got: state.vm,
-            });
-        }
-        if state.version != VF_STATE_VERSION {
-            return Err(StateError::Version {
-                vm: state.vm,
-                got: state.version,
-                want: VF_STATE_VERSION,
-            });
+        if let Err(e) = state.validate(&inner.vm) {
+            tracing::warn!(error = %e, "VF state refused at import");
+            return Err(e);
         }
         let fresh = State {
             mrs: state.mrs.into_iter().map(|m| (m.key, m)).collect(),
@@ -194,6 +309,22 @@ impl SoftVf {
         *inner.state.lock() = fresh;
         inner.cq_ready.notify_all();
         Ok(())
+    }
+
+    /// Drops this VF's state (the destination runs the VM now, or a takeover here was rolled
+    /// back): the links close and the tables are emptied, so nothing is applied or sent for
+    /// the VM from here again. Call it with the device quiesced.
+    pub fn discard_state(&self) {
+        let inner = &self.inner;
+        let links: Vec<_> = inner.links.lock().keys().cloned().collect();
+        for vm in links {
+            link::drop_link(inner, &vm);
+        }
+        let _applying = inner.applying.lock();
+        *inner.state.lock() = State::default();
+        *inner.rx.lock() = Default::default();
+        inner.cq_ready.notify_all();
+        tracing::info!(vm = %inner.vm, "VF state dropped: the VM's VF lives elsewhere");
     }
 
     /// Tells every peer in the cluster map that this VM now lives here: they point their
@@ -218,5 +349,117 @@ impl SoftVf {
         }
         tracing::info!(vm = %self.inner.vm, ?reached, "announced the VM's new place on the fabric");
         reached
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vf::verbs::{GpaRange, SendOp, Sge};
+
+    fn wr(len: u32) -> SendWr {
+        SendWr {
+            wr_id: 1,
+            sge: Sge {
+                addr: 0x1000,
+                len,
+                lkey: 1,
+            },
+            op: SendOp::Send { imm: None },
+        }
+    }
+
+    fn good() -> VfState {
+        VfState {
+            version: VF_STATE_VERSION,
+            vm: "a".into(),
+            mrs: vec![MemoryRegion {
+                key: 1,
+                addr: 0x1000,
+                segments: vec![GpaRange {
+                    gpa: 0x40_0000,
+                    len: 4096,
+                }],
+                access: Default::default(),
+            }],
+            next_key: 2,
+            qps: vec![QpState {
+                num: 1,
+                peer: Some(("b".into(), 1)),
+                next_psn: 3,
+                expected_psn: 1,
+                recvs: vec![],
+                unacked: vec![(1, wr(8)), (2, wr(8))],
+                error: false,
+            }],
+            next_qp: 2,
+            cq: vec![],
+        }
+    }
+
+    #[test]
+    fn an_inconsistent_or_oversized_state_is_refused_before_any_of_it_is_applied() {
+        assert!(good().validate("a").is_ok());
+        type Spoil = Box<dyn Fn(&mut VfState)>;
+        let cases: Vec<(&str, Spoil)> = vec![
+            (
+                "pending PSNs out of order",
+                Box::new(|s| s.qps[0].unacked.swap(0, 1)),
+            ),
+            (
+                "a pending PSN not sent",
+                Box::new(|s| s.qps[0].next_psn = 2),
+            ),
+            ("PSN 0", Box::new(|s| s.qps[0].expected_psn = 0)),
+            ("a repeated QP", Box::new(|s| s.qps.push(s.qps[0].clone()))),
+            ("a QP above next_qp", Box::new(|s| s.next_qp = 1)),
+            ("a region above next_key", Box::new(|s| s.next_key = 1)),
+            (
+                "a huge request",
+                Box::new(|s| s.qps[0].unacked[1].1.sge.len = u32::MAX),
+            ),
+            (
+                "a region past the address space",
+                Box::new(|s| s.mrs[0].segments[0].gpa = u64::MAX - 1),
+            ),
+            (
+                "too many QPs",
+                Box::new(|s| {
+                    s.next_qp = u32::MAX;
+                    s.qps = (1..=limits::MAX_QPS as u32 + 1)
+                        .map(|num| QpState {
+                            num,
+                            unacked: vec![],
+                            ..s.qps[0].clone()
+                        })
+                        .collect();
+                }),
+            ),
+        ];
+        for (what, spoil) in cases {
+            let mut s = good();
+            spoil(&mut s);
+            let e = s.validate("a").unwrap_err();
+            assert!(matches!(e, StateError::Invalid { .. }), "{what}: {e:?}");
+            assert!(e.to_string().contains("nothing of it applied"), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_import_refuses_an_invalid_state_and_keeps_its_own() {
+        let vf = super::super::responder::tests::vm("a");
+        let qp = vf.create_qp();
+        let mut bad = good();
+        bad.qps[0].unacked.swap(0, 1);
+        assert!(matches!(
+            vf.import_state(bad),
+            Err(StateError::Invalid { .. })
+        ));
+        assert!(
+            vf.inner.state.lock().qps.contains_key(&qp),
+            "its own state is untouched"
+        );
+        vf.import_state(good()).unwrap();
+        assert_eq!(vf.inner.state.lock().qps[&1].next_psn, 3);
     }
 }

@@ -177,13 +177,29 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
 }
 
 /// Takes the target's ack of `psn` on `qp`: completes what it covers, or goes back after an
-/// RNR, or fails the QP.
+/// RNR or a NAK, or fails the QP. An ack of a PSN this QP never sent is refused (logged; what
+/// it would cover stays pending).
 pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatus) {
+    let mut st = inner.state.lock();
+    // Checked under the state lock: an export (after the quiesce) then sees every ack taken
+    // before it and none after.
     if inner.dma.gate_state().quiesced {
         return; // after the switchover the destination owns completions
     }
-    let mut st = inner.state.lock();
     let Some(q) = st.qps.get_mut(&qp) else { return };
+    if psn >= q.next_psn {
+        let highest_sent = q.next_psn - 1;
+        drop(st);
+        tracing::warn!(
+            qp,
+            psn,
+            highest_sent,
+            ?status,
+            "ack of a PSN this QP never sent: refused, its requests stay pending"
+        );
+        inner.stats.lock().malformed_frames += 1;
+        return;
+    }
     match status {
         AckStatus::Ok => {
             let mut done = Vec::new();
@@ -195,6 +211,23 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
             for c in done {
                 complete(&mut st, inner, c);
             }
+        }
+        AckStatus::SequenceGap => {
+            // The target expects an earlier request than `psn`: all that is unacked goes again,
+            // from the first, on the retry loop's next turn (not from this ack reader, which
+            // must keep draining acks while the frames are written).
+            let mut again = 0usize;
+            for p in q.unacked.iter_mut().filter(|p| p.sent_on != NEVER_SENT) {
+                p.sent_on = NOT_ON_A_LINK;
+                again += 1;
+            }
+            drop(st);
+            tracing::info!(
+                qp,
+                psn,
+                again,
+                "NAK (sequence gap) from the target: resending from the first unacked request"
+            );
         }
         AckStatus::ReceiverNotReady => {
             let now = Instant::now();

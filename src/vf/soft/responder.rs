@@ -1,15 +1,24 @@
 //! The receive half of go-back-N: a peer's requests on a QP are applied strictly in PSN
 //! order, each once. A duplicate (already applied; its ack was lost) is acked again without
-//! being applied; a request from the future (after a gap) is dropped, and the sender goes back
-//! to the gap. The bytes reach guest RAM only through the DMA engine.
+//! being applied; a request from the future (after a gap) is dropped and answered, once per
+//! gap, with a NAK ([`AckStatus::SequenceGap`]), so the sender goes back to the gap at once.
+//! The bytes reach guest RAM only through the DMA engine.
+//!
+//! One stream applies to a QP: each connection serving a peer runs on its own thread, and the
+//! newest one to apply to a QP owns it; an older connection that still carries requests for
+//! that QP is refused and closed (a peer that redialled resends on its new one). A peer whose
+//! companion restarted (a new epoch, [`SoftVf::on_peer_epoch`]) starts its PSNs at 1 again: the
+//! QPs connected to it expect PSN 1 again instead of taking its requests for duplicates.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::state::{complete, Qp, State};
 use super::wire::{AckStatus, Frame};
-use super::Inner;
+use super::{Inner, SoftVf};
 use crate::memory::DmaError;
 use crate::vf::verbs::{Completion, GpaRange, MemoryRegion, Opcode, Status};
 
@@ -21,6 +30,88 @@ pub(super) enum Outcome {
     Drop,
     /// Close the connection.
     Close,
+}
+
+/// The responder's own table, beside the QPs.
+#[derive(Default)]
+pub(super) struct Receive {
+    /// Per local QP: the stream that applies to it and the gap a NAK was sent for.
+    qps: HashMap<u32, RxQp>,
+    /// Per peer VM: the epoch of its companion, as its handshake said.
+    epochs: HashMap<String, u64>,
+    /// Tests only: once armed, the next `apply` stops after its DMA and before `finish`,
+    /// tells the test, and waits until the test lets it go on.
+    #[cfg(test)]
+    pause_after_dma: Option<PauseAfterDma>,
+}
+
+#[cfg(test)]
+pub(super) struct PauseAfterDma {
+    pub(super) reached: std::sync::mpsc::Sender<()>,
+    pub(super) go_on: std::sync::mpsc::Receiver<()>,
+}
+
+/// A local QP's receive side, beside its PSNs.
+#[derive(Default)]
+struct RxQp {
+    /// The stream (connection) that applies to this QP (0: none yet).
+    stream: u64,
+    /// The expected PSN a NAK was sent for: one NAK per gap, not one per dropped request.
+    nak_for: Option<u64>,
+}
+
+/// The last stream number given out; each connection's thread takes one at its first request.
+static STREAMS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static STREAM: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The stream number of the calling connection thread.
+fn this_stream() -> u64 {
+    STREAM.with(|s| {
+        if s.get() == 0 {
+            s.set(STREAMS.fetch_add(1, Ordering::Relaxed) + 1);
+        }
+        s.get()
+    })
+}
+
+impl SoftVf {
+    /// The handshake's hook: `vm`'s companion speaks with `epoch` (a number of its start).
+    /// A new epoch for a known peer means its companion restarted and numbers its requests
+    /// from PSN 1 again: every QP connected to it expects PSN 1 again (otherwise its requests
+    /// would be acked as duplicates and never applied). Returns whether that happened.
+    ///
+    /// A migrated VM carries its PSNs on: its destination companion must speak with the epoch
+    /// the source did (the epoch moves with the VF state), or this hook would reset the QPs.
+    pub fn on_peer_epoch(&self, vm: &str, epoch: u64) -> bool {
+        let inner = &self.inner;
+        // No request of that peer is half-applied while its QPs are reset.
+        let _applying = inner.applying.lock();
+        let mut rx = inner.rx.lock();
+        let before = rx.epochs.insert(vm.to_string(), epoch);
+        if before.is_none_or(|b| b == epoch) {
+            return false;
+        }
+        let mut st = inner.state.lock();
+        let mut reset = Vec::new();
+        for (&n, q) in st.qps.iter_mut() {
+            if q.peer.as_ref().is_some_and(|(p, _)| p == vm) {
+                q.expected_psn = 1;
+                rx.qps.remove(&n);
+                reset.push(n);
+            }
+        }
+        tracing::warn!(
+            peer = vm,
+            old_epoch = before,
+            epoch,
+            qps = ?reset,
+            "the peer's companion restarted: its QPs expect PSN 1 again"
+        );
+        true
+    }
 }
 
 /// A peer's request, as the responder needs it.
@@ -90,16 +181,81 @@ pub(super) fn apply(inner: &Arc<Inner>, peer: &str, frame: Frame) -> Outcome {
     // resends from its first unacked request on a new connection while the old connection's
     // thread may still be applying it; without this, both would see the same expected PSN
     // and apply it twice.
+    // Quiesce and export take this lock too, so they wait for a whole apply (DMA, PSN,
+    // receive completion), never for half of one.
     let _applying = inner.applying.lock();
+    if let Err(outcome) = own_stream(inner, peer, &req) {
+        return outcome;
+    }
     let pieces = match place(inner, peer, &req) {
         Ok(pieces) => pieces,
         Err(outcome) => return outcome,
     };
     match dma_pieces(inner, &pieces, &req.payload) {
-        Some(Ok(())) => finish(inner, &req),
+        Some(Ok(())) => {
+            #[cfg(test)]
+            pause_after_dma(inner);
+            finish(inner, &req)
+        }
         Some(Err(())) => Outcome::Ack(AckStatus::RemoteAccess),
         None => Outcome::Close,
     }
+}
+
+#[cfg(test)]
+fn pause_after_dma(inner: &Inner) {
+    let pause = inner.rx.lock().pause_after_dma.take();
+    if let Some(p) = pause {
+        let _ = p.reached.send(());
+        let _ = p.go_on.recv();
+    }
+}
+
+/// One applying stream per QP: the calling connection takes the QP over if it is newer than
+/// the one that applied to it so far; an older connection is refused and closed.
+fn own_stream(inner: &Inner, peer: &str, req: &Request) -> Result<(), Outcome> {
+    let me = this_stream();
+    let mut rx = inner.rx.lock();
+    let q = rx.qps.entry(req.dst_qp).or_default();
+    if me < q.stream {
+        tracing::warn!(
+            peer,
+            qp = req.dst_qp,
+            psn = req.psn,
+            "a request on an older connection for a QP a newer connection applies to: \
+             refused, closing the older connection"
+        );
+        return Err(Outcome::Close);
+    }
+    if me > q.stream {
+        if q.stream != 0 {
+            tracing::debug!(
+                peer,
+                qp = req.dst_qp,
+                "a newer connection of the peer now applies to the QP"
+            );
+        }
+        q.stream = me;
+    }
+    Ok(())
+}
+
+/// The answer to a request after a gap: a NAK, once per gap; nothing for the rest.
+fn after_gap(inner: &Inner, peer: &str, req: &Request, expected: u64) -> Outcome {
+    let mut rx = inner.rx.lock();
+    let q = rx.qps.entry(req.dst_qp).or_default();
+    if q.nak_for == Some(expected) {
+        return Outcome::Drop;
+    }
+    q.nak_for = Some(expected);
+    tracing::info!(
+        peer,
+        qp = req.dst_qp,
+        psn = req.psn,
+        expected,
+        "request after a sequence gap: dropped, NAK sent so the peer resends from the gap"
+    );
+    Outcome::Ack(AckStatus::SequenceGap)
 }
 
 /// Where the request's bytes go, if it is the next in order and allowed; otherwise what to
@@ -126,7 +282,10 @@ fn place(inner: &Inner, peer: &str, req: &Request) -> Result<Vec<GpaRange>, Outc
         return Err(Outcome::Ack(AckStatus::Ok));
     }
     if req.psn > q.expected_psn {
-        return Err(Outcome::Drop); // from the future: go-back-N, the sender resends from the gap
+        // From the future: go-back-N, the sender resends from the gap on the NAK.
+        let expected = q.expected_psn;
+        drop(st);
+        return Err(after_gap(inner, peer, req, expected));
     }
     if req.consumes_recv() && q.recvs.is_empty() {
         return Err(Outcome::Ack(AckStatus::ReceiverNotReady));
@@ -247,6 +406,10 @@ fn dma_pieces(inner: &Inner, pieces: &[GpaRange], payload: &[u8]) -> Option<Resu
                 Ok(()) => break,
                 Err(DmaError::Quiesced) => return None,
                 Err(DmaError::HeldNoLog { .. }) | Err(DmaError::NoMemory) => {
+                    // A quiesce waits for this apply: give up rather than wait for memory.
+                    if inner.dma.gate_state().quiesced {
+                        return None;
+                    }
                     std::thread::sleep(Duration::from_millis(1))
                 }
                 Err(e) => {
@@ -258,4 +421,282 @@ fn dma_pieces(inner: &Inner, pieces: &[GpaRange], payload: &[u8]) -> Option<Resu
         at += p.len as usize;
     }
     Some(Ok(()))
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    use super::super::state::Pending;
+    use super::super::{requester, ClusterMap, FabricTiming, SoftVf};
+    use super::*;
+    use crate::memory::DmaEngine;
+    use crate::vf::verbs::{Access, SendOp, SendWr, Sge};
+    use crate::vf::{VfDevice, VfPersist};
+
+    const BUF: u64 = 0x40_0000;
+
+    pub(in crate::vf::soft) fn vm(name: &str) -> SoftVf {
+        let ram = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("guest RAM"),
+        );
+        let dma = Arc::new(DmaEngine::new(ram));
+        dma.adopt_memory();
+        let timing = FabricTiming {
+            retry_interval: Duration::from_millis(5),
+            hold_timeout: Duration::from_secs(5),
+            rnr_timeout: Duration::from_secs(5),
+        };
+        SoftVf::start(name, dma, "127.0.0.1:0", ClusterMap::default(), timing).expect("soft VF")
+    }
+
+    /// `vm` with one QP connected to `peer`'s QP 1 and one remotely writable region at `BUF`.
+    fn target(name: &str, peer: &str) -> (SoftVf, u32, u32) {
+        let vf = vm(name);
+        vf.set_peer_address(peer, "127.0.0.1:1");
+        let access = Access {
+            local_write: true,
+            remote_write: true,
+        };
+        let seg = vec![GpaRange {
+            gpa: BUF,
+            len: 64 << 10,
+        }];
+        let key = vf.register_mr(BUF, seg, access).unwrap();
+        let qp = vf.create_qp();
+        vf.connect_qp(qp, peer, 1).unwrap();
+        (vf, qp, key)
+    }
+
+    fn write(dst_qp: u32, psn: u64, rkey: u32) -> Frame {
+        Frame::Write {
+            src_qp: 1,
+            dst_qp,
+            psn,
+            rkey,
+            addr: BUF + psn * 8,
+            imm: None,
+            payload: psn.to_le_bytes().to_vec(),
+        }
+    }
+
+    fn expected(vf: &SoftVf, qp: u32) -> u64 {
+        vf.inner.state.lock().qps[&qp].expected_psn
+    }
+
+    fn is_ack(o: &Outcome, want: AckStatus) -> bool {
+        matches!(o, Outcome::Ack(s) if *s == want)
+    }
+
+    #[test]
+    fn quiesce_and_export_wait_for_a_whole_apply_not_only_its_dma() {
+        let (b, qp, key) = target("b", "a");
+        let (reached_tx, reached) = mpsc::channel();
+        let (go_on, go_on_rx) = mpsc::channel();
+        b.inner.rx.lock().pause_after_dma = Some(PauseAfterDma {
+            reached: reached_tx,
+            go_on: go_on_rx,
+        });
+        let applier = {
+            let inner = b.inner.clone();
+            std::thread::spawn(move || {
+                matches!(
+                    apply(&inner, "a", write(qp, 1, key)),
+                    Outcome::Ack(AckStatus::Ok)
+                )
+            })
+        };
+        reached.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The DMA has landed; the PSN has not moved yet. A quiesce now must wait.
+        let (done_tx, done) = mpsc::channel();
+        let quiescer = {
+            let mut dev = b.clone();
+            std::thread::spawn(move || {
+                dev.quiesce().unwrap();
+                let _ = done_tx.send(());
+            })
+        };
+        assert!(
+            done.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the quiesce returned while a request was half-applied"
+        );
+        go_on.send(()).unwrap();
+        done.recv_timeout(Duration::from_secs(5)).unwrap();
+        quiescer.join().unwrap();
+        assert!(applier.join().unwrap(), "the request was applied and acked");
+        let state = VfPersist::export_state(&b).unwrap();
+        assert_eq!(
+            state.qps[0].expected_psn, 2,
+            "the export carries the acked request's PSN"
+        );
+    }
+
+    #[test]
+    fn a_request_after_a_gap_is_nakked_once_per_gap() {
+        let (b, qp, key) = target("b", "a");
+        assert!(is_ack(
+            &apply(&b.inner, "a", write(qp, 2, key)),
+            AckStatus::SequenceGap
+        ));
+        assert!(matches!(
+            apply(&b.inner, "a", write(qp, 3, key)),
+            Outcome::Drop
+        ));
+        assert!(is_ack(
+            &apply(&b.inner, "a", write(qp, 1, key)),
+            AckStatus::Ok
+        ));
+        // A new gap (PSN 2 is expected now) gets its own NAK.
+        assert!(is_ack(
+            &apply(&b.inner, "a", write(qp, 3, key)),
+            AckStatus::SequenceGap
+        ));
+        assert_eq!(expected(&b, qp), 2);
+    }
+
+    #[test]
+    fn an_older_connection_is_refused_once_a_newer_one_applies_to_the_qp() {
+        let (b, qp, key) = target("b", "a");
+        let (first_tx, first) = mpsc::channel();
+        let (again_tx, again) = mpsc::channel::<()>();
+        let older = {
+            let inner = b.inner.clone();
+            std::thread::spawn(move || {
+                let one = apply(&inner, "a", write(qp, 1, key));
+                first_tx.send(is_ack(&one, AckStatus::Ok)).unwrap();
+                again.recv().unwrap();
+                matches!(apply(&inner, "a", write(qp, 3, key)), Outcome::Close)
+            })
+        };
+        assert!(first.recv().unwrap());
+        let newer = {
+            let inner = b.inner.clone();
+            std::thread::spawn(move || {
+                is_ack(&apply(&inner, "a", write(qp, 2, key)), AckStatus::Ok)
+            })
+        };
+        assert!(newer.join().unwrap());
+        again_tx.send(()).unwrap();
+        assert!(
+            older.join().unwrap(),
+            "the older connection must be refused and closed"
+        );
+        assert_eq!(
+            expected(&b, qp),
+            3,
+            "nothing applied from the older connection"
+        );
+    }
+
+    #[test]
+    fn a_restarted_peer_is_applied_from_psn_1_again_not_taken_for_duplicates() {
+        let (b, qp, key) = target("b", "a");
+        assert!(!b.on_peer_epoch("a", 7), "first sighting");
+        for psn in 1..=3 {
+            assert!(is_ack(
+                &apply(&b.inner, "a", write(qp, psn, key)),
+                AckStatus::Ok
+            ));
+        }
+        assert!(!b.on_peer_epoch("a", 7), "same companion");
+        let applied = b.inner.stats.lock().requests_applied;
+        assert!(b.on_peer_epoch("a", 8), "a restart");
+        assert!(is_ack(
+            &apply(&b.inner, "a", write(qp, 1, key)),
+            AckStatus::Ok
+        ));
+        assert_eq!(
+            b.inner.stats.lock().requests_applied,
+            applied + 1,
+            "applied, not a duplicate"
+        );
+        assert_eq!(expected(&b, qp), 2);
+    }
+
+    fn write_wr(wr_id: u64, lkey: u32, rkey: u32) -> SendWr {
+        SendWr {
+            wr_id,
+            sge: Sge {
+                addr: BUF,
+                len: 8,
+                lkey,
+            },
+            op: SendOp::Write {
+                remote_addr: BUF + 0x100,
+                rkey,
+                imm: None,
+            },
+        }
+    }
+
+    #[test]
+    fn an_ack_beyond_the_highest_psn_sent_is_refused_and_the_request_stays_pending() {
+        let (a, qp, key) = target("a", "b");
+        a.post_send(qp, write_wr(1, key, key)).unwrap();
+        requester::handle_ack(&a.inner, qp, u64::MAX, AckStatus::Ok);
+        requester::handle_ack(&a.inner, qp, 2, AckStatus::Ok);
+        assert!(a.poll_cq(8).is_empty(), "a forged ack completed a request");
+        assert_eq!(a.inner.state.lock().qps[&qp].unacked.len(), 1);
+        requester::handle_ack(&a.inner, qp, 1, AckStatus::Ok);
+        assert_eq!(a.poll_cq(8).len(), 1);
+    }
+
+    #[test]
+    fn a_request_lost_before_a_gap_is_resent_at_once_on_the_nak() {
+        let (a, b) = (vm("a"), vm("b"));
+        a.set_peer_address("b", b.listen_addr());
+        b.set_peer_address("a", a.listen_addr());
+        let access = Access {
+            local_write: true,
+            remote_write: true,
+        };
+        let seg = vec![GpaRange {
+            gpa: BUF,
+            len: 64 << 10,
+        }];
+        let ka = a.register_mr(BUF, seg.clone(), access).unwrap();
+        let kb = b.register_mr(BUF, seg, access).unwrap();
+        let (qa, qb) = (a.create_qp(), b.create_qp());
+        a.connect_qp(qa, "b", qb).unwrap();
+        b.connect_qp(qb, "a", qa).unwrap();
+        a.post_send(qa, write_wr(1, ka, kb)).unwrap();
+        assert_eq!(a.wait_cq(1, Duration::from_secs(5)).len(), 1);
+        // PSN 2 goes out on the link and is lost on the way.
+        {
+            let generation = a.inner.links.lock()["b"].generation;
+            let mut st = a.inner.state.lock();
+            let q = st.qps.get_mut(&qa).unwrap();
+            let wr = write_wr(2, ka, kb);
+            let frame = requester::frame_for(qa, qb, 2, &wr, vec![2; 8]);
+            q.next_psn = 3;
+            q.unacked.push_back(Pending {
+                psn: 2,
+                wr,
+                frame: Some(frame),
+                sent_on: generation,
+                since: Instant::now(),
+                rnr_since: None,
+                retry_after: None,
+            });
+        }
+        a.post_send(qa, write_wr(3, ka, kb)).unwrap();
+        let mut done = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while done.len() < 2 && Instant::now() < deadline {
+            done.extend(a.wait_cq(2, Duration::from_millis(100)));
+        }
+        let ids: Vec<_> = done.iter().map(|c| (c.wr_id, c.status)).collect();
+        assert_eq!(
+            ids,
+            [
+                (2, crate::vf::verbs::Status::Success),
+                (3, crate::vf::verbs::Status::Success)
+            ],
+            "the lost request and the one after the gap complete within 2 s"
+        );
+        assert_eq!(expected(&b, qb), 4);
+    }
 }

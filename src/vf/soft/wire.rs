@@ -63,6 +63,10 @@ pub enum AckStatus {
     ReceiverNotReady = 3,
     /// The target QP does not exist or is not connected to the sender.
     NoSuchQp = 4,
+    /// NAK, sequence error: the request came after a gap (the target expects an earlier PSN)
+    /// and was dropped; the sender goes back to its first unacknowledged request at once. Sent
+    /// once per gap, as InfiniBand's NAK-sequence-error.
+    SequenceGap = 5,
 }
 
 impl AckStatus {
@@ -73,6 +77,7 @@ impl AckStatus {
             2 => Self::RemoteInvalid,
             3 => Self::ReceiverNotReady,
             4 => Self::NoSuchQp,
+            5 => Self::SequenceGap,
             _ => return Err(WireError::Malformed(format!("unknown ack status {v}"))),
         })
     }
@@ -339,6 +344,20 @@ mod tests {
             let bytes = encode(&f);
             assert_eq!(read_frame(&mut &bytes[..]).unwrap().unwrap(), f);
         }
+    }
+
+    #[test]
+    fn a_sequence_gap_nak_round_trips_and_the_next_status_is_refused() {
+        let nak = Frame::Ack {
+            qp: 3,
+            psn: 9,
+            status: AckStatus::SequenceGap,
+        };
+        let bytes = encode(&nak);
+        assert_eq!(decode(&bytes[4..]).unwrap(), nak);
+        let mut unknown = bytes.clone();
+        *unknown.last_mut().unwrap() = 6;
+        assert!(decode(&unknown[4..]).unwrap_err().is_malformed());
     }
 
     #[test]
