@@ -15,6 +15,15 @@
 //! - calls a hook on `SET_VRING_ENABLE 0` before forwarding it, so the VF is quiesced there for
 //!   device types that stop with it (net never sends it; it stops with `GET_VRING_BASE`).
 //!
+//! - checks every memory mapping QEMU hands over (`SET_MEM_TABLE`, `ADD_MEM_REG`) against the
+//!   size of its file, and the dirty log of `SET_LOG_BASE` against its file and against the
+//!   guest memory it must cover, before the crate maps anything: a mapping past the end of its
+//!   file would kill the companion with SIGBUS on first access. A message that fails a check
+//!   closes the connection, with a log line saying why; the companion then waits for the next
+//!   one;
+//! - starts every connection with a `RESET_OWNER` to the crate, so that a front-end that
+//!   reconnects (QEMU's `reconnect-ms`) can claim the backend again.
+//!
 //! It also timestamps the messages that matter to migration, for the status and the trace.
 
 use std::collections::BTreeMap;
@@ -26,6 +35,7 @@ use std::time::Instant;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use parking_lot::Mutex;
+use crate::memory::LOG_PAGE_SIZE;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures, MAX_ATTACHED_FD_ENTRIES,
     MAX_MSG_SIZE,
@@ -44,6 +54,290 @@ const MAX_PAYLOAD: usize = MAX_MSG_SIZE + 0x100;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
 const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
+
+/// Bytes of one memory region in `SET_MEM_TABLE` and `ADD_MEM_REG`: guest address, size, user
+/// address, offset in the file.
+const REGION_LEN: usize = 32;
+/// Bytes of the `SET_MEM_TABLE` header (region count and padding).
+const MEM_TABLE_HEADER: usize = 8;
+
+/// Why the filter refused a message from the front-end (QEMU's side of the socket).
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The payload does not have the size its region count says.
+    #[error(
+        "{request}: a payload of {len} bytes does not hold the {regions} memory regions it \
+         announces; the front-end is broken"
+    )]
+    Malformed {
+        /// The message.
+        request: &'static str,
+        /// Payload bytes.
+        len: usize,
+        /// Regions announced.
+        regions: u64,
+    },
+    /// One file descriptor per region (or per log) is required.
+    #[error(
+        "{request}: {fds} file descriptors came for {wanted}; each memory region (and the log) \
+         needs exactly one"
+    )]
+    FdCount {
+        /// The message.
+        request: &'static str,
+        /// Descriptors attached.
+        fds: usize,
+        /// Descriptors needed.
+        wanted: usize,
+    },
+    /// The descriptor's size could not be read.
+    #[error("{request}: cannot read the size of the file of {what}")]
+    Stat {
+        /// The message.
+        request: &'static str,
+        /// Which mapping.
+        what: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The descriptor is not a regular file (memfd, hugetlbfs or tmpfs file).
+    #[error("{request}: the file of {what} is not a regular file, so its size cannot be checked")]
+    NotAFile {
+        /// The message.
+        request: &'static str,
+        /// Which mapping.
+        what: String,
+    },
+    /// The mapping extends past the end of its file.
+    #[error(
+        "{request}: {what} maps bytes {offset:#x}..{offset:#x}+{size:#x} of a file of only \
+         {file_size:#x} bytes; mapping it would crash the companion on first access"
+    )]
+    PastFile {
+        /// The message.
+        request: &'static str,
+        /// Which mapping.
+        what: String,
+        /// Offset in the file.
+        offset: u64,
+        /// Bytes mapped.
+        size: u64,
+        /// Size of the file.
+        file_size: u64,
+    },
+    /// A region wraps around the guest address space, or has no bytes.
+    #[error("{request}: {what} at guest address {gpa:#x} with size {size:#x} is not a usable range")]
+    BadRange {
+        /// The message.
+        request: &'static str,
+        /// Which mapping.
+        what: String,
+        /// Guest-physical address.
+        gpa: u64,
+        /// Size.
+        size: u64,
+    },
+    /// The dirty log is smaller than the guest memory it must cover.
+    #[error(
+        "SET_LOG_BASE: a dirty log of {size} bytes covers guest memory up to {covers:#x}, but \
+         guest memory ends at {end:#x} ({needed} bytes of log needed)"
+    )]
+    LogTooSmall {
+        /// Log bytes.
+        size: u64,
+        /// Guest bytes the log covers.
+        covers: u64,
+        /// End of guest memory.
+        end: u64,
+        /// Log bytes needed.
+        needed: u64,
+    },
+}
+
+impl From<Refused> for io::Error {
+    fn from(r: Refused) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, r)
+    }
+}
+
+/// One region of a memory table, as the payload gives it.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    gpa: u64,
+    size: u64,
+    mmap_offset: u64,
+}
+
+impl Region {
+    fn parse(bytes: &[u8]) -> Self {
+        let at = |i: usize| {
+            u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]))
+        };
+        Self {
+            gpa: at(0),
+            size: at(8),
+            mmap_offset: at(24),
+        }
+    }
+}
+
+/// Checks that `[offset, offset + size)` lies inside the regular file `fd`.
+fn check_fits(
+    request: &'static str,
+    what: &dyn Fn() -> String,
+    fd: &OwnedFd,
+    offset: u64,
+    size: u64,
+) -> Result<(), Refused> {
+    let stat = |source| Refused::Stat {
+        request,
+        what: what(),
+        source,
+    };
+    let meta = std::fs::File::from(fd.try_clone().map_err(stat)?)
+        .metadata()
+        .map_err(stat)?;
+    if !meta.file_type().is_file() {
+        return Err(Refused::NotAFile {
+            request,
+            what: what(),
+        });
+    }
+    match offset.checked_add(size) {
+        Some(end) if end <= meta.len() => Ok(()),
+        _ => Err(Refused::PastFile {
+            request,
+            what: what(),
+            offset,
+            size,
+            file_size: meta.len(),
+        }),
+    }
+}
+
+/// The guest memory the front-end has handed over so far: guest address → size.
+#[derive(Debug, Default)]
+struct MemoryTable(BTreeMap<u64, u64>);
+
+impl MemoryTable {
+    /// One past the highest guest address mapped.
+    fn end(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|(gpa, size)| gpa.saturating_add(*size))
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn check_region(request: &'static str, index: usize, r: Region, fd: &OwnedFd) -> Result<(), Refused> {
+        let what = || format!("memory region {index}");
+        if r.size == 0 || r.gpa.checked_add(r.size).is_none() {
+            return Err(Refused::BadRange {
+                request,
+                what: what(),
+                gpa: r.gpa,
+                size: r.size,
+            });
+        }
+        check_fits(request, &what, fd, r.mmap_offset, r.size)
+    }
+
+    /// Checks a `SET_MEM_TABLE` and, when it passes, takes its regions as the table.
+    fn set(&mut self, m: &Message) -> Result<(), Refused> {
+        const REQUEST: &str = "SET_MEM_TABLE";
+        let regions = m.u32_at(0).unwrap_or(0);
+        let wanted = MEM_TABLE_HEADER as u64 + u64::from(regions) * REGION_LEN as u64;
+        if m.payload.len() as u64 != wanted {
+            return Err(Refused::Malformed {
+                request: REQUEST,
+                len: m.payload.len(),
+                regions: u64::from(regions),
+            });
+        }
+        if m.fds.len() != regions as usize {
+            return Err(Refused::FdCount {
+                request: REQUEST,
+                fds: m.fds.len(),
+                wanted: regions as usize,
+            });
+        }
+        let mut table = BTreeMap::new();
+        for (index, (bytes, fd)) in m.payload[MEM_TABLE_HEADER..]
+            .chunks_exact(REGION_LEN)
+            .zip(&m.fds)
+            .enumerate()
+        {
+            let r = Region::parse(bytes);
+            Self::check_region(REQUEST, index, r, fd)?;
+            table.insert(r.gpa, r.size);
+        }
+        self.0 = table;
+        Ok(())
+    }
+
+    /// Checks an `ADD_MEM_REG` and, when it passes, adds its region.
+    fn add(&mut self, m: &Message) -> Result<(), Refused> {
+        const REQUEST: &str = "ADD_MEM_REG";
+        if m.payload.len() != 8 + REGION_LEN {
+            return Err(Refused::Malformed {
+                request: REQUEST,
+                len: m.payload.len(),
+                regions: 1,
+            });
+        }
+        let [fd] = m.fds.as_slice() else {
+            return Err(Refused::FdCount {
+                request: REQUEST,
+                fds: m.fds.len(),
+                wanted: 1,
+            });
+        };
+        let r = Region::parse(&m.payload[8..]);
+        Self::check_region(REQUEST, 0, r, fd)?;
+        self.0.insert(r.gpa, r.size);
+        Ok(())
+    }
+
+    /// Forgets the region a `REM_MEM_REG` removes.
+    fn remove(&mut self, m: &Message) {
+        if m.payload.len() == 8 + REGION_LEN {
+            self.0.remove(&Region::parse(&m.payload[8..]).gpa);
+        }
+    }
+
+    /// Checks a `SET_LOG_BASE`: its mapping inside its file, and its size enough for every
+    /// page of guest memory (one bit per 4 KiB page).
+    fn check_log(&self, m: &Message) -> Result<(), Refused> {
+        const REQUEST: &str = "SET_LOG_BASE";
+        let (Some(size), Some(offset)) = (m.u64_at(0), m.u64_at(8)) else {
+            return Err(Refused::Malformed {
+                request: REQUEST,
+                len: m.payload.len(),
+                regions: 0,
+            });
+        };
+        let [fd] = m.fds.as_slice() else {
+            return Err(Refused::FdCount {
+                request: REQUEST,
+                fds: m.fds.len(),
+                wanted: 1,
+            });
+        };
+        check_fits(REQUEST, &|| "the dirty log".to_owned(), fd, offset, size)?;
+        let end = self.end();
+        let needed = end.div_ceil(LOG_PAGE_SIZE).div_ceil(8);
+        if size < needed {
+            return Err(Refused::LogTooSmall {
+                size,
+                covers: size.saturating_mul(8 * LOG_PAGE_SIZE),
+                end,
+                needed,
+            });
+        }
+        Ok(())
+    }
+}
 
 /// A vhost-user message: header fields, payload and attached fds.
 #[derive(Debug)]
@@ -212,8 +506,20 @@ pub fn run(
         on_vring_disable: &on_vring_disable,
         acked_protocol_features: false,
         held_enables: BTreeMap::new(),
+        memory: MemoryTable::default(),
     };
     let result = (|| -> io::Result<()> {
+        // The crate keeps the backend claimed after a front-end goes away; release it so that
+        // this connection's SET_OWNER succeeds (a no-op on the first connection).
+        write_message(
+            &backend_w,
+            &Message {
+                request: FrontendReq::RESET_OWNER.into(),
+                flags: FLAG_VERSION_1,
+                payload: vec![],
+                fds: vec![],
+            },
+        )?;
         while let Some(m) = read_message(&qemu_r)? {
             requests.handle(m)?;
         }
@@ -236,6 +542,8 @@ struct Requests<'a> {
     acked_protocol_features: bool,
     /// Early `SET_VRING_ENABLE`s: ring index → enable.
     held_enables: BTreeMap<u32, u32>,
+    /// The guest memory handed over on this connection.
+    memory: MemoryTable,
 }
 
 impl Requests<'_> {
@@ -272,8 +580,32 @@ impl Requests<'_> {
                 }
                 Ok(())
             }
+            Some(FrontendReq::SET_MEM_TABLE) => self.checked(&m, MemoryTable::set),
+            Some(FrontendReq::ADD_MEM_REG) => self.checked(&m, MemoryTable::add),
+            Some(FrontendReq::SET_LOG_BASE) => self.checked(&m, |t, m| t.check_log(m)),
+            Some(FrontendReq::REM_MEM_REG) => {
+                self.memory.remove(&m);
+                write_message(self.backend, &m)
+            }
             _ => write_message(self.backend, &m),
         }
+    }
+
+    /// Forwards `m` if `check` passes; otherwise logs why and ends the connection.
+    fn checked(
+        &mut self,
+        m: &Message,
+        check: impl FnOnce(&mut MemoryTable, &Message) -> Result<(), Refused>,
+    ) -> io::Result<()> {
+        if let Err(refused) = check(&mut self.memory, m) {
+            tracing::warn!(
+                error = %refused,
+                "vhost-user message refused before anything was mapped: closing the connection; \
+                 the companion waits for the front-end to reconnect"
+            );
+            return Err(refused.into());
+        }
+        write_message(self.backend, m)
     }
 
     /// Sends the held `SET_VRING_ENABLE`s to the backend, now that they are valid.
@@ -325,6 +657,156 @@ mod tests {
         pub const GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
         pub const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
         pub const SEND_RARP: u32 = FrontendReq::SEND_RARP as u32;
+        pub const SET_LOG_BASE: u32 = FrontendReq::SET_LOG_BASE as u32;
+        pub const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+        pub const RESET_OWNER: u32 = FrontendReq::RESET_OWNER as u32;
+    }
+
+    /// A memfd of `len` bytes.
+    fn memfd(len: u64) -> OwnedFd {
+        let fd =
+            nix::sys::memfd::memfd_create(c"guest", nix::sys::memfd::MemFdCreateFlag::empty())
+                .unwrap();
+        nix::unistd::ftruncate(&fd, len as i64).unwrap();
+        fd
+    }
+
+    fn region(gpa: u64, size: u64, offset: u64) -> Vec<u8> {
+        [gpa, size, 0x7f00_0000_0000, offset]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    fn mem_table(regions: &[(u64, u64, u64, u64)]) -> Message {
+        let mut payload = (regions.len() as u32).to_le_bytes().to_vec();
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        let mut fds = vec![];
+        for &(gpa, size, offset, file) in regions {
+            payload.extend(region(gpa, size, offset));
+            fds.push(memfd(file));
+        }
+        Message {
+            request: code::SET_MEM_TABLE,
+            flags: FLAG_VERSION_1,
+            payload,
+            fds,
+        }
+    }
+
+    fn log_base(size: u64, offset: u64, file: u64) -> Message {
+        let mut payload = size.to_le_bytes().to_vec();
+        payload.extend_from_slice(&offset.to_le_bytes());
+        Message {
+            request: code::SET_LOG_BASE,
+            flags: FLAG_VERSION_1 | FLAG_NEED_REPLY,
+            payload,
+            fds: vec![memfd(file)],
+        }
+    }
+
+    /// Runs the filter on `messages` from the front-end; returns the requests the backend
+    /// saw (after the opening RESET_OWNER) and the filter's result.
+    fn filter(messages: Vec<Message>) -> (Vec<u32>, io::Result<()>) {
+        let (qemu, qemu_side) = UnixStream::pair().unwrap();
+        let (backend_side, backend) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            run(qemu_side, backend_side, SharedMessageLog::default(), |_| {})
+        });
+        for m in &messages {
+            if write_message(&qemu, m).is_err() {
+                break;
+            }
+        }
+        let _ = qemu.shutdown(std::net::Shutdown::Write);
+        let result = t.join().unwrap();
+        let mut seen = vec![];
+        while let Ok(Some(m)) = read_message(&backend) {
+            seen.push(m.request);
+        }
+        assert_eq!(seen.first(), Some(&code::RESET_OWNER));
+        (seen[1..].to_vec(), result)
+    }
+
+    fn refusal(result: io::Result<()>) -> String {
+        let e = result.expect_err("the message should have been refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        e.to_string()
+    }
+
+    #[test]
+    fn memory_that_fits_its_files_passes_with_a_log_that_covers_it() {
+        let (seen, result) = filter(vec![
+            mem_table(&[(0, 2 << 20, 0, 2 << 20), (4 << 20, 1 << 20, 1 << 20, 2 << 20)]),
+            // 5 MiB of guest memory: 1280 pages, 160 bytes of log.
+            log_base(160, 4096, 8192),
+        ]);
+        result.unwrap();
+        assert_eq!(seen, vec![code::SET_MEM_TABLE, code::SET_LOG_BASE]);
+    }
+
+    #[test]
+    fn a_region_past_the_end_of_its_memfd_is_refused_before_the_backend_maps_it() {
+        let (seen, result) = filter(vec![mem_table(&[(0, 2 << 20, 0, 1 << 20)])]);
+        let m = refusal(result);
+        assert!(m.contains("SET_MEM_TABLE") && m.contains("crash"), "{m}");
+        assert!(seen.is_empty(), "the backend saw {seen:?}");
+        // The offset counts too, and an offset + size that wraps around.
+        let (_, result) = filter(vec![mem_table(&[(0, 1 << 20, 4096, 1 << 20)])]);
+        assert!(refusal(result).contains("of only 0x100000 bytes"));
+        let (_, result) = filter(vec![mem_table(&[(0, 1 << 20, u64::MAX - 10, 1 << 20)])]);
+        refusal(result);
+    }
+
+    #[test]
+    fn malformed_memory_tables_are_refused() {
+        let mut no_fd = mem_table(&[(0, 4096, 0, 4096)]);
+        no_fd.fds.clear();
+        let mut short = mem_table(&[(0, 4096, 0, 4096)]);
+        short.payload.truncate(20);
+        let wraps = mem_table(&[(u64::MAX - 4095, 8192, 0, 8192)]);
+        let empty = mem_table(&[(0, 0, 0, 4096)]);
+        for (m, says) in [
+            (no_fd, "file descriptors"),
+            (short, "does not hold"),
+            (wraps, "not a usable range"),
+            (empty, "not a usable range"),
+        ] {
+            let (seen, result) = filter(vec![m]);
+            let text = refusal(result);
+            assert!(text.contains(says), "{text}");
+            assert!(seen.is_empty());
+        }
+    }
+
+    #[test]
+    fn add_mem_reg_is_checked_like_a_table() {
+        let mut payload = 0u64.to_le_bytes().to_vec();
+        payload.extend(region(8 << 20, 2 << 20, 0));
+        let m = Message {
+            request: code::ADD_MEM_REG,
+            flags: FLAG_VERSION_1,
+            payload,
+            fds: vec![memfd(1 << 20)],
+        };
+        let (seen, result) = filter(vec![m]);
+        assert!(refusal(result).contains("ADD_MEM_REG"));
+        assert!(seen.is_empty());
+    }
+
+    #[test]
+    fn a_log_past_its_file_or_smaller_than_guest_memory_is_refused() {
+        let (seen, result) = filter(vec![log_base(1 << 20, 0, 4096)]);
+        assert!(refusal(result).contains("SET_LOG_BASE"));
+        assert!(seen.is_empty());
+        // 8 MiB of guest memory needs 256 bytes of log.
+        let (seen, result) = filter(vec![
+            mem_table(&[(0, 8 << 20, 0, 8 << 20)]),
+            log_base(255, 0, 4096),
+        ]);
+        let m = refusal(result);
+        assert!(m.contains("256 bytes of log needed"), "{m}");
+        assert_eq!(seen, vec![code::SET_MEM_TABLE]);
     }
 
     fn msg(request: u32, payload: Vec<u8>) -> Message {
@@ -393,6 +875,11 @@ mod tests {
             &msg(code::SET_FEATURES, PROTOCOL_FEATURES.to_le_bytes().to_vec()),
         )
         .unwrap();
+        // The connection starts by releasing the backend for this front-end.
+        assert_eq!(
+            read_message(&backend).unwrap().unwrap().request,
+            FrontendReq::RESET_OWNER as u32
+        );
         // The backend sees SET_FEATURES first, then both enables; never SEND_RARP.
         let seen: Vec<(u32, Vec<u8>)> = (0..3)
             .map(|_| {

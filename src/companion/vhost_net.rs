@@ -63,6 +63,7 @@ struct Counters {
     tx_bytes: AtomicU64,
     quiesces: AtomicU64,
     mem_tables: AtomicU64,
+    worker_errors: AtomicU64,
 }
 
 /// The vhost-user-net backend. Cheap to clone; clones share state.
@@ -99,6 +100,12 @@ impl NetBackend {
             quiesces: c.quiesces.load(Ordering::Relaxed),
             mem_tables: c.mem_tables.load(Ordering::Relaxed),
         }
+    }
+
+    /// Events a vring worker could not handle (a broken ring, say): logged, and the worker
+    /// went on.
+    pub fn worker_errors(&self) -> u64 {
+        self.counters.worker_errors.load(Ordering::Relaxed)
     }
 
     /// Quiesces the VF at the switchover point, before QEMU gets its reply: when this
@@ -268,6 +275,33 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Self::Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        // An error here would end the crate's vring worker for good, and the NIC with it. A
+        // ring the guest broke (an invalid avail index, say) is the guest's to reset; the
+        // worker goes on serving the other ring and the next events.
+        if let Err(e) = self.serve_event(device_event, evset, vrings) {
+            let n = self.counters.worker_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if n <= 10 || n.is_power_of_two() {
+                tracing::warn!(
+                    error = %e,
+                    event = device_event,
+                    worker_errors = n,
+                    "vring event not handled; the worker goes on (a broken ring works again \
+                     once the guest resets the device)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NetBackend {
+    /// Handles one event of the vring worker.
+    fn serve_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock<GuestRam>],
+    ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!(
                 "unexpected event set {evset:?} on queue {device_event}"
@@ -275,8 +309,10 @@ impl VhostUserBackend for NetBackend {
         }
         match device_event {
             TX_QUEUE => {
-                self.drain_tx(&vrings[TX_QUEUE as usize])?;
-                self.deliver_rx(&vrings[RX_QUEUE as usize])
+                // Frames for the guest still go out when its TX ring is broken.
+                let tx = self.drain_tx(&vrings[TX_QUEUE as usize]);
+                let rx = self.deliver_rx(&vrings[RX_QUEUE as usize]);
+                tx.and(rx)
             }
             // The guest posted receive buffers, or frames wait for it.
             RX_QUEUE => self.deliver_rx(&vrings[RX_QUEUE as usize]),
@@ -286,5 +322,43 @@ impl VhostUserBackend for NetBackend {
             }
             other => Err(io::Error::other(format!("event for unknown queue {other}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::guest_ram::GuestRamMmap;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+
+    #[test]
+    fn a_broken_ring_is_logged_and_the_worker_goes_on() {
+        let ram = GuestMemoryAtomic::new(
+            GuestRamMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let dma = Arc::new(DmaEngine::new(ram.clone()));
+        dma.adopt_memory();
+        let guest = GuestLink::new(None, dma.clone()).unwrap();
+        let net = NetBackend::new(dma.clone(), guest, Device::new(None, dma.clone()));
+        let vrings: Vec<VringRwLock<GuestRam>> = (0..NUM_QUEUES)
+            .map(|_| VringRwLock::new(ram.clone(), QUEUE_SIZE as u16).unwrap())
+            .collect();
+        let tx = &vrings[TX_QUEUE as usize];
+        tx.set_queue_size(16);
+        tx.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        tx.set_queue_ready(true);
+        // The guest publishes an avail index 1000 entries ahead on a ring of 16.
+        ram.memory()
+            .write_obj(1000u16, GuestAddress(0x2002))
+            .unwrap();
+        for _ in 0..3 {
+            net.handle_event(TX_QUEUE, EventSet::IN, &vrings, 0)
+                .expect("the worker must not end on a broken ring");
+        }
+        assert_eq!(net.worker_errors(), 3);
+        // Unknown events and event sets are contained the same way.
+        net.handle_event(7, EventSet::IN, &vrings, 0).unwrap();
+        net.handle_event(TX_QUEUE, EventSet::OUT, &vrings, 0).unwrap();
+        assert_eq!(net.worker_errors(), 5);
     }
 }
