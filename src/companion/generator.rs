@@ -717,10 +717,7 @@ mod tests {
             stride: MAX_STRIDE,
             ..ok
         };
-        assert!(matches!(
-            wide.validate(),
-            Err(WindowError::TooLarge { .. })
-        ));
+        assert!(matches!(wide.validate(), Err(WindowError::TooLarge { .. })));
         // The start refuses it before building a ledger of 4 Gi slots (32 GiB).
         let ram = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),

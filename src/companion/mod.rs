@@ -235,12 +235,13 @@ impl VhostServer {
             path: socket.into(),
             source,
         })?;
-        let daemon = VhostUserDaemon::new(format!("vfmig-{vm}"), net.clone(), ram).map_err(|e| {
-            CompanionError::Daemon {
-                vm: vm.into(),
-                reason: e.to_string(),
-            }
-        })?;
+        let daemon =
+            VhostUserDaemon::new(format!("vfmig-{vm}"), net.clone(), ram).map_err(|e| {
+                CompanionError::Daemon {
+                    vm: vm.into(),
+                    reason: e.to_string(),
+                }
+            })?;
         // Frames queued for the guest wake the vring worker through this event.
         if let Some(handler) = daemon.get_epoll_handlers().first() {
             handler

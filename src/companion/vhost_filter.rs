@@ -33,9 +33,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::memory::LOG_PAGE_SIZE;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use parking_lot::Mutex;
-use crate::memory::LOG_PAGE_SIZE;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures, MAX_ATTACHED_FD_ENTRIES,
     MAX_MSG_SIZE,
@@ -127,7 +127,9 @@ pub enum Refused {
         file_size: u64,
     },
     /// A region wraps around the guest address space, or has no bytes.
-    #[error("{request}: {what} at guest address {gpa:#x} with size {size:#x} is not a usable range")]
+    #[error(
+        "{request}: {what} at guest address {gpa:#x} with size {size:#x} is not a usable range"
+    )]
     BadRange {
         /// The message.
         request: &'static str,
@@ -171,9 +173,7 @@ struct Region {
 
 impl Region {
     fn parse(bytes: &[u8]) -> Self {
-        let at = |i: usize| {
-            u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]))
-        };
+        let at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]));
         Self {
             gpa: at(0),
             size: at(8),
@@ -230,7 +230,12 @@ impl MemoryTable {
             .unwrap_or(0)
     }
 
-    fn check_region(request: &'static str, index: usize, r: Region, fd: &OwnedFd) -> Result<(), Refused> {
+    fn check_region(
+        request: &'static str,
+        index: usize,
+        r: Region,
+        fd: &OwnedFd,
+    ) -> Result<(), Refused> {
         let what = || format!("memory region {index}");
         if r.size == 0 || r.gpa.checked_add(r.size).is_none() {
             return Err(Refused::BadRange {
@@ -664,9 +669,8 @@ mod tests {
 
     /// A memfd of `len` bytes.
     fn memfd(len: u64) -> OwnedFd {
-        let fd =
-            nix::sys::memfd::memfd_create(c"guest", nix::sys::memfd::MemFdCreateFlag::empty())
-                .unwrap();
+        let fd = nix::sys::memfd::memfd_create(c"guest", nix::sys::memfd::MemFdCreateFlag::empty())
+            .unwrap();
         nix::unistd::ftruncate(&fd, len as i64).unwrap();
         fd
     }
@@ -737,7 +741,10 @@ mod tests {
     #[test]
     fn memory_that_fits_its_files_passes_with_a_log_that_covers_it() {
         let (seen, result) = filter(vec![
-            mem_table(&[(0, 2 << 20, 0, 2 << 20), (4 << 20, 1 << 20, 1 << 20, 2 << 20)]),
+            mem_table(&[
+                (0, 2 << 20, 0, 2 << 20),
+                (4 << 20, 1 << 20, 1 << 20, 2 << 20),
+            ]),
             // 5 MiB of guest memory: 1280 pages, 160 bytes of log.
             log_base(160, 4096, 8192),
         ]);

@@ -126,11 +126,18 @@ impl NetBackend {
     fn drain_tx(&self, vring: &VringRwLock<GuestRam>) -> io::Result<()> {
         let mem = self.dma.ram().memory();
         let mut state = vring.get_mut();
+        // Each frame may queue a reply for the guest; take no more than there is room for.
+        // The rest stay in the guest's ring until it takes frames (back-pressure).
+        let room = self.guest.tx_room();
         let chains: Vec<_> = state
             .get_queue_mut()
             .iter(mem.clone())
             .map_err(|e| io::Error::other(format!("TX queue: {e}")))?
+            .take(room)
             .collect();
+        if chains.len() == room {
+            self.guest.pause_tx(room);
+        }
         if chains.is_empty() {
             return Ok(());
         }
@@ -315,10 +322,19 @@ impl NetBackend {
                 tx.and(rx)
             }
             // The guest posted receive buffers, or frames wait for it.
-            RX_QUEUE => self.deliver_rx(&vrings[RX_QUEUE as usize]),
-            RX_PENDING_EVENT => {
-                let _ = self.guest.rx_event.read();
-                self.deliver_rx(&vrings[RX_QUEUE as usize])
+            RX_QUEUE | RX_PENDING_EVENT => {
+                if device_event == RX_PENDING_EVENT {
+                    let _ = self.guest.rx_event.read();
+                }
+                self.deliver_rx(&vrings[RX_QUEUE as usize])?;
+                // TX frames left in the guest's ring while the RX queue was full: take them
+                // now that frames have left (the guest will not kick for them again).
+                if self.guest.resume_tx() {
+                    let tx = self.drain_tx(&vrings[TX_QUEUE as usize]);
+                    let rx = self.deliver_rx(&vrings[RX_QUEUE as usize]);
+                    tx.and(rx)?;
+                }
+                Ok(())
             }
             other => Err(io::Error::other(format!("event for unknown queue {other}"))),
         }
@@ -358,7 +374,59 @@ mod tests {
         assert_eq!(net.worker_errors(), 3);
         // Unknown events and event sets are contained the same way.
         net.handle_event(7, EventSet::IN, &vrings, 0).unwrap();
-        net.handle_event(TX_QUEUE, EventSet::OUT, &vrings, 0).unwrap();
+        net.handle_event(TX_QUEUE, EventSet::OUT, &vrings, 0)
+            .unwrap();
         assert_eq!(net.worker_errors(), 5);
+    }
+
+    #[test]
+    fn a_full_reply_queue_leaves_tx_frames_in_the_guest_ring_until_frames_leave() {
+        use crate::companion::guest_link::MAX_RX_FRAMES;
+        use vfmig_proto as proto;
+        let ram = GuestMemoryAtomic::new(
+            GuestRamMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let dma = Arc::new(DmaEngine::new(ram.clone()));
+        dma.adopt_memory();
+        let guest = GuestLink::new(None, dma.clone()).unwrap();
+        let net = NetBackend::new(dma.clone(), guest.clone(), Device::new(None, dma.clone()));
+        let vrings: Vec<VringRwLock<GuestRam>> = (0..NUM_QUEUES)
+            .map(|_| VringRwLock::new(ram.clone(), QUEUE_SIZE as u16).unwrap())
+            .collect();
+        let tx = &vrings[TX_QUEUE as usize];
+        tx.set_queue_size(16);
+        tx.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        tx.set_queue_ready(true);
+        // One OPEN in the guest's TX ring: descriptor 0 → the frame at 0x10000.
+        let mut frame = vec![0u8; NET_HDR_LEN as usize];
+        frame.extend(proto::encode(&proto::Frame {
+            dst: proto::COMPANION_MAC,
+            src: [0x52, 0x54, 0, 0, 0, 1],
+            seq: 1,
+            msg: proto::Message::Open,
+        }));
+        let m = ram.memory();
+        m.write_slice(&frame, GuestAddress(0x10000)).unwrap();
+        m.write_obj(0x10000u64, GuestAddress(0x1000)).unwrap();
+        m.write_obj(frame.len() as u32, GuestAddress(0x1008))
+            .unwrap();
+        m.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        // The guest has taken none of the frames queued for it.
+        for _ in 0..MAX_RX_FRAMES {
+            guest.queue(0, proto::Message::Event(proto::Event::Migrated));
+        }
+        net.handle_event(TX_QUEUE, EventSet::IN, &vrings, 0)
+            .unwrap();
+        let used = |m: &vm_memory::GuestMemoryMmap<_>| m.read_obj::<u16>(GuestAddress(0x3002));
+        assert_eq!(used(&m).unwrap(), 0, "the frame stays in the guest's ring");
+        assert_eq!(guest.stats().frames_from_guest, 0);
+        assert_eq!(guest.stats().frames_waiting, MAX_RX_FRAMES as u64);
+        // One frame leaves; the next RX event takes the TX frame and queues its reply.
+        assert!(guest.next_for_guest().is_some());
+        net.handle_event(RX_PENDING_EVENT, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(used(&m).unwrap(), 1);
+        assert_eq!(guest.stats().frames_from_guest, 1);
+        assert_eq!(guest.stats().frames_waiting, MAX_RX_FRAMES as u64);
     }
 }
