@@ -266,6 +266,12 @@ impl VhostServer {
         })
     }
 
+    /// Removes both socket files (the companion is done).
+    fn remove_sockets(&self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.backend_path);
+    }
+
     /// Serves one front-end connection, from accept to disconnect. A connection that ends
     /// with an error (a refused message, a broken socket) is logged; the next one is served
     /// the same way.
@@ -377,6 +383,7 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
         vhost.serve_one(&companion.vhost_connected, &companion.vhost_messages)?;
         if companion.quit.load(Ordering::SeqCst) {
             device.release();
+            vhost.remove_sockets();
             return Ok(());
         }
     }
