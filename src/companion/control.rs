@@ -8,10 +8,11 @@
 //! and [`serve`], the orchestrator's a [`ControlClient`] with one typed method per request.
 
 use std::error::Error;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,21 +123,68 @@ pub enum ControlError {
 
 pub use crate::errors::chain as error_chain;
 
+/// Binds a UNIX socket at `path` (replacing a stale one) that only its owner can connect to,
+/// whatever the umask: the socket is created under a umask of 0177, so there is no moment at
+/// which others could connect, and then set to 0600 explicitly.
+///
+/// The umask is process-wide: a file another thread creates during the bind gets no group or
+/// other permissions, never more.
+pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use nix::sys::stat::{umask, Mode};
+    let _ = std::fs::remove_file(path);
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let listener = bound?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Longest request line the companion reads (a `vf_import` state of many regions and QPs,
+/// or a `write` of [`MAX_READ`] bytes in hex, fits many times over): a longer line is refused
+/// and its connection closed, without reading it whole.
+pub const MAX_LINE: usize = 16 << 20;
+/// Most control connections served at once; one more gets an error reply and is closed.
+pub const MAX_CONNECTIONS: usize = 16;
+
 /// Serves the control socket at `path` on a background thread.
 pub fn serve<H: Handler>(path: &Path, handler: Arc<H>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(path)?;
+    let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("vfmig-control".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
+                        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                            open.fetch_sub(1, Ordering::SeqCst);
+                            tracing::warn!(
+                                limit = MAX_CONNECTIONS,
+                                "control connection refused: too many open"
+                            );
+                            let _ = send_line(
+                                &stream,
+                                &json!({"ok": false, "error": format!(
+                                    "the companion already serves {MAX_CONNECTIONS} control \
+                                     connections; close one and retry")}),
+                            );
+                            continue;
+                        }
                         let handler = handler.clone();
-                        let _ = std::thread::Builder::new()
+                        let spawned = std::thread::Builder::new()
                             .name("vfmig-control-conn".into())
-                            .spawn(move || serve_connection(stream, &*handler));
+                            .spawn({
+                                let open = open.clone();
+                                move || {
+                                    serve_connection(stream, &*handler);
+                                    open.fetch_sub(1, Ordering::SeqCst);
+                                }
+                            });
+                        if let Err(e) = spawned {
+                            open.fetch_sub(1, Ordering::SeqCst);
+                            tracing::warn!(error = %e, "cannot start a control connection's thread");
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
                 }
@@ -145,13 +193,59 @@ pub fn serve<H: Handler>(path: &Path, handler: Arc<H>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes `reply` as one line.
+fn send_line(mut stream: &UnixStream, reply: &Value) -> std::io::Result<()> {
+    let mut text = reply.to_string();
+    text.push('\n');
+    stream.write_all(text.as_bytes())
+}
+
+/// Reads the next line into `buf` (without its newline), reading at most [`MAX_LINE`] bytes
+/// of it: `Ok(false)` at the end of the stream, an error of kind `InvalidData` for a longer
+/// line.
+fn read_line_capped(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    buf.clear();
+    let n = Read::take(reader, MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(false);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_LINE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a request line longer than {MAX_LINE} bytes"),
+        ));
+    }
+    Ok(true)
+}
+
 fn serve_connection<H: Handler>(stream: UnixStream, handler: &H) {
-    let Ok(mut writer) = stream.try_clone() else {
+    let Ok(writer) = stream.try_clone() else {
         return;
     };
-    let reader = BufReader::new(stream);
-    for line in reader.lines() {
-        let Ok(line) = line else { return };
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        match read_line_capped(&mut reader, &mut buf) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(
+                    limit = MAX_LINE,
+                    "control request line too long: connection closed"
+                );
+                let _ = send_line(
+                    &writer,
+                    &json!({"ok": false, "error": format!(
+                        "request line longer than {MAX_LINE} bytes: refused, and the connection \
+                         closed; send one JSON object per line")}),
+                );
+                return;
+            }
+            Err(_) => return,
+        }
+        let line = String::from_utf8_lossy(&buf);
         if line.trim().is_empty() {
             continue;
         }
@@ -167,9 +261,7 @@ fn serve_connection<H: Handler>(stream: UnixStream, handler: &H) {
                      e.g. {{\"cmd\":\"status\"}}")})
             }
         };
-        let mut text = reply.to_string();
-        text.push('\n');
-        if writer.write_all(text.as_bytes()).is_err() {
+        if send_line(&writer, &reply).is_err() {
             return;
         }
     }
@@ -497,5 +589,71 @@ mod tests {
         }
         // The connection still serves.
         assert_eq!(c.read(0, 1).unwrap().hex, "ab");
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_refused_and_its_connection_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = echo_client(&dir);
+        let path = dir.path().join("control.sock");
+        let stream = UnixStream::connect(&path).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let flood = std::thread::spawn(move || {
+            let chunk = vec![b' '; 1 << 20];
+            for _ in 0..(MAX_LINE >> 20) + 4 {
+                if writer.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+        });
+        let mut reader = BufReader::new(stream);
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        assert!(reply.contains("longer than"), "{reply}");
+        reply.clear();
+        // The connection closes (reset: the rest of the line was never read).
+        match reader.read_line(&mut reply) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the connection stays open: {other:?} {reply:?}"),
+        }
+        flood.join().unwrap();
+        // Other connections are served as before.
+        assert_eq!(
+            c.call(&Request::Read { gpa: 0, len: 1 }).unwrap()["hex"],
+            "ab"
+        );
+    }
+
+    #[test]
+    fn connections_over_the_cap_are_refused_until_one_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut open = vec![echo_client(&dir)];
+        let path = dir.path().join("control.sock");
+        for _ in 1..MAX_CONNECTIONS {
+            let mut c = ControlClient::connect(&path, Duration::from_secs(5)).unwrap();
+            c.call(&Request::Read { gpa: 0, len: 1 }).unwrap();
+            open.push(c);
+        }
+        // One more is told why and closed, before it sends anything.
+        let mut extra = BufReader::new(UnixStream::connect(&path).unwrap());
+        let mut reply = String::new();
+        extra.read_line(&mut reply).unwrap();
+        assert!(reply.contains("close one and retry"), "{reply}");
+        reply.clear();
+        assert_eq!(extra.read_line(&mut reply).unwrap(), 0);
+        drop(open.pop());
+        // The closed connection's slot comes free once its thread has seen the end.
+        let mut served = false;
+        for _ in 0..100 {
+            let mut c = ControlClient::connect(&path, Duration::from_secs(5)).unwrap();
+            if c.call(&Request::Read { gpa: 0, len: 1 }).is_ok() {
+                served = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(served, "a slot freed by a closed connection is used again");
     }
 }

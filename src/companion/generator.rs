@@ -26,6 +26,15 @@ const HEADER: usize = 24;
 const TRAILER: usize = 8;
 /// Smallest record: header, one payload byte rounded up, checksum.
 pub const MIN_RECORD: usize = 64;
+/// Most slots in a window: the ledger keeps 8 bytes per slot (8 MiB here), and a scan answers
+/// one entry per slot.
+pub const MAX_SLOTS: u32 = 1 << 20;
+/// Largest record (one device write).
+pub const MAX_RECORD: u32 = 1 << 20;
+/// Largest stride between slots.
+pub const MAX_STRIDE: u64 = 1 << 30;
+/// Largest window (slots × stride): more than any guest this runs.
+pub const MAX_WINDOW_BYTES: u64 = 1 << 40;
 
 /// Where and how the generator writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +72,29 @@ pub enum WindowError {
     /// A window that wraps around the address space.
     #[error("the window overflows the address space")]
     Overflow,
+    /// More slots than the generator keeps a ledger for.
+    #[error("{slots} slots is more than the {MAX_SLOTS} a window may have; use fewer slots")]
+    TooManySlots {
+        /// The window's slot count.
+        slots: u32,
+    },
+    /// Records larger than one device write may be.
+    #[error("record size {record_size} is more than the {MAX_RECORD} bytes a record may have")]
+    RecordTooLarge {
+        /// The window's record size.
+        record_size: u32,
+    },
+    /// Slots too far apart, or a window too large.
+    #[error(
+        "a stride of {stride} bytes over {slots} slots is too large a window (at most \
+         {MAX_STRIDE} bytes of stride and {MAX_WINDOW_BYTES} bytes in all)"
+    )]
+    TooLarge {
+        /// The window's stride.
+        stride: u64,
+        /// The window's slot count.
+        slots: u32,
+    },
 }
 
 /// Why a generator did not start.
@@ -85,6 +117,14 @@ impl Window {
         if self.slots == 0 {
             return Err(WindowError::NoSlots);
         }
+        if self.slots > MAX_SLOTS {
+            return Err(WindowError::TooManySlots { slots: self.slots });
+        }
+        if self.record_size > MAX_RECORD {
+            return Err(WindowError::RecordTooLarge {
+                record_size: self.record_size,
+            });
+        }
         if (self.record_size as usize) < MIN_RECORD {
             return Err(WindowError::RecordTooSmall {
                 record_size: self.record_size,
@@ -103,6 +143,14 @@ impl Window {
             .is_none()
         {
             return Err(WindowError::Overflow);
+        }
+        if self.stride > MAX_STRIDE
+            || self.stride.saturating_mul(u64::from(self.slots)) > MAX_WINDOW_BYTES
+        {
+            return Err(WindowError::TooLarge {
+                stride: self.stride,
+                slots: self.slots,
+            });
         }
         Ok(())
     }
@@ -618,5 +666,75 @@ mod tests {
         let s = g.status();
         assert!(!s.running);
         assert!(s.error.unwrap().contains("outside guest RAM"));
+    }
+
+    #[test]
+    fn windows_too_large_to_keep_a_ledger_for_are_refused_before_any_allocation() {
+        let ok = Window {
+            gpa: 0,
+            slots: 4,
+            stride: 4096,
+            record_size: 64,
+        };
+        assert_eq!(
+            Window {
+                slots: u32::MAX,
+                ..ok
+            }
+            .validate(),
+            Err(WindowError::TooManySlots { slots: u32::MAX })
+        );
+        assert!(Window {
+            slots: MAX_SLOTS,
+            ..ok
+        }
+        .validate()
+        .is_ok());
+        assert_eq!(
+            Window {
+                record_size: u32::MAX,
+                stride: u64::from(u32::MAX),
+                ..ok
+            }
+            .validate(),
+            Err(WindowError::RecordTooLarge {
+                record_size: u32::MAX
+            })
+        );
+        assert_eq!(
+            Window {
+                stride: 1 << 40,
+                ..ok
+            }
+            .validate(),
+            Err(WindowError::TooLarge {
+                stride: 1 << 40,
+                slots: 4
+            })
+        );
+        let wide = Window {
+            slots: MAX_SLOTS,
+            stride: MAX_STRIDE,
+            ..ok
+        };
+        assert!(matches!(wide.validate(), Err(WindowError::TooLarge { .. })));
+        // The start refuses it before building a ledger of 4 Gi slots (32 GiB).
+        let ram = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let huge = Generator::start(
+            Arc::new(DmaEngine::new(ram)),
+            GeneratorConfig {
+                window: Window {
+                    slots: u32::MAX,
+                    ..ok
+                },
+                rate: 1,
+            },
+        );
+        assert!(matches!(
+            huge,
+            Err(GeneratorError::Window(WindowError::TooManySlots { .. }))
+        ));
     }
 }

@@ -10,9 +10,21 @@
 //!
 //! At switchover nothing leaves the RX queue (the device is quiesced); frames still waiting
 //! move to the destination with the VF state.
+//!
+//! What a guest can make the companion hold is bounded:
+//! - a send larger than [`MAX_MESSAGE`] is refused at post time with a `LocalLengthError`
+//!   completion, before the VF reads (and keeps) its payload;
+//! - sends wait for their completion in a queue of [`SEND_QUEUE_DEPTH`] per QP and
+//!   [`MAX_SEND_BYTES`] in all, receives in one of [`RECV_QUEUE_DEPTH`] per QP and
+//!   [`MAX_RECVS`] in all; a post over either is refused with a `Flushed` completion (the
+//!   request was not executed; post it again once completions have come);
+//! - the frames waiting for the guest's receive buffers are at most [`MAX_RX_FRAMES`] (plus
+//!   one ring of replies): when the queue is full, the vring worker stops taking the guest's
+//!   TX frames, so that the guest's own ring fills, and the completion pump leaves
+//!   completions in the VF's queue. Nothing is dropped.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +35,148 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::memory::DmaEngine;
 use crate::vf::verbs::{Access, GpaRange, RecvWr, SendWr, VerbsError};
 use crate::vf::Vf;
+
+/// Largest message a guest may post (the fabric's largest payload).
+pub const MAX_MESSAGE: u32 = 16 << 20;
+/// Sends one QP may have waiting for their completion.
+pub const SEND_QUEUE_DEPTH: usize = 1024;
+/// Bytes of all sends waiting for their completion (each counted as at least
+/// [`SEND_OVERHEAD`]): the payloads the VF holds for the guest.
+pub const MAX_SEND_BYTES: u64 = 64 << 20;
+/// What one waiting send costs at least, payload or not.
+pub const SEND_OVERHEAD: u64 = 256;
+/// Receives one QP may have posted.
+pub const RECV_QUEUE_DEPTH: u32 = 4096;
+/// Receives posted on all QPs.
+pub const MAX_RECVS: u64 = 65_536;
+/// Frames waiting for the guest's receive buffers before the guest's TX frames are no longer
+/// taken; the completion pump stops a ring's worth earlier, so replies always fit.
+pub const MAX_RX_FRAMES: usize = 1024;
+/// Room kept for replies: the most frames one TX drain takes.
+const REPLY_RESERVE: usize = 256;
+
+/// Why a post was refused before it reached the VF.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PostRefused {
+    /// The message is larger than the companion carries.
+    #[error("a message of {len} bytes is larger than the {MAX_MESSAGE} bytes a post may carry")]
+    TooLarge {
+        /// The message's length.
+        len: u32,
+    },
+    /// The QP's send queue is full.
+    #[error("QP {qp} already has {SEND_QUEUE_DEPTH} sends waiting for their completion")]
+    SendQueueFull {
+        /// The QP.
+        qp: u32,
+    },
+    /// The sends of all QPs hold too much.
+    #[error("the sends waiting for completion already hold {MAX_SEND_BYTES} bytes")]
+    SendBytes,
+    /// The QP's receive queue is full.
+    #[error("QP {qp} already has {RECV_QUEUE_DEPTH} receives posted")]
+    RecvQueueFull {
+        /// The QP.
+        qp: u32,
+    },
+    /// The receives of all QPs are too many.
+    #[error("{MAX_RECVS} receives are posted already")]
+    Recvs,
+}
+
+impl PostRefused {
+    /// The status of the error completion the guest gets.
+    fn status(&self) -> proto::Status {
+        match self {
+            PostRefused::TooLarge { .. } => proto::Status::LocalLengthError,
+            _ => proto::Status::Flushed,
+        }
+    }
+}
+
+/// The sends and receives of each QP that wait for their completion.
+#[derive(Debug, Default)]
+struct Budget {
+    /// QP → the cost of each waiting send, in post order, and its posted receives.
+    qps: HashMap<u32, (VecDeque<u64>, u32)>,
+    send_bytes: u64,
+    recvs: u64,
+}
+
+impl Budget {
+    fn admit_send(&mut self, qp: u32, len: u32) -> Result<u64, PostRefused> {
+        if len > MAX_MESSAGE {
+            return Err(PostRefused::TooLarge { len });
+        }
+        let cost = u64::from(len).max(SEND_OVERHEAD);
+        let (sends, _) = self.qps.entry(qp).or_default();
+        if sends.len() >= SEND_QUEUE_DEPTH {
+            return Err(PostRefused::SendQueueFull { qp });
+        }
+        if self.send_bytes + cost > MAX_SEND_BYTES {
+            return Err(PostRefused::SendBytes);
+        }
+        sends.push_back(cost);
+        self.send_bytes += cost;
+        Ok(cost)
+    }
+
+    fn admit_recv(&mut self, qp: u32) -> Result<(), PostRefused> {
+        let (_, recvs) = self.qps.entry(qp).or_default();
+        if *recvs >= RECV_QUEUE_DEPTH {
+            return Err(PostRefused::RecvQueueFull { qp });
+        }
+        if self.recvs >= MAX_RECVS {
+            return Err(PostRefused::Recvs);
+        }
+        *recvs += 1;
+        self.recvs += 1;
+        Ok(())
+    }
+
+    /// Frees what a completion ends (the oldest send of its QP, or one receive). A
+    /// completion of a request posted before a migration has nothing to free here.
+    fn complete(&mut self, c: &proto::Completion) {
+        let Some((sends, recvs)) = self.qps.get_mut(&c.qp) else {
+            return;
+        };
+        match c.opcode {
+            proto::Opcode::Write | proto::Opcode::Send => {
+                if let Some(cost) = sends.pop_front() {
+                    self.send_bytes -= cost;
+                }
+            }
+            proto::Opcode::Recv | proto::Opcode::RecvRdmaWithImm => {
+                if *recvs > 0 {
+                    *recvs -= 1;
+                    self.recvs -= 1;
+                }
+            }
+        }
+        if sends.is_empty() && *recvs == 0 {
+            self.qps.remove(&c.qp);
+        }
+    }
+
+    /// Frees a send the VF refused (it completes nothing).
+    fn unpost_send(&mut self, qp: u32) {
+        if let Some((sends, _)) = self.qps.get_mut(&qp) {
+            if let Some(cost) = sends.pop_back() {
+                self.send_bytes -= cost;
+            }
+        }
+    }
+
+    /// Frees a receive the VF refused.
+    fn unpost_recv(&mut self, qp: u32) {
+        if let Some((_, recvs)) = self.qps.get_mut(&qp) {
+            if *recvs > 0 {
+                *recvs -= 1;
+                self.recvs -= 1;
+            }
+        }
+    }
+}
 
 /// Counters of the guest link.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -65,6 +219,13 @@ pub struct GuestLink {
     /// Held while completions move from the VF's queue to the RX queue, so an export sees
     /// each completion in exactly one of them.
     pump: Mutex<()>,
+    /// What the guest's posts hold in the VF.
+    budget: Mutex<Budget>,
+    /// Posts refused by the budget.
+    refused_posts: AtomicU64,
+    /// Whether the vring worker left TX frames in the guest's ring because the RX queue was
+    /// full.
+    tx_paused: AtomicBool,
 }
 
 impl GuestLink {
@@ -79,6 +240,9 @@ impl GuestLink {
             guest_mac: Mutex::new([0xff; 6]),
             counters: Counters::default(),
             pump: Mutex::new(()),
+            budget: Mutex::new(Budget::default()),
+            refused_posts: AtomicU64::new(0),
+            tx_paused: AtomicBool::new(false),
         });
         if link.vf.is_some() {
             let l = link.clone();
@@ -106,8 +270,11 @@ impl GuestLink {
     fn pump_completions(&self) {
         let Some(vf) = &self.vf else { return };
         loop {
-            if self.dma.gate_state().quiesced {
-                // Completions stay in the VF's queue and move with its state.
+            if self.dma.gate_state().quiesced
+                || self.rx.lock().len() >= MAX_RX_FRAMES - REPLY_RESERVE
+            {
+                // Completions stay in the VF's queue: they move with its state, or wait for
+                // the guest to take the frames before them.
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
@@ -124,6 +291,12 @@ impl GuestLink {
             if cs.is_empty() {
                 continue;
             }
+            {
+                let mut budget = self.budget.lock();
+                for c in &cs {
+                    budget.complete(c);
+                }
+            }
             let msg = proto::Message::Completions(cs);
             self.queue(0, msg);
         }
@@ -139,6 +312,64 @@ impl GuestLink {
         });
         self.rx.lock().push_back(frame);
         let _ = self.rx_event.write(1);
+    }
+
+    /// How many TX frames the vring worker may take from the guest now: each may add one
+    /// reply to the RX queue.
+    pub fn tx_room(&self) -> usize {
+        MAX_RX_FRAMES
+            .saturating_sub(self.rx.lock().len())
+            .min(REPLY_RESERVE)
+    }
+
+    /// Notes that the vring worker took all the room and may have left TX frames in the
+    /// guest's ring; [`Self::resume_tx`] then says when to take them.
+    pub fn pause_tx(&self, room: usize) {
+        if !self.tx_paused.swap(true, Ordering::Relaxed) && room == 0 {
+            tracing::warn!(
+                waiting = MAX_RX_FRAMES,
+                "the guest takes no frames: its TX frames wait in its ring until it posts \
+                 receive buffers"
+            );
+        }
+    }
+
+    /// Whether TX frames were left in the guest's ring and there is room for them now (the
+    /// vring worker should drain TX again).
+    pub fn resume_tx(&self) -> bool {
+        self.tx_paused.load(Ordering::Relaxed)
+            && self.rx.lock().len() < MAX_RX_FRAMES
+            && self.tx_paused.swap(false, Ordering::Relaxed)
+    }
+
+    /// Posts the guest made that were refused at post time (size or queue depth).
+    pub fn refused_posts(&self) -> u64 {
+        self.refused_posts.load(Ordering::Relaxed)
+    }
+
+    /// Tells the guest that a post was refused, with an error completion for its request.
+    fn refuse_post(&self, refused: PostRefused, qp: u32, wr_id: u64, opcode: proto::Opcode) {
+        let n = self.refused_posts.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 10 || n.is_power_of_two() {
+            tracing::warn!(
+                error = %refused,
+                qp,
+                wr_id,
+                refused_posts = n,
+                "guest post refused before it reached the VF: the guest gets an error completion"
+            );
+        }
+        self.queue(
+            0,
+            proto::Message::Completions(vec![proto::Completion {
+                wr_id,
+                qp,
+                opcode,
+                status: refused.status(),
+                byte_len: 0,
+                imm: None,
+            }]),
+        );
     }
 
     /// Takes the next frame for the guest, unless the device is quiesced.
@@ -248,14 +479,33 @@ impl GuestLink {
                 sge: s,
                 op,
             } => {
-                if let Err(err) = vf.post_send(qp, SendWr { wr_id, sge: s, op }) {
-                    tracing::warn!(error = %err, "POST_SEND refused");
+                let opcode = match op {
+                    proto::SendOp::Write { .. } => proto::Opcode::Write,
+                    proto::SendOp::Send { .. } => proto::Opcode::Send,
+                };
+                // Admitted before the VF reads (and holds) the payload.
+                let admitted = self.budget.lock().admit_send(qp, s.len);
+                match admitted {
+                    Err(refused) => self.refuse_post(refused, qp, wr_id, opcode),
+                    Ok(_) => {
+                        if let Err(err) = vf.post_send(qp, SendWr { wr_id, sge: s, op }) {
+                            self.budget.lock().unpost_send(qp);
+                            tracing::warn!(error = %err, "POST_SEND refused");
+                        }
+                    }
                 }
                 None
             }
             proto::Message::PostRecv { qp, wr_id, sge: s } => {
-                if let Err(err) = vf.post_recv(qp, RecvWr { wr_id, sge: s }) {
-                    tracing::warn!(error = %err, "POST_RECV refused");
+                let admitted = self.budget.lock().admit_recv(qp);
+                match admitted {
+                    Err(refused) => self.refuse_post(refused, qp, wr_id, proto::Opcode::Recv),
+                    Ok(()) => {
+                        if let Err(err) = vf.post_recv(qp, RecvWr { wr_id, sge: s }) {
+                            self.budget.lock().unpost_recv(qp);
+                            tracing::warn!(error = %err, "POST_RECV refused");
+                        }
+                    }
                 }
                 None
             }
@@ -475,5 +725,186 @@ mod tests {
             1,
             "the frame moves with the state"
         );
+    }
+
+    /// A VF whose peer never answers: it keeps every post, and completes only what the test
+    /// pushes into its queue.
+    #[derive(Default)]
+    struct Unreachable {
+        sends: Mutex<Vec<(u32, SendWr)>>,
+        recvs: Mutex<u32>,
+        cq: Mutex<VecDeque<proto::Completion>>,
+    }
+
+    impl Vf for Unreachable {
+        fn register_mr(&self, _: u64, _: Vec<GpaRange>, _: Access) -> Result<u32, VerbsError> {
+            Ok(1)
+        }
+        fn deregister_mr(&self, _: u32) -> Result<(), VerbsError> {
+            Ok(())
+        }
+        fn create_qp(&self) -> Result<u32, VerbsError> {
+            Ok(1)
+        }
+        fn connect_qp(&self, _: u32, _: &str, _: u32) -> Result<(), VerbsError> {
+            Ok(())
+        }
+        fn post_send(&self, qp: u32, wr: SendWr) -> Result<(), VerbsError> {
+            self.sends.lock().push((qp, wr));
+            Ok(())
+        }
+        fn post_recv(&self, _: u32, _: RecvWr) -> Result<(), VerbsError> {
+            *self.recvs.lock() += 1;
+            Ok(())
+        }
+        fn poll_cq(&self, max: usize) -> Result<Vec<proto::Completion>, VerbsError> {
+            let mut cq = self.cq.lock();
+            let n = max.min(cq.len());
+            Ok(cq.drain(..n).collect())
+        }
+        fn wait_cq(
+            &self,
+            max: usize,
+            timeout: Duration,
+        ) -> Result<Vec<proto::Completion>, VerbsError> {
+            std::thread::sleep(timeout.min(Duration::from_millis(5)));
+            self.poll_cq(max)
+        }
+    }
+
+    fn post_send(seq: u32, qp: u32, wr_id: u64, len: u32) -> Vec<u8> {
+        command(
+            seq,
+            proto::Message::PostSend {
+                qp,
+                wr_id,
+                sge: proto::Sge {
+                    addr: 0,
+                    len,
+                    lkey: 1,
+                },
+                op: proto::SendOp::Send { imm: None },
+            },
+        )
+    }
+
+    /// Every completion the guest was sent, waiting until `n` have come.
+    fn completions(link: &GuestLink, n: usize) -> Vec<proto::Completion> {
+        let mut out = vec![];
+        for _ in 0..500 {
+            while let Some(f) = link.next_for_guest() {
+                if let proto::Message::Completions(cs) = proto::decode(&f).unwrap().msg {
+                    out.extend(cs);
+                }
+            }
+            if out.len() >= n {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        out
+    }
+
+    #[test]
+    fn held_sends_are_bounded_and_the_guest_gets_an_error_completion_for_each_refused() {
+        let vf = Arc::new(Unreachable::default());
+        let link = GuestLink::new(Some(vf.clone()), dma()).unwrap();
+        // 40 sends of 8 MiB to a peer that never answers: the VF holds 64 MiB of them.
+        for i in 0..40 {
+            link.on_frame(&post_send(i, 1, u64::from(i), 8 << 20));
+        }
+        let held = (MAX_SEND_BYTES / (8 << 20)) as usize;
+        assert_eq!(vf.sends.lock().len(), held);
+        let refused = completions(&link, 40 - held);
+        assert_eq!(refused.len(), 40 - held);
+        assert!(refused
+            .iter()
+            .all(|c| c.status == proto::Status::Flushed && c.opcode == proto::Opcode::Send));
+        assert_eq!(refused[0].wr_id, held as u64);
+        assert_eq!(link.refused_posts(), (40 - held) as u64);
+        // A completion frees its send's room: the next post goes through.
+        vf.cq.lock().push_back(proto::Completion {
+            wr_id: 0,
+            qp: 1,
+            opcode: proto::Opcode::Send,
+            status: proto::Status::RetryExceeded,
+            byte_len: 0,
+            imm: None,
+        });
+        assert_eq!(completions(&link, 1).len(), 1);
+        link.on_frame(&post_send(99, 1, 99, 8 << 20));
+        assert_eq!(vf.sends.lock().len(), held + 1);
+        // A message over the size limit never reaches the VF.
+        link.on_frame(&post_send(100, 2, 100, MAX_MESSAGE + 1));
+        let c = completions(&link, 1);
+        assert_eq!(
+            (c[0].wr_id, c[0].status),
+            (100, proto::Status::LocalLengthError)
+        );
+        assert_eq!(vf.sends.lock().len(), held + 1);
+    }
+
+    #[test]
+    fn a_qp_send_queue_and_its_receives_have_a_depth() {
+        let vf = Arc::new(Unreachable::default());
+        let link = GuestLink::new(Some(vf.clone()), dma()).unwrap();
+        for i in 0..=SEND_QUEUE_DEPTH as u32 {
+            link.on_frame(&post_send(i, 3, u64::from(i), 8));
+        }
+        assert_eq!(vf.sends.lock().len(), SEND_QUEUE_DEPTH);
+        // Another QP has its own queue.
+        link.on_frame(&post_send(0, 4, 7, 8));
+        assert_eq!(vf.sends.lock().len(), SEND_QUEUE_DEPTH + 1);
+        let c = completions(&link, 1);
+        assert_eq!((c.len(), c[0].qp), (1, 3));
+        for i in 0..=RECV_QUEUE_DEPTH {
+            link.on_frame(&command(
+                i,
+                proto::Message::PostRecv {
+                    qp: 3,
+                    wr_id: u64::from(i),
+                    sge: proto::Sge {
+                        addr: 0,
+                        len: 64,
+                        lkey: 1,
+                    },
+                },
+            ));
+        }
+        assert_eq!(*vf.recvs.lock(), RECV_QUEUE_DEPTH);
+        let c = completions(&link, 1);
+        assert_eq!(
+            (c[0].opcode, c[0].status, c[0].wr_id),
+            (
+                proto::Opcode::Recv,
+                proto::Status::Flushed,
+                u64::from(RECV_QUEUE_DEPTH)
+            )
+        );
+    }
+
+    #[test]
+    fn a_full_reply_queue_stops_taking_guest_frames_and_drops_nothing() {
+        let link = GuestLink::new(None, dma()).unwrap();
+        let mut taken = 0;
+        // 64,000 OPENs from a guest that posts no receive buffer: the worker takes frames
+        // only while there is room for their replies.
+        while taken < 64_000 {
+            let room = link.tx_room();
+            if room == 0 {
+                break;
+            }
+            for _ in 0..room {
+                link.on_frame(&command(taken, proto::Message::Open));
+                taken += 1;
+            }
+        }
+        assert_eq!(taken as usize, MAX_RX_FRAMES);
+        assert_eq!(link.stats().frames_waiting, MAX_RX_FRAMES as u64);
+        link.pause_tx(0);
+        assert!(!link.resume_tx(), "no room yet");
+        assert!(link.next_for_guest().is_some());
+        assert!(link.resume_tx(), "room again: the worker takes TX frames");
+        assert!(!link.resume_tx(), "once");
     }
 }

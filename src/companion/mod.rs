@@ -15,7 +15,7 @@ pub mod vhost_net;
 pub use handler::RequestError;
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -198,6 +198,135 @@ fn vf_backend(
     }
 }
 
+/// The vhost-user side of the companion: the public socket QEMU connects to, the backend
+/// crate's private socket behind the message filter, and the crate's daemon.
+struct VhostServer {
+    vm: String,
+    socket: PathBuf,
+    public: UnixListener,
+    backend_path: PathBuf,
+    listener: Listener,
+    daemon: VhostUserDaemon<NetBackend>,
+    net: NetBackend,
+}
+
+impl VhostServer {
+    /// Binds both sockets (mode 0600 whatever the umask) and starts the daemon, whose vring
+    /// worker also serves the frames `guest` queues.
+    fn bind(
+        vm: &str,
+        socket: &Path,
+        net: NetBackend,
+        ram: guest_ram::GuestRam,
+        guest: &GuestLink,
+    ) -> Result<Self, CompanionError> {
+        let mut backend_path = socket.to_owned().into_os_string();
+        backend_path.push(".backend");
+        let backend_path = PathBuf::from(backend_path);
+        let listener = control::bind_private(&backend_path)
+            .map(Listener::from)
+            .map_err(|source| CompanionError::BackendSocket {
+                vm: vm.into(),
+                path: backend_path.clone(),
+                source: vhost::vhost_user::Error::SocketError(source),
+            })?;
+        let public = control::bind_private(socket).map_err(|source| CompanionError::Listen {
+            vm: vm.into(),
+            path: socket.into(),
+            source,
+        })?;
+        let daemon =
+            VhostUserDaemon::new(format!("vfmig-{vm}"), net.clone(), ram).map_err(|e| {
+                CompanionError::Daemon {
+                    vm: vm.into(),
+                    reason: e.to_string(),
+                }
+            })?;
+        // Frames queued for the guest wake the vring worker through this event.
+        if let Some(handler) = daemon.get_epoll_handlers().first() {
+            handler
+                .register_listener(
+                    guest.rx_event.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(vhost_net::RX_PENDING_EVENT),
+                )
+                .map_err(|e| CompanionError::Daemon {
+                    vm: vm.into(),
+                    reason: format!("cannot watch the guest link's event: {e}"),
+                })?;
+        }
+        Ok(Self {
+            vm: vm.into(),
+            socket: socket.into(),
+            public,
+            backend_path,
+            listener,
+            daemon,
+            net,
+        })
+    }
+
+    /// Removes both socket files (the companion is done).
+    fn remove_sockets(&self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.backend_path);
+    }
+
+    /// Serves one front-end connection, from accept to disconnect. A connection that ends
+    /// with an error (a refused message, a broken socket) is logged; the next one is served
+    /// the same way.
+    fn serve_one(
+        &mut self,
+        connected: &AtomicBool,
+        log: &vhost_filter::SharedMessageLog,
+    ) -> Result<(), CompanionError> {
+        let listen_err = |source: std::io::Error| CompanionError::Listen {
+            vm: self.vm.clone(),
+            path: self.socket.clone(),
+            source,
+        };
+        let (qemu, _) = self.public.accept().map_err(listen_err)?;
+        let to_backend = UnixStream::connect(&self.backend_path).map_err(listen_err)?;
+        self.daemon
+            .start(&mut self.listener)
+            .map_err(|e| CompanionError::Daemon {
+                vm: self.vm.clone(),
+                reason: e.to_string(),
+            })?;
+        connected.store(true, Ordering::SeqCst);
+        tracing::info!("QEMU connected");
+        let log = log.clone();
+        let net = self.net.clone();
+        let filter = std::thread::Builder::new()
+            .name("vfmig-vhost-filter".into())
+            .spawn(move || {
+                vhost_filter::run(qemu, to_backend, log, |queue| {
+                    net.quiesce("SET_VRING_ENABLE 0", queue)
+                })
+            })
+            .map_err(|source| CompanionError::Thread {
+                vm: self.vm.clone(),
+                what: "the vhost-user filter thread",
+                source,
+            })?;
+        let result = self.daemon.wait();
+        match filter.join() {
+            Ok(Err(e)) => tracing::warn!(error = %e, "vhost-user filter ended with an error"),
+            Err(_) => tracing::error!("vhost-user filter thread panicked"),
+            Ok(Ok(())) => {}
+        }
+        connected.store(false, Ordering::SeqCst);
+        match result {
+            Ok(()) => tracing::info!("QEMU disconnected; waiting for a new connection"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "QEMU connection ended with an error; waiting for a new connection"
+            ),
+        }
+        Ok(())
+    }
+}
+
 /// Runs a companion until QEMU has disconnected for good or `quit` arrives.
 pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     let ram = guest_ram::empty();
@@ -239,92 +368,80 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
         }
     })?;
 
-    // QEMU connects to the public socket; the backend crate listens on a private one behind
-    // the message filter (see `vhost_filter`).
-    let listen_err = |source: std::io::Error| CompanionError::Listen {
-        vm: config.name.clone(),
-        path: config.socket.clone(),
-        source,
-    };
-    let mut backend_path = config.socket.clone().into_os_string();
-    backend_path.push(".backend");
-    let backend_path = PathBuf::from(backend_path);
-    let mut listener =
-        Listener::new(&backend_path, true).map_err(|source| CompanionError::BackendSocket {
-            vm: config.name.clone(),
-            path: backend_path.clone(),
-            source,
-        })?;
-    let _ = std::fs::remove_file(&config.socket);
-    let public = UnixListener::bind(&config.socket).map_err(listen_err)?;
-    let mut daemon =
-        VhostUserDaemon::new(format!("vfmig-{}", config.name), net, ram).map_err(|e| {
-            CompanionError::Daemon {
-                vm: config.name.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-    // Frames queued for the guest wake the vring worker through this event.
-    if let Some(handler) = daemon.get_epoll_handlers().first() {
-        handler
-            .register_listener(
-                guest.rx_event.as_raw_fd(),
-                EventSet::IN,
-                u64::from(vhost_net::RX_PENDING_EVENT),
-            )
-            .map_err(|e| CompanionError::Daemon {
-                vm: config.name.clone(),
-                reason: format!("cannot watch the guest link's event: {e}"),
-            })?;
-    }
+    let mut vhost = VhostServer::bind(&config.name, &config.socket, net, ram, &guest)?;
     tracing::info!(
         vm = %config.name,
         socket = %config.socket.display(),
         control = %config.control.display(),
         "companion ready: waiting for QEMU on the vhost-user socket"
     );
-    // QEMU connects once per run; after it disconnects (the VM quit, or migrated away and was
-    // shut down), keep the control socket up so that the guest RAM last mapped can still be
-    // verified, and accept a new connection if one comes.
+    // QEMU connects once per run, and again when its connection broke and it reconnects
+    // (`reconnect-ms`). After it disconnects (the VM quit, or migrated away and was shut down),
+    // keep the control socket up so that the guest RAM last mapped can still be verified, and
+    // accept a new connection if one comes.
     loop {
-        let (qemu, _) = public.accept().map_err(listen_err)?;
-        let to_backend = UnixStream::connect(&backend_path).map_err(listen_err)?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| CompanionError::Daemon {
-                vm: config.name.clone(),
-                reason: e.to_string(),
-            })?;
-        companion.vhost_connected.store(true, Ordering::SeqCst);
-        tracing::info!("QEMU connected");
-        let log = companion.vhost_messages.clone();
-        let net = companion.net.clone();
-        let filter = std::thread::Builder::new()
-            .name("vfmig-vhost-filter".into())
-            .spawn(move || {
-                vhost_filter::run(qemu, to_backend, log, |queue| {
-                    net.quiesce("SET_VRING_ENABLE 0", queue)
-                })
-            })
-            .map_err(|source| CompanionError::Thread {
-                vm: config.name.clone(),
-                what: "the vhost-user filter thread",
-                source,
-            })?;
-        let result = daemon.wait();
-        match filter.join() {
-            Ok(Err(e)) => tracing::warn!(error = %e, "vhost-user filter ended with an error"),
-            Err(_) => tracing::error!("vhost-user filter thread panicked"),
-            Ok(Ok(())) => {}
-        }
-        companion.vhost_connected.store(false, Ordering::SeqCst);
-        match result {
-            Ok(()) => tracing::info!("QEMU disconnected"),
-            Err(e) => tracing::warn!(error = %e, "QEMU connection ended with an error"),
-        }
+        vhost.serve_one(&companion.vhost_connected, &companion.vhost_messages)?;
         if companion.quit.load(Ordering::SeqCst) {
             device.release();
+            vhost.remove_sockets();
             return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use vhost::vhost_user::message::FrontendReq;
+    use vhost_filter::{read_message, write_message, Message};
+
+    fn request(request: FrontendReq) -> Message {
+        Message {
+            request: request.into(),
+            flags: 0x1,
+            payload: vec![],
+            fds: vec![],
+        }
+    }
+
+    /// Connects as a front-end, claims the backend and asks for its features: `Some` if the
+    /// backend answered.
+    fn claim(socket: &Path) -> Option<u64> {
+        let s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        write_message(&s, &request(FrontendReq::SET_OWNER)).ok()?;
+        write_message(&s, &request(FrontendReq::GET_FEATURES)).ok()?;
+        let reply = read_message(&s).ok()??;
+        Some(u64::from_le_bytes(reply.payload.get(..8)?.try_into().ok()?))
+    }
+
+    #[test]
+    fn a_dropped_front_end_is_replaced_by_the_next_and_both_sockets_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vhost-user.sock");
+        let ram = guest_ram::empty();
+        let dma = Arc::new(DmaEngine::new(ram.clone()));
+        let guest = GuestLink::new(None, dma.clone()).unwrap();
+        let net = NetBackend::new(dma.clone(), guest.clone(), Device::new(None, dma));
+        let mut server = VhostServer::bind("t", &socket, net, ram, &guest).unwrap();
+        let modes: Vec<u32> = [socket.clone(), dir.path().join("vhost-user.sock.backend")]
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().permissions().mode() & 0o777)
+            .collect();
+        // The server lives on its thread (the crate's daemon joins its workers when dropped).
+        std::thread::spawn(move || {
+            let (connected, log) = (AtomicBool::new(false), Default::default());
+            while server.serve_one(&connected, &log).is_ok() {}
+        });
+        assert_eq!(modes, [0o600, 0o600], "public and backend socket modes");
+        for attempt in 0..3 {
+            let features = claim(&socket);
+            assert!(
+                features.is_some_and(|f| f & (1 << 32) != 0),
+                "connection {attempt} was not served"
+            );
         }
     }
 }

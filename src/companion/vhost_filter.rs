@@ -15,6 +15,15 @@
 //! - calls a hook on `SET_VRING_ENABLE 0` before forwarding it, so the VF is quiesced there for
 //!   device types that stop with it (net never sends it; it stops with `GET_VRING_BASE`).
 //!
+//! - checks every memory mapping QEMU hands over (`SET_MEM_TABLE`, `ADD_MEM_REG`) against the
+//!   size of its file, and the dirty log of `SET_LOG_BASE` against its file and against the
+//!   guest memory it must cover, before the crate maps anything: a mapping past the end of its
+//!   file would kill the companion with SIGBUS on first access. A message that fails a check
+//!   closes the connection, with a log line saying why; the companion then waits for the next
+//!   one;
+//! - starts every connection with a `RESET_OWNER` to the crate, so that a front-end that
+//!   reconnects (QEMU's `reconnect-ms`) can claim the backend again.
+//!
 //! It also timestamps the messages that matter to migration, for the status and the trace.
 
 use std::collections::BTreeMap;
@@ -44,6 +53,11 @@ const MAX_PAYLOAD: usize = MAX_MSG_SIZE + 0x100;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
 const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
+
+mod memory;
+
+use memory::MemoryTable;
+pub use memory::Refused;
 
 /// A vhost-user message: header fields, payload and attached fds.
 #[derive(Debug)]
@@ -212,8 +226,20 @@ pub fn run(
         on_vring_disable: &on_vring_disable,
         acked_protocol_features: false,
         held_enables: BTreeMap::new(),
+        memory: MemoryTable::default(),
     };
     let result = (|| -> io::Result<()> {
+        // The crate keeps the backend claimed after a front-end goes away; release it so that
+        // this connection's SET_OWNER succeeds (a no-op on the first connection).
+        write_message(
+            &backend_w,
+            &Message {
+                request: FrontendReq::RESET_OWNER.into(),
+                flags: FLAG_VERSION_1,
+                payload: vec![],
+                fds: vec![],
+            },
+        )?;
         while let Some(m) = read_message(&qemu_r)? {
             requests.handle(m)?;
         }
@@ -236,6 +262,8 @@ struct Requests<'a> {
     acked_protocol_features: bool,
     /// Early `SET_VRING_ENABLE`s: ring index → enable.
     held_enables: BTreeMap<u32, u32>,
+    /// The guest memory handed over on this connection.
+    memory: MemoryTable,
 }
 
 impl Requests<'_> {
@@ -272,8 +300,32 @@ impl Requests<'_> {
                 }
                 Ok(())
             }
+            Some(FrontendReq::SET_MEM_TABLE) => self.checked(&m, MemoryTable::set),
+            Some(FrontendReq::ADD_MEM_REG) => self.checked(&m, MemoryTable::add),
+            Some(FrontendReq::SET_LOG_BASE) => self.checked(&m, |t, m| t.check_log(m)),
+            Some(FrontendReq::REM_MEM_REG) => {
+                self.memory.remove(&m);
+                write_message(self.backend, &m)
+            }
             _ => write_message(self.backend, &m),
         }
+    }
+
+    /// Forwards `m` if `check` passes; otherwise logs why and ends the connection.
+    fn checked(
+        &mut self,
+        m: &Message,
+        check: impl FnOnce(&mut MemoryTable, &Message) -> Result<(), Refused>,
+    ) -> io::Result<()> {
+        if let Err(refused) = check(&mut self.memory, m) {
+            tracing::warn!(
+                error = %refused,
+                "vhost-user message refused before anything was mapped: closing the connection; \
+                 the companion waits for the front-end to reconnect"
+            );
+            return Err(refused.into());
+        }
+        write_message(self.backend, m)
     }
 
     /// Sends the held `SET_VRING_ENABLE`s to the backend, now that they are valid.
@@ -325,6 +377,158 @@ mod tests {
         pub const GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
         pub const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
         pub const SEND_RARP: u32 = FrontendReq::SEND_RARP as u32;
+        pub const SET_LOG_BASE: u32 = FrontendReq::SET_LOG_BASE as u32;
+        pub const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+        pub const RESET_OWNER: u32 = FrontendReq::RESET_OWNER as u32;
+    }
+
+    /// A memfd of `len` bytes.
+    fn memfd(len: u64) -> OwnedFd {
+        let fd = nix::sys::memfd::memfd_create(c"guest", nix::sys::memfd::MemFdCreateFlag::empty())
+            .unwrap();
+        nix::unistd::ftruncate(&fd, len as i64).unwrap();
+        fd
+    }
+
+    fn region(gpa: u64, size: u64, offset: u64) -> Vec<u8> {
+        [gpa, size, 0x7f00_0000_0000, offset]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    fn mem_table(regions: &[(u64, u64, u64, u64)]) -> Message {
+        let mut payload = (regions.len() as u32).to_le_bytes().to_vec();
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        let mut fds = vec![];
+        for &(gpa, size, offset, file) in regions {
+            payload.extend(region(gpa, size, offset));
+            fds.push(memfd(file));
+        }
+        Message {
+            request: code::SET_MEM_TABLE,
+            flags: FLAG_VERSION_1,
+            payload,
+            fds,
+        }
+    }
+
+    fn log_base(size: u64, offset: u64, file: u64) -> Message {
+        let mut payload = size.to_le_bytes().to_vec();
+        payload.extend_from_slice(&offset.to_le_bytes());
+        Message {
+            request: code::SET_LOG_BASE,
+            flags: FLAG_VERSION_1 | FLAG_NEED_REPLY,
+            payload,
+            fds: vec![memfd(file)],
+        }
+    }
+
+    /// Runs the filter on `messages` from the front-end; returns the requests the backend
+    /// saw (after the opening RESET_OWNER) and the filter's result.
+    fn filter(messages: Vec<Message>) -> (Vec<u32>, io::Result<()>) {
+        let (qemu, qemu_side) = UnixStream::pair().unwrap();
+        let (backend_side, backend) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            run(qemu_side, backend_side, SharedMessageLog::default(), |_| {})
+        });
+        for m in &messages {
+            if write_message(&qemu, m).is_err() {
+                break;
+            }
+        }
+        let _ = qemu.shutdown(std::net::Shutdown::Write);
+        let result = t.join().unwrap();
+        let mut seen = vec![];
+        while let Ok(Some(m)) = read_message(&backend) {
+            seen.push(m.request);
+        }
+        assert_eq!(seen.first(), Some(&code::RESET_OWNER));
+        (seen[1..].to_vec(), result)
+    }
+
+    fn refusal(result: io::Result<()>) -> String {
+        let e = result.expect_err("the message should have been refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        e.to_string()
+    }
+
+    #[test]
+    fn memory_that_fits_its_files_passes_with_a_log_that_covers_it() {
+        let (seen, result) = filter(vec![
+            mem_table(&[
+                (0, 2 << 20, 0, 2 << 20),
+                (4 << 20, 1 << 20, 1 << 20, 2 << 20),
+            ]),
+            // 5 MiB of guest memory: 1280 pages, 160 bytes of log.
+            log_base(160, 4096, 8192),
+        ]);
+        result.unwrap();
+        assert_eq!(seen, vec![code::SET_MEM_TABLE, code::SET_LOG_BASE]);
+    }
+
+    #[test]
+    fn a_region_past_the_end_of_its_memfd_is_refused_before_the_backend_maps_it() {
+        let (seen, result) = filter(vec![mem_table(&[(0, 2 << 20, 0, 1 << 20)])]);
+        let m = refusal(result);
+        assert!(m.contains("SET_MEM_TABLE") && m.contains("crash"), "{m}");
+        assert!(seen.is_empty(), "the backend saw {seen:?}");
+        // The offset counts too, and an offset + size that wraps around.
+        let (_, result) = filter(vec![mem_table(&[(0, 1 << 20, 4096, 1 << 20)])]);
+        assert!(refusal(result).contains("of only 0x100000 bytes"));
+        let (_, result) = filter(vec![mem_table(&[(0, 1 << 20, u64::MAX - 10, 1 << 20)])]);
+        refusal(result);
+    }
+
+    #[test]
+    fn malformed_memory_tables_are_refused() {
+        let mut no_fd = mem_table(&[(0, 4096, 0, 4096)]);
+        no_fd.fds.clear();
+        let mut short = mem_table(&[(0, 4096, 0, 4096)]);
+        short.payload.truncate(20);
+        let wraps = mem_table(&[(u64::MAX - 4095, 8192, 0, 8192)]);
+        let empty = mem_table(&[(0, 0, 0, 4096)]);
+        for (m, says) in [
+            (no_fd, "file descriptors"),
+            (short, "does not hold"),
+            (wraps, "not a usable range"),
+            (empty, "not a usable range"),
+        ] {
+            let (seen, result) = filter(vec![m]);
+            let text = refusal(result);
+            assert!(text.contains(says), "{text}");
+            assert!(seen.is_empty());
+        }
+    }
+
+    #[test]
+    fn add_mem_reg_is_checked_like_a_table() {
+        let mut payload = 0u64.to_le_bytes().to_vec();
+        payload.extend(region(8 << 20, 2 << 20, 0));
+        let m = Message {
+            request: code::ADD_MEM_REG,
+            flags: FLAG_VERSION_1,
+            payload,
+            fds: vec![memfd(1 << 20)],
+        };
+        let (seen, result) = filter(vec![m]);
+        assert!(refusal(result).contains("ADD_MEM_REG"));
+        assert!(seen.is_empty());
+    }
+
+    #[test]
+    fn a_log_past_its_file_or_smaller_than_guest_memory_is_refused() {
+        let (seen, result) = filter(vec![log_base(1 << 20, 0, 4096)]);
+        assert!(refusal(result).contains("SET_LOG_BASE"));
+        assert!(seen.is_empty());
+        // 8 MiB of guest memory needs 256 bytes of log.
+        let (seen, result) = filter(vec![
+            mem_table(&[(0, 8 << 20, 0, 8 << 20)]),
+            log_base(255, 0, 4096),
+        ]);
+        let m = refusal(result);
+        assert!(m.contains("256 bytes of log needed"), "{m}");
+        assert_eq!(seen, vec![code::SET_MEM_TABLE]);
     }
 
     fn msg(request: u32, payload: Vec<u8>) -> Message {
@@ -393,6 +597,11 @@ mod tests {
             &msg(code::SET_FEATURES, PROTOCOL_FEATURES.to_le_bytes().to_vec()),
         )
         .unwrap();
+        // The connection starts by releasing the backend for this front-end.
+        assert_eq!(
+            read_message(&backend).unwrap().unwrap().request,
+            FrontendReq::RESET_OWNER as u32
+        );
         // The backend sees SET_FEATURES first, then both enables; never SEND_RARP.
         let seen: Vec<(u32, Vec<u8>)> = (0..3)
             .map(|_| {

@@ -63,6 +63,7 @@ struct Counters {
     tx_bytes: AtomicU64,
     quiesces: AtomicU64,
     mem_tables: AtomicU64,
+    worker_errors: AtomicU64,
 }
 
 /// The vhost-user-net backend. Cheap to clone; clones share state.
@@ -101,6 +102,12 @@ impl NetBackend {
         }
     }
 
+    /// Events a vring worker could not handle (a broken ring, say): logged, and the worker
+    /// went on.
+    pub fn worker_errors(&self) -> u64 {
+        self.counters.worker_errors.load(Ordering::Relaxed)
+    }
+
     /// Quiesces the VF at the switchover point, before QEMU gets its reply: when this
     /// returns, every device write that landed is marked in QEMU's log. Idempotent.
     pub fn quiesce(&self, message: &str, queue_index: u32) {
@@ -119,11 +126,18 @@ impl NetBackend {
     fn drain_tx(&self, vring: &VringRwLock<GuestRam>) -> io::Result<()> {
         let mem = self.dma.ram().memory();
         let mut state = vring.get_mut();
+        // Each frame may queue a reply for the guest; take no more than there is room for.
+        // The rest stay in the guest's ring until it takes frames (back-pressure).
+        let room = self.guest.tx_room();
         let chains: Vec<_> = state
             .get_queue_mut()
             .iter(mem.clone())
             .map_err(|e| io::Error::other(format!("TX queue: {e}")))?
+            .take(room)
             .collect();
+        if chains.len() == room {
+            self.guest.pause_tx(room);
+        }
         if chains.is_empty() {
             return Ok(());
         }
@@ -268,6 +282,33 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Self::Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        // An error here would end the crate's vring worker for good, and the NIC with it. A
+        // ring the guest broke (an invalid avail index, say) is the guest's to reset; the
+        // worker goes on serving the other ring and the next events.
+        if let Err(e) = self.serve_event(device_event, evset, vrings) {
+            let n = self.counters.worker_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if n <= 10 || n.is_power_of_two() {
+                tracing::warn!(
+                    error = %e,
+                    event = device_event,
+                    worker_errors = n,
+                    "vring event not handled; the worker goes on (a broken ring works again \
+                     once the guest resets the device)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NetBackend {
+    /// Handles one event of the vring worker.
+    fn serve_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock<GuestRam>],
+    ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!(
                 "unexpected event set {evset:?} on queue {device_event}"
@@ -275,16 +316,117 @@ impl VhostUserBackend for NetBackend {
         }
         match device_event {
             TX_QUEUE => {
-                self.drain_tx(&vrings[TX_QUEUE as usize])?;
-                self.deliver_rx(&vrings[RX_QUEUE as usize])
+                // Frames for the guest still go out when its TX ring is broken.
+                let tx = self.drain_tx(&vrings[TX_QUEUE as usize]);
+                let rx = self.deliver_rx(&vrings[RX_QUEUE as usize]);
+                tx.and(rx)
             }
             // The guest posted receive buffers, or frames wait for it.
-            RX_QUEUE => self.deliver_rx(&vrings[RX_QUEUE as usize]),
-            RX_PENDING_EVENT => {
-                let _ = self.guest.rx_event.read();
-                self.deliver_rx(&vrings[RX_QUEUE as usize])
+            RX_QUEUE | RX_PENDING_EVENT => {
+                if device_event == RX_PENDING_EVENT {
+                    let _ = self.guest.rx_event.read();
+                }
+                self.deliver_rx(&vrings[RX_QUEUE as usize])?;
+                // TX frames left in the guest's ring while the RX queue was full: take them
+                // now that frames have left (the guest will not kick for them again).
+                if self.guest.resume_tx() {
+                    let tx = self.drain_tx(&vrings[TX_QUEUE as usize]);
+                    let rx = self.deliver_rx(&vrings[RX_QUEUE as usize]);
+                    tx.and(rx)?;
+                }
+                Ok(())
             }
             other => Err(io::Error::other(format!("event for unknown queue {other}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::guest_ram::GuestRamMmap;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+
+    #[test]
+    fn a_broken_ring_is_logged_and_the_worker_goes_on() {
+        let ram = GuestMemoryAtomic::new(
+            GuestRamMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let dma = Arc::new(DmaEngine::new(ram.clone()));
+        dma.adopt_memory();
+        let guest = GuestLink::new(None, dma.clone()).unwrap();
+        let net = NetBackend::new(dma.clone(), guest, Device::new(None, dma.clone()));
+        let vrings: Vec<VringRwLock<GuestRam>> = (0..NUM_QUEUES)
+            .map(|_| VringRwLock::new(ram.clone(), QUEUE_SIZE as u16).unwrap())
+            .collect();
+        let tx = &vrings[TX_QUEUE as usize];
+        tx.set_queue_size(16);
+        tx.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        tx.set_queue_ready(true);
+        // The guest publishes an avail index 1000 entries ahead on a ring of 16.
+        ram.memory()
+            .write_obj(1000u16, GuestAddress(0x2002))
+            .unwrap();
+        for _ in 0..3 {
+            net.handle_event(TX_QUEUE, EventSet::IN, &vrings, 0)
+                .expect("the worker must not end on a broken ring");
+        }
+        assert_eq!(net.worker_errors(), 3);
+        // Unknown events and event sets are contained the same way.
+        net.handle_event(7, EventSet::IN, &vrings, 0).unwrap();
+        net.handle_event(TX_QUEUE, EventSet::OUT, &vrings, 0)
+            .unwrap();
+        assert_eq!(net.worker_errors(), 5);
+    }
+
+    #[test]
+    fn a_full_reply_queue_leaves_tx_frames_in_the_guest_ring_until_frames_leave() {
+        use crate::companion::guest_link::MAX_RX_FRAMES;
+        use vfmig_proto as proto;
+        let ram = GuestMemoryAtomic::new(
+            GuestRamMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let dma = Arc::new(DmaEngine::new(ram.clone()));
+        dma.adopt_memory();
+        let guest = GuestLink::new(None, dma.clone()).unwrap();
+        let net = NetBackend::new(dma.clone(), guest.clone(), Device::new(None, dma.clone()));
+        let vrings: Vec<VringRwLock<GuestRam>> = (0..NUM_QUEUES)
+            .map(|_| VringRwLock::new(ram.clone(), QUEUE_SIZE as u16).unwrap())
+            .collect();
+        let tx = &vrings[TX_QUEUE as usize];
+        tx.set_queue_size(16);
+        tx.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        tx.set_queue_ready(true);
+        // One OPEN in the guest's TX ring: descriptor 0 → the frame at 0x10000.
+        let mut frame = vec![0u8; NET_HDR_LEN as usize];
+        frame.extend(proto::encode(&proto::Frame {
+            dst: proto::COMPANION_MAC,
+            src: [0x52, 0x54, 0, 0, 0, 1],
+            seq: 1,
+            msg: proto::Message::Open,
+        }));
+        let m = ram.memory();
+        m.write_slice(&frame, GuestAddress(0x10000)).unwrap();
+        m.write_obj(0x10000u64, GuestAddress(0x1000)).unwrap();
+        m.write_obj(frame.len() as u32, GuestAddress(0x1008))
+            .unwrap();
+        m.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        // The guest has taken none of the frames queued for it.
+        for _ in 0..MAX_RX_FRAMES {
+            guest.queue(0, proto::Message::Event(proto::Event::Migrated));
+        }
+        net.handle_event(TX_QUEUE, EventSet::IN, &vrings, 0)
+            .unwrap();
+        let used = |m: &vm_memory::GuestMemoryMmap<_>| m.read_obj::<u16>(GuestAddress(0x3002));
+        assert_eq!(used(&m).unwrap(), 0, "the frame stays in the guest's ring");
+        assert_eq!(guest.stats().frames_from_guest, 0);
+        assert_eq!(guest.stats().frames_waiting, MAX_RX_FRAMES as u64);
+        // One frame leaves; the next RX event takes the TX frame and queues its reply.
+        assert!(guest.next_for_guest().is_some());
+        net.handle_event(RX_PENDING_EVENT, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(used(&m).unwrap(), 1);
+        assert_eq!(guest.stats().frames_from_guest, 1);
+        assert_eq!(guest.stats().frames_waiting, MAX_RX_FRAMES as u64);
     }
 }
