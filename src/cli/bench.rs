@@ -124,7 +124,7 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         migrations: u32,
         /// lu-lite iterations per migration (the job runs `migrate-at` + this × migrations).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 400)]
         iters_per_migration: u32,
         /// How long `a` runs in each new place before it moves again, ms.
         #[arg(long, default_value_t = 1000)]

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::hosts;
-use super::scenario::Fault;
+use super::scenario::{Fault, Job};
+use crate::orchestrator::launch::RunningVm;
 use crate::orchestrator::migrate::{Observer, Phase};
 use crate::qmp::MigrationInfo;
 
@@ -183,6 +184,25 @@ pub struct Targets {
     pub peer: Option<PeerCompanion>,
     /// The host-side veths of `a`'s source and destination hosts.
     pub links: Vec<String>,
+}
+
+/// What the faults act on in `job`: `a`'s destination `dest`, peer `b`'s companion, the links
+/// of `a`'s source host and of the destination's.
+pub(super) fn targets_of(job: &Job, dest: &RunningVm, cancel: &Arc<AtomicBool>) -> Targets {
+    let peer = job.vms.get(1).and_then(|b| {
+        Some(PeerCompanion {
+            pid: b.companion_pid()?,
+            netns: b.spec.netns.clone(),
+            log: b.paths.dir.join("companion-restarted.log"),
+        })
+    });
+    Targets {
+        cancel: cancel.clone(),
+        destination_qemu: dest.qemu_pid(),
+        destination_companion: dest.companion_pid(),
+        peer,
+        links: vec![job.hosts.veth(0), job.hosts.veth(job.vms.len())],
+    }
 }
 
 /// A companion started again by [`Fault::RestartPeerCompanion`]; dropping it stops it.

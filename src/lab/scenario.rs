@@ -3,16 +3,15 @@
 //! companion on another host, and the job's result is checked against a run without migration.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::Value;
 
 use super::demo::DemoError;
-use super::faults::{FaultRecord, Injection, Injector, PeerCompanion, Restarted, Targets};
+use super::faults::{targets_of, FaultRecord, Injection, Injector, Restarted};
 use super::hosts::{Hosts, HostsError};
 use crate::companion::control::{error_chain, ControlError};
 use crate::orchestrator::hotplug;
@@ -29,6 +28,12 @@ use crate::vf::soft::ClusterMap;
 
 /// Port every soft VF listens on, in its own host.
 const FABRIC_PORT: u16 = 7000;
+
+mod ranks;
+#[cfg(test)]
+use ranks::rank_result;
+pub(super) use ranks::wait_for_results;
+pub use ranks::{job_lines, RankResult};
 
 /// The job the VMs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -92,29 +97,6 @@ pub struct ScenarioOptions {
     pub fault: Option<(Fault, Duration)>,
     /// Where the migration's timeline goes.
     pub trace: Option<Arc<crate::trace::TraceRecorder>>,
-}
-
-/// What a rank printed.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RankResult {
-    /// Its checksum.
-    pub checksum: Option<String>,
-    /// Per-iteration times, ms.
-    pub iteration_ms: Vec<f64>,
-    /// Longest gap between its completions, ms.
-    pub blackout_ms: Option<f64>,
-    /// Errors it reported.
-    pub errors: Vec<String>,
-    /// Completions with an error status, by its count.
-    pub failed_completions: u64,
-    /// Completions it received twice.
-    pub duplicates: u64,
-    /// rdma-bw: bytes it sent (sender) or received (receiver).
-    pub bytes: Option<u64>,
-    /// Whether it printed its final result.
-    pub done: bool,
-    /// rdma-lat: the typical (median) one-way latency, µs.
-    pub latency_us: Option<f64>,
 }
 
 /// The scenario's result; the last line of the demo is this, as JSON.
@@ -223,54 +205,6 @@ fn names(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// The job's lines in a serial log: JSON objects with a `tool` field.
-pub fn job_lines(serial: &Path) -> Vec<Value> {
-    std::fs::read_to_string(serial)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let at = l.find('{')?;
-            serde_json::from_str::<Value>(&l[at..]).ok()
-        })
-        .filter(|v| v.get("tool").is_some())
-        .collect()
-}
-
-fn rank_result(lines: &[Value]) -> RankResult {
-    let mut r = RankResult::default();
-    for v in lines {
-        if let Some(ms) = v["ms"].as_f64() {
-            if v.get("iter").is_some() {
-                r.iteration_ms.push(ms);
-            }
-        }
-        for key in ["bytes_sent", "bytes_received"] {
-            if let Some(b) = v[key].as_u64() {
-                r.bytes = Some(b);
-                r.done = true;
-            }
-        }
-        // rdma-lat: the initiator's report, or the responder's.
-        if v.get("t_typical[usec]").is_some() || v["role"] == "responder" {
-            r.done = true;
-            r.latency_us = v["t_typical[usec]"].as_f64();
-        }
-        if let Some(c) = v["checksum"].as_str() {
-            r.done = true;
-            r.checksum = Some(c.to_string());
-            r.failed_completions = v["errors"].as_u64().unwrap_or(0);
-            r.duplicates = v["duplicates"].as_u64().unwrap_or(0);
-        }
-        if let Some(b) = v["blackout_ms"].as_f64() {
-            r.blackout_ms = Some(b);
-        }
-        if let Some(e) = v["error"].as_str() {
-            r.errors.push(e.to_string());
-        }
-    }
-    r
-}
-
 fn median(xs: &[f64]) -> f64 {
     super::stats::median(xs.to_vec())
 }
@@ -334,25 +268,6 @@ impl Job {
             .collect();
         logs[0].extend(a_elsewhere.map(|v| v.paths.serial_log.clone()));
         logs
-    }
-
-    /// What the faults act on: `a`'s destination `dest`, peer `b`'s companion, the links
-    /// of `a`'s source host and of the destination's.
-    fn fault_targets(&self, dest: &RunningVm, cancel: &Arc<AtomicBool>) -> Targets {
-        let peer = self.vms.get(1).and_then(|b| {
-            Some(PeerCompanion {
-                pid: b.companion_pid()?,
-                netns: b.spec.netns.clone(),
-                log: b.paths.dir.join("companion-restarted.log"),
-            })
-        });
-        Targets {
-            cancel: cancel.clone(),
-            destination_qemu: dest.qemu_pid(),
-            destination_companion: dest.companion_pid(),
-            peer,
-            links: vec![self.hosts.veth(0), self.hosts.veth(self.vms.len())],
-        }
     }
 }
 
@@ -538,8 +453,7 @@ fn migrate_a(
     let mut src_ctl = a.control()?;
     let cancel = Arc::new(AtomicBool::new(false));
     let strategy = strategy_for(kind, job)?;
-    let mut injector =
-        injection.map(|i| Injector::arm(i.clone(), job.fault_targets(dest, &cancel)));
+    let mut injector = injection.map(|i| Injector::arm(i.clone(), targets_of(job, dest, &cancel)));
     let mut watched;
     let observer: &mut dyn Observer = match injector.as_mut() {
         Some(inj) => {
@@ -597,55 +511,6 @@ fn migrate_a(
         .filter(|v| v.get("iter").is_some())
         .count();
     Ok(outcome)
-}
-
-/// Step 4: waits for every rank's result, rank `i` reading `logs[i]` (`a`'s console continues
-/// in its destinations' logs). With `stall`, a job in which no rank printed anything for that
-/// long is a result (the second value says who is missing), not an error.
-pub(super) fn wait_for_results(
-    opts: &ScenarioOptions,
-    names: &[String],
-    logs: &[Vec<PathBuf>],
-    deadline: Instant,
-    stall: Option<Duration>,
-) -> Result<(Vec<RankResult>, Option<String>), ScenarioError> {
-    let lines_of = |i: usize| -> Vec<Value> { logs[i].iter().flat_map(|l| job_lines(l)).collect() };
-    let mut last_change = (Instant::now(), 0usize);
-    loop {
-        let lines: Vec<Vec<Value>> = (0..names.len()).map(lines_of).collect();
-        let ranks: Vec<RankResult> = lines.iter().map(|l| rank_result(l)).collect();
-        let finished = ranks.iter().all(|r| r.done || !r.errors.is_empty());
-        if finished {
-            return Ok((ranks, None));
-        }
-        let printed: usize = lines.iter().map(Vec::len).sum();
-        if printed != last_change.1 {
-            last_change = (Instant::now(), printed);
-        }
-        let missing = || -> Vec<&String> {
-            names
-                .iter()
-                .zip(&ranks)
-                .filter(|(_, r)| !r.done)
-                .map(|(n, _)| n)
-                .collect()
-        };
-        let stalled_for = last_change.0.elapsed();
-        if stall.is_some_and(|s| stalled_for > s) || (stall.is_some() && Instant::now() > deadline)
-        {
-            let detail = format!(
-                "no result from {:?}: the job printed nothing for {} s",
-                missing(),
-                stalled_for.as_secs()
-            );
-            tracing::warn!(%detail, "the job stalled");
-            return Ok((ranks, Some(detail)));
-        }
-        if Instant::now() > deadline {
-            return Err(timed_out(opts, format!("no checksum from {:?}", missing())));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Step 5: the report from the ranks' results and the migration's outcome (`checksum_match`
