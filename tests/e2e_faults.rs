@@ -30,7 +30,8 @@ fn options(dir: &RunDir) -> ScenarioOptions {
         n: 256,
         iters: 600,
         migrate_at: 150,
-        max_bandwidth: Some(128 << 20),
+        // Precopy open long enough to be hit mid-way.
+        max_bandwidth: Some(32 << 20),
         run_dir: dir.path.clone(),
         accel: "tcg".into(),
         image: image(),

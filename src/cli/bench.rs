@@ -179,9 +179,10 @@ pub struct JobArgs {
     /// Migrate once rank `a` has done this many iterations.
     #[arg(long, default_value_t = 150)]
     migrate_at: u32,
-    /// QEMU `max-bandwidth`, bytes/s.
-    #[arg(long, default_value_t = 128 << 20)]
-    max_bandwidth: u64,
+    /// QEMU `max-bandwidth`, bytes/s (default: 32 MiB/s for `bench faults`, so that
+    /// precopy stays open long enough to be hit mid-way; 128 MiB/s for `bench soak`).
+    #[arg(long)]
+    max_bandwidth: Option<u64>,
     /// Give up on one run after this long, s.
     #[arg(long, default_value_t = 900)]
     timeout_secs: u64,
@@ -191,7 +192,7 @@ pub struct JobArgs {
 }
 
 impl JobArgs {
-    fn options(self, iters: u32) -> Result<ScenarioOptions> {
+    fn options(self, iters: u32, max_bandwidth: u64) -> Result<ScenarioOptions> {
         if self.vms < 2 {
             bail!("--vms must be at least 2: peer `b` is part of the drill");
         }
@@ -203,7 +204,7 @@ impl JobArgs {
             n: self.n,
             iters,
             migrate_at: self.migrate_at,
-            max_bandwidth: Some(self.max_bandwidth),
+            max_bandwidth: Some(self.max_bandwidth.unwrap_or(max_bandwidth)),
             run_dir: run_dir_or_temp(self.run_dir)?,
             accel: "tcg".into(),
             image: image(None, None)?,
@@ -289,7 +290,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             stall: Duration::from_secs(stall_secs),
             base: {
                 let iters = job.iters;
-                job.options(iters)?
+                job.options(iters, 32 << 20)?
             },
         }),
         BenchCommand::Soak {
@@ -300,7 +301,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         } => {
             let iters = job.migrate_at + iters_per_migration * migrations.max(1);
             soak_run(SoakOptions {
-                base: job.options(iters)?,
+                base: job.options(iters, 128 << 20)?,
                 migrations,
                 dwell: Duration::from_millis(dwell_ms),
                 stall: Duration::from_secs(150),

@@ -6,8 +6,9 @@
 //! begins. What each phase means, in terms of what the observer sees:
 //!
 //! - [`FaultPhase::PrecopyStart`]: `Phase::Precopy` begins (just before QMP `migrate`);
-//! - [`FaultPhase::MidPrecopy`]: the first sample, while QEMU is `active`, in which at least
-//!   half of RAM has been sent;
+//! - [`FaultPhase::MidPrecopy`]: the first sample, while QEMU is `active`, in which at most
+//!   half of RAM remains to be sent (zero pages cost QEMU almost no bytes, so bytes
+//!   transferred would never reach half of RAM in a mostly empty guest);
 //! - [`FaultPhase::Switchover`]: `Phase::Switchover` begins (QEMU's `MIGRATION` event
 //!   `device`: the source is stopped, the VF quiesces inside `GET_VRING_BASE`);
 //! - [`FaultPhase::Takeover`]: `Phase::DestinationUp` begins. The export from the source
@@ -459,7 +460,7 @@ impl Observer for Observing<'_> {
         self.injector.last_status = info.status.clone();
         let half_sent = info.ram.as_ref().is_some_and(|r| {
             let total = r.total.unwrap_or(0);
-            total > 0 && r.transferred.unwrap_or(0).saturating_mul(2) >= total
+            total > 0 && r.remaining.unwrap_or(total).saturating_mul(2) <= total
         });
         if info.status.as_deref() == Some("active") && half_sent {
             self.injector.fire_if(FaultPhase::MidPrecopy);
@@ -483,11 +484,13 @@ mod tests {
         }
     }
 
-    fn sample(status: &str, transferred: u64, total: u64) -> MigrationInfo {
+    fn sample(status: &str, remaining: u64, total: u64) -> MigrationInfo {
         MigrationInfo {
             status: Some(status.into()),
             ram: Some(RamStats {
-                transferred: Some(transferred),
+                // Zero pages: much of RAM done for few bytes.
+                transferred: Some(1),
+                remaining: Some(remaining),
                 total: Some(total),
                 ..Default::default()
             }),
@@ -507,10 +510,10 @@ mod tests {
         let calls: Vec<Call> = vec![
             Box::new(|o| o.phase(Phase::PrepareDestination)),
             Box::new(|o| o.phase(Phase::Precopy)),
-            Box::new(|o| o.sample(&sample("active", 10, 100))),
-            Box::new(|o| o.sample(&sample("active", 60, 100))),
+            Box::new(|o| o.sample(&sample("active", 90, 100))),
+            Box::new(|o| o.sample(&sample("active", 40, 100))),
             Box::new(|o| o.phase(Phase::Switchover)),
-            Box::new(|o| o.sample(&sample("completed", 120, 100))),
+            Box::new(|o| o.sample(&sample("completed", 0, 100))),
             Box::new(|o| o.phase(Phase::DestinationUp)),
             Box::new(|o| o.phase(Phase::Done)),
         ];
@@ -547,7 +550,8 @@ mod tests {
         let mut obs = inj.observing(&mut quiet);
         obs.phase(Phase::Precopy);
         // Completed at once: never half-way while active.
-        obs.sample(&sample("completed", 100, 100));
+        obs.sample(&sample("active", 100, 100));
+        obs.sample(&sample("completed", 0, 100));
         obs.phase(Phase::Done);
         let (record, _) = inj.finish();
         assert_eq!(record.fired_at_ms, None);
