@@ -82,6 +82,16 @@ pub fn classify(r: &ScenarioReport, reference: &BTreeMap<String, Option<String>>
             r.checksums, reference, r.lost_ops, r.duplicate_ops
         ));
     }
+    // An error that says the source keeps running explains no stall: the job should then
+    // have finished where it was.
+    let explains_a_stall = |e: &String| !e.contains("keeps running");
+    if let (Some(s), Some(e), true) = (&r.stalled, &r.migration_error, rank_errors.is_empty()) {
+        if !explains_a_stall(e) {
+            return Outcome::StalledSilently(format!(
+                "the migration reported \"{e}\", yet the job {s}"
+            ));
+        }
+    }
     let mut named = rank_errors;
     if let Some(e) = &r.migration_error {
         named.insert(0, format!("migration: {e}"));
@@ -413,6 +423,16 @@ mod tests {
         let named = classify(&r, &reference());
         assert!(named.keeps_the_rule(), "{named:?}");
         assert!(named.label().contains("VF takeover failed"));
+    }
+
+    #[test]
+    fn a_stall_after_an_error_that_says_the_source_keeps_running_is_silent() {
+        let mut r = run_report(&[("a", RankResult::default()), ("b", rank("2"))]);
+        r.stalled = Some("no result from [\"a\"]".into());
+        r.migration_error = Some("migration cancelled; the source VM keeps running".into());
+        let o = classify(&r, &reference());
+        assert!(matches!(o, Outcome::StalledSilently(_)), "{o:?}");
+        assert!(o.label().contains("keeps running"));
     }
 
     #[test]
