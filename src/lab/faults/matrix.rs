@@ -82,9 +82,9 @@ pub fn classify(r: &ScenarioReport, reference: &BTreeMap<String, Option<String>>
             r.checksums, reference, r.lost_ops, r.duplicate_ops
         ));
     }
-    // An error that says the source keeps running explains no stall: the job should then
-    // have finished where it was.
-    let explains_a_stall = |e: &String| !e.contains("keeps running");
+    // An error that says the source keeps running explains no stall (the job should then
+    // have finished where it was), unless it adds that the source is in fact in another state.
+    let explains_a_stall = |e: &String| !e.contains("keeps running") || e.contains("its state is");
     if let (Some(s), Some(e), true) = (&r.stalled, &r.migration_error, rank_errors.is_empty()) {
         if !explains_a_stall(e) {
             return Outcome::StalledSilently(format!(
@@ -433,6 +433,13 @@ mod tests {
         let o = classify(&r, &reference());
         assert!(matches!(o, Outcome::StalledSilently(_)), "{o:?}");
         assert!(o.label().contains("keeps running"));
+        // The orchestrator's own correction names the state the source was left in.
+        r.migration_error = Some(
+            "the destination's QEMU died; the migration was cancelled and the source VM keeps \
+             running (its state is postmigrate: check it)"
+                .into(),
+        );
+        assert!(classify(&r, &reference()).keeps_the_rule());
     }
 
     #[test]
