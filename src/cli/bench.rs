@@ -3,11 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use vfmig::lab::demo::DemoOptions;
-use vfmig::lab::scenario::{ScenarioOptions, Workload};
+use vfmig::lab::faults::{self, FaultPhase, MatrixOptions};
+use vfmig::lab::scenario::{Fault, ScenarioOptions, Workload};
+use vfmig::lab::soak::{self, SoakOptions};
 use vfmig::lab::{bench, fabric_bench, plan_bench};
+use vfmig::orchestrator::migrate::{with_progress, Observer};
 
 use super::{image, init_logging, run_dir_or_temp, vfmig_bin};
 
@@ -87,6 +90,130 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// The fault matrix: lu-lite on VMs with VM `a` migrated, one fault injected per run at
+    /// a phase of the migration (precopy start, mid-precopy, switchover, takeover, after
+    /// `cont`): the destination's QEMU or companion killed, peer `b`'s companion restarted,
+    /// the fabric link cut, a cancel. Each cell must end with the checksum of a run without
+    /// faults, or with an error that names what failed; prints a markdown table, then one
+    /// JSON line. Exits non-zero when a cell breaks that rule (lost or stalled silently) or
+    /// proves nothing (its phase never came).
+    Faults {
+        /// Phases to inject at (default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        phases: Vec<FaultPhase>,
+        /// Fault kinds (default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        faults: Vec<FaultKind>,
+        /// How long a cut link stays down, ms.
+        #[arg(long, default_value_t = 3000)]
+        link_down_ms: u64,
+        /// A job that prints nothing for this long after its fault is stalled, s (longer than
+        /// the fabric's retry limit, so that a peer that gives up can say so).
+        #[arg(long, default_value_t = 150)]
+        stall_secs: u64,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// VM `a` migrated back and forth between two test hosts N times under lu-lite, each time
+    /// into a fresh QEMU and companion (the old source quit); then the job's checksum against
+    /// a run without migration. Prints one JSON line (migrations done, lost and duplicated
+    /// ops, checksum match, medians); exits non-zero unless every migration completed under
+    /// load with the same checksum and nothing lost or duplicated.
+    Soak {
+        /// Migrations of `a`.
+        #[arg(long, default_value_t = 10)]
+        migrations: u32,
+        /// lu-lite iterations per migration (the job runs `migrate-at` + this × migrations).
+        #[arg(long, default_value_t = 400)]
+        iters_per_migration: u32,
+        /// How long `a` runs in each new place before it moves again, ms.
+        #[arg(long, default_value_t = 1000)]
+        dwell_ms: u64,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+}
+
+/// A fault kind, as `--faults` takes it.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FaultKind {
+    /// The destination's QEMU is killed.
+    KillDestinationQemu,
+    /// The destination's companion is killed.
+    KillDestinationCompanion,
+    /// Peer `b`'s companion is killed and started again with the same command line.
+    RestartPeerCompanion,
+    /// The veths of `a`'s source and destination hosts go down for `--link-down-ms`.
+    CutLink,
+    /// The operator cancels.
+    Cancel,
+}
+
+impl From<FaultKind> for Fault {
+    fn from(k: FaultKind) -> Self {
+        match k {
+            FaultKind::KillDestinationQemu => Fault::KillDestinationQemu,
+            FaultKind::KillDestinationCompanion => Fault::KillDestinationCompanion,
+            FaultKind::RestartPeerCompanion => Fault::RestartPeerCompanion,
+            FaultKind::CutLink => Fault::CutLink,
+            FaultKind::Cancel => Fault::Cancel,
+        }
+    }
+}
+
+/// The lu-lite job of `bench faults` and `bench soak`.
+#[derive(clap::Args)]
+pub struct JobArgs {
+    /// VMs of the job (at least 2; peer `b` is the one restarted).
+    #[arg(long, default_value_t = 3)]
+    vms: usize,
+    /// Guest RAM per VM in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    /// lu-lite grid size.
+    #[arg(long, default_value_t = 256)]
+    n: u32,
+    /// lu-lite iterations (`bench faults`).
+    #[arg(long, default_value_t = 600)]
+    iters: u32,
+    /// Migrate once rank `a` has done this many iterations.
+    #[arg(long, default_value_t = 150)]
+    migrate_at: u32,
+    /// QEMU `max-bandwidth`, bytes/s (default: 32 MiB/s for `bench faults`, so that
+    /// precopy stays open long enough to be hit mid-way; 128 MiB/s for `bench soak`).
+    #[arg(long)]
+    max_bandwidth: Option<u64>,
+    /// Give up on one run after this long, s.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+    /// Where to put the run directories (default: a fresh temporary directory).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
+
+impl JobArgs {
+    fn options(self, iters: u32, max_bandwidth: u64) -> Result<ScenarioOptions> {
+        if self.vms < 2 {
+            bail!("--vms must be at least 2: peer `b` is part of the drill");
+        }
+        Ok(ScenarioOptions {
+            workload: Workload::LuLite,
+            vms: self.vms,
+            strategy: None,
+            mem_mib: self.mem_mib,
+            n: self.n,
+            iters,
+            migrate_at: self.migrate_at,
+            max_bandwidth: Some(self.max_bandwidth.unwrap_or(max_bandwidth)),
+            run_dir: run_dir_or_temp(self.run_dir)?,
+            accel: "tcg".into(),
+            image: image(None, None)?,
+            vfmig_bin: vfmig_bin()?,
+            timeout: Duration::from_secs(self.timeout_secs),
+            fault: None,
+            trace: None,
+        })
+    }
 }
 
 /// Runs the bench and prints its markdown table, then its JSON line.
@@ -142,6 +269,44 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             &vms,
             idle_demo(mem_mib, max_bandwidth, run_dir, "tcg".into())?,
         ),
+        BenchCommand::Faults {
+            phases,
+            faults,
+            link_down_ms,
+            stall_secs,
+            job,
+        } => fault_matrix(MatrixOptions {
+            phases: if phases.is_empty() {
+                FaultPhase::ALL.to_vec()
+            } else {
+                phases
+            },
+            faults: if faults.is_empty() {
+                Fault::ALL.to_vec()
+            } else {
+                faults.into_iter().map(Fault::from).collect()
+            },
+            link_down: Duration::from_millis(link_down_ms),
+            stall: Duration::from_secs(stall_secs),
+            base: {
+                let iters = job.iters;
+                job.options(iters, 32 << 20)?
+            },
+        }),
+        BenchCommand::Soak {
+            migrations,
+            iters_per_migration,
+            dwell_ms,
+            job,
+        } => {
+            let iters = job.migrate_at + iters_per_migration * migrations.max(1);
+            soak_run(SoakOptions {
+                base: job.options(iters, 128 << 20)?,
+                migrations,
+                dwell: Duration::from_millis(dwell_ms),
+                stall: Duration::from_secs(150),
+            })
+        }
         BenchCommand::Fabric { rounds } => {
             let result = fabric_bench::run(rounds.max(1), |line| eprintln!("bench: {line}"))?;
             println!("{}", fabric_bench::markdown(&result));
@@ -193,5 +358,68 @@ fn plan(vms: &[usize], opts: DemoOptions) -> Result<()> {
     }
     println!("{}", plan_bench::markdown(&rows));
     println!("{}", serde_json::json!({ "rows": rows }));
+    Ok(())
+}
+
+/// `bench faults`: the matrix, its table and JSON; fails when a cell breaks the rule.
+fn fault_matrix(opts: MatrixOptions) -> Result<()> {
+    eprintln!(
+        "bench: run directories under {}",
+        opts.base.run_dir.display()
+    );
+    let m = faults::run_matrix(&opts, |i, total, c| {
+        eprintln!(
+            "bench: {i}/{total} {} at {}: {} ({:.0} s)",
+            c.fault.map_or("none", Fault::name),
+            c.phase.map_or("none", FaultPhase::name),
+            c.outcome.label(),
+            c.wall_s
+        )
+    })?;
+    println!("{}", faults::markdown(&m));
+    println!("{}", serde_json::to_string(&m)?);
+    if m.failures > 0 {
+        bail!(
+            "{} of {} cells lost or stalled silently, or never saw their fault: see the table",
+            m.failures,
+            m.cells.len()
+        );
+    }
+    Ok(())
+}
+
+/// `bench soak`: the migrations with a progress line each on a terminal, then the JSON line;
+/// fails unless the soak passed.
+fn soak_run(opts: SoakOptions) -> Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    eprintln!(
+        "bench: run directories under {}",
+        opts.base.run_dir.display()
+    );
+    let total = opts.migrations;
+    let report = with_progress(|observer: &mut dyn Observer| {
+        soak::run(&opts, observer, |m| {
+            if tty {
+                eprintln!(
+                    "soak: {}/{total} host {} -> {}: total {} ms, downtime {} ms, blackout {:.0} ms",
+                    m.number, m.from_host, m.to_host, m.total_ms, m.downtime_ms, m.blackout_ms
+                );
+            }
+        })
+    })?;
+    println!("{}", serde_json::to_string(&report)?);
+    if !soak::passed(&report) {
+        bail!(
+            "the soak failed: {} of {} migrations done ({} under load), checksum {}, {} lost, {} duplicated{}",
+            report.migrations_done,
+            report.migrations_requested,
+            report.migrations_under_load,
+            if report.checksum_match { "matches" } else { "DIFFERS" },
+            report.lost_ops,
+            report.duplicate_ops,
+            report.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
     Ok(())
 }

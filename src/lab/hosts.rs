@@ -69,10 +69,7 @@ impl Hosts {
         ip(&["link", "set", &hosts.bridge, "up"])?;
         for i in 0..count {
             let ns = hosts.netns(i);
-            let (outer, inner) = (
-                format!("vfm{}h{i}", hosts.tag),
-                format!("vfm{}h{i}p", hosts.tag),
-            );
+            let (outer, inner) = (hosts.veth(i), format!("{}p", hosts.veth(i)));
             ip(&["netns", "add", &ns])?;
             ip(&[
                 "link", "add", &outer, "type", "veth", "peer", "name", &inner,
@@ -98,6 +95,12 @@ impl Hosts {
         Ipv4Addr::new(10, 77, self.subnet, i as u8 + 1)
     }
 
+    /// The host-side end of host `i`'s veth pair, on the bridge: taking it down cuts the
+    /// host off the network.
+    pub fn veth(&self, i: usize) -> String {
+        format!("vfm{}h{i}", self.tag)
+    }
+
     /// Number of hosts.
     pub fn len(&self) -> usize {
         self.count
@@ -107,6 +110,11 @@ impl Hosts {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
+}
+
+/// Takes the link `name` (a host's [`Hosts::veth`]) up or down: a cable pulled and put back.
+pub fn set_link(name: &str, up: bool) -> Result<(), HostsError> {
+    ip(&["link", "set", name, if up { "up" } else { "down" }])
 }
 
 impl Drop for Hosts {

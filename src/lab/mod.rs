@@ -3,6 +3,8 @@
 //!
 //! - [`demo`]: the main job on one machine;
 //! - [`scenario`]: multi-VM MPI-style jobs on soft VFs, with fault injection;
+//! - [`faults`]: faults injected at a phase of the migration, and the fault matrix;
+//! - [`soak`]: one VM migrated back and forth many times under the job;
 //! - [`bench`]: side-by-side measurements of whole migrations;
 //! - [`plan_bench`]: several VMs migrated at once against what the bandwidth allows;
 //! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP;
@@ -16,10 +18,12 @@
 pub mod bench;
 pub mod demo;
 pub mod fabric_bench;
+pub mod faults;
 pub mod hosts;
 pub mod nested;
 pub mod plan_bench;
 pub mod scenario;
+pub mod soak;
 pub mod stats;
 pub mod verify;
 pub mod vfio_selftest;

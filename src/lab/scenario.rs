@@ -3,15 +3,15 @@
 //! companion on another host, and the job's result is checked against a run without migration.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::Value;
 
 use super::demo::DemoError;
+use super::faults::{targets_of, FaultRecord, Injection, Injector, Restarted};
 use super::hosts::{Hosts, HostsError};
 use crate::companion::control::{error_chain, ControlError};
 use crate::orchestrator::hotplug;
@@ -28,6 +28,12 @@ use crate::vf::soft::ClusterMap;
 
 /// Port every soft VF listens on, in its own host.
 const FABRIC_PORT: u16 = 7000;
+
+mod ranks;
+#[cfg(test)]
+use ranks::rank_result;
+pub(super) use ranks::wait_for_results;
+pub use ranks::{job_lines, RankResult};
 
 /// The job the VMs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -51,6 +57,11 @@ pub enum Fault {
     KillDestinationQemu,
     /// The destination's companion is killed.
     KillDestinationCompanion,
+    /// Peer `b`'s companion is killed and started again with the same configuration.
+    RestartPeerCompanion,
+    /// The fabric link is cut: the veths of `a`'s source and destination hosts go down for
+    /// a while, then up again.
+    CutLink,
 }
 
 /// Settings of a scenario run.
@@ -86,29 +97,6 @@ pub struct ScenarioOptions {
     pub fault: Option<(Fault, Duration)>,
     /// Where the migration's timeline goes.
     pub trace: Option<Arc<crate::trace::TraceRecorder>>,
-}
-
-/// What a rank printed.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RankResult {
-    /// Its checksum.
-    pub checksum: Option<String>,
-    /// Per-iteration times, ms.
-    pub iteration_ms: Vec<f64>,
-    /// Longest gap between its completions, ms.
-    pub blackout_ms: Option<f64>,
-    /// Errors it reported.
-    pub errors: Vec<String>,
-    /// Completions with an error status, by its count.
-    pub failed_completions: u64,
-    /// Completions it received twice.
-    pub duplicates: u64,
-    /// rdma-bw: bytes it sent (sender) or received (receiver).
-    pub bytes: Option<u64>,
-    /// Whether it printed its final result.
-    pub done: bool,
-    /// rdma-lat: the typical (median) one-way latency, µs.
-    pub latency_us: Option<f64>,
 }
 
 /// The scenario's result; the last line of the demo is this, as JSON.
@@ -154,6 +142,11 @@ pub struct ScenarioReport {
     pub source_vf_restored: Option<bool>,
     /// Per rank.
     pub ranks: BTreeMap<String, RankResult>,
+    /// The fault injected into the migration, if any, and when it fired.
+    pub fault: Option<FaultRecord>,
+    /// A job that stopped making progress after an injected fault: which ranks gave no
+    /// result (only when the injection asks for stalls to be reported, not failed).
+    pub stalled: Option<String>,
 }
 
 /// Median iteration times around the migration.
@@ -212,54 +205,6 @@ fn names(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// The job's lines in a serial log: JSON objects with a `tool` field.
-pub fn job_lines(serial: &Path) -> Vec<Value> {
-    std::fs::read_to_string(serial)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let at = l.find('{')?;
-            serde_json::from_str::<Value>(&l[at..]).ok()
-        })
-        .filter(|v| v.get("tool").is_some())
-        .collect()
-}
-
-fn rank_result(lines: &[Value]) -> RankResult {
-    let mut r = RankResult::default();
-    for v in lines {
-        if let Some(ms) = v["ms"].as_f64() {
-            if v.get("iter").is_some() {
-                r.iteration_ms.push(ms);
-            }
-        }
-        for key in ["bytes_sent", "bytes_received"] {
-            if let Some(b) = v[key].as_u64() {
-                r.bytes = Some(b);
-                r.done = true;
-            }
-        }
-        // rdma-lat: the initiator's report, or the responder's.
-        if v.get("t_typical[usec]").is_some() || v["role"] == "responder" {
-            r.done = true;
-            r.latency_us = v["t_typical[usec]"].as_f64();
-        }
-        if let Some(c) = v["checksum"].as_str() {
-            r.done = true;
-            r.checksum = Some(c.to_string());
-            r.failed_completions = v["errors"].as_u64().unwrap_or(0);
-            r.duplicates = v["duplicates"].as_u64().unwrap_or(0);
-        }
-        if let Some(b) = v["blackout_ms"].as_f64() {
-            r.blackout_ms = Some(b);
-        }
-        if let Some(e) = v["error"].as_str() {
-            r.errors.push(e.to_string());
-        }
-    }
-    r
-}
-
 fn median(xs: &[f64]) -> f64 {
     super::stats::median(xs.to_vec())
 }
@@ -269,30 +214,61 @@ pub fn run(
     opts: &ScenarioOptions,
     observer: &mut dyn Observer,
 ) -> Result<ScenarioReport, ScenarioError> {
+    let injection = opts.fault.map(|(f, after)| Injection::after(f, after));
+    run_with(opts, injection.as_ref(), observer)
+}
+
+/// [`run`], with `injection` (instead of `opts.fault`) injected into the migration.
+pub fn run_with(
+    opts: &ScenarioOptions,
+    injection: Option<&Injection>,
+    observer: &mut dyn Observer,
+) -> Result<ScenarioReport, ScenarioError> {
     let job = start_job(opts)?;
     let deadline = Instant::now() + opts.timeout;
     let outcome = match (opts.strategy, job.dest.as_ref()) {
         (Some(kind), Some(dest)) => {
             let started_at = wait_until_migrate_at(opts, &job.vms[0], deadline)?;
-            migrate_a(opts, kind, &job, dest, started_at, observer)?
+            migrate_a(opts, kind, &job, dest, started_at, injection, observer)?
         }
         _ => MigrationOutcome::default(),
     };
-    let ranks = wait_for_results(opts, &job, deadline)?;
-    Ok(report(opts, &job.names, ranks, outcome))
+    let logs = job.serial_logs(job.dest.iter());
+    let stall = injection.and_then(|i| i.stall);
+    let (ranks, stalled) = wait_for_results(opts, &job.names, &logs, deadline, stall)?;
+    let mut report = report(opts, &job.names, ranks, outcome);
+    report.stalled = stalled;
+    Ok(report)
 }
 
 /// The VMs of a run, each rank on its own test host, and `a`'s destination when it migrates.
 /// Fields drop in order: the VMs stop before their hosts go.
-struct Job {
+pub(super) struct Job {
     /// `a`'s destination, on the host after the ranks'.
-    dest: Option<RunningVm>,
+    pub(super) dest: Option<RunningVm>,
     /// The ranks, `a` first.
-    vms: Vec<RunningVm>,
+    pub(super) vms: Vec<RunningVm>,
     /// Their names.
-    names: Vec<String>,
+    pub(super) names: Vec<String>,
     /// The test hosts.
-    hosts: Hosts,
+    pub(super) hosts: Hosts,
+}
+
+impl Job {
+    /// Every rank's serial logs; `a`'s console continues in those of `a_elsewhere` (the VMs it
+    /// migrated into), in order.
+    pub(super) fn serial_logs<'a>(
+        &self,
+        a_elsewhere: impl Iterator<Item = &'a RunningVm>,
+    ) -> Vec<Vec<PathBuf>> {
+        let mut logs: Vec<Vec<PathBuf>> = self
+            .vms
+            .iter()
+            .map(|v| vec![v.paths.serial_log.clone()])
+            .collect();
+        logs[0].extend(a_elsewhere.map(|v| v.paths.serial_log.clone()));
+        logs
+    }
 }
 
 /// What migrating `a` left for the report.
@@ -304,11 +280,15 @@ struct MigrationOutcome {
     device_dirty_pages: Option<u64>,
     /// Rank `a`'s iterations when the migration started and when it ended.
     iters_at: (usize, usize),
+    /// The fault injected.
+    fault: Option<FaultRecord>,
+    /// A peer companion the fault started again: it runs until the job ends.
+    _restarted: Option<Restarted>,
 }
 
 /// Step 1: the hosts, the cluster file, every rank's VM, and `a`'s destination when it
 /// migrates.
-fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
+pub(super) fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
     let vm_names = names(opts.vms);
     let hosts = Hosts::create(opts.vms + 1)?;
     std::fs::create_dir_all(&opts.run_dir).map_err(|source| ScenarioError::Io {
@@ -408,7 +388,7 @@ fn timed_out(opts: &ScenarioOptions, detail: String) -> ScenarioError {
 }
 
 /// Step 2: waits until rank `a` has done `migrate_at` iterations; returns how many it did.
-fn wait_until_migrate_at(
+pub(super) fn wait_until_migrate_at(
     opts: &ScenarioOptions,
     a: &RunningVm,
     deadline: Instant,
@@ -437,7 +417,7 @@ fn wait_until_migrate_at(
 
 /// The strategy `kind` for `a`: every rank's companion is told SUSPEND and RESUME, and the
 /// stand-in VF moves by unplug and plug.
-fn strategy_for(kind: StrategyKind, job: &Job) -> Result<Strategy, StrategyError> {
+pub(super) fn strategy_for(kind: StrategyKind, job: &Job) -> Result<Strategy, StrategyError> {
     let vf = stand_in_vf_device(&mac_for("a-vf"));
     kind.with(StrategyInputs {
         ranks: job
@@ -454,34 +434,6 @@ fn strategy_for(kind: StrategyKind, job: &Job) -> Result<Strategy, StrategyError
     })
 }
 
-/// Starts the failure to inject, if any, on its own thread.
-fn inject_fault(
-    opts: &ScenarioOptions,
-    dest: &RunningVm,
-    cancel: &Arc<AtomicBool>,
-) -> Option<std::thread::JoinHandle<()>> {
-    opts.fault.map(|(fault, after)| {
-        let (cancel, qemu, companion) = (cancel.clone(), dest.qemu_pid(), dest.companion_pid());
-        std::thread::spawn(move || {
-            std::thread::sleep(after);
-            tracing::warn!(?fault, "injecting a failure into the migration");
-            let kill = |pid: Option<u32>| {
-                if let Some(pid) = pid {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            };
-            match fault {
-                Fault::Cancel => cancel.store(true, Ordering::SeqCst),
-                Fault::KillDestinationQemu => kill(qemu),
-                Fault::KillDestinationCompanion => kill(companion),
-            }
-        })
-    })
-}
-
 /// Step 3: migrates `a` to its destination under `kind`, with the fault injected if there is
 /// one. A migration that fails because of that fault is an outcome, not an error.
 fn migrate_a(
@@ -490,6 +442,7 @@ fn migrate_a(
     job: &Job,
     dest: &RunningVm,
     started_at: usize,
+    injection: Option<&Injection>,
     observer: &mut dyn Observer,
 ) -> Result<MigrationOutcome, ScenarioError> {
     let mut outcome = MigrationOutcome {
@@ -500,7 +453,15 @@ fn migrate_a(
     let mut src_ctl = a.control()?;
     let cancel = Arc::new(AtomicBool::new(false));
     let strategy = strategy_for(kind, job)?;
-    let injector = inject_fault(opts, dest, &cancel);
+    let mut injector = injection.map(|i| Injector::arm(i.clone(), targets_of(job, dest, &cancel)));
+    let mut watched;
+    let observer: &mut dyn Observer = match injector.as_mut() {
+        Some(inj) => {
+            watched = inj.observing(observer);
+            &mut watched
+        }
+        None => observer,
+    };
     let result = migrate(
         &a.qmp()?,
         &dest.qmp()?,
@@ -519,12 +480,14 @@ fn migrate_a(
         },
         observer,
     );
-    if let Some(t) = injector {
-        let _ = t.join();
+    if let Some(inj) = injector {
+        let (record, restarted) = inj.finish();
+        outcome.fault = Some(record);
+        outcome._restarted = restarted;
     }
     match result {
         Ok(summary) => outcome.migration = Some(summary),
-        Err(e) if opts.fault.is_some() => {
+        Err(e) if injection.is_some() => {
             tracing::info!(error = %e, "the migration failed as the injected fault made it");
             outcome.migration_error = Some(error_text(&e));
             if kind == StrategyKind::PassthroughHotplug {
@@ -548,41 +511,6 @@ fn migrate_a(
         .filter(|v| v.get("iter").is_some())
         .count();
     Ok(outcome)
-}
-
-/// Step 4: waits for every rank's result. `a`'s console continues in its destination's log.
-fn wait_for_results(
-    opts: &ScenarioOptions,
-    job: &Job,
-    deadline: Instant,
-) -> Result<Vec<RankResult>, ScenarioError> {
-    let serial_of = |i: usize| -> Vec<Value> {
-        let mut lines = job_lines(&job.vms[i].paths.serial_log);
-        if i == 0 {
-            if let Some(d) = &job.dest {
-                lines.extend(job_lines(&d.paths.serial_log));
-            }
-        }
-        lines
-    };
-    loop {
-        let ranks: Vec<RankResult> = (0..opts.vms).map(|i| rank_result(&serial_of(i))).collect();
-        let finished = ranks.iter().all(|r| r.done || !r.errors.is_empty());
-        if finished {
-            return Ok(ranks);
-        }
-        if Instant::now() > deadline {
-            let missing: Vec<&String> = job
-                .names
-                .iter()
-                .zip(&ranks)
-                .filter(|(_, r)| r.checksum.is_none())
-                .map(|(n, _)| n)
-                .collect();
-            return Err(timed_out(opts, format!("no checksum from {missing:?}")));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Step 5: the report from the ranks' results and the migration's outcome (`checksum_match`
@@ -649,6 +577,8 @@ fn report(
         migration_error: outcome.migration_error,
         source_vf_restored: outcome.source_vf_restored,
         ranks: by_name,
+        fault: outcome.fault,
+        stalled: None,
     }
 }
 
