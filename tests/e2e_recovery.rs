@@ -3,8 +3,6 @@
 //! destination QEMU is stopped and the source VM resumes from `postmigrate`; lu-lite on two VMs
 //! finishes on the source with the reference run's checksums, nothing lost or applied twice.
 
-#![cfg(feature = "e2e")]
-
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -86,6 +84,10 @@ impl Observer for KillAtTakeover {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn the_destination_companion_killed_after_completed_resumes_the_source_and_loses_nothing() {
     let _m = machine();
     init_logging();

@@ -3,8 +3,6 @@
 //! equal a run without migration's, with nothing lost or duplicated (`vfmig bench soak` runs
 //! the long one).
 
-#![cfg(feature = "e2e")]
-
 mod common;
 
 use std::path::PathBuf;
@@ -16,6 +14,10 @@ use vfmig::lab::soak::{self, SoakOptions};
 use vfmig::orchestrator::migrate::Quiet;
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn a_migrates_back_and_forth_three_times_and_the_job_keeps_its_result() {
     let _m = machine();
     init_logging();

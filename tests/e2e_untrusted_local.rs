@@ -7,8 +7,6 @@
 //! the generator's window, the guest's queues) are driven without QEMU by the unit tests of
 //! `companion::{vhost_filter, control, generator, guest_link, vhost_net}` and `companion`.
 
-#![cfg(feature = "e2e")]
-
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
