@@ -26,6 +26,8 @@ const HEADER: usize = 24;
 const TRAILER: usize = 8;
 /// Smallest record: header, one payload byte rounded up, checksum.
 pub const MIN_RECORD: usize = 64;
+/// Most slots of a window (the ledger keeps 8 bytes per slot).
+pub const MAX_SLOTS: u32 = 1 << 20;
 
 /// Where and how the generator writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +65,12 @@ pub enum WindowError {
     /// A window that wraps around the address space.
     #[error("the window overflows the address space")]
     Overflow,
+    /// More slots than a ledger keeps.
+    #[error("the window has {slots} slots, more than the {MAX_SLOTS} a ledger keeps; use fewer")]
+    TooManySlots {
+        /// The window's slots.
+        slots: u32,
+    },
 }
 
 /// Why a generator did not start.
@@ -84,6 +92,9 @@ impl Window {
     pub fn validate(&self) -> Result<(), WindowError> {
         if self.slots == 0 {
             return Err(WindowError::NoSlots);
+        }
+        if self.slots > MAX_SLOTS {
+            return Err(WindowError::TooManySlots { slots: self.slots });
         }
         if (self.record_size as usize) < MIN_RECORD {
             return Err(WindowError::RecordTooSmall {
