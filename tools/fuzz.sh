@@ -57,7 +57,7 @@ fi
 summary=()
 status=0
 for t in "${targets[@]}"; do
-    start=$(date +%s.%N)
+    start=$(date +%s)
     if [ "$mode" = libfuzzer ]; then
         mkdir -p "target/fuzz-corpus/$t"
         set +e
@@ -75,10 +75,10 @@ for t in "${targets[@]}"; do
         set -e
         ran=$runs
     fi
-    secs=$(echo "$(date +%s.%N) - $start" | bc)
+    secs=$(( $(date +%s) - start ))
     verdict=ok
     [ "$rc" -eq 0 ] || { verdict="CRASH (exit $rc)"; status=1; }
-    summary+=("$(printf '%-8s %-9s %12s inputs %8.1f s  %s' "$t" "$mode" "$ran" "$secs" "$verdict")")
+    summary+=("$(printf '%-8s %-9s %12s inputs %6d s  %s' "$t" "$mode" "$ran" "$secs" "$verdict")")
 done
 printf '%s\n' "${summary[@]}"
 exit "$status"
