@@ -10,10 +10,13 @@
 //! - [`orchestrator`]: launching VMs and the migration state machine;
 //! - [`trace`]: migration timelines as Chrome trace-event JSON, and the report drawn from them;
 //! - [`errors`]: an error and its causes as one line of text;
-//! - [`lab`]: the demo, scenarios, benches and nested test, above the product.
+//! - [`lab`]: the demo, scenarios, benches and nested test, above the product;
+//! - [`fuzz`]: one entry point per decoder and handler of untrusted input, for `cargo fuzz`
+//!   and the stable fuzz driver.
 
 pub mod companion;
 pub mod errors;
+pub mod fuzz;
 pub mod lab;
 pub mod memory;
 pub mod orchestrator;

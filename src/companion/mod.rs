@@ -147,7 +147,7 @@ pub struct CompanionConfig {
 }
 
 /// The companion's shared state, as the control socket sees it.
-struct Companion {
+pub(crate) struct Companion {
     name: String,
     dma: Arc<DmaEngine>,
     net: NetBackend,
@@ -158,6 +158,30 @@ struct Companion {
     vhost_connected: AtomicBool,
     vhost_messages: vhost_filter::SharedMessageLog,
     quit: AtomicBool,
+}
+
+impl Companion {
+    /// A companion of VM `name` around its device and guest link, with no vhost-user
+    /// connection yet (the control socket's view; also an in-process companion for
+    /// [`crate::fuzz`]).
+    pub(crate) fn new(
+        name: &str,
+        dma: Arc<DmaEngine>,
+        device: Arc<Device>,
+        guest: Arc<GuestLink>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            net: NetBackend::new(dma.clone(), guest.clone(), device.clone()),
+            dma,
+            device,
+            guest,
+            generator: Mutex::new(None),
+            vhost_connected: AtomicBool::new(false),
+            vhost_messages: Default::default(),
+            quit: AtomicBool::new(false),
+        }
+    }
 }
 
 /// The companion's one VF, from either backend: a VF bound to vfio-pci (`--vfio`, owned

@@ -43,7 +43,7 @@ mod error;
 mod migration;
 mod reader;
 mod transport;
-mod wire;
+pub(crate) mod wire;
 
 #[cfg(test)]
 mod testutil;

@@ -82,7 +82,7 @@ pub(crate) fn read_line_bounded(
 
 /// What one line from QEMU turned out to be.
 #[derive(Debug, PartialEq)]
-pub(super) enum Message {
+pub(crate) enum Message {
     Greeting(Value),
     Reply { id: Option<u64>, reply: Reply },
     Event(QmpEvent),
@@ -90,13 +90,13 @@ pub(super) enum Message {
 
 /// QEMU's answer to one command, as routed to the caller waiting for it.
 #[derive(Debug, PartialEq)]
-pub(super) enum Reply {
+pub(crate) enum Reply {
     Return(Value),
     Error { class: String, desc: String },
 }
 
 /// Parses one line from QEMU.
-pub(super) fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
+pub(crate) fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
     let text = || String::from_utf8_lossy(line);
     let value: Value = serde_json::from_slice(line)
         .map_err(|err| QmpError::malformed_json(&text(), "not JSON", err))?;
@@ -152,7 +152,7 @@ pub(super) fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
     ))
 }
 
-pub(super) fn is_blank(line: &[u8]) -> bool {
+pub(crate) fn is_blank(line: &[u8]) -> bool {
     line.iter().all(u8::is_ascii_whitespace)
 }
 

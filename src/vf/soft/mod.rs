@@ -144,6 +144,24 @@ impl SoftVf {
         link::drop_link(&self.inner, vm);
     }
 
+    /// Acts on one fabric frame from `peer` as a connection's thread does once the connection
+    /// is set up: a request is applied (the ack to send is returned), an ack is taken by the
+    /// requester. The frame layer's entry for fuzzing ([`crate::fuzz`]).
+    #[doc(hidden)]
+    pub fn on_peer_frame(&self, peer: &str, frame: wire::Frame) -> Option<wire::AckStatus> {
+        match frame {
+            wire::Frame::Ack { qp, psn, status } => {
+                requester::handle_ack(&self.inner, qp, psn, status);
+                None
+            }
+            wire::Frame::Hello { .. } => None,
+            request => match responder::apply(&self.inner, peer, request) {
+                responder::Outcome::Ack(status) => Some(status),
+                responder::Outcome::Drop | responder::Outcome::Close => None,
+            },
+        }
+    }
+
     /// Stops the VF's threads.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
