@@ -12,7 +12,7 @@ use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::stats::median;
 use crate::memory::{DmaEngine, DmaError};
-use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
+use crate::vf::soft::{ClusterMap, FabricAuth, FabricTiming, SoftVf};
 use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status, VerbsError};
 
 const RAM: usize = 96 << 20;
@@ -97,6 +97,7 @@ fn side(name: &str) -> Result<Side, FabricBenchError> {
         "127.0.0.1:0",
         ClusterMap::default(),
         FabricTiming::default(),
+        FabricAuth::Insecure,
     )?;
     let key = vf.register_mr(
         VA,

@@ -65,11 +65,49 @@ impl Default for State {
     fn default() -> Self {
         Self {
             mrs: HashMap::new(),
-            next_key: 1,
+            next_key: random_id(|_| false),
             qps: HashMap::new(),
-            next_qp: 1,
+            next_qp: random_id(|_| false),
             cq: VecDeque::new(),
         }
+    }
+}
+
+/// A random id, neither 0 nor `u32::MAX`, for which `taken` is false: memory keys and QP
+/// numbers that a stranger cannot guess from one it has seen.
+pub(super) fn random_id(taken: impl Fn(u32) -> bool) -> u32 {
+    loop {
+        let mut b = [0u8; 4];
+        if getrandom::fill(&mut b).is_err() {
+            // No OS randomness (never seen on Linux): fall back to the clock, still not 1, 2, 3.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16))
+                .unwrap_or(0x5eed);
+            b = xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes()).to_le_bytes()[..4]
+                .try_into()
+                .unwrap_or([7; 4]);
+        }
+        let id = u32::from_le_bytes(b);
+        if id != 0 && id != u32::MAX && !taken(id) {
+            return id;
+        }
+    }
+}
+
+impl State {
+    /// Draws the key the next memory region gets (`next_key`), unused and unpredictable.
+    pub(super) fn advance_key(&mut self) {
+        let mrs = &self.mrs;
+        let now = self.next_key;
+        self.next_key = random_id(|k| k == now || mrs.contains_key(&k));
+    }
+
+    /// Draws the number the next QP gets (`next_qp`), unused and unpredictable.
+    pub(super) fn advance_qp(&mut self) {
+        let qps = &self.qps;
+        let now = self.next_qp;
+        self.next_qp = random_id(|n| n == now || qps.contains_key(&n));
     }
 }
 
