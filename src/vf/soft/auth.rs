@@ -255,6 +255,26 @@ impl FabricKeys {
     }
 }
 
+/// A fresh job in memory: a job key and a key pair per VM, and each VM's [`FabricAuth`]
+/// (benchmarks; nothing is written).
+pub fn ephemeral_job(vms: &[&str]) -> Result<BTreeMap<String, FabricAuth>, KeyError> {
+    let job = random_key();
+    let mut cluster = ClusterMap::default();
+    let mut private = BTreeMap::new();
+    for vm in vms {
+        let (k, p) = generate_keypair()?;
+        cluster.keys.insert((*vm).into(), hex(&p));
+        private.insert(vm.to_string(), k);
+    }
+    private
+        .into_iter()
+        .map(|(vm, k)| {
+            let keys = FabricKeys::new(job, k, &cluster, &vm)?;
+            Ok((vm, FabricAuth::Keys(Arc::new(keys))))
+        })
+        .collect()
+}
+
 /// What `vfmig keys generate` wrote.
 #[derive(Debug)]
 pub struct Generated {

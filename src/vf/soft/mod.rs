@@ -51,7 +51,9 @@ use crate::memory::DmaEngine;
 
 #[cfg(test)]
 pub(crate) use auth::test_auth;
-pub use auth::{generate as generate_keys, FabricAuth, FabricKeys, Generated, KeyError};
+pub use auth::{
+    ephemeral_job, generate as generate_keys, FabricAuth, FabricKeys, Generated, KeyError,
+};
 pub use cluster::{ClusterFileError, ClusterMap};
 pub use link::{FabricTiming, ANNOUNCE_DEADLINE, MAX_HANDSHAKING, MAX_PER_PEER};
 pub use metrics::SoftVfStats;
