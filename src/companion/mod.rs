@@ -377,3 +377,54 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
         }
     }
 }
+
+#[cfg(test)]
+mod fabric_auth_tests {
+    use super::*;
+
+    fn config(fabric_key: Option<PathBuf>, insecure_fabric: bool) -> CompanionConfig {
+        CompanionConfig {
+            name: "a".into(),
+            socket: "/nonexistent/vhost.sock".into(),
+            control: "/nonexistent/control.sock".into(),
+            unsafe_no_tracking: false,
+            fabric_listen: Some("127.0.0.1:0".into()),
+            cluster: soft::ClusterMap::default(),
+            fabric_key,
+            insecure_fabric,
+            vfio: None,
+        }
+    }
+
+    #[test]
+    fn a_fabric_without_keys_is_refused_unless_explicitly_insecure() {
+        let e = fabric_auth(&config(None, false)).unwrap_err();
+        assert!(matches!(e, CompanionError::NoFabricKey { .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("vfmig keys generate") && msg.contains("--insecure-fabric"),
+            "{msg}"
+        );
+        assert!(matches!(
+            fabric_auth(&config(None, true)),
+            Ok(soft::FabricAuth::Insecure)
+        ));
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cf = dir.path().join("cluster.json");
+        std::fs::write(&cf, r#"{"vms": {"a": "127.0.0.1:1"}}"#).unwrap();
+        let g = soft::generate_keys(&cf, &dir.path().join("keys")).unwrap();
+        let key = g.private_keys["a"].clone();
+        let mut c = config(Some(key.clone()), false);
+        c.cluster = soft::ClusterMap::load(&cf).unwrap();
+        assert!(fabric_auth(&c).is_ok());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = fabric_auth(&c).unwrap_err();
+        let chain = format!("{:?}", anyhow::Error::from(e));
+        assert!(chain.contains("chmod 600"), "{chain}");
+    }
+}
