@@ -392,8 +392,7 @@ mod tests {
         let ka = value(next(&link), 2) as u32;
         link.on_frame(&command(3, proto::Message::CreateQp));
         let qa = value(next(&link), 3) as u32;
-        // QP numbers are random (unpredictable to other tenants), never 0.
-        assert_ne!(qa, 0);
+        assert_eq!(qa, 1);
         b.connect_qp(qb, "a", qa).unwrap();
         link.on_frame(&command(
             4,

@@ -78,6 +78,8 @@ struct Inner {
     epoch: u64,
     /// Each peer's epoch, as its last handshake proved it.
     peer_epochs: Mutex<HashMap<String, u64>>,
+    /// Memory keys and QP numbers drawn at random (see [`SoftVf::randomize_ids`]).
+    random_ids: AtomicBool,
     /// Connections served, for the caps.
     conns: Mutex<link::Conns>,
     /// The last parallel announce.
@@ -140,6 +142,7 @@ impl SoftVf {
             auth,
             epoch,
             peer_epochs: Mutex::new(HashMap::new()),
+            random_ids: AtomicBool::new(false),
             conns: Mutex::new(link::Conns::default()),
             announce_round: Mutex::new(link::Round::default()),
             links: Mutex::new(HashMap::new()),
@@ -184,6 +187,17 @@ impl SoftVf {
     /// Lets peers announce that they moved to `addr` (a destination's fabric address).
     pub fn allow_address(&self, addr: &str) {
         self.inner.allowed.lock().insert(addr.into());
+    }
+
+    /// From now on, memory keys and QP numbers are drawn at random (unused, never 0), not
+    /// 1, 2, 3…: a member of the job cannot guess another VM's keys. Off by default because
+    /// the guest programs (lu-lite, rdma-bw) still expect their first key and QP to be 1
+    /// instead of exchanging them.
+    pub fn randomize_ids(&self) {
+        self.inner.random_ids.store(true, Ordering::SeqCst);
+        let mut st = self.inner.state.lock();
+        st.advance_key(true);
+        st.advance_qp(true);
     }
 
     /// This VF's epoch: random per start, proved in every handshake.

@@ -65,9 +65,9 @@ impl Default for State {
     fn default() -> Self {
         Self {
             mrs: HashMap::new(),
-            next_key: random_id(|_| false),
+            next_key: 1,
             qps: HashMap::new(),
-            next_qp: random_id(|_| false),
+            next_qp: 1,
             cq: VecDeque::new(),
         }
     }
@@ -96,15 +96,23 @@ pub(super) fn random_id(taken: impl Fn(u32) -> bool) -> u32 {
 }
 
 impl State {
-    /// Draws the key the next memory region gets (`next_key`), unused and unpredictable.
-    pub(super) fn advance_key(&mut self) {
+    /// Moves `next_key` on: the next in order, or (`random`) an unused, unpredictable one.
+    pub(super) fn advance_key(&mut self, random: bool) {
+        if !random {
+            self.next_key = self.next_key.wrapping_add(1).max(1);
+            return;
+        }
         let mrs = &self.mrs;
         let now = self.next_key;
         self.next_key = random_id(|k| k == now || mrs.contains_key(&k));
     }
 
-    /// Draws the number the next QP gets (`next_qp`), unused and unpredictable.
-    pub(super) fn advance_qp(&mut self) {
+    /// Moves `next_qp` on: the next in order, or (`random`) an unused, unpredictable one.
+    pub(super) fn advance_qp(&mut self, random: bool) {
+        if !random {
+            self.next_qp = self.next_qp.wrapping_add(1).max(1);
+            return;
+        }
         let qps = &self.qps;
         let now = self.next_qp;
         self.next_qp = random_id(|n| n == now || qps.contains_key(&n));

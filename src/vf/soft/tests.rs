@@ -866,6 +866,7 @@ fn black_holed_peers_do_not_stall_an_announce_past_its_deadline() {
 #[test]
 fn memory_keys_and_qp_numbers_are_not_predictable() {
     let t = vm("x");
+    t.vf.randomize_ids();
     let access = Access {
         local_write: true,
         remote_write: true,
@@ -892,5 +893,6 @@ fn memory_keys_and_qp_numbers_are_not_predictable() {
     }
     // Another VF draws others.
     let other = vm("y");
+    other.vf.randomize_ids();
     assert_ne!(other.vf.create_qp(), qps[0]);
 }
