@@ -36,7 +36,7 @@ use crate::companion::{vhost_filter, Companion};
 use crate::memory::DmaEngine;
 use crate::qmp::{MigrationInfo, VmStatus};
 use crate::vf::soft::wire;
-use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf, VfState};
+use crate::vf::soft::{ClusterMap, FabricAuth, FabricTiming, SoftVf, VfState};
 use crate::vf::verbs::{Access, GpaRange, RecvWr};
 
 /// A fuzz entry point: any bytes, never a panic.
@@ -87,9 +87,18 @@ fn soft_vf(vm: &str) -> (Arc<DmaEngine>, SoftVf, VfState) {
     };
     let cluster = ClusterMap {
         vms: BTreeMap::from([(PEER.to_string(), PEER_ADDR.to_string())]),
+        ..ClusterMap::default()
     };
-    let vf = SoftVf::start(vm, dma.clone(), "127.0.0.1:0", cluster, timing)
-        .expect("a soft VF on loopback for the fuzz rig");
+    // The frame layer after the handshake: what an authenticated peer's frames reach.
+    let vf = SoftVf::start(
+        vm,
+        dma.clone(),
+        "127.0.0.1:0",
+        cluster,
+        timing,
+        FabricAuth::Insecure,
+    )
+    .expect("a soft VF on loopback for the fuzz rig");
     let access = Access {
         local_write: true,
         remote_write: true,

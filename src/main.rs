@@ -41,6 +41,9 @@ enum Command {
     /// precopy, one migration, and a check that no device write was lost. Its last output line
     /// is a JSON object.
     Demo(cli::demo::Args),
+    /// The fabric's keys: a job key and one key pair per VM, for authenticated soft VFs.
+    #[command(subcommand)]
+    Keys(cli::keys::KeysCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(cmd) => cli::bench::run(cmd),
         Command::Vf(cmd) => cli::vf::run(cmd),
         Command::Demo(args) => cli::demo::run(args),
+        Command::Keys(cmd) => cli::keys::run(cmd),
     }
 }
 

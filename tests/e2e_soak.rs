@@ -30,7 +30,7 @@ fn a_migrates_back_and_forth_three_times_and_the_job_keeps_its_result() {
             strategy: None,
             mem_mib: 256,
             n: 256,
-            iters: 150 + 300 * migrations,
+            iters: 150 + 1200 * migrations,
             migrate_at: 150,
             max_bandwidth: Some(128 << 20),
             run_dir: dir.path.clone(),

@@ -180,8 +180,10 @@ fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps
     let cluster = dir.path.join("cluster.json");
     let map = ClusterMap {
         vms: [("a".to_string(), addr.clone())].into(),
+        ..ClusterMap::default()
     };
     std::fs::write(&cluster, serde_json::to_string(&map).unwrap()).unwrap();
+    let keys = vfmig::vf::soft::generate_keys(&cluster, &dir.path.join("keys")).unwrap();
     let mut vm = RunningVm::launch(VmSpec {
         name: "a".into(),
         run_dir: dir.path.join("a"),
@@ -198,6 +200,7 @@ fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps
         fabric: Some(FabricSpec {
             listen: addr,
             cluster,
+            key: Some(keys.private_keys["a"].clone()),
         }),
         guest_args: "vfmig.run=vf-probe vfmig.args=--me:a".into(),
         passthrough: None,

@@ -28,9 +28,18 @@ pub struct Args {
     /// Run the soft VF, listening for peer companions on this address (`host:port`).
     #[arg(long)]
     pub fabric_listen: Option<String>,
-    /// Cluster file: `{"vms": {"NAME": "host:port", ...}}`, the fabric address of every VM.
+    /// Cluster file: `{"vms": {"NAME": "host:port", ...}}`, the fabric address of every VM,
+    /// with the public keys and the job key file `vfmig keys generate` adds.
     #[arg(long)]
     pub cluster: Option<PathBuf>,
+    /// This VM's private fabric key (mode 0600), written by `vfmig keys generate`; it moves
+    /// with the VM (give it to the destination's companion too).
+    #[arg(long, value_name = "FILE")]
+    pub fabric_key: Option<PathBuf>,
+    /// Run the fabric WITHOUT authentication: anyone who reaches the port can write the
+    /// guest's RAM. For benchmarks only; logged as a warning.
+    #[arg(long)]
+    pub insecure_fabric: bool,
     /// Own this SR-IOV VF, bound to vfio-pci (PCI address `0000:00:02.1` or `00:02.1`):
     /// guest RAM is mapped into its IOMMU domain at IOVA = GPA, it is quiesced at
     /// switchover, and its dirty pages go into QEMU's log. The companion exits with the
@@ -48,6 +57,8 @@ pub fn run(args: Args) -> Result<()> {
         unsafe_no_tracking,
         fabric_listen,
         cluster,
+        fabric_key,
+        insecure_fabric,
         vfio,
     } = args;
     init_logging("info");
@@ -62,6 +73,8 @@ pub fn run(args: Args) -> Result<()> {
         unsafe_no_tracking,
         fabric_listen,
         cluster,
+        fabric_key,
+        insecure_fabric,
         vfio,
     })?;
     Ok(())

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod companion;
 pub mod ctl;
 pub mod demo;
+pub mod keys;
 pub mod launch;
 pub mod migrate;
 pub mod report;

@@ -635,6 +635,7 @@ mod tests {
             "127.0.0.1:0",
             Default::default(),
             Default::default(),
+            crate::vf::soft::test_auth(vm),
         )
         .unwrap();
         let device = Device::new(Some(vf.backend()), dma.clone());

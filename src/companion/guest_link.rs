@@ -539,7 +539,7 @@ impl GuestLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
+    use crate::vf::soft::{test_auth, ClusterMap, FabricTiming, SoftVf};
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
@@ -589,8 +589,24 @@ mod tests {
     fn guest_frames_drive_the_soft_vf_end_to_end() {
         let (da, db) = (dma(), dma());
         let t = FabricTiming::default();
-        let a = SoftVf::start("a", da.clone(), "127.0.0.1:0", ClusterMap::default(), t).unwrap();
-        let b = SoftVf::start("b", db.clone(), "127.0.0.1:0", ClusterMap::default(), t).unwrap();
+        let a = SoftVf::start(
+            "a",
+            da.clone(),
+            "127.0.0.1:0",
+            ClusterMap::default(),
+            t,
+            test_auth("a"),
+        )
+        .unwrap();
+        let b = SoftVf::start(
+            "b",
+            db.clone(),
+            "127.0.0.1:0",
+            ClusterMap::default(),
+            t,
+            test_auth("b"),
+        )
+        .unwrap();
         a.set_peer_address("b", b.listen_addr());
         let link = GuestLink::new(Some(Arc::new(a.clone())), da.clone()).unwrap();
         // b's side, directly through the verbs: a region and a QP for a.
@@ -609,7 +625,6 @@ mod tests {
             .unwrap();
         let qb = b.create_qp();
         b.set_peer_address("a", a.listen_addr());
-        b.connect_qp(qb, "a", 1).unwrap();
 
         link.on_frame(&command(1, proto::Message::Open));
         assert_eq!(value(next(&link), 1), 0);
@@ -628,6 +643,7 @@ mod tests {
         link.on_frame(&command(3, proto::Message::CreateQp));
         let qa = value(next(&link), 3) as u32;
         assert_eq!(qa, 1);
+        b.connect_qp(qb, "a", qa).unwrap();
         link.on_frame(&command(
             4,
             proto::Message::ConnectQp {

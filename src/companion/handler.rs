@@ -246,6 +246,7 @@ mod tests {
                 "127.0.0.1:0",
                 ClusterMap::default(),
                 FabricTiming::default(),
+                crate::vf::soft::test_auth(name),
             )
             .unwrap()
         });

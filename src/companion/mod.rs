@@ -86,6 +86,25 @@ pub enum CompanionError {
         #[source]
         source: std::io::Error,
     },
+    /// The fabric's keys could not be used.
+    #[error("VM {vm}: cannot authenticate the soft VF's fabric")]
+    FabricKeys {
+        /// The VM's name.
+        vm: String,
+        /// Why.
+        #[source]
+        source: soft::KeyError,
+    },
+    /// A fabric without keys was asked for, and not explicitly.
+    #[error(
+        "VM {vm}: the soft VF's fabric needs keys: run `vfmig keys generate --cluster FILE \
+         --dir DIR` and start the companion with --fabric-key DIR/{vm}.key (or, for benchmarks \
+         only, --insecure-fabric)"
+    )]
+    NoFabricKey {
+        /// The VM's name.
+        vm: String,
+    },
     /// The VFIO VF could not be opened.
     #[error("VM {vm}: cannot own the VFIO VF {bdf}")]
     Vfio {
@@ -142,8 +161,36 @@ pub struct CompanionConfig {
     pub fabric_listen: Option<String>,
     /// VM name → fabric address of every VM (the cluster file).
     pub cluster: soft::ClusterMap,
+    /// This VM's private fabric key (a 0600 file, from `vfmig keys generate`); with the
+    /// cluster file's job key and public keys, every fabric link is authenticated.
+    pub fabric_key: Option<PathBuf>,
+    /// Run the fabric without authentication (benchmarks only): anyone who reaches the port
+    /// can write the guest's RAM.
+    pub insecure_fabric: bool,
     /// PCI address of a VF bound to vfio-pci that the companion owns; none: no VFIO VF.
     pub vfio: Option<String>,
+}
+
+/// How the soft VF's links authenticate: with this VM's key and the cluster file's keys, or not
+/// at all when `--insecure-fabric` says so; neither is refused.
+fn fabric_auth(config: &CompanionConfig) -> Result<soft::FabricAuth, CompanionError> {
+    let vm = config.name.clone();
+    match (&config.fabric_key, config.insecure_fabric) {
+        (_, true) => {
+            tracing::warn!(%vm, "--insecure-fabric: the soft VF's fabric is NOT authenticated; for benchmarks only");
+            Ok(soft::FabricAuth::Insecure)
+        }
+        (Some(key), false) => soft::FabricKeys::load(&config.cluster, &vm, key)
+            .map(|k| soft::FabricAuth::Keys(Arc::new(k)))
+            .map_err(|source| {
+                tracing::error!(%vm, error = %source, "fabric keys refused");
+                CompanionError::FabricKeys { vm, source }
+            }),
+        (None, false) => {
+            tracing::error!(%vm, "no fabric key and no --insecure-fabric: refusing to start");
+            Err(CompanionError::NoFabricKey { vm })
+        }
+    }
 }
 
 /// The companion's shared state, as the control socket sees it.
@@ -204,12 +251,14 @@ fn vf_backend(
             Ok(Some(vfio.into_backend()))
         }
         (None, Some(addr)) => {
+            let auth = fabric_auth(config)?;
             let vf = SoftVf::start(
                 &config.name,
                 dma.clone(),
                 addr,
                 config.cluster.clone(),
                 soft::FabricTiming::default(),
+                auth,
             )
             .map_err(|source| CompanionError::Fabric {
                 vm: config.name.clone(),
@@ -467,5 +516,56 @@ mod tests {
                 "connection {attempt} was not served"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod fabric_auth_tests {
+    use super::*;
+
+    fn config(fabric_key: Option<PathBuf>, insecure_fabric: bool) -> CompanionConfig {
+        CompanionConfig {
+            name: "a".into(),
+            socket: "/nonexistent/vhost.sock".into(),
+            control: "/nonexistent/control.sock".into(),
+            unsafe_no_tracking: false,
+            fabric_listen: Some("127.0.0.1:0".into()),
+            cluster: soft::ClusterMap::default(),
+            fabric_key,
+            insecure_fabric,
+            vfio: None,
+        }
+    }
+
+    #[test]
+    fn a_fabric_without_keys_is_refused_unless_explicitly_insecure() {
+        let e = fabric_auth(&config(None, false)).unwrap_err();
+        assert!(matches!(e, CompanionError::NoFabricKey { .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("vfmig keys generate") && msg.contains("--insecure-fabric"),
+            "{msg}"
+        );
+        assert!(matches!(
+            fabric_auth(&config(None, true)),
+            Ok(soft::FabricAuth::Insecure)
+        ));
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cf = dir.path().join("cluster.json");
+        std::fs::write(&cf, r#"{"vms": {"a": "127.0.0.1:1"}}"#).unwrap();
+        let g = soft::generate_keys(&cf, &dir.path().join("keys")).unwrap();
+        let key = g.private_keys["a"].clone();
+        let mut c = config(Some(key.clone()), false);
+        c.cluster = soft::ClusterMap::load(&cf).unwrap();
+        assert!(fabric_auth(&c).is_ok());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = fabric_auth(&c).unwrap_err();
+        let chain = format!("{:?}", anyhow::Error::from(e));
+        assert!(chain.contains("chmod 600"), "{chain}");
     }
 }

@@ -1,5 +1,6 @@
 //! `vfmig bench fabric`: soft-VF RDMA WRITE bandwidth (64 B to 1 MiB) and latency between two
-//! soft VFs over loopback TCP, and in the same run the limits it works within: memcpy
+//! soft VFs over loopback TCP, authenticated (the default) and, side by side in the same run,
+//! without authentication (`--insecure-fabric`); and the limits it works within: memcpy
 //! bandwidth, and a plain TCP socket pair over loopback.
 
 use std::io::{Read, Write};
@@ -12,7 +13,7 @@ use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::stats::median;
 use crate::memory::{DmaEngine, DmaError};
-use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
+use crate::vf::soft::{ephemeral_job, ClusterMap, FabricAuth, FabricTiming, KeyError, SoftVf};
 use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status, VerbsError};
 
 const RAM: usize = 96 << 20;
@@ -39,6 +40,9 @@ pub enum FabricBenchError {
     /// A soft VF or a TCP peer stopped answering.
     #[error("{0}")]
     Stalled(&'static str),
+    /// The bench's fabric keys could not be made.
+    #[error("cannot make the bench's fabric keys")]
+    Keys(#[from] KeyError),
     /// Starting a soft VF, or a TCP socket, failed.
     #[error("bench socket I/O failed")]
     Io(#[from] std::io::Error),
@@ -49,8 +53,12 @@ pub enum FabricBenchError {
 pub struct SizeRow {
     /// Bytes per message.
     pub size: u64,
-    /// Median soft-VF RDMA WRITE bandwidth, MiB/s.
+    /// Median soft-VF RDMA WRITE bandwidth, authenticated (the default), MiB/s.
     pub soft_vf_mib_s: f64,
+    /// Median soft-VF RDMA WRITE bandwidth without authentication (`--insecure-fabric`), MiB/s.
+    pub soft_vf_insecure_mib_s: f64,
+    /// What authentication costs: 1 − authenticated ÷ unauthenticated bandwidth.
+    pub auth_cost: f64,
     /// Median memcpy bandwidth, MiB/s.
     pub memcpy_mib_s: f64,
     /// Median loopback TCP bandwidth, MiB/s.
@@ -66,8 +74,10 @@ pub struct SizeRow {
 pub struct FabricBench {
     /// Per size.
     pub rows: Vec<SizeRow>,
-    /// Median one-way latency of a 64 B WRITE_WITH_IMM (round trip ÷ 2), µs.
+    /// Median one-way latency of a 64 B WRITE_WITH_IMM (round trip ÷ 2), authenticated, µs.
     pub write_lat_64b_us: f64,
+    /// The same without authentication, µs.
+    pub write_lat_64b_insecure_us: f64,
     /// Median one-way latency of 64 B over plain loopback TCP (round trip ÷ 2), µs.
     pub tcp_lat_64b_us: f64,
     /// Rounds per figure (the median is taken over them).
@@ -79,7 +89,7 @@ struct Side {
     key: u32,
 }
 
-fn side(name: &str) -> Result<Side, FabricBenchError> {
+fn side(name: &str, auth: FabricAuth) -> Result<Side, FabricBenchError> {
     let ram = GuestMemoryAtomic::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).map_err(FabricBenchError::Ram)?,
     );
@@ -97,6 +107,7 @@ fn side(name: &str) -> Result<Side, FabricBenchError> {
         "127.0.0.1:0",
         ClusterMap::default(),
         FabricTiming::default(),
+        auth,
     )?;
     let key = vf.register_mr(
         VA,
@@ -280,30 +291,49 @@ fn tcp_lat(iters: u32) -> std::io::Result<f64> {
     Ok(median(samples))
 }
 
-/// Runs the fabric bench; `progress` is told each figure as it is measured.
-pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> Result<FabricBench, FabricBenchError> {
-    let (a, b) = (side("bench-a")?, side("bench-b")?);
+/// Two soft VFs that know each other, with a connected QP each.
+fn pair(auth: bool) -> Result<(Side, Side, u32, u32), FabricBenchError> {
+    let (auth_a, auth_b) = if auth {
+        let mut job = ephemeral_job(&["bench-a", "bench-b"])?;
+        (
+            job.remove("bench-a").unwrap_or(FabricAuth::Insecure),
+            job.remove("bench-b").unwrap_or(FabricAuth::Insecure),
+        )
+    } else {
+        (FabricAuth::Insecure, FabricAuth::Insecure)
+    };
+    let (a, b) = (side("bench-a", auth_a)?, side("bench-b", auth_b)?);
     a.vf.set_peer_address("bench-b", b.vf.listen_addr());
     b.vf.set_peer_address("bench-a", a.vf.listen_addr());
     let (qa, qb) = (a.vf.create_qp(), b.vf.create_qp());
     a.vf.connect_qp(qa, "bench-b", qb)?;
     b.vf.connect_qp(qb, "bench-a", qa)?;
+    Ok((a, b, qa, qb))
+}
+
+/// Runs the fabric bench; `progress` is told each figure as it is measured.
+pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> Result<FabricBench, FabricBenchError> {
+    let (a, b, qa, qb) = pair(true)?;
+    let (ia, ib, iqa, iqb) = pair(false)?;
     let mut rows = Vec::new();
     for shift in [6u32, 8, 10, 12, 14, 16, 18, 20] {
         let size = 1u64 << shift;
-        let (mut v, mut m, mut t) = (vec![], vec![], vec![]);
+        let (mut v, mut vi, mut m, mut t) = (vec![], vec![], vec![], vec![]);
         for _ in 0..rounds {
             v.push(soft_vf_bw(&a, &b, qa, size)?);
+            vi.push(soft_vf_bw(&ia, &ib, iqa, size)?);
             m.push(memcpy_bw(size));
             t.push(tcp_bw(size)?);
         }
-        let (v, m, t) = (median(v), median(m), median(t));
+        let (v, vi, m, t) = (median(v), median(vi), median(m), median(t));
         progress(&format!(
-            "{size} B: soft VF {v:.0} MiB/s, memcpy {m:.0} MiB/s, loopback TCP {t:.0} MiB/s"
+            "{size} B: soft VF {v:.0} MiB/s (without authentication {vi:.0}), memcpy {m:.0} MiB/s, loopback TCP {t:.0} MiB/s"
         ));
         rows.push(SizeRow {
             size,
             soft_vf_mib_s: v,
+            soft_vf_insecure_mib_s: vi,
+            auth_cost: 1.0 - v / vi,
             memcpy_mib_s: m,
             tcp_mib_s: t,
             fraction_of_memcpy: v / m,
@@ -311,15 +341,18 @@ pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> Result<FabricBench,
         });
     }
     let write_lat_64b_us = soft_vf_lat(&a, &b, qa, qb, 2000)?;
+    let write_lat_64b_insecure_us = soft_vf_lat(&ia, &ib, iqa, iqb, 2000)?;
     let tcp_lat_64b_us = tcp_lat(2000)?;
     progress(&format!(
-        "64 B latency: soft VF {write_lat_64b_us:.1} µs, loopback TCP {tcp_lat_64b_us:.1} µs"
+        "64 B latency: soft VF {write_lat_64b_us:.1} µs (without authentication {write_lat_64b_insecure_us:.1} µs), loopback TCP {tcp_lat_64b_us:.1} µs"
     ));
-    a.vf.close();
-    b.vf.close();
+    for s in [&a, &b, &ia, &ib] {
+        s.vf.close();
+    }
     Ok(FabricBench {
         rows,
         write_lat_64b_us,
+        write_lat_64b_insecure_us,
         tcp_lat_64b_us,
         rounds,
     })
@@ -328,13 +361,15 @@ pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> Result<FabricBench,
 /// The bench as a markdown table.
 pub fn markdown(b: &FabricBench) -> String {
     let mut s = String::from(
-        "| size | soft VF MiB/s | memcpy MiB/s | loopback TCP MiB/s | of memcpy | of TCP |\n|---|---|---|---|---|---|\n",
+        "| size | soft VF MiB/s | without auth MiB/s | auth cost | memcpy MiB/s | loopback TCP MiB/s | of memcpy | of TCP |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in &b.rows {
         s += &format!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} |\n",
+            "| {} | {:.0} | {:.0} | {:.1} % | {:.0} | {:.0} | {:.3} | {:.2} |\n",
             r.size,
             r.soft_vf_mib_s,
+            r.soft_vf_insecure_mib_s,
+            r.auth_cost * 100.0,
             r.memcpy_mib_s,
             r.tcp_mib_s,
             r.fraction_of_memcpy,
@@ -342,8 +377,8 @@ pub fn markdown(b: &FabricBench) -> String {
         );
     }
     s += &format!(
-        "\n64 B one-way latency (round trip ÷ 2, median): soft VF {:.1} µs, loopback TCP {:.1} µs\n",
-        b.write_lat_64b_us, b.tcp_lat_64b_us
+        "\n64 B one-way latency (round trip ÷ 2, median): soft VF {:.1} µs (without authentication {:.1} µs), loopback TCP {:.1} µs\n",
+        b.write_lat_64b_us, b.write_lat_64b_insecure_us, b.tcp_lat_64b_us
     );
     s
 }

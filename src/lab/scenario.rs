@@ -295,12 +295,15 @@ pub(super) fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
         path: opts.run_dir.clone(),
         source,
     })?;
+    // Every rank's fabric address, and `a`'s destination's (where it may announce it moved).
     let cluster = ClusterMap {
         vms: vm_names
             .iter()
             .enumerate()
             .map(|(i, n)| (n.clone(), format!("{}:{FABRIC_PORT}", hosts.addr(i))))
             .collect(),
+        hosts: vec![format!("{}:{FABRIC_PORT}", hosts.addr(opts.vms))],
+        ..ClusterMap::default()
     };
     let cluster_file = opts.run_dir.join("cluster.json");
     std::fs::write(
@@ -311,6 +314,14 @@ pub(super) fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
         path: cluster_file.clone(),
         source,
     })?;
+    // The job key and each VM's key pair: every fabric link of the job is authenticated.
+    let keys =
+        crate::vf::soft::generate_keys(&cluster_file, &opts.run_dir.join("keys")).map_err(|e| {
+            ScenarioError::Io {
+                path: cluster_file.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
     let guest_args = |me: &str| match opts.workload {
         Workload::LuLite => format!(
             "vfmig.run=lu-lite vfmig.args=--me:{me}:--peers:{}:--n:{}:--iters:{}",
@@ -347,6 +358,7 @@ pub(super) fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
         fabric: Some(FabricSpec {
             listen: format!("{}:{FABRIC_PORT}", hosts.addr(host)),
             cluster: cluster_file.clone(),
+            key: keys.private_keys.get(name).cloned(),
         }),
         guest_args: guest_args(name),
         // passthrough-hotplug: `a` has an emulated PCIe NIC standing in for its vfio-pci VF;

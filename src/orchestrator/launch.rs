@@ -186,6 +186,10 @@ impl RunningVm {
                 .arg(&f.listen)
                 .arg("--cluster")
                 .arg(&f.cluster);
+            match &f.key {
+                Some(key) => cmd.arg("--fabric-key").arg(key),
+                None => cmd.arg("--insecure-fabric"),
+            };
         }
         let companion = cmd
             .arg("--name")

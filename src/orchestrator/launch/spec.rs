@@ -116,6 +116,10 @@ pub struct FabricSpec {
     pub listen: String,
     /// The cluster file.
     pub cluster: PathBuf,
+    /// The VM's private fabric key (mode 0600, from `vfmig keys generate`); the same file for a
+    /// VM's source and destination. None: the fabric runs without authentication
+    /// (`--insecure-fabric`, benchmarks only).
+    pub key: Option<PathBuf>,
 }
 
 /// The files of one VM's run directory.

@@ -1,15 +1,29 @@
-//! The cluster file: which fabric address each VM's companion listens on.
+//! The cluster file: which fabric address each VM's companion listens on, each VM's public
+//! key, the job key (or the file that holds it), and the other fabric addresses VMs may move to.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// VM name → fabric address (`host:port`) of its companion.
+/// VM name → fabric address (`host:port`) of its companion, and the fabric's keys.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterMap {
     /// The map.
     pub vms: BTreeMap<String, String>,
+    /// VM name → its static public key (64 hex digits), as `vfmig keys generate` writes it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub keys: BTreeMap<String, String>,
+    /// The file (mode 0600) holding the job key; relative to the cluster file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_key_file: Option<PathBuf>,
+    /// The job key itself (64 hex digits), instead of `job_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_key: Option<String>,
+    /// Further fabric addresses a VM may announce after migrating (the destinations' companions).
+    /// A peer's link is only ever pointed at an address in `vms` or here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 /// Why a cluster file could not be used.
@@ -45,10 +59,20 @@ impl ClusterMap {
             path: path.into(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| ClusterFileError::Malformed {
-            path: path.into(),
-            source,
-        })
+        let mut map: Self =
+            serde_json::from_str(&text).map_err(|source| ClusterFileError::Malformed {
+                path: path.into(),
+                source,
+            })?;
+        if let (Some(f), Some(dir)) = (&map.job_key_file, path.parent()) {
+            map.job_key_file = Some(dir.join(f));
+        }
+        Ok(map)
+    }
+
+    /// Whether a peer's link may point at `addr`: one of the cluster's fabric addresses.
+    pub fn allows_address(&self, addr: &str) -> bool {
+        self.vms.values().any(|a| a == addr) || self.hosts.iter().any(|a| a == addr)
     }
 }
 

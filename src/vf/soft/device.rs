@@ -43,7 +43,7 @@ impl SoftVf {
         }
         let mut st = self.inner.state.lock();
         let key = st.next_key;
-        st.next_key += 1;
+        st.advance_key(self.inner.random_ids.load(Ordering::Relaxed));
         st.mrs.insert(
             key,
             MemoryRegion {
@@ -71,7 +71,7 @@ impl SoftVf {
     pub fn create_qp(&self) -> u32 {
         let mut st = self.inner.state.lock();
         let n = st.next_qp;
-        st.next_qp += 1;
+        st.advance_qp(self.inner.random_ids.load(Ordering::Relaxed));
         st.qps.insert(n, Qp::new());
         n
     }

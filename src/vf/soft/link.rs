@@ -1,17 +1,40 @@
 //! Connections between companions: the listener that serves peers' requests, the links this
 //! VF dials to send its own, and the thread on each link that reads the peer's acks.
+//!
+//! Every input here is untrusted until the handshake ([`super::auth`]) has named the peer, and
+//! bounded after: at most [`MAX_HANDSHAKING`] connections in handshake (the oldest is dropped for
+//! a new one) with a [`HANDSHAKE_TIMEOUT`] each, at most [`MAX_PER_PEER`] established connections
+//! per peer (the oldest is dropped for a new one), a read timeout on each, frame lengths checked
+//! before any allocation, announces only from the VM they name and only to the cluster's fabric
+//! addresses, and announces dialled in parallel within [`ANNOUNCE_DEADLINE`].
 
-use std::io::{BufReader, BufWriter, Write};
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::auth::{self, FabricAuth, FrameReader, FrameWriter, Session};
 use super::responder::{self, Outcome};
-use super::wire::{self, Frame, WireError};
+use super::wire::{Frame, WireError};
 use super::{requester, Inner};
+
+/// Connections in handshake at once; a new one drops the oldest.
+pub const MAX_HANDSHAKING: usize = 16;
+/// Established connections from one peer at once; a new one drops the oldest.
+pub const MAX_PER_PEER: usize = 4;
+/// How long a dialler has for the handshake and its hello.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an established connection may stay silent before it is closed (the peer redials
+/// when it next sends).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a dial (connect and handshake) may take.
+pub const DIAL_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long announcing a migrated VM to all its peers may take, all dialled in parallel.
+pub const ANNOUNCE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Timing of the transport.
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +60,7 @@ impl Default for FabricTiming {
 /// A connection this VF dialled to a peer: its requests go out on it, the peer's acks come
 /// back on it.
 pub(super) struct Link {
-    pub(super) writer: Mutex<BufWriter<TcpStream>>,
+    pub(super) writer: Mutex<FrameWriter>,
     pub(super) generation: u64,
     pub(super) alive: AtomicBool,
 }
@@ -49,9 +72,61 @@ impl Link {
         let _ = self
             .writer
             .lock()
-            .get_ref()
+            .stream()
             .shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// The connections served, for the caps.
+#[derive(Default)]
+pub(super) struct Conns {
+    next_id: u64,
+    pub(super) handshaking: VecDeque<(u64, TcpStream)>,
+    peers: HashMap<String, VecDeque<(u64, TcpStream)>>,
+}
+
+/// Takes a new connection into handshake, dropping the oldest one in handshake past the cap.
+fn admit(inner: &Inner, stream: &TcpStream, from: SocketAddr) -> Option<u64> {
+    let clone = stream.try_clone().ok()?;
+    let mut c = inner.conns.lock();
+    c.next_id += 1;
+    let id = c.next_id;
+    if c.handshaking.len() >= MAX_HANDSHAKING {
+        if let Some((_, old)) = c.handshaking.pop_front() {
+            tracing::warn!(%from, cap = MAX_HANDSHAKING, "too many fabric connections in handshake: dropping the oldest");
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+    }
+    c.handshaking.push_back((id, clone));
+    Some(id)
+}
+
+/// Moves connection `id` from handshake to `peer`'s connections, dropping `peer`'s oldest past
+/// the cap.
+fn established(inner: &Inner, id: u64, peer: &str, stream: &TcpStream) {
+    let mut c = inner.conns.lock();
+    c.handshaking.retain(|(i, _)| *i != id);
+    let Ok(clone) = stream.try_clone() else {
+        return;
+    };
+    let list = c.peers.entry(peer.to_string()).or_default();
+    if list.len() >= MAX_PER_PEER {
+        if let Some((_, old)) = list.pop_front() {
+            tracing::warn!(%peer, cap = MAX_PER_PEER, "too many fabric connections from one peer: dropping its oldest");
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+    }
+    list.push_back((id, clone));
+}
+
+/// Forgets connection `id`.
+fn gone(inner: &Inner, id: u64) {
+    let mut c = inner.conns.lock();
+    c.handshaking.retain(|(i, _)| *i != id);
+    for list in c.peers.values_mut() {
+        list.retain(|(i, _)| *i != id);
+    }
+    c.peers.retain(|_, l| !l.is_empty());
 }
 
 /// The link to `vm`, dialling it if there is none.
@@ -64,23 +139,123 @@ pub(super) fn link_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
     dial(inner, vm, false)
 }
 
+/// Remembers a peer's epoch; a new one means the peer's companion restarted (or the VM moved).
+fn note_epoch(inner: &Inner, peer: &str, epoch: u64) {
+    let old = inner.peer_epochs.lock().insert(peer.to_string(), epoch);
+    match old {
+        Some(o) if o != epoch => {
+            tracing::info!(%peer, old = format!("{o:016x}"), new = format!("{epoch:016x}"), "fabric peer is a new incarnation (its companion restarted or the VM moved)")
+        }
+        None => tracing::debug!(%peer, epoch = format!("{epoch:016x}"), "fabric peer's epoch"),
+        _ => {}
+    }
+}
+
 /// Dials `vm` and says Hello (announcing a migration when `announce`).
+///
+/// Announcing, all peers are dialled at once (see [`announce_round`]) so that a peer that does
+/// not answer costs at most [`ANNOUNCE_DEADLINE`] for all of them.
 pub(super) fn dial(inner: &Arc<Inner>, vm: &str, announce: bool) -> Option<Arc<Link>> {
+    if announce {
+        return announce_round(inner, vm);
+    }
+    let link = connect(inner, vm, false, Instant::now() + DIAL_TIMEOUT)?;
+    Some(install(inner, vm, link))
+}
+
+/// Puts a dialled link in use.
+fn install(inner: &Arc<Inner>, vm: &str, link: Arc<Link>) -> Arc<Link> {
+    if let Some(old) = inner.links.lock().insert(vm.into(), link.clone()) {
+        if !Arc::ptr_eq(&old, &link) {
+            old.shut();
+        }
+    }
+    link
+}
+
+/// The results of the last parallel announce.
+#[derive(Default)]
+pub(super) struct Round {
+    started: Option<Instant>,
+    results: HashMap<String, Option<Arc<Link>>>,
+}
+
+/// Announcing this VM to `vm`: the first peer of a round dials every peer in the cluster in
+/// parallel, within one deadline; each peer's result is then taken by its own call.
+fn announce_round(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
+    let mut round = inner.announce_round.lock();
+    let fresh = round
+        .started
+        .is_some_and(|t| t.elapsed() < ANNOUNCE_DEADLINE * 2);
+    if !fresh || !round.results.contains_key(vm) {
+        let peers: Vec<String> = inner
+            .book
+            .lock()
+            .keys()
+            .filter(|p| **p != inner.vm)
+            .cloned()
+            .collect();
+        let deadline = Instant::now() + ANNOUNCE_DEADLINE;
+        let results: HashMap<String, Option<Arc<Link>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = peers
+                .iter()
+                .map(|p| (p.clone(), s.spawn(|| connect(inner, p, true, deadline))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|(p, h)| (p, h.join().ok().flatten()))
+                .collect()
+        });
+        *round = Round {
+            started: Some(Instant::now()),
+            results,
+        };
+    }
+    let link = round.results.remove(vm).flatten()?;
+    Some(install(inner, vm, link))
+}
+
+/// Connects to `vm`, authenticates, and says Hello, before `deadline`; starts the link's ack
+/// reader. The link is not yet in use.
+fn connect(inner: &Arc<Inner>, vm: &str, announce: bool, deadline: Instant) -> Option<Arc<Link>> {
     let addr = inner.book.lock().get(vm).cloned()?;
     let sock: SocketAddr = addr.to_socket_addrs().ok()?.next()?;
-    let stream = TcpStream::connect_timeout(&sock, Duration::from_millis(500)).ok()?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut stream = TcpStream::connect_timeout(&sock, left.min(Duration::from_millis(500)))
+        .map_err(|e| tracing::debug!(peer = vm, %addr, error = %e, "fabric dial failed"))
+        .ok()?;
     let _ = stream.set_nodelay(true);
+    let (send_key, recv_key) = match &inner.auth {
+        FabricAuth::Keys(keys) => {
+            match auth::initiate(keys, &inner.vm, inner.epoch, vm, &mut stream, deadline) {
+                Ok(Session {
+                    peer_epoch,
+                    send_key,
+                    recv_key,
+                    ..
+                }) => {
+                    note_epoch(inner, vm, peer_epoch);
+                    (Some(send_key), Some(recv_key))
+                }
+                Err(e) => {
+                    tracing::warn!(peer = vm, %addr, error = %e, "fabric handshake with peer failed");
+                    return None;
+                }
+            }
+        }
+        FabricAuth::Insecure => (None, None),
+    };
+    let _ = stream.set_read_timeout(None);
+    let _ = stream.set_write_timeout(None);
     let reader = stream.try_clone().ok()?;
-    let mut writer = BufWriter::new(stream);
-    wire::write_frame(
-        &mut writer,
-        &Frame::Hello {
+    let mut writer = FrameWriter::new(stream, send_key);
+    writer
+        .frame(&Frame::Hello {
             vm: inner.vm.clone(),
             listen: inner.listen.clone(),
             announce,
-        },
-    )
-    .ok()?;
+        })
+        .ok()?;
     writer.flush().ok()?;
     let generation = inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
     let link = Arc::new(Link {
@@ -88,9 +263,9 @@ pub(super) fn dial(inner: &Arc<Inner>, vm: &str, announce: bool) -> Option<Arc<L
         generation,
         alive: AtomicBool::new(true),
     });
-    inner.links.lock().insert(vm.into(), link.clone());
     {
         let (inner, link, vm) = (inner.clone(), link.clone(), vm.to_string());
+        let reader = FrameReader::new(reader, recv_key);
         let _ = std::thread::Builder::new()
             .name(format!("vfmig-fabric-acks-{vm}"))
             .spawn(move || {
@@ -103,10 +278,9 @@ pub(super) fn dial(inner: &Arc<Inner>, vm: &str, announce: bool) -> Option<Arc<L
 }
 
 /// Reads a link's acks until it closes.
-fn read_acks(inner: &Arc<Inner>, vm: &str, stream: TcpStream) {
-    let mut r = BufReader::new(stream);
+fn read_acks(inner: &Arc<Inner>, vm: &str, mut r: FrameReader) {
     loop {
-        match wire::read_frame(&mut r) {
+        match r.frame() {
             Ok(Some(Frame::Ack { qp, psn, status })) => {
                 requester::handle_ack(inner, qp, psn, status)
             }
@@ -116,7 +290,12 @@ fn read_acks(inner: &Arc<Inner>, vm: &str, stream: TcpStream) {
             }
             Ok(None) => break,
             Err(e) => {
-                tracing::info!(peer = %vm, error = %e, "fabric link to peer lost");
+                if e.is_malformed() {
+                    inner.stats.lock().malformed_frames += 1;
+                    tracing::warn!(peer = %vm, error = %e, "fabric link to peer broke the protocol: closed");
+                } else {
+                    tracing::info!(peer = %vm, error = %e, "fabric link to peer lost");
+                }
                 break;
             }
         }
@@ -138,14 +317,26 @@ pub(super) fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
             Ok((stream, from)) => {
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_nodelay(true);
-                let inner = inner.clone();
-                let _ = std::thread::Builder::new()
+                let Some(id) = admit(inner, &stream, from) else {
+                    continue;
+                };
+                let inner2 = inner.clone();
+                let spawned = std::thread::Builder::new()
                     .name("vfmig-fabric-peer".into())
                     .spawn(move || {
-                        if let Err(e) = serve_peer(&inner, stream) {
-                            tracing::info!(%from, error = %e, "fabric peer connection ended");
+                        if let Err(e) = serve_peer(&inner2, id, stream) {
+                            if e.is_malformed() {
+                                tracing::warn!(%from, error = %e, "fabric peer broke the protocol: connection closed");
+                            } else {
+                                tracing::info!(%from, error = %e, "fabric peer connection ended");
+                            }
                         }
+                        gone(&inner2, id);
                     });
+                if let Err(e) = spawned {
+                    tracing::warn!(%from, error = %e, "cannot serve a fabric peer: no thread");
+                    gone(inner, id);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
@@ -158,16 +349,81 @@ pub(super) fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
     }
 }
 
+/// Why a peer's connection was refused at its start.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ServeError {
+    /// The handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] auth::HandshakeError),
+    /// A frame could not be read or broke the protocol.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The hello names another VM than the one authenticated, or one outside the cluster.
+    #[error("a fabric peer authenticated as {authenticated:?} says it is {claimed:?}: refused")]
+    NotItself {
+        /// Whom the handshake proved.
+        authenticated: String,
+        /// Whom the hello names.
+        claimed: String,
+    },
+    /// An announce points at an address outside the cluster file.
+    #[error(
+        "peer {peer} announces it moved to {addr}, which is no fabric address of the cluster \
+         file: refused; list the destination's address under \"hosts\" in the cluster file"
+    )]
+    ForeignAddress {
+        /// The VM.
+        peer: String,
+        /// The address.
+        addr: String,
+    },
+    /// The hello names a VM this cluster does not have.
+    #[error("a fabric peer says it is VM {0:?}, which is not in the cluster file: refused")]
+    UnknownVm(String),
+}
+
+impl ServeError {
+    fn is_malformed(&self) -> bool {
+        match self {
+            ServeError::Wire(e) => e.is_malformed(),
+            ServeError::Handshake(auth::HandshakeError::Io(_)) => false,
+            _ => true,
+        }
+    }
+}
+
 /// Reads the dialler's Hello: who it is, and (announcing a migration) where it now lives.
+/// `authenticated`: whom the handshake proved, if the fabric authenticates.
 /// `Ok(None)`: it closed before saying anything.
-fn hello(inner: &Inner, reader: &mut impl std::io::Read) -> Result<Option<String>, WireError> {
-    match wire::read_frame(reader) {
+fn hello(
+    inner: &Inner,
+    reader: &mut FrameReader,
+    authenticated: Option<&str>,
+) -> Result<Option<String>, ServeError> {
+    match reader.frame() {
         Ok(Some(Frame::Hello {
             vm,
             listen,
             announce,
         })) => {
+            if let Some(who) = authenticated {
+                if who != vm {
+                    return Err(ServeError::NotItself {
+                        authenticated: who.into(),
+                        claimed: vm,
+                    });
+                }
+            }
+            if !inner.book.lock().contains_key(&vm) {
+                return Err(ServeError::UnknownVm(vm));
+            }
             if announce {
+                if !inner.allowed.lock().contains(&listen) {
+                    return Err(ServeError::ForeignAddress {
+                        peer: vm,
+                        addr: listen,
+                    });
+                }
                 tracing::info!(peer = %vm, %listen, "peer announces its new place: replaying held requests");
                 inner.book.lock().insert(vm.clone(), listen);
                 drop_link(inner, &vm);
@@ -176,36 +432,63 @@ fn hello(inner: &Inner, reader: &mut impl std::io::Read) -> Result<Option<String
         }
         Ok(Some(other)) => {
             inner.stats.lock().malformed_frames += 1;
-            Err(WireError::Malformed(format!(
-                "expected Hello first, got {other:?}"
-            )))
+            Err(WireError::Malformed(format!("expected Hello first, got {other:?}")).into())
         }
         Ok(None) => Ok(None),
         Err(e) => {
             if let WireError::Version { .. } = e {
                 tracing::warn!(error = %e, "fabric peer refused");
             }
-            Err(e)
+            Err(e.into())
         }
     }
 }
 
-/// Serves one peer's connection: applies its requests in order and acks each.
-fn serve_peer(inner: &Arc<Inner>, stream: TcpStream) -> Result<(), WireError> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = BufWriter::new(stream);
-    let Some(peer) = hello(inner, &mut reader)? else {
+/// Serves one peer's connection: authenticates it, then applies its requests in order and
+/// acks each.
+fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), ServeError> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let (proved, send_key, recv_key, epoch) = match &inner.auth {
+        FabricAuth::Keys(keys) => {
+            let s = auth::respond(keys, inner.epoch, &mut stream, deadline)?;
+            (
+                Some(s.peer),
+                Some(s.send_key),
+                Some(s.recv_key),
+                Some(s.peer_epoch),
+            )
+        }
+        FabricAuth::Insecure => (None, None, None, None),
+    };
+    stream
+        .set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .map_err(WireError::from)?;
+    let mut reader = FrameReader::new(stream.try_clone().map_err(WireError::from)?, recv_key);
+    let Some(peer) = hello(inner, &mut reader, proved.as_deref())? else {
         return Ok(());
     };
+    // The epoch was proved in the handshake; it counts once the hello's MAC holds.
+    if let Some(e) = epoch {
+        note_epoch(inner, &peer, e);
+    }
+    established(inner, id, &peer, &stream);
+    stream
+        .set_read_timeout(Some(IDLE_TIMEOUT))
+        .map_err(WireError::from)?;
+    let mut writer = FrameWriter::new(stream, send_key);
     loop {
-        let frame = match wire::read_frame(&mut reader) {
+        let frame = match reader.frame() {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(e) => {
                 if e.is_malformed() {
                     inner.stats.lock().malformed_frames += 1;
                 }
-                return Err(e);
+                return Err(e.into());
             }
         };
         let (qp, psn) = match &frame {
@@ -235,7 +518,7 @@ fn serve_peer(inner: &Arc<Inner>, stream: TcpStream) -> Result<(), WireError> {
         {
             continue;
         }
-        wire::write_frame(&mut writer, &Frame::Ack { qp, psn, status })?;
-        writer.flush()?;
+        writer.frame(&Frame::Ack { qp, psn, status })?;
+        writer.flush().map_err(WireError::from)?;
     }
 }

@@ -24,10 +24,12 @@
 //! - `device`: the verbs and the device side, the soft VF at the seam of [`crate::vf`];
 //! - `requester`: the send half of go-back-N (post, resend, acks, the retry thread);
 //! - `responder`: the receive half (apply a peer's request in order, once);
-//! - `link`: connections to peers and their threads;
+//! - `link`: connections to peers and their threads, and the bounds on them;
+//! - `auth`: the fabric's authentication (a Noise handshake, then a MAC on every frame);
 //! - `persist`: the state that moves at switchover ([`VfState`], versioned);
 //! - `metrics`: counters; [`wire`]: the fabric's frames.
 
+mod auth;
 mod cluster;
 mod device;
 mod link;
@@ -38,7 +40,7 @@ mod responder;
 mod state;
 pub mod wire;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -47,8 +49,13 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::memory::DmaEngine;
 
+#[cfg(test)]
+pub(crate) use auth::test_auth;
+pub use auth::{
+    ephemeral_job, generate as generate_keys, FabricAuth, FabricKeys, Generated, KeyError,
+};
 pub use cluster::{ClusterFileError, ClusterMap};
-pub use link::FabricTiming;
+pub use link::{FabricTiming, ANNOUNCE_DEADLINE, MAX_HANDSHAKING, MAX_PER_PEER};
 pub use metrics::SoftVfStats;
 pub use persist::{QpState, StateError, VfState, VF_STATE_VERSION};
 
@@ -63,6 +70,20 @@ struct Inner {
     state: Mutex<State>,
     cq_ready: Condvar,
     book: Mutex<BTreeMap<String, String>>,
+    /// The fabric addresses a peer's link may point at (the cluster file's, and those set here).
+    allowed: Mutex<HashSet<String>>,
+    /// Whether and how links authenticate.
+    auth: FabricAuth,
+    /// This VF's incarnation: random per start, sent in every handshake.
+    epoch: u64,
+    /// Each peer's epoch, as its last handshake proved it.
+    peer_epochs: Mutex<HashMap<String, u64>>,
+    /// Memory keys and QP numbers drawn at random (see [`SoftVf::randomize_ids`]).
+    random_ids: AtomicBool,
+    /// Connections served, for the caps.
+    conns: Mutex<link::Conns>,
+    /// The last parallel announce.
+    announce_round: Mutex<link::Round>,
     links: Mutex<HashMap<String, Arc<Link>>>,
     generation: AtomicU64,
     timing: FabricTiming,
@@ -88,16 +109,30 @@ pub struct SoftVf {
 
 impl SoftVf {
     /// A soft VF for `vm`, writing guest RAM through `dma`, listening for peers on `listen`
-    /// (e.g. `0.0.0.0:7000`; port 0 picks one), knowing peers from `cluster`.
+    /// (e.g. `0.0.0.0:7000`; port 0 picks one), knowing peers from `cluster`, authenticating
+    /// links as `auth` says.
     pub fn start(
         vm: &str,
         dma: Arc<DmaEngine>,
         listen: &str,
         cluster: ClusterMap,
         timing: FabricTiming,
+        auth: FabricAuth,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen)?;
         let local = listener.local_addr()?;
+        if matches!(auth, FabricAuth::Insecure) {
+            tracing::warn!(vm, listen = %local, "soft VF fabric WITHOUT authentication: anyone who reaches this port can write the guest's RAM; for benchmarks only");
+        }
+        let mut epoch = [0u8; 8];
+        getrandom::fill(&mut epoch).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let epoch = u64::from_le_bytes(epoch);
+        let allowed = cluster
+            .vms
+            .values()
+            .chain(cluster.hosts.iter())
+            .cloned()
+            .collect();
         let inner = Arc::new(Inner {
             vm: vm.into(),
             listen: local.to_string(),
@@ -105,6 +140,13 @@ impl SoftVf {
             state: Mutex::new(State::default()),
             cq_ready: Condvar::new(),
             book: Mutex::new(cluster.vms),
+            allowed: Mutex::new(allowed),
+            auth,
+            epoch,
+            peer_epochs: Mutex::new(HashMap::new()),
+            random_ids: AtomicBool::new(false),
+            conns: Mutex::new(link::Conns::default()),
+            announce_round: Mutex::new(link::Round::default()),
             links: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             timing,
@@ -129,7 +171,7 @@ impl SoftVf {
                 .name(format!("vfmig-fabric-retry-{vm}"))
                 .spawn(move || requester::retry_loop(&inner))?;
         }
-        tracing::info!(vm, listen = %local, "soft VF fabric listening");
+        tracing::info!(vm, listen = %local, epoch = format!("{epoch:016x}"), "soft VF fabric listening");
         Ok(Self { inner })
     }
 
@@ -138,8 +180,9 @@ impl SoftVf {
         &self.inner.listen
     }
 
-    /// Adds or changes a peer's address.
+    /// Adds or changes a peer's address (trusted: the address may then also be announced).
     pub fn set_peer_address(&self, vm: &str, addr: &str) {
+        self.inner.allowed.lock().insert(addr.into());
         self.inner.book.lock().insert(vm.into(), addr.into());
         link::drop_link(&self.inner, vm);
     }
@@ -160,6 +203,33 @@ impl SoftVf {
                 responder::Outcome::Drop | responder::Outcome::Close => None,
             },
         }
+    }
+
+    /// Lets peers announce that they moved to `addr` (a destination's fabric address).
+    pub fn allow_address(&self, addr: &str) {
+        self.inner.allowed.lock().insert(addr.into());
+    }
+
+    /// From now on, memory keys and QP numbers are drawn at random (unused, never 0), not
+    /// 1, 2, 3…: a member of the job cannot guess another VM's keys. Off by default because
+    /// the guest programs (lu-lite, rdma-bw) still expect their first key and QP to be 1
+    /// instead of exchanging them.
+    pub fn randomize_ids(&self) {
+        self.inner.random_ids.store(true, Ordering::SeqCst);
+        let mut st = self.inner.state.lock();
+        st.advance_key(true);
+        st.advance_qp(true);
+    }
+
+    /// This VF's epoch: random per start, proved in every handshake.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// A peer's epoch, as its last authenticated handshake proved it; a new value means a new
+    /// incarnation of the peer's companion (the exactly-once code may reset its PSN state).
+    pub fn peer_epoch(&self, vm: &str) -> Option<u64> {
+        self.inner.peer_epochs.lock().get(vm).copied()
     }
 
     /// Stops the VF's threads.

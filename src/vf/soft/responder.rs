@@ -431,7 +431,7 @@ pub(super) mod tests {
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::super::state::Pending;
-    use super::super::{requester, ClusterMap, FabricTiming, SoftVf};
+    use super::super::{requester, ClusterMap, FabricAuth, FabricTiming, SoftVf};
     use super::*;
     use crate::memory::DmaEngine;
     use crate::vf::verbs::{Access, SendOp, SendWr, Sge};
@@ -450,7 +450,15 @@ pub(super) mod tests {
             hold_timeout: Duration::from_secs(5),
             rnr_timeout: Duration::from_secs(5),
         };
-        SoftVf::start(name, dma, "127.0.0.1:0", ClusterMap::default(), timing).expect("soft VF")
+        SoftVf::start(
+            name,
+            dma,
+            "127.0.0.1:0",
+            ClusterMap::default(),
+            timing,
+            FabricAuth::Insecure,
+        )
+        .expect("soft VF")
     }
 
     /// `vm` with one QP connected to `peer`'s QP 1 and one remotely writable region at `BUF`.

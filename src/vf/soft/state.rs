@@ -73,6 +73,52 @@ impl Default for State {
     }
 }
 
+/// A random id, neither 0 nor `u32::MAX`, for which `taken` is false: memory keys and QP
+/// numbers that a stranger cannot guess from one it has seen.
+pub(super) fn random_id(taken: impl Fn(u32) -> bool) -> u32 {
+    loop {
+        let mut b = [0u8; 4];
+        if getrandom::fill(&mut b).is_err() {
+            // No OS randomness (never seen on Linux): fall back to the clock, still not 1, 2, 3.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16))
+                .unwrap_or(0x5eed);
+            b = xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes()).to_le_bytes()[..4]
+                .try_into()
+                .unwrap_or([7; 4]);
+        }
+        let id = u32::from_le_bytes(b);
+        if id != 0 && id != u32::MAX && !taken(id) {
+            return id;
+        }
+    }
+}
+
+impl State {
+    /// Moves `next_key` on: the next in order, or (`random`) an unused, unpredictable one.
+    pub(super) fn advance_key(&mut self, random: bool) {
+        if !random {
+            self.next_key = self.next_key.wrapping_add(1).max(1);
+            return;
+        }
+        let mrs = &self.mrs;
+        let now = self.next_key;
+        self.next_key = random_id(|k| k == now || mrs.contains_key(&k));
+    }
+
+    /// Moves `next_qp` on: the next in order, or (`random`) an unused, unpredictable one.
+    pub(super) fn advance_qp(&mut self, random: bool) {
+        if !random {
+            self.next_qp = self.next_qp.wrapping_add(1).max(1);
+            return;
+        }
+        let qps = &self.qps;
+        let now = self.next_qp;
+        self.next_qp = random_id(|n| n == now || qps.contains_key(&n));
+    }
+}
+
 /// The completion opcode of a send request.
 pub(super) fn opcode_of(op: &SendOp) -> Opcode {
     match op {

@@ -39,6 +39,7 @@ fn vm(name: &str) -> TestVm {
         "127.0.0.1:0",
         ClusterMap::default(),
         timing,
+        test_auth(name),
     )
     .expect("soft VF");
     TestVm { vf, dma }
@@ -425,6 +426,8 @@ fn a_vm_migrates_mid_stream_and_every_operation_happens_exactly_once() {
     // The destination companion of "b", on its own port, not yet known to "a".
     let b2 = vm("b");
     b2.vf.set_peer_address("a", a.vf.listen_addr());
+    // The destination's address is in the cluster file (its `hosts`), so "a" takes its announce.
+    a.vf.allow_address(b2.vf.listen_addr());
 
     let a_vf = a.vf.clone();
     let sender = std::thread::spawn(move || {
@@ -580,7 +583,9 @@ fn a_peer_that_has_not_set_up_its_qp_yet_is_waited_for() {
     }];
     let ka = a.vf.register_mr(BUF_VA, seg.clone(), access).unwrap();
     let qa = a.vf.create_qp();
-    a.vf.connect_qp(qa, "b", 1).unwrap(); // b's QP 1 does not exist yet
+    // The number b's next QP gets (random, not yet drawn for a QP): it does not exist yet.
+    let qb_next = b.vf.inner.state.lock().next_qp;
+    a.vf.connect_qp(qa, "b", qb_next).unwrap();
     a.vf.post_send(
         qa,
         SendWr {
@@ -644,4 +649,250 @@ fn the_device_side_syncs_engine_writes_and_quiesces_the_engine() {
     dev.release().unwrap();
     dev.release().unwrap();
     assert!(dev.status().released);
+}
+
+// ---- The fabric's front door: authentication and bounds (issue 10). ----
+
+fn vm_insecure(name: &str) -> TestVm {
+    let ram = GuestMemoryAtomic::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).expect("guest RAM"),
+    );
+    let dma = Arc::new(DmaEngine::new(ram));
+    dma.adopt_memory();
+    let vf = SoftVf::start(
+        name,
+        dma.clone(),
+        "127.0.0.1:0",
+        ClusterMap::default(),
+        FabricTiming::default(),
+        FabricAuth::Insecure,
+    )
+    .expect("soft VF");
+    TestVm { vf, dma }
+}
+
+/// A WRITE of "forged" into a's buffer, as if from b's QP.
+fn forged_write(qb: u32, qa: u32, ka: u32) -> wire::Frame {
+    wire::Frame::Write {
+        src_qp: qb,
+        dst_qp: qa,
+        psn: 1,
+        rkey: ka,
+        addr: BUF_VA,
+        imm: None,
+        payload: b"forged".to_vec(),
+    }
+}
+
+/// Whether anything arrives on `s` within a moment (an ack would).
+fn answered(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    matches!(s.read(&mut b), Ok(n) if n > 0)
+}
+
+#[test]
+fn a_bare_tcp_client_claiming_to_be_a_peer_gets_nothing_applied() {
+    use std::io::Write;
+    let (a, b, qa, qb, ka, _) = pair();
+    let mut s = std::net::TcpStream::connect(a.vf.listen_addr()).unwrap();
+    let mut bytes = wire::encode(&wire::Frame::Hello {
+        vm: "b".into(),
+        listen: b.vf.listen_addr().into(),
+        announce: false,
+    });
+    bytes.extend(wire::encode(&forged_write(qb, qa, ka)));
+    let _ = s.write_all(&bytes);
+    assert!(!answered(&mut s), "a stranger's write was acknowledged");
+    assert_eq!(a.vf.stats().requests_applied, 0);
+    assert_eq!(a.dma.read(BUF_GPA, 6).unwrap(), vec![0; 6]);
+}
+
+#[test]
+fn a_member_cannot_speak_for_another_member() {
+    use std::io::Write;
+    let (a, _b, qa, qb, ka, _) = pair();
+    let FabricAuth::Keys(km) = test_auth("m") else {
+        unreachable!()
+    };
+    let deadline = || Instant::now() + Duration::from_secs(5);
+    // m holds the job key and its own key, and claims to be b: the handshake fails.
+    let mut s = std::net::TcpStream::connect(a.vf.listen_addr()).unwrap();
+    let r = auth::initiate(&km, "b", 1, "a", &mut s, deadline());
+    assert!(r.is_err(), "m passed the handshake as b");
+    // m, as itself, says hello as b: refused after the handshake.
+    let mut s = std::net::TcpStream::connect(a.vf.listen_addr()).unwrap();
+    let sess = auth::initiate(&km, "m", 1, "a", &mut s, deadline()).expect("m is a member");
+    let mut w = auth::FrameWriter::new(s.try_clone().unwrap(), Some(sess.send_key));
+    let _ = w.frame(&wire::Frame::Hello {
+        vm: "b".into(),
+        listen: "127.0.0.1:1".into(),
+        announce: false,
+    });
+    let _ = w.frame(&forged_write(qb, qa, ka));
+    let _ = w.flush();
+    assert!(!answered(&mut s), "m's write as b was acknowledged");
+    assert_eq!(a.vf.stats().requests_applied, 0);
+    assert_eq!(a.dma.read(BUF_GPA, 6).unwrap(), vec![0; 6]);
+}
+
+#[test]
+fn a_forged_announce_does_not_repoint_the_link() {
+    use std::io::Write;
+    let (a, b, _, _, _, _) = pair();
+    let attacker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let evil = attacker.local_addr().unwrap().to_string();
+    // A stranger, without keys.
+    let mut s = std::net::TcpStream::connect(a.vf.listen_addr()).unwrap();
+    let _ = s.write_all(&wire::encode(&wire::Frame::Hello {
+        vm: "b".into(),
+        listen: evil.clone(),
+        announce: true,
+    }));
+    assert!(!answered(&mut s));
+    // b itself, authenticated, announcing an address outside the cluster: refused too.
+    let FabricAuth::Keys(kb) = test_auth("b") else {
+        unreachable!()
+    };
+    let mut s = std::net::TcpStream::connect(a.vf.listen_addr()).unwrap();
+    let sess = auth::initiate(
+        &kb,
+        "b",
+        1,
+        "a",
+        &mut s,
+        Instant::now() + Duration::from_secs(5),
+    )
+    .expect("b is b");
+    let mut w = auth::FrameWriter::new(s.try_clone().unwrap(), Some(sess.send_key));
+    let _ = w.frame(&wire::Frame::Hello {
+        vm: "b".into(),
+        listen: evil.clone(),
+        announce: true,
+    });
+    let _ = w.flush();
+    assert!(!answered(&mut s));
+    // And an announce for a VM outside the cluster adds no peer.
+    let mut s = std::net::TcpStream::connect(a.vf.listen_addr()).unwrap();
+    let _ = s.write_all(&wire::encode(&wire::Frame::Hello {
+        vm: "intruder".into(),
+        listen: evil.clone(),
+        announce: true,
+    }));
+    assert!(!answered(&mut s));
+    let book = a.vf.inner.book.lock().clone();
+    assert_eq!(
+        book["b"],
+        b.vf.listen_addr(),
+        "the link to b was re-pointed"
+    );
+    assert!(!book.contains_key("intruder"));
+    attacker.set_nonblocking(true).unwrap();
+    assert!(
+        attacker.accept().is_err(),
+        "a dialled the attacker's address"
+    );
+}
+
+#[test]
+fn many_connections_that_send_a_length_prefix_leave_the_vf_serving() {
+    use std::io::Write;
+    let (a, b, qa, _qb, ka, kb) = pair();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let mut s = std::net::TcpStream::connect(b.vf.listen_addr()).unwrap();
+        let _ = s.write_all(&((wire::MAX_PAYLOAD + 64) as u32).to_le_bytes());
+        idle.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(b.vf.inner.conns.lock().handshaking.len() <= link::MAX_HANDSHAKING);
+    a.dma.write(BUF_GPA, b"still here").unwrap();
+    a.vf.post_send(qa, write_wr(1, ka, kb, 10, 0x100, None))
+        .unwrap();
+    assert_eq!(one(&a.vf).status, Status::Success);
+    assert_eq!(b.dma.read(BUF_GPA + 0x100, 10).unwrap(), b"still here");
+}
+
+/// A listening address whose accept queue is full: a connect to it hangs (a black hole).
+fn black_hole() -> (std::os::fd::OwnedFd, String, Vec<std::net::TcpStream>) {
+    use nix::sys::socket::{
+        bind, getsockname, listen, socket, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+    listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    let local: SockaddrIn = getsockname(fd.as_raw_fd()).unwrap();
+    let addr = format!("127.0.0.1:{}", local.port());
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&sock, Duration::from_millis(100)) {
+            Ok(s) => fill.push(s),
+            Err(_) => break,
+        }
+    }
+    (fd, addr, fill)
+}
+
+#[test]
+fn black_holed_peers_do_not_stall_an_announce_past_its_deadline() {
+    let a = vm_insecure("a");
+    let (_fd, hole, _fill) = black_hole();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = silent.local_addr().unwrap().to_string();
+    for i in 0..20 {
+        let addr = if i % 2 == 0 { &hole } else { &silent };
+        a.vf.set_peer_address(&format!("x{i}"), addr);
+    }
+    let t = Instant::now();
+    let reached = a.vf.announce();
+    let took = t.elapsed();
+    assert!(
+        took < ANNOUNCE_DEADLINE * 2,
+        "announce took {took:?} with 20 unresponsive peers"
+    );
+    assert!(reached.len() <= 10, "{reached:?}");
+}
+
+#[test]
+fn memory_keys_and_qp_numbers_are_not_predictable() {
+    let t = vm("x");
+    t.vf.randomize_ids();
+    let access = Access {
+        local_write: true,
+        remote_write: true,
+    };
+    let seg = vec![GpaRange {
+        gpa: BUF_GPA,
+        len: 4096,
+    }];
+    let keys: Vec<u32> = (0..8)
+        .map(|_| t.vf.register_mr(BUF_VA, seg.clone(), access).unwrap())
+        .collect();
+    let qps: Vec<u32> = (0..8).map(|_| t.vf.create_qp()).collect();
+    for ids in [&keys, &qps] {
+        let sequential = ids
+            .windows(2)
+            .filter(|w| w[1] == w[0].wrapping_add(1))
+            .count();
+        assert_eq!(sequential, 0, "{ids:?}");
+        assert!(ids.iter().all(|&i| i != 0 && i > 64), "{ids:?}");
+        let mut u = ids.to_vec();
+        u.sort();
+        u.dedup();
+        assert_eq!(u.len(), ids.len(), "{ids:?}");
+    }
+    // Another VF draws others.
+    let other = vm("y");
+    other.vf.randomize_ids();
+    assert_ne!(other.vf.create_qp(), qps[0]);
 }

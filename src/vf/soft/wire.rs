@@ -40,12 +40,24 @@ pub enum WireError {
         /// This companion's version.
         ours: u16,
     },
+    /// A frame's MAC is not the link's: forged, replayed, reordered or corrupted.
+    #[error(
+        "fabric frame {seq} of an authenticated link fails its MAC: the link is closed; \
+         a peer without this link's keys may be injecting frames"
+    )]
+    BadMac {
+        /// The frame's sequence number on the link.
+        seq: u64,
+    },
 }
 
 impl WireError {
     /// Whether the peer broke the protocol (as opposed to the connection failing).
     pub fn is_malformed(&self) -> bool {
-        matches!(self, WireError::Malformed(_) | WireError::Truncated(_))
+        matches!(
+            self,
+            WireError::Malformed(_) | WireError::Truncated(_) | WireError::BadMac { .. }
+        )
     }
 }
 
@@ -287,23 +299,50 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
     Ok(frame)
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream.
-pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, WireError> {
+/// Largest frame body accepted: a request of [`MAX_PAYLOAD`] and its header.
+pub const MAX_FRAME: usize = MAX_PAYLOAD + 64;
+
+/// The first chunk of a frame body read; larger bodies grow as their data arrives.
+const FIRST_CHUNK: usize = 64 << 10;
+
+/// Reads one frame's length prefix and body, without decoding it; `Ok(None)` on a clean end of
+/// stream. The length is checked before anything is allocated, and the body's buffer grows as
+/// data arrives, so a peer that announces a large frame and sends nothing costs no memory.
+pub fn read_frame_body(r: &mut impl Read) -> Result<Option<(u32, Vec<u8>)>, WireError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_PAYLOAD + 64 {
+    let raw = u32::from_le_bytes(len);
+    let len = raw as usize;
+    if len == 0 || len > MAX_FRAME {
+        tracing::warn!(
+            len,
+            max = MAX_FRAME,
+            "fabric frame length out of bounds: refused"
+        );
         return Err(WireError::Malformed(format!(
-            "frame length {len} out of bounds"
+            "frame length {len} out of bounds (at most {MAX_FRAME})"
         )));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    decode(&body).map(Some)
+    let mut body: Vec<u8> = Vec::new();
+    while body.len() < len {
+        let have = body.len();
+        let chunk = (len - have).min(have.max(FIRST_CHUNK));
+        body.resize(have + chunk, 0);
+        r.read_exact(&mut body[have..])?;
+    }
+    Ok(Some((raw, body)))
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream.
+pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, WireError> {
+    match read_frame_body(r)? {
+        Some((_, body)) => decode(&body).map(Some),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]
@@ -400,6 +439,36 @@ mod tests {
             decode(&old),
             Err(WireError::Version { theirs: 0, .. })
         ));
+    }
+
+    /// A reader that hands out a few bytes, then ends, and records the largest buffer it was
+    /// asked to fill.
+    struct Stingy {
+        data: Vec<u8>,
+        largest: usize,
+    }
+
+    impl Read for Stingy {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.largest = self.largest.max(buf.len());
+            let n = self.data.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data.drain(..n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_large_length_prefix_without_data_allocates_nothing_big() {
+        let mut data = (MAX_PAYLOAD as u32).to_le_bytes().to_vec();
+        data.extend_from_slice(&[WRITE; 10]);
+        let mut r = Stingy { data, largest: 0 };
+        assert!(read_frame(&mut r).is_err(), "the stream ends early");
+        assert!(
+            r.largest <= 1 << 20,
+            "a 16 MiB length prefix made the reader fill {} bytes at once",
+            r.largest
+        );
     }
 
     proptest! {

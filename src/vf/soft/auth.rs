@@ -1,0 +1,777 @@
+//! Authentication of the fabric: who may write into this VM's guest RAM.
+//!
+//! Each job has a secret (the job key) and each VM a static X25519 key pair; the cluster file
+//! lists every VM's public key beside its address, and a VM's private key is in a 0600 file given
+//! to its companion (and to its destination's companion when it migrates).
+//!
+//! A connection starts with a Noise handshake, `Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s`: the
+//! dialler names the VM it speaks for in the clear, the listener looks that VM's public key up in
+//! the cluster file, and the handshake then proves both sides' static keys and the job key (the
+//! PSK). A party without the job key, or a member claiming another member's name, fails the
+//! handshake and nothing it sends is read as a frame. Each side's epoch (random per companion
+//! start) rides in the handshake's encrypted payloads, so a peer that restarted is recognised as
+//! a new incarnation.
+//!
+//! Frames are not encrypted (the guest data crosses the data-centre network as it would on a
+//! real RDMA fabric); each one carries a BLAKE3 MAC, keyed per direction with a key derived from
+//! the Noise session's split, over a per-direction sequence number, its length and its body. A
+//! keyed BLAKE3 runs at several GB/s, well above what one TCP stream carries, so authentication
+//! costs little of the fabric's bandwidth, where encrypting every byte would cost more; and the
+//! sequence number makes a replayed, reordered or dropped frame a MAC failure.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::cluster::ClusterMap;
+use super::wire::{self, Frame, WireError};
+
+/// The Noise protocol of the handshake.
+const NOISE: &str = "Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s";
+/// The kind byte of the dialler's clear-text claim, the first frame of an authenticated link.
+pub(super) const CLAIM: u8 = 6;
+/// Version of the authenticated handshake.
+const AUTH_VERSION: u16 = 1;
+/// Longest VM name a claim carries.
+const MAX_NAME: usize = 64;
+/// Longest handshake message accepted.
+const MAX_NOISE_MSG: usize = 256;
+/// Bytes of a frame's MAC.
+pub const TAG_LEN: usize = 32;
+/// Context of the MAC keys' derivation (BLAKE3 `derive_key`).
+const MAC_CONTEXT: &str = "vfmig 2026 fabric frame MAC v1";
+
+/// A 32-byte key.
+pub type Key = [u8; 32];
+
+/// Why the fabric's keys could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A key file could not be read or written.
+    #[error("cannot access key file {}; check the path", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A key file others may read.
+    #[error(
+        "key file {} has mode {mode:o}, readable by others; run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// A key is not 64 hex digits.
+    #[error("{what} is not a key (64 hex digits); generate keys with `vfmig keys generate`")]
+    Malformed {
+        /// Which key.
+        what: String,
+    },
+    /// The cluster file has no job key.
+    #[error(
+        "the cluster file names no job key; run `vfmig keys generate --cluster FILE --dir DIR`, \
+         or start the companion with --insecure-fabric (benchmarks only)"
+    )]
+    NoJobKey,
+    /// The cluster file has no public key for this VM, or it does not match the private key.
+    #[error(
+        "the cluster file's public key for VM {vm} is missing or is not the private key's; \
+         give the companion the key file `vfmig keys generate` wrote for {vm}"
+    )]
+    WrongKey {
+        /// The VM.
+        vm: String,
+    },
+    /// The handshake's cryptography failed to set up.
+    #[error("cannot set up the Noise handshake")]
+    Noise(#[source] snow::Error),
+}
+
+/// What the fabric's authentication needs: the job key, this VM's key pair, every VM's public
+/// key.
+#[derive(Clone)]
+pub struct FabricKeys {
+    job: Key,
+    private: Key,
+    public: Key,
+    peers: BTreeMap<String, Key>,
+}
+
+impl std::fmt::Debug for FabricKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FabricKeys")
+            .field("public", &hex(&self.public))
+            .field("peers", &self.peers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether and how the fabric authenticates.
+#[derive(Debug, Clone)]
+pub enum FabricAuth {
+    /// Every link authenticated (see the module).
+    Keys(Arc<FabricKeys>),
+    /// No authentication: whoever reaches the port may write guest RAM. Benchmarks only.
+    Insecure,
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A key from 64 hex digits.
+pub fn parse_key(s: &str, what: &str) -> Result<Key, KeyError> {
+    let s = s.trim();
+    let bad = || KeyError::Malformed { what: what.into() };
+    if s.len() != 64 || !s.is_ascii() {
+        return Err(bad());
+    }
+    let mut k = [0u8; 32];
+    for (i, out) in k.iter_mut().enumerate() {
+        *out = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(k)
+}
+
+/// Reads a key file, refusing one that group or others may access.
+pub fn read_key_file(path: &Path) -> Result<Key, KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.into(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::error!(path = %path.display(), mode = format!("{mode:o}"), "key file readable by others: refused");
+        return Err(KeyError::Permissions {
+            path: path.into(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    parse_key(&text, &format!("key file {}", path.display()))
+}
+
+/// Writes a key file of mode 0600 (created so; never readable by others in between).
+pub fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| KeyError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
+    writeln!(f, "{}", hex(key)).map_err(io)
+}
+
+/// A fresh static key pair: (private, public).
+pub fn generate_keypair() -> Result<(Key, Key), KeyError> {
+    let kp = snow::Builder::new(NOISE.parse().map_err(KeyError::Noise)?)
+        .generate_keypair()
+        .map_err(KeyError::Noise)?;
+    let mut private = [0u8; 32];
+    let mut public = [0u8; 32];
+    private.copy_from_slice(&kp.private);
+    public.copy_from_slice(&kp.public);
+    Ok((private, public))
+}
+
+/// The public key of a private key.
+pub fn public_of(private: &Key) -> Key {
+    use snow::resolvers::CryptoResolver;
+    let mut dh = snow::resolvers::DefaultResolver
+        .resolve_dh(&snow::params::DHChoice::Curve25519)
+        .expect("the default resolver has X25519");
+    dh.set(private);
+    let mut public = [0u8; 32];
+    public.copy_from_slice(dh.pubkey());
+    public
+}
+
+/// 32 random bytes.
+pub fn random_key() -> Key {
+    let mut k = [0u8; 32];
+    getrandom::fill(&mut k).expect("the OS random source");
+    k
+}
+
+impl FabricKeys {
+    /// The keys of VM `vm`: its private key from `private_key_file` (mode 0600), the job key
+    /// and every VM's public key from the cluster file.
+    pub fn load(cluster: &ClusterMap, vm: &str, private_key_file: &Path) -> Result<Self, KeyError> {
+        let private = read_key_file(private_key_file)?;
+        let job = match (&cluster.job_key, &cluster.job_key_file) {
+            (Some(k), _) => parse_key(k, "the cluster file's job_key")?,
+            (None, Some(f)) => read_key_file(f)?,
+            (None, None) => return Err(KeyError::NoJobKey),
+        };
+        Self::new(job, private, cluster, vm)
+    }
+
+    /// The keys from their values.
+    pub fn new(job: Key, private: Key, cluster: &ClusterMap, vm: &str) -> Result<Self, KeyError> {
+        let public = public_of(&private);
+        let mut peers = BTreeMap::new();
+        for (name, k) in &cluster.keys {
+            peers.insert(
+                name.clone(),
+                parse_key(k, &format!("the cluster file's public key of {name}"))?,
+            );
+        }
+        if peers.get(vm) != Some(&public) {
+            return Err(KeyError::WrongKey { vm: vm.into() });
+        }
+        Ok(Self {
+            job,
+            private,
+            public,
+            peers,
+        })
+    }
+
+    /// Whether `vm` has a public key in the cluster file.
+    #[cfg(test)]
+    pub(super) fn knows(&self, vm: &str) -> bool {
+        self.peers.contains_key(vm)
+    }
+}
+
+/// A fresh job in memory: a job key and a key pair per VM, and each VM's [`FabricAuth`]
+/// (benchmarks; nothing is written).
+pub fn ephemeral_job(vms: &[&str]) -> Result<BTreeMap<String, FabricAuth>, KeyError> {
+    let job = random_key();
+    let mut cluster = ClusterMap::default();
+    let mut private = BTreeMap::new();
+    for vm in vms {
+        let (k, p) = generate_keypair()?;
+        cluster.keys.insert((*vm).into(), hex(&p));
+        private.insert(vm.to_string(), k);
+    }
+    private
+        .into_iter()
+        .map(|(vm, k)| {
+            let keys = FabricKeys::new(job, k, &cluster, &vm)?;
+            Ok((vm, FabricAuth::Keys(Arc::new(keys))))
+        })
+        .collect()
+}
+
+/// What `vfmig keys generate` wrote.
+#[derive(Debug)]
+pub struct Generated {
+    /// The job key file.
+    pub job_key_file: PathBuf,
+    /// Each VM's private key file.
+    pub private_keys: BTreeMap<String, PathBuf>,
+}
+
+/// Writes the job key and each VM's key pair into `dir` (files of mode 0600), and the public
+/// keys and the job key file's path into the cluster file.
+pub fn generate(cluster_file: &Path, dir: &Path) -> Result<Generated, KeyError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| KeyError::Io { path, source }
+    };
+    let mut cluster = ClusterMap::load(cluster_file).map_err(|e| KeyError::Io {
+        path: cluster_file.into(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let dir = std::fs::canonicalize(dir).map_err(io(dir))?;
+    let job_key_file = dir.join("job.key");
+    write_key_file(&job_key_file, &random_key())?;
+    let mut private_keys = BTreeMap::new();
+    let names: Vec<String> = cluster.vms.keys().cloned().collect();
+    for name in names {
+        let (private, public) = generate_keypair()?;
+        let file = dir.join(format!("{name}.key"));
+        write_key_file(&file, &private)?;
+        cluster.keys.insert(name.clone(), hex(&public));
+        private_keys.insert(name, file);
+    }
+    cluster.job_key = None;
+    cluster.job_key_file = Some(job_key_file.clone());
+    let text = serde_json::to_string_pretty(&cluster).unwrap_or_default();
+    std::fs::write(cluster_file, text).map_err(io(cluster_file))?;
+    Ok(Generated {
+        job_key_file,
+        private_keys,
+    })
+}
+
+/// Why a link's handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The connection failed, closed or timed out.
+    #[error("fabric handshake: the connection failed or timed out")]
+    Io(#[from] io::Error),
+    /// The dialler named a VM this cluster does not know.
+    #[error("a fabric peer claims to be VM {0:?}, which has no key in the cluster file")]
+    UnknownVm(String),
+    /// The dialler did not follow the handshake.
+    #[error("fabric handshake broken: {0}; is the peer a vfmig companion with keys?")]
+    Protocol(String),
+    /// The proof failed: wrong job key, or a static key that is not the claimed VM's.
+    #[error(
+        "fabric handshake refused: the peer does not hold the job key and the key of the VM it \
+         claims; check that both companions were given this job's keys"
+    )]
+    Refused(#[source] snow::Error),
+}
+
+/// The outcome of a handshake: who the peer is, and its epoch.
+pub(super) struct Session {
+    pub(super) peer: String,
+    pub(super) peer_epoch: u64,
+    pub(super) send_key: Key,
+    pub(super) recv_key: Key,
+}
+
+/// Reads exactly `buf.len()` bytes before `deadline`.
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "fabric handshake timed out",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a message of at most `max` bytes with a `u16` length prefix.
+fn read_msg(s: &mut TcpStream, max: usize, deadline: Instant) -> Result<Vec<u8>, HandshakeError> {
+    let mut len = [0u8; 2];
+    read_by(s, &mut len, deadline)?;
+    let len = u16::from_le_bytes(len) as usize;
+    if len == 0 || len > max {
+        return Err(HandshakeError::Protocol(format!(
+            "message of {len} bytes (at most {max})"
+        )));
+    }
+    let mut b = vec![0u8; len];
+    read_by(s, &mut b, deadline)?;
+    Ok(b)
+}
+
+fn write_msg(s: &mut TcpStream, b: &[u8], deadline: Instant) -> io::Result<()> {
+    s.set_write_timeout(Some(
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1)),
+    ))?;
+    let mut out = Vec::with_capacity(2 + b.len());
+    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    out.extend_from_slice(b);
+    s.write_all(&out)
+}
+
+fn claim(vm: &str) -> Vec<u8> {
+    let mut c = vec![CLAIM];
+    c.extend_from_slice(&AUTH_VERSION.to_le_bytes());
+    c.extend_from_slice(vm.as_bytes());
+    c
+}
+
+fn prologue(claim: &[u8]) -> Vec<u8> {
+    let mut p = b"vfmig fabric".to_vec();
+    p.extend_from_slice(claim);
+    p
+}
+
+fn mac_keys(hs: &mut snow::HandshakeState) -> (Key, Key) {
+    let (i2r, r2i) = hs.dangerously_get_raw_split();
+    (
+        blake3::derive_key(MAC_CONTEXT, &i2r),
+        blake3::derive_key(MAC_CONTEXT, &r2i),
+    )
+}
+
+fn epoch_of(payload: &[u8]) -> Result<u64, HandshakeError> {
+    let b: [u8; 8] = payload
+        .try_into()
+        .map_err(|_| HandshakeError::Protocol("no epoch in the handshake".into()))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// The dialler's side: proves this VM to `peer` and `peer` to this VM, before `deadline`.
+pub(super) fn initiate(
+    keys: &FabricKeys,
+    me: &str,
+    epoch: u64,
+    peer: &str,
+    s: &mut TcpStream,
+    deadline: Instant,
+) -> Result<Session, HandshakeError> {
+    let their = keys
+        .peers
+        .get(peer)
+        .ok_or_else(|| HandshakeError::UnknownVm(peer.into()))?;
+    let c = claim(me);
+    let p = prologue(&c);
+    let mut hs = snow::Builder::new(NOISE.parse().map_err(HandshakeError::Refused)?)
+        .local_private_key(&keys.private)
+        .and_then(|b| b.remote_public_key(their))
+        .and_then(|b| b.psk(0, &keys.job))
+        .and_then(|b| b.prologue(&p))
+        .and_then(|b| b.build_initiator())
+        .map_err(HandshakeError::Refused)?;
+    write_msg(s, &c, deadline)?;
+    let mut buf = [0u8; MAX_NOISE_MSG];
+    let n = hs
+        .write_message(&epoch.to_le_bytes(), &mut buf)
+        .map_err(HandshakeError::Refused)?;
+    write_msg(s, &buf[..n], deadline)?;
+    let reply = read_msg(s, MAX_NOISE_MSG, deadline)?;
+    let mut payload = [0u8; MAX_NOISE_MSG];
+    let n = hs
+        .read_message(&reply, &mut payload)
+        .map_err(HandshakeError::Refused)?;
+    let peer_epoch = epoch_of(&payload[..n])?;
+    let (send_key, recv_key) = mac_keys(&mut hs);
+    Ok(Session {
+        peer: peer.into(),
+        peer_epoch,
+        send_key,
+        recv_key,
+    })
+}
+
+/// The listener's side: learns who dials and checks that it is, before `deadline`.
+pub(super) fn respond(
+    keys: &FabricKeys,
+    epoch: u64,
+    s: &mut TcpStream,
+    deadline: Instant,
+) -> Result<Session, HandshakeError> {
+    let c = read_msg(s, 3 + MAX_NAME, deadline)?;
+    if c[0] != CLAIM || c.len() < 3 {
+        return Err(HandshakeError::Protocol(format!(
+            "expected a claim of identity first, got kind {}",
+            c[0]
+        )));
+    }
+    let version = u16::from_le_bytes([c[1], c[2]]);
+    if version != AUTH_VERSION {
+        return Err(HandshakeError::Protocol(format!(
+            "handshake version {version}, this companion speaks {AUTH_VERSION}"
+        )));
+    }
+    let peer = String::from_utf8(c[3..].to_vec())
+        .map_err(|_| HandshakeError::Protocol("a VM name that is not UTF-8".into()))?;
+    let their = keys
+        .peers
+        .get(&peer)
+        .ok_or_else(|| HandshakeError::UnknownVm(peer.clone()))?;
+    let p = prologue(&c);
+    let mut hs = snow::Builder::new(NOISE.parse().map_err(HandshakeError::Refused)?)
+        .local_private_key(&keys.private)
+        .and_then(|b| b.remote_public_key(their))
+        .and_then(|b| b.psk(0, &keys.job))
+        .and_then(|b| b.prologue(&p))
+        .and_then(|b| b.build_responder())
+        .map_err(HandshakeError::Refused)?;
+    let m1 = read_msg(s, MAX_NOISE_MSG, deadline)?;
+    let mut payload = [0u8; MAX_NOISE_MSG];
+    let n = hs
+        .read_message(&m1, &mut payload)
+        .map_err(HandshakeError::Refused)?;
+    let peer_epoch = epoch_of(&payload[..n])?;
+    let mut buf = [0u8; MAX_NOISE_MSG];
+    let n = hs
+        .write_message(&epoch.to_le_bytes(), &mut buf)
+        .map_err(HandshakeError::Refused)?;
+    write_msg(s, &buf[..n], deadline)?;
+    let (recv_key, send_key) = mac_keys(&mut hs);
+    Ok(Session {
+        peer,
+        peer_epoch,
+        send_key,
+        recv_key,
+    })
+}
+
+/// The MAC of one frame.
+fn tag(key: &Key, seq: u64, frame: &[&[u8]]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&seq.to_le_bytes());
+    for part in frame {
+        h.update(part);
+    }
+    h.finalize()
+}
+
+/// Writes a link's frames, each followed by its MAC when the link is authenticated.
+///
+/// It takes whole encoded frames (length prefix first), as [`wire::encode`] makes them, in one
+/// or several writes.
+pub(super) struct FrameWriter {
+    w: BufWriter<TcpStream>,
+    mac: Option<(Key, u64)>,
+    partial: Vec<u8>,
+}
+
+impl FrameWriter {
+    pub(super) fn new(stream: TcpStream, key: Option<Key>) -> Self {
+        Self {
+            w: BufWriter::with_capacity(256 << 10, stream),
+            mac: key.map(|k| (k, 0)),
+            partial: Vec::new(),
+        }
+    }
+
+    /// The socket.
+    pub(super) fn stream(&self) -> &TcpStream {
+        self.w.get_ref()
+    }
+
+    /// Writes whole frames from `b`; returns how many bytes they took.
+    fn seal(&mut self, b: &[u8]) -> io::Result<usize> {
+        let Some((key, seq)) = &mut self.mac else {
+            unreachable!("seal only on an authenticated link")
+        };
+        let mut at = 0;
+        while b.len() - at >= 4 {
+            let len = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+            let Some(frame) = b.get(at..at + 4 + len) else {
+                break;
+            };
+            let t = tag(key, *seq, &[frame]);
+            *seq += 1;
+            self.w.write_all(frame)?;
+            self.w.write_all(t.as_bytes())?;
+            at += 4 + len;
+        }
+        Ok(at)
+    }
+
+    /// Writes a frame.
+    pub(super) fn frame(&mut self, f: &Frame) -> Result<(), WireError> {
+        self.write_all(&wire::encode(f))?;
+        Ok(())
+    }
+}
+
+impl Write for FrameWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.mac.is_none() {
+            return self.w.write(buf);
+        }
+        if self.partial.is_empty() {
+            let used = self.seal(buf)?;
+            self.partial.extend_from_slice(&buf[used..]);
+        } else {
+            self.partial.extend_from_slice(buf);
+            let pending = std::mem::take(&mut self.partial);
+            let used = self.seal(&pending)?;
+            self.partial = pending[used..].to_vec();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Reads a link's frames, checking each one's MAC when the link is authenticated.
+pub(super) struct FrameReader {
+    r: BufReader<TcpStream>,
+    mac: Option<(Key, u64)>,
+}
+
+impl FrameReader {
+    pub(super) fn new(stream: TcpStream, key: Option<Key>) -> Self {
+        Self {
+            r: BufReader::with_capacity(256 << 10, stream),
+            mac: key.map(|k| (k, 0)),
+        }
+    }
+
+    /// The next frame; `Ok(None)` on a clean end of stream.
+    pub(super) fn frame(&mut self) -> Result<Option<Frame>, WireError> {
+        let Some((len, body)) = wire::read_frame_body(&mut self.r)? else {
+            return Ok(None);
+        };
+        if let Some((key, seq)) = &mut self.mac {
+            let mut got = [0u8; TAG_LEN];
+            self.r.read_exact(&mut got)?;
+            let want = tag(key, *seq, &[&len.to_le_bytes(), &body]);
+            // blake3::Hash compares in constant time.
+            if want != blake3::Hash::from(got) {
+                return Err(WireError::BadMac { seq: *seq });
+            }
+            *seq += 1;
+        }
+        wire::decode(&body).map(Some)
+    }
+}
+
+/// Names the unit tests' VMs may have.
+#[cfg(test)]
+const TEST_VMS: &[&str] = &["a", "b", "c", "d", "m", "dev", "vm", "x", "y"];
+
+/// Keys for a unit test's VM (one of [`TEST_VMS`]): derived from the names, so VFs started at
+/// different times know each other's public keys.
+#[cfg(test)]
+pub(crate) fn test_auth(vm: &str) -> FabricAuth {
+    let private = |n: &str| blake3::derive_key("vfmig unit test static key", n.as_bytes());
+    let mut c = ClusterMap::default();
+    for n in TEST_VMS {
+        c.keys.insert((*n).into(), hex(&public_of(&private(n))));
+    }
+    let job = blake3::derive_key("vfmig unit test job key", b"job");
+    FabricAuth::Keys(Arc::new(
+        FabricKeys::new(job, private(vm), &c, vm).expect("a test VM name"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(names: &[(&str, Key)]) -> ClusterMap {
+        let mut c = ClusterMap::default();
+        for (n, k) in names {
+            c.vms.insert((*n).into(), "127.0.0.1:1".into());
+            c.keys.insert((*n).into(), hex(k));
+        }
+        c
+    }
+
+    #[test]
+    fn key_files_readable_by_others_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.key");
+        write_key_file(&f, &random_key()).unwrap();
+        assert!(read_key_file(&f).is_ok());
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = read_key_file(&f).unwrap_err();
+        assert!(
+            matches!(e, KeyError::Permissions { mode: 0o640, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn generate_writes_keys_that_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let cf = dir.path().join("cluster.json");
+        std::fs::write(&cf, r#"{"vms": {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}}"#).unwrap();
+        let g = generate(&cf, &dir.path().join("keys")).unwrap();
+        let mode = std::fs::metadata(&g.job_key_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let c = ClusterMap::load(&cf).unwrap();
+        let ka = FabricKeys::load(&c, "a", &g.private_keys["a"]).unwrap();
+        assert!(ka.knows("b"));
+        // a's key is not b's.
+        assert!(matches!(
+            FabricKeys::load(&c, "b", &g.private_keys["a"]),
+            Err(KeyError::WrongKey { .. })
+        ));
+    }
+
+    #[test]
+    fn a_frame_with_a_wrong_mac_is_refused() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let key = random_key();
+        let mut w = FrameWriter::new(c.try_clone().unwrap(), Some(key));
+        let ack = Frame::Ack {
+            qp: 1,
+            psn: 2,
+            status: wire::AckStatus::Ok,
+        };
+        w.frame(&ack).unwrap();
+        // Written in two pieces: still one frame, one MAC.
+        let bytes = wire::encode(&ack);
+        w.write_all(&bytes[..3]).unwrap();
+        w.write_all(&bytes[3..]).unwrap();
+        w.flush().unwrap();
+        let mut r = FrameReader::new(s.try_clone().unwrap(), Some(key));
+        assert_eq!(r.frame().unwrap().unwrap(), ack);
+        assert_eq!(r.frame().unwrap().unwrap(), ack);
+        // Another key: refused.
+        w.frame(&ack).unwrap();
+        w.flush().unwrap();
+        let mut r2 = FrameReader::new(s, Some(random_key()));
+        assert!(matches!(r2.frame(), Err(WireError::BadMac { .. })));
+    }
+
+    #[test]
+    fn the_handshake_binds_the_name_to_its_key() {
+        let (pa, ua) = generate_keypair().unwrap();
+        let (pb, ub) = generate_keypair().unwrap();
+        let (pm, um) = generate_keypair().unwrap();
+        let job = random_key();
+        let c = cluster(&[("a", ua), ("b", ub), ("m", um)]);
+        let ka = FabricKeys::new(job, pa, &c, "a").unwrap();
+        let kb = FabricKeys::new(job, pb, &c, "b").unwrap();
+        // m is a member, but claims to be b with its own key.
+        let mut km = FabricKeys::new(job, pm, &c, "m").unwrap();
+        km.peers.insert("b".into(), ub);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = || Instant::now() + Duration::from_secs(5);
+        // b, honestly.
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let ok =
+                respond(&ka, 7, &mut s, deadline()).map(|s| (s.peer, s.peer_epoch, s.recv_key));
+            let (mut s, _) = l.accept().unwrap();
+            let forged = respond(&ka, 7, &mut s, deadline()).map(|s| s.peer);
+            (ok, forged)
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        let sb = initiate(&kb, "b", 9, "a", &mut s, deadline()).unwrap();
+        assert_eq!(sb.peer_epoch, 7);
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = initiate(&km, "b", 9, "a", &mut s, deadline());
+        let (ok, forged) = t.join().unwrap();
+        let (peer, epoch, recv) = ok.unwrap();
+        assert_eq!((peer.as_str(), epoch), ("b", 9));
+        assert_eq!(
+            recv, sb.send_key,
+            "both sides derive one MAC key per direction"
+        );
+        assert!(
+            matches!(forged, Err(HandshakeError::Refused(_))),
+            "{:?}",
+            forged.err()
+        );
+    }
+}
