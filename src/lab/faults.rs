@@ -31,8 +31,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::hosts;
-use super::scenario::{Fault, Job};
-use crate::orchestrator::launch::RunningVm;
 use crate::orchestrator::migrate::{Observer, Phase};
 use crate::qmp::MigrationInfo;
 
@@ -77,6 +75,23 @@ impl FaultPhase {
             FaultPhase::AfterCont => "after-cont",
         }
     }
+}
+
+/// A failure injected during the migration, to prove the source job survives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// The operator cancels (`migrate_cancel`).
+    Cancel,
+    /// The destination QEMU is killed.
+    KillDestinationQemu,
+    /// The destination's companion is killed.
+    KillDestinationCompanion,
+    /// Peer `b`'s companion is killed and started again with the same configuration.
+    RestartPeerCompanion,
+    /// The fabric link is cut: the veths of `a`'s source and destination hosts go down for
+    /// a while, then up again.
+    CutLink,
 }
 
 impl Fault {
@@ -185,25 +200,6 @@ pub struct Targets {
     pub peer: Option<PeerCompanion>,
     /// The host-side veths of `a`'s source and destination hosts.
     pub links: Vec<String>,
-}
-
-/// What the faults act on in `job`: `a`'s destination `dest`, peer `b`'s companion, the links
-/// of `a`'s source host and of the destination's.
-pub(super) fn targets_of(job: &Job, dest: &RunningVm, cancel: &Arc<AtomicBool>) -> Targets {
-    let peer = job.vms.get(1).and_then(|b| {
-        Some(PeerCompanion {
-            pid: b.companion_pid()?,
-            netns: b.spec.netns.clone(),
-            log: b.paths.dir.join("companion-restarted.log"),
-        })
-    });
-    Targets {
-        cancel: cancel.clone(),
-        destination_qemu: dest.qemu_pid(),
-        destination_companion: dest.companion_pid(),
-        peer,
-        links: vec![job.hosts.veth(0), job.hosts.veth(job.vms.len())],
-    }
 }
 
 /// A companion started again by [`Fault::RestartPeerCompanion`]; dropping it stops it.

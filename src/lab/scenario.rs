@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::demo::DemoError;
-use super::faults::{targets_of, FaultRecord, Injection, Injector, Restarted};
+use super::faults::{FaultRecord, Injection, Injector, PeerCompanion, Restarted, Targets};
 use super::hosts::{Hosts, HostsError};
 use crate::companion::control::{error_chain, ControlError};
 use crate::orchestrator::hotplug;
@@ -47,22 +47,7 @@ pub enum Workload {
     RdmaLat,
 }
 
-/// A failure injected during the migration, to prove the source job survives it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Fault {
-    /// The operator cancels (`migrate_cancel`).
-    Cancel,
-    /// The destination QEMU is killed.
-    KillDestinationQemu,
-    /// The destination's companion is killed.
-    KillDestinationCompanion,
-    /// Peer `b`'s companion is killed and started again with the same configuration.
-    RestartPeerCompanion,
-    /// The fabric link is cut: the veths of `a`'s source and destination hosts go down for
-    /// a while, then up again.
-    CutLink,
-}
+pub use super::faults::Fault;
 
 /// Settings of a scenario run.
 #[derive(Debug, Clone)]
@@ -255,6 +240,25 @@ pub(super) struct Job {
 }
 
 impl Job {
+    /// What the faults act on: `a`'s destination `dest`, peer `b`'s companion, the links of
+    /// `a`'s source host and of the destination's.
+    pub(super) fn targets(&self, dest: &RunningVm, cancel: &Arc<AtomicBool>) -> Targets {
+        let peer = self.vms.get(1).and_then(|b| {
+            Some(PeerCompanion {
+                pid: b.companion_pid()?,
+                netns: b.spec.netns.clone(),
+                log: b.paths.dir.join("companion-restarted.log"),
+            })
+        });
+        Targets {
+            cancel: cancel.clone(),
+            destination_qemu: dest.qemu_pid(),
+            destination_companion: dest.companion_pid(),
+            peer,
+            links: vec![self.hosts.veth(0), self.hosts.veth(self.vms.len())],
+        }
+    }
+
     /// Every rank's serial logs; `a`'s console continues in those of `a_elsewhere` (the VMs it
     /// migrated into), in order.
     pub(super) fn serial_logs<'a>(
@@ -465,7 +469,7 @@ fn migrate_a(
     let mut src_ctl = a.control()?;
     let cancel = Arc::new(AtomicBool::new(false));
     let strategy = strategy_for(kind, job)?;
-    let mut injector = injection.map(|i| Injector::arm(i.clone(), targets_of(job, dest, &cancel)));
+    let mut injector = injection.map(|i| Injector::arm(i.clone(), job.targets(dest, &cancel)));
     let mut watched;
     let observer: &mut dyn Observer = match injector.as_mut() {
         Some(inj) => {
