@@ -41,11 +41,11 @@ use super::hotplug::{self, Hotplug, HotplugTimes};
 use super::options::{capabilities, shared_parameters, source_parameters};
 use super::progress::Timeline;
 use super::takeover::{release_source_vf, roll_back, take_over_vf};
-use crate::companion::control::{error_chain, ControlClient, GuestEvent, Request};
+use crate::companion::control::{error_chain, ControlClient, ControlError, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient};
 use crate::trace::TraceRecorder;
 
-pub use super::migrate_error::MigrateError;
+pub use super::migrate_error::{MigrateError, RankEventError};
 pub use super::options::MigrateOptions;
 pub use super::progress::{with_progress, Observer, Quiet, TerminalProgress};
 pub use super::strategy::{Strategy, StrategyKind};
@@ -404,7 +404,7 @@ fn resume_ranks(ranks: &[PathBuf], moved: Option<&(PathBuf, PathBuf)>) {
         })
         .collect();
     if let Err(e) = send_event_and_wait(&targets, GuestEvent::Resume, Duration::from_secs(30)) {
-        tracing::warn!(error = %e, "not every rank acknowledged RESUME");
+        tracing::warn!(error = %error_chain(&e), "not every rank acknowledged RESUME");
     }
 }
 
@@ -414,9 +414,15 @@ fn send_event_and_wait(
     ranks: &[PathBuf],
     event: GuestEvent,
     timeout: Duration,
-) -> Result<(), String> {
-    let acks = |c: &mut ControlClient| -> Result<u64, String> {
-        let link = c.stats().map_err(|e| error_chain(&e))?.guest_link;
+) -> Result<(), RankEventError> {
+    fn control(path: &Path) -> impl FnOnce(ControlError) -> RankEventError + '_ {
+        move |source| RankEventError::Control {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    let acks = |c: &mut ControlClient, path: &PathBuf| -> Result<u64, RankEventError> {
+        let link = c.stats().map_err(control(path))?.guest_link;
         Ok(match event {
             GuestEvent::Suspend => link.suspend_acks,
             GuestEvent::Resume => link.resume_acks,
@@ -424,24 +430,23 @@ fn send_event_and_wait(
     };
     let mut clients = Vec::new();
     for path in ranks {
-        let mut c =
-            ControlClient::connect(path, Duration::from_secs(5)).map_err(|e| error_chain(&e))?;
-        let before = acks(&mut c)?;
-        c.send_event(event).map_err(|e| error_chain(&e))?;
+        let mut c = ControlClient::connect(path, Duration::from_secs(5)).map_err(control(path))?;
+        let before = acks(&mut c, path)?;
+        c.send_event(event).map_err(control(path))?;
         clients.push((path, c, before));
     }
     let deadline = Instant::now() + timeout;
     for (path, c, before) in clients.iter_mut() {
         loop {
-            if acks(c)? > *before {
+            if acks(c, path)? > *before {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "the runtime behind {} did not acknowledge {event:?} within {} s",
-                    path.display(),
-                    timeout.as_secs()
-                ));
+                return Err(RankEventError::NoAck {
+                    path: path.to_path_buf(),
+                    event,
+                    secs: timeout.as_secs(),
+                });
             }
             std::thread::sleep(Duration::from_millis(10));
         }

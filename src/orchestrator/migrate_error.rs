@@ -84,8 +84,8 @@ pub enum MigrateError {
         resume: String,
     },
     /// A rank's runtime did not report ready after SUSPEND.
-    #[error("cooperative suspend: {0}; nothing was migrated and every rank was told RESUME")]
-    Suspend(String),
+    #[error("cooperative suspend failed; nothing was migrated and every rank was told RESUME")]
+    Suspend(#[source] RankEventError),
     /// The passthrough VF could not be unplugged from the source. The cause and its own causes
     /// are part of the message (callers match on it), so none is repeated as a source.
     #[error(
@@ -138,4 +138,32 @@ mod tests {
         assert!(msg.contains("/run/qmp.sock"), "{msg}");
         assert!(msg.contains("the VM runs at the destination"), "{msg}");
     }
+}
+
+/// Why a rank's runtime was not told SUSPEND or RESUME, or did not acknowledge it.
+#[derive(Debug, thiserror::Error)]
+pub enum RankEventError {
+    /// The rank's companion could not be reached or refused.
+    #[error("the companion at {} (a rank's control socket) failed", path.display())]
+    Control {
+        /// The rank's control socket.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: crate::companion::control::ControlError,
+    },
+    /// The rank's runtime did not acknowledge the event in time.
+    #[error(
+        "the runtime behind {} did not acknowledge {event:?} within {secs} s; is the guest's \
+         agent or MPI runtime running?",
+        path.display()
+    )]
+    NoAck {
+        /// The rank's control socket.
+        path: std::path::PathBuf,
+        /// The event.
+        event: crate::companion::control::GuestEvent,
+        /// The wait, in seconds.
+        secs: u64,
+    },
 }
