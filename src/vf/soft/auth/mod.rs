@@ -72,6 +72,21 @@ pub(super) struct Session {
     pub(super) recv_key: Key,
 }
 
+/// The handshake's builder, the same for both sides: our static key, the peer's, the job key
+/// as the PSK, and the prologue that binds the claimed name.
+fn builder<'a>(
+    keys: &'a FabricKeys,
+    their: &'a Key,
+    prologue: &'a [u8],
+) -> Result<snow::Builder<'a>, HandshakeError> {
+    snow::Builder::new(NOISE.parse().map_err(HandshakeError::Refused)?)
+        .local_private_key(&keys.private)
+        .and_then(|b| b.remote_public_key(their))
+        .and_then(|b| b.psk(0, &keys.job))
+        .and_then(|b| b.prologue(prologue))
+        .map_err(HandshakeError::Refused)
+}
+
 /// Reads exactly `buf.len()` bytes before `deadline`.
 fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
     let mut got = 0;
@@ -164,12 +179,8 @@ pub(super) fn initiate(
         .ok_or_else(|| HandshakeError::UnknownVm(peer.into()))?;
     let c = claim(me);
     let p = prologue(&c);
-    let mut hs = snow::Builder::new(NOISE.parse().map_err(HandshakeError::Refused)?)
-        .local_private_key(&keys.private)
-        .and_then(|b| b.remote_public_key(their))
-        .and_then(|b| b.psk(0, &keys.job))
-        .and_then(|b| b.prologue(&p))
-        .and_then(|b| b.build_initiator())
+    let mut hs = builder(keys, their, &p)?
+        .build_initiator()
         .map_err(HandshakeError::Refused)?;
     write_msg(s, &c, deadline)?;
     let mut buf = [0u8; MAX_NOISE_MSG];
@@ -219,12 +230,8 @@ pub(super) fn respond(
         .get(&peer)
         .ok_or_else(|| HandshakeError::UnknownVm(peer.clone()))?;
     let p = prologue(&c);
-    let mut hs = snow::Builder::new(NOISE.parse().map_err(HandshakeError::Refused)?)
-        .local_private_key(&keys.private)
-        .and_then(|b| b.remote_public_key(their))
-        .and_then(|b| b.psk(0, &keys.job))
-        .and_then(|b| b.prologue(&p))
-        .and_then(|b| b.build_responder())
+    let mut hs = builder(keys, their, &p)?
+        .build_responder()
         .map_err(HandshakeError::Refused)?;
     let m1 = read_msg(s, MAX_NOISE_MSG, deadline)?;
     let mut payload = [0u8; MAX_NOISE_MSG];
