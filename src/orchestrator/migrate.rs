@@ -24,8 +24,9 @@
 //! The strategy is matched once, at the top of [`migrate`]: it decides which of steps 2, 3, 7
 //! and 8 run, and whether device writes are logged. If the migration fails or is cancelled
 //! after step 2, the source is put back as it was: the VF is plugged in again (when its
-//! arguments are known) and every rank is told RESUME. Every phase becomes a span of the
-//! returned timeline.
+//! arguments are known) and every rank is told RESUME. A destination that dies, or a cancel
+//! that comes, just as QEMU completes leaves the source stopped in `postmigrate`: it is rolled
+//! back as in 6b. Every phase becomes a span of the returned timeline.
 //!
 //! Beside this file: [`options`](super::options) (what the operator sets),
 //! [`strategy`](super::strategy), [`summary`](super::summary) (phases and what the migration
@@ -192,6 +193,14 @@ pub fn migrate(
     let info = match precopy(src, dst, opts, &mut t, observer, sampler.as_mut()) {
         Ok(info) => info,
         Err(e) => {
+            // A destination that died, or a cancel that came, as QEMU completed leaves the
+            // source in `postmigrate`: it resumes as after a failed takeover (6b).
+            let e = match e {
+                MigrateError::DestinationLost { .. } | MigrateError::CancelledAtCompletion => {
+                    roll_back(src, dst, opts, e)
+                }
+                e => e,
+            };
             restore_source(src, &steps, hotplug_times.is_some());
             return Err(e);
         }
@@ -307,20 +316,18 @@ fn precopy(
             if flag.load(Ordering::SeqCst) {
                 tracing::warn!("cancel requested: migrate_cancel on the source");
                 src.migrate_cancel().map_err(on_src)?;
-                wait_source_settled(src);
-                return Err(MigrateError::Cancelled);
+                return Err(match wait_source_settled(src) {
+                    // Too late for QEMU: it completed, and the source waits in `postmigrate`.
+                    SourceSettled::Postmigrate => MigrateError::CancelledAtCompletion,
+                    _ => MigrateError::Cancelled,
+                });
             }
         }
         if let Some((what, detail)) = destination_dead(dst, opts.companions.as_ref().map(|c| &c.1))
         {
             tracing::error!(what, %detail, "the destination died: cancelling the migration");
             let _ = src.migrate_cancel();
-            let state = wait_source_settled(src);
-            return Err(MigrateError::DestinationDied {
-                what,
-                detail,
-                source_state: state,
-            });
+            return Err(destination_died(src, what, detail));
         }
         let info = src.query_migrate().map_err(on_src)?;
         observer.sample(&info);
@@ -337,12 +344,7 @@ fn precopy(
                 if let Some((what, detail)) =
                     destination_dead(dst, opts.companions.as_ref().map(|c| &c.1))
                 {
-                    let state = wait_source_settled(src);
-                    return Err(MigrateError::DestinationDied {
-                        what,
-                        detail,
-                        source_state: state,
-                    });
+                    return Err(destination_died(src, what, detail));
                 }
                 return Err(MigrateError::Failed {
                     reason: info
@@ -477,25 +479,57 @@ fn destination_dead(
     None
 }
 
+/// The error for a destination that died during steps 4-5, once the source has settled:
+/// [`MigrateError::DestinationLost`] when QEMU had completed on the source (it waits in
+/// `postmigrate` for the rollback), [`MigrateError::DestinationDied`] otherwise.
+fn destination_died(src: &QmpClient, what: &'static str, detail: String) -> MigrateError {
+    match wait_source_settled(src) {
+        SourceSettled::Running => MigrateError::DestinationDied {
+            what,
+            detail,
+            source_state: String::new(),
+        },
+        SourceSettled::Postmigrate => MigrateError::DestinationLost { what, detail },
+        SourceSettled::Other(note) => MigrateError::DestinationDied {
+            what,
+            detail,
+            source_state: note,
+        },
+    }
+}
+
+/// How the source was left after a cancel or failure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceSettled {
+    /// The migration is over and the source runs.
+    Running,
+    /// QEMU completed the migration on the source's side: it stays stopped until it is
+    /// resumed (QMP `cont`, after its companion took its VF state back).
+    Postmigrate,
+    /// Anything else, described for a message (" (its state is …: check it)").
+    Other(String),
+}
+
 /// After a cancel or failure: waits (up to 30 s) until QEMU reports the migration over and the
-/// source running again, and describes the source's state for a message: empty when it runs.
-pub fn wait_source_settled(src: &QmpClient) -> String {
+/// source running again, or in `postmigrate` (where it stays until resumed).
+pub fn wait_source_settled(src: &QmpClient) -> SourceSettled {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let over = src
             .query_migrate()
             .map(|i| i.is_finished() || i.status.is_none())
             .unwrap_or(true);
-        let running = src.query_status().map(|s| s.running).unwrap_or(false);
-        if over && running {
-            return String::new();
+        match src.query_status() {
+            Ok(s) if over && s.running => return SourceSettled::Running,
+            Ok(s) if over && s.status == "postmigrate" => return SourceSettled::Postmigrate,
+            _ => {}
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    match src.query_status() {
+    SourceSettled::Other(match src.query_status() {
         Ok(s) => format!(" (its state is {}: check it)", s.status),
         Err(e) => format!(" (its state could not be read: {e})"),
-    }
+    })
 }
 
 /// Step 6: waits until the destination is paused with all of RAM, moves the VF to its
@@ -893,5 +927,99 @@ mod tests {
             position(&src_seen, "cont").is_none(),
             "never resumed without its VF state"
         );
+    }
+
+    /// A destination QEMU whose QMP socket closes once it has taken `migrate-incoming`, as
+    /// one killed during the migration.
+    fn dying_qemu() -> QmpClient {
+        use std::io::{BufRead, BufReader, Write};
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut out = theirs.try_clone().unwrap();
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({"QMP": {"version": {"qemu":
+                    {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}})
+            );
+            for line in BufReader::new(theirs).lines() {
+                let Ok(line) = line else { return };
+                let cmd: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"return": {}, "id": cmd["id"]})
+                );
+                if cmd["execute"] == "migrate-incoming" {
+                    return;
+                }
+            }
+        });
+        QmpClient::over(ours, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn a_destination_that_dies_as_qemu_completes_is_stopped_and_the_source_resumes() {
+        // The source has sent everything and waits in `postmigrate`: it does not run again by
+        // itself, so "the source keeps running" would be false and the job would stall.
+        let (src, src_seen) = source_qemu();
+        let dst = dying_qemu();
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::RolledBack(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("died as QEMU completed the migration"),
+            "{msg}"
+        );
+        assert!(msg.contains("the source VM was resumed"), "{msg}");
+        assert!(position(&src_seen, "cont").is_some(), "the source resumes");
+    }
+
+    #[test]
+    fn a_cancel_that_comes_as_qemu_completes_resumes_the_source_instead_of_the_destination() {
+        let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            cancel: Some(Arc::new(std::sync::atomic::AtomicBool::new(true))),
+            ..Default::default()
+        };
+        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::RolledBack(_)), "{e:?}");
+        assert!(e.to_string().contains("cancelled as QEMU completed"), "{e}");
+        assert!(position(&src_seen, "cont").is_some(), "the source resumes");
+        assert!(
+            position(&dst_seen, "quit").is_some(),
+            "the destination is stopped"
+        );
+        assert!(
+            position(&dst_seen, "cont").is_none(),
+            "the destination never runs"
+        );
+    }
+
+    #[test]
+    fn a_cancel_in_precopy_leaves_the_running_source_alone() {
+        let (src, src_seen) = fake_qemu(|cmd| match cmd {
+            "query-migrate" => (serde_json::json!({"status": "cancelled"}), vec![]),
+            "query-status" => (
+                serde_json::json!({"status": "running", "running": true}),
+                vec![],
+            ),
+            _ => (serde_json::json!({}), vec![]),
+        });
+        let (dst, dst_seen) = destination_qemu();
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            cancel: Some(Arc::new(std::sync::atomic::AtomicBool::new(true))),
+            ..Default::default()
+        };
+        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::Cancelled), "{e:?}");
+        assert!(position(&src_seen, "cont").is_none());
+        assert!(position(&dst_seen, "quit").is_none());
     }
 }

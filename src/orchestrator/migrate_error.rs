@@ -27,6 +27,11 @@ pub enum MigrateError {
     /// The migration was cancelled.
     #[error("migration cancelled; the source VM keeps running")]
     Cancelled,
+    /// The cancel came as QEMU completed the migration: the source had stopped and sent
+    /// everything (`postmigrate`). [`migrate`](super::migrate::migrate) rolls back (the
+    /// destination is stopped, the source resumes) and reports this as the cause.
+    #[error("migration cancelled as QEMU completed it")]
+    CancelledAtCompletion,
     /// The destination died during the migration; it was cancelled.
     #[error(
         "the destination's {what} died during the migration ({detail}); the migration was \
@@ -40,6 +45,18 @@ pub enum MigrateError {
         detail: String,
         /// How the source was left, for the message.
         source_state: String,
+    },
+    /// The destination died as QEMU completed the migration: the source had sent everything
+    /// and stopped (`postmigrate`), so it does not resume by itself. [`migrate`] rolls back
+    /// (the source takes its VF state back and resumes), and reports this as the cause.
+    ///
+    /// [`migrate`]: super::migrate::migrate
+    #[error("the destination's {what} died as QEMU completed the migration ({detail})")]
+    DestinationLost {
+        /// `QEMU` or `companion`.
+        what: &'static str,
+        /// What was seen.
+        detail: String,
     },
     /// It took too long; it was cancelled.
     #[error("migration did not finish within {secs} s and was cancelled; the source VM keeps running. Raise --timeout or --max-bandwidth")]
