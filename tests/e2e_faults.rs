@@ -82,18 +82,33 @@ fn keeps_the_rule(fault: Fault, phase: FaultPhase) -> Cell {
     c
 }
 
+/// With the dirty log off, the RDMA writes that land during precopy are lost. How the loss
+/// shows varies from run to run: the halos a rank reads are stale (a wrong checksum that the
+/// job itself does not notice), or a lost write in the guest's own rings breaks the job
+/// visibly. The check must never call such a run a match, and it must call the silent kind
+/// "lost silently": up to four runs are made until one is.
 #[test]
-#[ignore = "intermittent: with the log off the lost writes sometimes break the job visibly \
-          (RnrRetryExceeded) instead of silently; e2e_soft_vf's negative control stays in CI"]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
 fn negative_control_without_tracking_is_caught_as_lost_silently() {
-    let c = cell(Strategy::UnsafeNoTracking, None);
-    assert!(
-        matches!(c.outcome, Outcome::LostSilently(_)),
-        "with the dirty log off, RDMA writes during precopy are lost: the check must say so, \
-         not {}",
-        c.outcome.label()
-    );
-    assert!(!c.outcome.keeps_the_rule());
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let c = cell(Strategy::UnsafeNoTracking, None);
+        assert!(
+            !matches!(c.outcome, Outcome::ChecksumMatches),
+            "with the dirty log off, RDMA writes during precopy are lost: the check must not \
+             call the run a match"
+        );
+        let silent = matches!(c.outcome, Outcome::LostSilently(_));
+        seen.push(c.outcome.label());
+        if silent {
+            assert!(!c.outcome.keeps_the_rule());
+            return;
+        }
+    }
+    panic!("no run lost its writes silently, or the check missed it: {seen:#?}");
 }
 
 #[test]
