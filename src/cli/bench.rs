@@ -164,7 +164,8 @@ impl From<FaultKind> for Fault {
 /// The lu-lite job of `bench faults` and `bench soak`.
 #[derive(clap::Args)]
 pub struct JobArgs {
-    /// VMs of the job (at least 2; peer `b` is the one restarted).
+    /// VMs of the job, at least 2 (`a` is the one migrated; in `bench faults`, `b` is the peer
+    /// whose companion is restarted).
     #[arg(long, default_value_t = 3)]
     vms: usize,
     /// Guest RAM per VM in MiB.
@@ -173,7 +174,8 @@ pub struct JobArgs {
     /// lu-lite grid size.
     #[arg(long, default_value_t = 256)]
     n: u32,
-    /// lu-lite iterations (`bench faults`).
+    /// lu-lite iterations of each run of `bench faults` (`bench soak` sizes its job from
+    /// `--migrations` and `--iters-per-migration` instead).
     #[arg(long, default_value_t = 600)]
     iters: u32,
     /// Migrate once rank `a` has done this many iterations.
