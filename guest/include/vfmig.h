@@ -46,6 +46,7 @@ typedef struct VfmigBuf vfmig_buf; /* a pinned buffer */
 #define VFMIG_WC_RETRY_EXCEEDED 6
 #define VFMIG_WC_UNKNOWN_PEER 7
 #define VFMIG_WC_FLUSHED 8
+#define VFMIG_WC_REMOTE_LOST 9 /* the peer's VF state is gone: its VM stopped or its companion restarted */
 
 /* Migration events. */
 #define VFMIG_EVENT_SUSPEND 1  /* stop communicating, then vfmig_ack_event(SUSPEND) */

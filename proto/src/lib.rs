@@ -150,6 +150,9 @@ pub enum Status {
     UnknownPeer = 7,
     /// Flushed after an error on the QP.
     Flushed = 8,
+    /// The peer's VF state is gone: its VM stopped or its companion restarted. The QP is in
+    /// the error state; it never works again (connect a new QP once the peer is back).
+    RemoteLost = 9,
 }
 
 impl Opcode {
@@ -176,6 +179,7 @@ impl Status {
             6 => Self::RetryExceeded,
             7 => Self::UnknownPeer,
             8 => Self::Flushed,
+            9 => Self::RemoteLost,
             _ => return Err(FrameError::Unknown("status", v.into())),
         })
     }

@@ -14,6 +14,8 @@
 //! - the VF's state moves to the destination ([`Device::export`], [`Device::import`]); the
 //!   export is a copy, so the source can take its state back ([`Device::reclaim`]) until the
 //!   destination runs, and only then drops it ([`Device::drop_state`]);
+//! - when QEMU is gone (its connection ended and its process with it) while the VF is live
+//!   here, the VF retires and its peers are told ([`Device::on_qemu_gone`]);
 //! - it is released on exit.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -134,6 +136,8 @@ pub struct Device {
     unlogged_bytes: AtomicU64,
     released: AtomicBool,
     handover: Mutex<Handover>,
+    /// Set by an import, cleared by the next memory table: see [`Device::on_qemu_gone`].
+    awaiting_start: AtomicBool,
 }
 
 impl Device {
@@ -163,6 +167,7 @@ impl Device {
             unlogged_bytes: AtomicU64::new(0),
             released: AtomicBool::new(false),
             handover: Mutex::new(Handover::Here),
+            awaiting_start: AtomicBool::new(false),
         })
     }
 
@@ -195,6 +200,9 @@ impl Device {
 
     /// Maps the memory table `mem` into the device at IOVA = GPA (unmapping what changed).
     pub fn on_memory_table(&self, mem: &Arc<GuestRamMmap>) {
+        if self.awaiting_start.swap(false, Ordering::SeqCst) {
+            tracing::info!("the VM runs here: the imported VF is live");
+        }
         let Some(dev) = self.device() else { return };
         let regions = MappedRegion::from_guest_ram(mem);
         let result = dev.lock().map_guest_ram(&regions);
@@ -355,6 +363,7 @@ impl Device {
         persist.import_state(state)?;
         guest.restore_waiting(frames);
         *self.handover.lock() = Handover::Here;
+        self.awaiting_start.store(true, Ordering::SeqCst);
         Ok(VfImportReply {
             announced_to: persist.announce(),
         })
@@ -408,6 +417,48 @@ impl Device {
             "VF state taken back: the VM stays here"
         );
         Ok(VfReclaimReply { announced_to })
+    }
+
+    /// QEMU is gone (its connection ended and its process with it): if the soft VF is live
+    /// here, the VM stopped with it, so the VF retires and every peer with a QP connected to
+    /// the VM is told; those QPs fail with `RemoteLost` instead of waiting forever. Returns the
+    /// peers told, or `None` if the VF did not retire.
+    ///
+    /// Live means that this companion runs the VM's VF state now. It is not live:
+    /// - without a soft VF, or with one that has no state (no QP, no region);
+    /// - after `vf_export` (the state moved: the source QEMU quits after a migration) or
+    ///   `vf_release` (it lives in another companion), or once the device was released;
+    /// - after `vf_import`, until the device starts here. QEMU sends its first memory table
+    ///   (`SET_MEM_TABLE`) when it starts the vhost device, which it does only once the VM runs;
+    ///   a destination stays paused (`-S`) until `cont`, so until then the orchestrator may
+    ///   still roll back to the source (`orchestrator::takeover::roll_back`), which takes the
+    ///   state back with the same epoch: peers must not have failed their QPs meanwhile. The
+    ///   flag is set by the import and cleared by the first memory table after it.
+    pub fn on_qemu_gone(&self) -> Option<Vec<String>> {
+        let vf = self.fabric.as_ref()?;
+        // Held while the VF retires: no export or import runs meanwhile.
+        let handover = self.handover.lock();
+        let not_live = if self.released.load(Ordering::SeqCst) {
+            Some("the VF was released")
+        } else {
+            match *handover {
+                Handover::Exported => Some("its state was exported to a destination"),
+                Handover::Released => Some("its state was released to another companion"),
+                Handover::Here if self.awaiting_start.load(Ordering::SeqCst) => Some(
+                    "its state was imported but the VM never ran here (a roll-back may still                      give it to the source)",
+                ),
+                Handover::Here => None,
+            }
+        };
+        if let Some(why) = not_live {
+            tracing::info!("QEMU is gone; the VF does not retire: {why}");
+            return None;
+        }
+        let told = vf.retire();
+        if told.is_none() {
+            tracing::info!("QEMU is gone; the VF has no state: nothing to retire");
+        }
+        told
     }
 
     /// Releases the device (idempotent). Later calls of the other methods leave it alone.
@@ -499,6 +550,7 @@ mod tests {
             unlogged_bytes: AtomicU64::new(0),
             released: AtomicBool::new(false),
             handover: Mutex::new(Handover::Here),
+            awaiting_start: AtomicBool::new(false),
         })
     }
 
@@ -755,6 +807,60 @@ mod tests {
         assert_eq!(dst_guest.stats().frames_waiting, 0);
         src.release();
         dst.release();
+    }
+
+    fn retired(d: &Device) -> bool {
+        d.fabric.as_ref().is_some_and(SoftVf::is_retired)
+    }
+
+    #[test]
+    fn qemu_gone_retires_the_vf_only_where_it_is_live() {
+        // No VF, and a VF without state: nothing to retire.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let none = Device::new(None, Arc::new(DmaEngine::new(GuestMemoryAtomic::new(mem))));
+        assert_eq!(none.on_qemu_gone(), None);
+        let (fresh, _, _) = soft_handle("m");
+        assert_eq!(fresh.on_qemu_gone(), None);
+        assert!(!retired(&fresh), "a VF without state retired");
+
+        // The source after vf_export: its state moved; its QEMU quitting fails nothing.
+        let (src, _, src_guest) = soft_handle("m");
+        src.verbs().unwrap().create_qp().unwrap();
+        src.quiesce("GET_VRING_BASE");
+        let exported = src.export(&src_guest).unwrap();
+        assert_eq!(src.on_qemu_gone(), None);
+        assert!(!retired(&src), "retired after vf_export");
+        // ... and after vf_release.
+        src.drop_state(&src_guest).unwrap();
+        assert_eq!(src.on_qemu_gone(), None);
+        assert!(!retired(&src), "retired after vf_release");
+
+        // A destination that imported, its VM not started yet (a roll-back may follow).
+        let (dst, dst_dma, dst_guest) = soft_handle("m");
+        dst.import(&dst_guest, exported.vf, &[]).unwrap();
+        assert_eq!(dst.on_qemu_gone(), None);
+        assert!(!retired(&dst), "retired before the VM ran here");
+        // QEMU starts the device (its first memory table): the VF is live here now.
+        dst.on_memory_table(&dst_dma.ram().memory().into_inner());
+        assert_eq!(dst.on_qemu_gone(), Some(vec![]), "no peer to tell");
+        assert!(retired(&dst), "a live VF did not retire");
+
+        // A VF that was never moved, with state: live.
+        let (live, _, _) = soft_handle("m");
+        live.verbs().unwrap().create_qp().unwrap();
+        assert!(live.on_qemu_gone().is_some());
+        assert!(retired(&live));
+        // ... and one taken back by the source after a failed takeover: live again.
+        let (back, _, back_guest) = soft_handle("m");
+        back.verbs().unwrap().create_qp().unwrap();
+        back.quiesce("GET_VRING_BASE");
+        back.export(&back_guest).unwrap();
+        back.reclaim().unwrap();
+        assert!(back.on_qemu_gone().is_some());
+        assert!(retired(&back));
+        for d in [none, fresh, src, dst, live, back] {
+            d.release();
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -347,18 +348,22 @@ impl VhostServer {
 
     /// Serves one front-end connection, from accept to disconnect. A connection that ends
     /// with an error (a refused message, a broken socket) is logged; the next one is served
-    /// the same way.
+    /// the same way. Returns the front-end's process id, if the socket tells it.
     fn serve_one(
         &mut self,
         connected: &AtomicBool,
         log: &vhost_filter::SharedMessageLog,
-    ) -> Result<(), CompanionError> {
+    ) -> Result<Option<i32>, CompanionError> {
         let listen_err = |source: std::io::Error| CompanionError::Listen {
             vm: self.vm.clone(),
             path: self.socket.clone(),
             source,
         };
         let (qemu, _) = self.public.accept().map_err(listen_err)?;
+        let pid = nix::sys::socket::getsockopt(&qemu, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .map(|c| c.pid())
+            .filter(|p| *p > 0);
         let to_backend = UnixStream::connect(&self.backend_path).map_err(listen_err)?;
         self.daemon
             .start(&mut self.listener)
@@ -396,7 +401,51 @@ impl VhostServer {
                 "QEMU connection ended with an error; waiting for a new connection"
             ),
         }
-        Ok(())
+        Ok(pid)
+    }
+}
+
+/// How long a QEMU whose connection ended has to exit before it is taken to be alive (and
+/// about to reconnect).
+const QEMU_EXIT_GRACE: Duration = Duration::from_secs(3);
+
+/// Whether process `pid` ends (or is a zombie) within `grace`.
+fn process_ends(pid: i32, grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    loop {
+        // The state is the first field after the command's closing parenthesis.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().chars().next())
+            });
+        match state {
+            None | Some(None) | Some(Some('Z' | 'X' | 'x')) => return true,
+            _ if Instant::now() >= deadline => return false,
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+impl Companion {
+    /// QEMU's connection ended. If QEMU's process ended too (or cannot be known), the VM
+    /// stopped: the VF retires if it was live here ([`Device::on_qemu_gone`]). A QEMU that
+    /// still runs may reconnect (`reconnect-ms`) and keeps its VF.
+    fn on_qemu_disconnected(&self, pid: Option<i32>) {
+        if let Some(pid) = pid {
+            if !process_ends(pid, QEMU_EXIT_GRACE) {
+                tracing::warn!(
+                    vm = %self.name,
+                    pid,
+                    "QEMU's connection ended but QEMU still runs: the VF stays for its reconnect"
+                );
+                return;
+            }
+        }
+        if let Some(told) = self.device.on_qemu_gone() {
+            tracing::warn!(vm = %self.name, ?told, "QEMU is gone with the VM: its VF retired");
+        }
     }
 }
 
@@ -453,7 +502,8 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
     // keep the control socket up so that the guest RAM last mapped can still be verified, and
     // accept a new connection if one comes.
     loop {
-        vhost.serve_one(&companion.vhost_connected, &companion.vhost_messages)?;
+        let qemu = vhost.serve_one(&companion.vhost_connected, &companion.vhost_messages)?;
+        companion.on_qemu_disconnected(qemu);
         if companion.quit.load(Ordering::SeqCst) {
             device.release();
             vhost.remove_sockets();
@@ -516,6 +566,26 @@ mod tests {
                 "connection {attempt} was not served"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod qemu_gone_tests {
+    use super::*;
+
+    #[test]
+    fn a_process_that_runs_is_not_taken_for_gone_and_one_that_exited_is() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        assert!(!process_ends(pid, Duration::from_millis(100)));
+        child.kill().unwrap();
+        // Not reaped yet: a zombie counts as gone.
+        assert!(process_ends(pid, Duration::from_secs(5)));
+        child.wait().unwrap();
+        assert!(process_ends(pid, Duration::ZERO));
     }
 }
 

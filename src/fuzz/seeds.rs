@@ -180,6 +180,8 @@ pub(super) fn control() -> Vec<Vec<u8>> {
     let state = VfState {
         version: VF_STATE_VERSION,
         vm: "c".into(),
+        epoch: 1,
+        peer_epochs: Default::default(),
         mrs: vec![],
         next_key: 1,
         qps: vec![],

@@ -508,6 +508,7 @@ mod tests {
                     "soft_vf": {
                         "requests_sent": 5, "requests_replayed": 0, "requests_applied": 4,
                         "duplicates": 0, "held": 3, "malformed_frames": 0,
+                        "qps_lost": 0, "gone_refused": 0,
                     },
                     "guest_link": {
                         "frames_from_guest": 0, "other_frames": 0, "malformed_frames": 0,
@@ -531,7 +532,7 @@ mod tests {
             (
                 "vf_export",
                 json!({
-                    "vf": {"version": 1, "vm": "a", "mrs": [], "next_key": 1, "qps": [], "next_qp": 1, "cq": []},
+                    "vf": {"version": 2, "vm": "a", "epoch": 1, "peer_epochs": {}, "mrs": [], "next_key": 1, "qps": [], "next_qp": 1, "cq": []},
                     "rx_frames": ["00ff"],
                 }),
             ),
@@ -591,6 +592,10 @@ mod tests {
         // A state without a version reads as version 0 and is then refused by the importer's
         // version check, which names both versions.
         "vf.version",
+        // Added with version 2: a state of version 1 lacks them, parses, and is refused by the
+        // version check.
+        "vf.epoch",
+        "vf.peer_epochs",
     ];
 
     /// Every path to an object key in `v`, with a copy of `v` where that key is renamed.

@@ -87,10 +87,15 @@ impl SoftVf {
         Ok(())
     }
 
-    /// Posts a receive work request.
+    /// Posts a receive work request. On a QP whose peer's VF state is gone it completes at
+    /// once with `RemoteLost`.
     pub fn post_recv(&self, qp: u32, wr: RecvWr) -> Result<(), VerbsError> {
         let mut st = self.inner.state.lock();
         let q = st.qps.get_mut(&qp).ok_or(VerbsError::NoSuchQp(qp))?;
+        if q.lost {
+            super::state::complete(&mut st, &self.inner, super::state::lost_recv(qp, &wr));
+            return Ok(());
+        }
         q.recvs.push_back(wr);
         Ok(())
     }

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use super::auth::{self, FabricAuth, FrameReader, FrameWriter, Session};
 use super::responder::{self, Outcome};
 use super::wire::{Frame, WireError};
-use super::{requester, Inner};
+use super::{lost, requester, Inner};
 
 /// Connections in handshake at once; a new one drops the oldest.
 pub const MAX_HANDSHAKING: usize = 16;
@@ -129,26 +129,34 @@ fn gone(inner: &Inner, id: u64) {
     c.peers.retain(|_, l| !l.is_empty());
 }
 
-/// The link to `vm`, dialling it if there is none.
-pub(super) fn link_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
-    if let Some(l) = inner.links.lock().get(vm) {
-        if l.alive.load(Ordering::SeqCst) {
-            return Some(l.clone());
-        }
-    }
-    dial(inner, vm, false)
+/// The live link to `vm`, if any.
+fn live_link(inner: &Inner, vm: &str) -> Option<Arc<Link>> {
+    inner
+        .links
+        .lock()
+        .get(vm)
+        .filter(|l| l.alive.load(Ordering::SeqCst))
+        .cloned()
 }
 
-/// Remembers a peer's epoch; a new one means the peer's companion restarted (or the VM moved).
-fn note_epoch(inner: &Inner, peer: &str, epoch: u64) {
-    let old = inner.peer_epochs.lock().insert(peer.to_string(), epoch);
-    match old {
-        Some(o) if o != epoch => {
-            tracing::info!(%peer, old = format!("{o:016x}"), new = format!("{epoch:016x}"), "fabric peer is a new incarnation (its companion restarted or the VM moved)")
-        }
-        None => tracing::debug!(%peer, epoch = format!("{epoch:016x}"), "fabric peer's epoch"),
-        _ => {}
+/// The link to `vm`, dialling it if there is none. One dial per peer at a time (the sender and
+/// the probe may both want one): a second link dialled at once would replace the first, and
+/// what the first carried would go again on the second.
+pub(super) fn link_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
+    if let Some(l) = live_link(inner, vm) {
+        return Some(l);
     }
+    let one = inner
+        .dialing
+        .lock()
+        .entry(vm.to_string())
+        .or_default()
+        .clone();
+    let _one = one.lock();
+    if let Some(l) = live_link(inner, vm) {
+        return Some(l);
+    }
+    dial(inner, vm, false)
 }
 
 /// Dials `vm` and says Hello (announcing a migration when `announce`).
@@ -217,7 +225,12 @@ fn announce_round(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
 
 /// Connects to `vm`, authenticates, and says Hello, before `deadline`; starts the link's ack
 /// reader. The link is not yet in use.
-fn connect(inner: &Arc<Inner>, vm: &str, announce: bool, deadline: Instant) -> Option<Arc<Link>> {
+pub(super) fn connect(
+    inner: &Arc<Inner>,
+    vm: &str,
+    announce: bool,
+    deadline: Instant,
+) -> Option<Arc<Link>> {
     let addr = inner.book.lock().get(vm).cloned()?;
     let sock: SocketAddr = addr.to_socket_addrs().ok()?.next()?;
     let left = deadline.saturating_duration_since(Instant::now());
@@ -227,14 +240,21 @@ fn connect(inner: &Arc<Inner>, vm: &str, announce: bool, deadline: Instant) -> O
     let _ = stream.set_nodelay(true);
     let (send_key, recv_key) = match &inner.auth {
         FabricAuth::Keys(keys) => {
-            match auth::initiate(keys, &inner.vm, inner.epoch, vm, &mut stream, deadline) {
+            match auth::initiate(
+                keys,
+                &inner.vm,
+                inner.epoch.load(Ordering::SeqCst),
+                vm,
+                &mut stream,
+                deadline,
+            ) {
                 Ok(Session {
                     peer_epoch,
                     send_key,
                     recv_key,
                     ..
                 }) => {
-                    note_epoch(inner, vm, peer_epoch);
+                    lost::note_epoch(inner, vm, peer_epoch);
                     (Some(send_key), Some(recv_key))
                 }
                 Err(e) => {
@@ -450,7 +470,12 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let (proved, send_key, recv_key, epoch) = match &inner.auth {
         FabricAuth::Keys(keys) => {
-            let s = auth::respond(keys, inner.epoch, &mut stream, deadline)?;
+            let s = auth::respond(
+                keys,
+                inner.epoch.load(Ordering::SeqCst),
+                &mut stream,
+                deadline,
+            )?;
             (
                 Some(s.peer),
                 Some(s.send_key),
@@ -473,7 +498,7 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
     };
     // The epoch was proved in the handshake; it counts once the hello's MAC holds.
     if let Some(e) = epoch {
-        note_epoch(inner, &peer, e);
+        lost::note_epoch(inner, &peer, e);
     }
     established(inner, id, &peer, &stream);
     stream
@@ -493,6 +518,11 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
         };
         let (qp, psn) = match &frame {
             Frame::Write { src_qp, psn, .. } | Frame::Send { src_qp, psn, .. } => (*src_qp, *psn),
+            Frame::Gone { vm, epoch } => {
+                // Taken or refused, the connection closes: that tells the dialler it was read.
+                lost::on_gone(inner, &peer, vm, *epoch);
+                return Ok(());
+            }
             other => {
                 inner.stats.lock().malformed_frames += 1;
                 tracing::warn!(%peer, ?other, "unexpected frame from a peer: dropped");

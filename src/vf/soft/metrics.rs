@@ -19,6 +19,10 @@ pub struct SoftVfStats {
     pub held: u64,
     /// Malformed frames dropped.
     pub malformed_frames: u64,
+    /// QPs failed because their peer's VF state was gone (a new epoch, or `Gone`).
+    pub qps_lost: u64,
+    /// `Gone` frames refused (another VM named, a stale epoch, an unauthenticated link).
+    pub gone_refused: u64,
 }
 
 impl SoftVf {

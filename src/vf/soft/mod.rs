@@ -24,6 +24,8 @@
 //! - `device`: the verbs and the device side, the soft VF at the seam of [`crate::vf`];
 //! - `requester`: the send half of go-back-N (post, resend, acks, the retry thread);
 //! - `responder`: the receive half (apply a peer's request in order, once);
+//! - `lost`: peers whose VF state is gone (a new epoch, or their `Gone`), and this VF retiring
+//!   when its VM stops;
 //! - `link`: connections to peers and their threads, and the bounds on them;
 //! - `auth`: the fabric's authentication (a Noise handshake, then a MAC on every frame);
 //! - `persist`: the state that moves at switchover ([`VfState`], versioned);
@@ -33,6 +35,7 @@ mod auth;
 mod cluster;
 mod device;
 mod link;
+mod lost;
 mod metrics;
 mod persist;
 mod requester;
@@ -74,10 +77,14 @@ struct Inner {
     allowed: Mutex<HashSet<String>>,
     /// Whether and how links authenticate.
     auth: FabricAuth,
-    /// This VF's incarnation: random per start, sent in every handshake.
-    epoch: u64,
-    /// Each peer's epoch, as its last handshake proved it.
+    /// This VF state's incarnation, proved in every handshake: random at a fresh start, the
+    /// source's after an import (it moves with the state, see [`VfState::epoch`]).
+    epoch: AtomicU64,
+    /// Each peer's epoch, as its last authenticated handshake proved it.
     peer_epochs: Mutex<HashMap<String, u64>>,
+    /// The VM stopped while the VF was live: its QPs are in error, its peers were told, and
+    /// their requests are refused with [`wire::AckStatus::Gone`].
+    retired: AtomicBool,
     /// Memory keys and QP numbers drawn at random (see [`SoftVf::randomize_ids`]).
     random_ids: AtomicBool,
     /// Connections served, for the caps.
@@ -85,6 +92,8 @@ struct Inner {
     /// The last parallel announce.
     announce_round: Mutex<link::Round>,
     links: Mutex<HashMap<String, Arc<Link>>>,
+    /// Per peer, held while a link to it is dialled (see `link::link_to`).
+    dialing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     generation: AtomicU64,
     timing: FabricTiming,
     closed: AtomicBool,
@@ -126,7 +135,8 @@ impl SoftVf {
         }
         let mut epoch = [0u8; 8];
         getrandom::fill(&mut epoch).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let epoch = u64::from_le_bytes(epoch);
+        // Never 0: a state's epoch of 0 is refused at import.
+        let epoch = u64::from_le_bytes(epoch).max(1);
         let allowed = cluster
             .vms
             .values()
@@ -142,12 +152,14 @@ impl SoftVf {
             book: Mutex::new(cluster.vms),
             allowed: Mutex::new(allowed),
             auth,
-            epoch,
+            epoch: AtomicU64::new(epoch),
             peer_epochs: Mutex::new(HashMap::new()),
+            retired: AtomicBool::new(false),
             random_ids: AtomicBool::new(false),
             conns: Mutex::new(link::Conns::default()),
             announce_round: Mutex::new(link::Round::default()),
             links: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             timing,
             closed: AtomicBool::new(false),
@@ -170,6 +182,12 @@ impl SoftVf {
             std::thread::Builder::new()
                 .name(format!("vfmig-fabric-retry-{vm}"))
                 .spawn(move || requester::retry_loop(&inner))?;
+        }
+        {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("vfmig-fabric-probe-{vm}"))
+                .spawn(move || lost::probe_loop(&inner))?;
         }
         tracing::info!(vm, listen = %local, epoch = format!("{epoch:016x}"), "soft VF fabric listening");
         Ok(Self { inner })
@@ -198,6 +216,10 @@ impl SoftVf {
                 None
             }
             wire::Frame::Hello { .. } => None,
+            wire::Frame::Gone { vm, epoch } => {
+                lost::on_gone(&self.inner, peer, &vm, epoch);
+                None
+            }
             request => match responder::apply(&self.inner, peer, request) {
                 responder::Outcome::Ack(status) => Some(status),
                 responder::Outcome::Drop | responder::Outcome::Close => None,
@@ -221,13 +243,14 @@ impl SoftVf {
         st.advance_qp(true);
     }
 
-    /// This VF's epoch: random per start, proved in every handshake.
+    /// This VF state's epoch, proved in every handshake: random at a fresh start, adopted from
+    /// the source at an import.
     pub fn epoch(&self) -> u64 {
-        self.inner.epoch
+        self.inner.epoch.load(Ordering::SeqCst)
     }
 
-    /// A peer's epoch, as its last authenticated handshake proved it; a new value means a new
-    /// incarnation of the peer's companion (the exactly-once code may reset its PSN state).
+    /// A peer's epoch, as its last authenticated handshake proved it; a new value means the
+    /// peer's VF state is gone (its companion restarted), see [`SoftVf::on_peer_epoch`].
     pub fn peer_epoch(&self, vm: &str) -> Option<u64> {
         self.inner.peer_epochs.lock().get(vm).copied()
     }

@@ -2,7 +2,8 @@
 //! tables, the requests not yet acked, and the completions not yet taken ([`VfState`]). Guest
 //! RAM moves by precopy; the state carries a version, and an importer refuses another one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,8 @@ use crate::vf::verbs::{Completion, MemoryRegion, RecvWr, SendWr};
 
 /// Version of [`VfState`]: raised whenever its meaning changes, so that companions of two
 /// releases refuse each other's state instead of misreading it.
-pub const VF_STATE_VERSION: u32 = 1;
+/// Version 2 added the epoch (and the peers' epochs) and the QPs' `lost` flag.
+pub const VF_STATE_VERSION: u32 = 2;
 
 /// Bounds of a [`VfState`] an importer accepts: far above what a guest sets up, far below
 /// what would exhaust the companion.
@@ -31,6 +33,8 @@ pub mod limits {
     pub const MAX_COMPLETIONS: usize = 1 << 20;
     /// Bytes of a VM name.
     pub const MAX_NAME: usize = 256;
+    /// Peers whose epoch the state carries.
+    pub const MAX_PEERS: usize = 4096;
 }
 
 /// A QP as it moves from the source companion to the destination's.
@@ -52,6 +56,10 @@ pub struct QpState {
     pub unacked: Vec<(u64, SendWr)>,
     /// Whether the QP is in the error state.
     pub error: bool,
+    /// Whether it is in error because its peer's VF state is gone (posts on it fail with
+    /// `RemoteLost`).
+    #[serde(default)]
+    pub lost: bool,
 }
 
 /// Everything of a soft VF that is not in guest RAM: what moves at switchover.
@@ -62,6 +70,14 @@ pub struct VfState {
     pub version: u32,
     /// The VM.
     pub vm: String,
+    /// The VF state's epoch (never 0): proved in every handshake. The destination speaks with
+    /// it, so the VM's peers see the same VF state moved, not a restarted one.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Each peer's epoch as last proved to the source: the destination recognises a peer that
+    /// restarted while the VM moved.
+    #[serde(default)]
+    pub peer_epochs: BTreeMap<String, u64>,
     /// Registered regions.
     pub mrs: Vec<MemoryRegion>,
     /// Next region key.
@@ -153,6 +169,13 @@ impl VfState {
                 Ok(())
             }
         };
+        if self.epoch == 0 {
+            return Err(invalid("it has no epoch (0)".into()));
+        }
+        at_most("peers' epochs", self.peer_epochs.len(), MAX_PEERS)?;
+        if self.peer_epochs.keys().any(|p| p.len() > MAX_NAME) {
+            return Err(invalid("a peer's name is too long".into()));
+        }
         at_most("queue pairs", self.qps.len(), MAX_QPS)?;
         at_most("memory regions", self.mrs.len(), MAX_MRS)?;
         at_most("completions", self.cq.len(), MAX_COMPLETIONS)?;
@@ -238,7 +261,8 @@ impl From<&QpState> for Qp {
                     retry_after: None,
                 })
                 .collect(),
-            error: q.error,
+            error: q.error || q.lost,
+            lost: q.lost,
         }
     }
 }
@@ -252,6 +276,7 @@ fn qp_state(num: u32, q: &Qp) -> QpState {
         recvs: q.recvs.iter().copied().collect(),
         unacked: q.unacked.iter().map(|p| (p.psn, p.wr.clone())).collect(),
         error: q.error,
+        lost: q.lost,
     }
 }
 
@@ -275,9 +300,17 @@ impl SoftVf {
         qps.sort_by_key(|q| q.num);
         let mut mrs: Vec<MemoryRegion> = st.mrs.values().cloned().collect();
         mrs.sort_by_key(|m| m.key);
+        let peer_epochs = inner
+            .peer_epochs
+            .lock()
+            .iter()
+            .map(|(p, e)| (p.clone(), *e))
+            .collect();
         Ok(VfState {
             version: VF_STATE_VERSION,
             vm: inner.vm.clone(),
+            epoch: inner.epoch.load(Ordering::SeqCst),
+            peer_epochs,
             mrs,
             next_key: st.next_key,
             qps,
@@ -288,7 +321,8 @@ impl SoftVf {
 
     /// Takes over a migrated VM's VF state. Pending requests will be rebuilt from guest RAM
     /// (it arrives identical) once the device has it, and replayed; call
-    /// [`SoftVf::announce`] next, before the VM resumes.
+    /// [`SoftVf::announce`] next, before the VM resumes. The VF adopts the state's epoch (and
+    /// its peers' epochs), so its peers see the VM's VF state moved, not restarted.
     pub fn import_state(&self, state: VfState) -> Result<(), StateError> {
         let inner = &self.inner;
         if let Err(e) = state.validate(&inner.vm) {
@@ -306,8 +340,16 @@ impl SoftVf {
             next_qp: state.next_qp,
             cq: state.cq.into_iter().collect(),
         };
+        let own = inner.epoch.swap(state.epoch, Ordering::SeqCst);
+        *inner.peer_epochs.lock() = state.peer_epochs.into_iter().collect();
         *inner.state.lock() = fresh;
         inner.cq_ready.notify_all();
+        tracing::info!(
+            vm = %inner.vm,
+            epoch = format!("{:016x}", state.epoch),
+            replaced = format!("{own:016x}"),
+            "VF state imported: this VF speaks with the VM's epoch from now on"
+        );
         Ok(())
     }
 
@@ -373,6 +415,8 @@ mod tests {
         VfState {
             version: VF_STATE_VERSION,
             vm: "a".into(),
+            epoch: 0x5eed,
+            peer_epochs: [("b".to_string(), 7)].into(),
             mrs: vec![MemoryRegion {
                 key: 1,
                 addr: 0x1000,
@@ -391,6 +435,7 @@ mod tests {
                 recvs: vec![],
                 unacked: vec![(1, wr(8)), (2, wr(8))],
                 error: false,
+                lost: false,
             }],
             next_qp: 2,
             cq: vec![],
@@ -411,6 +456,13 @@ mod tests {
                 Box::new(|s| s.qps[0].next_psn = 2),
             ),
             ("PSN 0", Box::new(|s| s.qps[0].expected_psn = 0)),
+            ("no epoch", Box::new(|s| s.epoch = 0)),
+            (
+                "a peer's name too long",
+                Box::new(|s| {
+                    s.peer_epochs.insert("p".repeat(limits::MAX_NAME + 1), 1);
+                }),
+            ),
             ("a repeated QP", Box::new(|s| s.qps.push(s.qps[0].clone()))),
             ("a QP above next_qp", Box::new(|s| s.next_qp = 1)),
             ("a region above next_key", Box::new(|s| s.next_key = 1)),

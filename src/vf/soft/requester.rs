@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::link;
 use super::state::{
-    complete, fail_qp, opcode_of, pending_completion, Pending, State, NEVER_SENT, NOT_ON_A_LINK,
+    complete, fail_qp, lose_qp, opcode_of, pending_completion, Pending, State, NEVER_SENT,
+    NOT_ON_A_LINK,
 };
 use super::wire::{self, AckStatus, Frame};
 use super::{Inner, SoftVf};
@@ -48,6 +49,9 @@ impl SoftVf {
             inner.cq_ready.notify_all();
             Ok(())
         };
+        if q.lost {
+            return fail(cq, Status::RemoteLost);
+        }
         if q.error {
             return fail(cq, Status::Flushed);
         }
@@ -249,7 +253,25 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
         AckStatus::RemoteAccess => fail_qp(&mut st, inner, qp, Status::RemoteAccessError),
         AckStatus::RemoteInvalid => fail_qp(&mut st, inner, qp, Status::RemoteInvalidRequest),
         AckStatus::NoSuchQp => fail_qp(&mut st, inner, qp, Status::UnknownPeer),
+        AckStatus::Gone => {
+            if lose_qp(&mut st, inner, qp) {
+                let peer = q_peer(&st, qp);
+                inner.stats.lock().qps_lost += 1;
+                drop(st);
+                tracing::warn!(
+                    qp,
+                    psn,
+                    ?peer,
+                    "the target's VF state for this QP is gone (its VM stopped, or it lost ours                      before): the QP fails with RemoteLost"
+                );
+            }
+        }
     }
+}
+
+/// The peer VM of `qp`, for logs.
+fn q_peer(st: &State, qp: u32) -> Option<String> {
+    st.qps.get(&qp)?.peer.as_ref().map(|(p, _)| p.clone())
 }
 
 /// Retries held requests; fails those held too long.

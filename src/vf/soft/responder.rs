@@ -6,9 +6,10 @@
 //!
 //! One stream applies to a QP: each connection serving a peer runs on its own thread, and the
 //! newest one to apply to a QP owns it; an older connection that still carries requests for
-//! that QP is refused and closed (a peer that redialled resends on its new one). A peer whose
-//! companion restarted (a new epoch, [`SoftVf::on_peer_epoch`]) starts its PSNs at 1 again: the
-//! QPs connected to it expect PSN 1 again instead of taking its requests for duplicates.
+//! that QP is refused and closed (a peer that redialled resends on its new one).
+//!
+//! A request to a QP whose peer's VF state is gone (`super::lost`), or to a VF that retired,
+//! is refused with [`AckStatus::Gone`]: the requester fails its QP with `RemoteLost`.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use super::state::{complete, Qp, State};
 use super::wire::{AckStatus, Frame};
-use super::{Inner, SoftVf};
+use super::Inner;
 use crate::memory::DmaError;
 use crate::vf::verbs::{Completion, GpaRange, MemoryRegion, Opcode, Status};
 
@@ -37,8 +38,6 @@ pub(super) enum Outcome {
 pub(super) struct Receive {
     /// Per local QP: the stream that applies to it and the gap a NAK was sent for.
     qps: HashMap<u32, RxQp>,
-    /// Per peer VM: the epoch of its companion, as its handshake said.
-    epochs: HashMap<String, u64>,
     /// Tests only: once armed, the next `apply` stops after its DMA and before `finish`,
     /// tells the test, and waits until the test lets it go on.
     #[cfg(test)]
@@ -75,43 +74,6 @@ fn this_stream() -> u64 {
         }
         s.get()
     })
-}
-
-impl SoftVf {
-    /// The handshake's hook: `vm`'s companion speaks with `epoch` (a number of its start).
-    /// A new epoch for a known peer means its companion restarted and numbers its requests
-    /// from PSN 1 again: every QP connected to it expects PSN 1 again (otherwise its requests
-    /// would be acked as duplicates and never applied). Returns whether that happened.
-    ///
-    /// A migrated VM carries its PSNs on: its destination companion must speak with the epoch
-    /// the source did (the epoch moves with the VF state), or this hook would reset the QPs.
-    pub fn on_peer_epoch(&self, vm: &str, epoch: u64) -> bool {
-        let inner = &self.inner;
-        // No request of that peer is half-applied while its QPs are reset.
-        let _applying = inner.applying.lock();
-        let mut rx = inner.rx.lock();
-        let before = rx.epochs.insert(vm.to_string(), epoch);
-        if before.is_none_or(|b| b == epoch) {
-            return false;
-        }
-        let mut st = inner.state.lock();
-        let mut reset = Vec::new();
-        for (&n, q) in st.qps.iter_mut() {
-            if q.peer.as_ref().is_some_and(|(p, _)| p == vm) {
-                q.expected_psn = 1;
-                rx.qps.remove(&n);
-                reset.push(n);
-            }
-        }
-        tracing::warn!(
-            peer = vm,
-            old_epoch = before,
-            epoch,
-            qps = ?reset,
-            "the peer's companion restarted: its QPs expect PSN 1 again"
-        );
-        true
-    }
 }
 
 /// A peer's request, as the responder needs it.
@@ -184,6 +146,10 @@ pub(super) fn apply(inner: &Arc<Inner>, peer: &str, frame: Frame) -> Outcome {
     // Quiesce and export take this lock too, so they wait for a whole apply (DMA, PSN,
     // receive completion), never for half of one.
     let _applying = inner.applying.lock();
+    if inner.retired.load(Ordering::SeqCst) {
+        // This VM stopped: nothing lands in its RAM again, and the peer learns why.
+        return Outcome::Ack(AckStatus::Gone);
+    }
     if let Err(outcome) = own_stream(inner, peer, &req) {
         return outcome;
     }
@@ -275,6 +241,10 @@ fn place(inner: &Inner, peer: &str, req: &Request) -> Result<Vec<GpaRange>, Outc
             return Err(Outcome::Ack(AckStatus::NoSuchQp))
         }
         Some(_) => {}
+    }
+    if q.lost {
+        // The peer's VF state was lost before: this QP never works again.
+        return Err(Outcome::Ack(AckStatus::Gone));
     }
     if req.psn < q.expected_psn {
         drop(st);
@@ -600,28 +570,47 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_restarted_peer_is_applied_from_psn_1_again_not_taken_for_duplicates() {
+    fn a_peer_with_a_new_epoch_has_its_qps_failed_and_their_requests_refused() {
         let (b, qp, key) = target("b", "a");
+        b.set_peer_address("c", "127.0.0.1:1");
+        let other = b.create_qp();
+        b.connect_qp(other, "c", 1).unwrap();
         assert!(!b.on_peer_epoch("a", 7), "first sighting");
-        for psn in 1..=3 {
-            assert!(is_ack(
-                &apply(&b.inner, "a", write(qp, psn, key)),
-                AckStatus::Ok
-            ));
-        }
-        assert!(!b.on_peer_epoch("a", 7), "same companion");
-        let applied = b.inner.stats.lock().requests_applied;
-        assert!(b.on_peer_epoch("a", 8), "a restart");
+        assert!(!b.on_peer_epoch("c", 9), "first sighting");
         assert!(is_ack(
             &apply(&b.inner, "a", write(qp, 1, key)),
             AckStatus::Ok
         ));
+        let recv = crate::vf::verbs::RecvWr {
+            wr_id: 5,
+            sge: Sge {
+                addr: BUF,
+                len: 64,
+                lkey: key,
+            },
+        };
+        b.post_recv(qp, recv).unwrap();
+        b.post_recv(other, recv).unwrap();
+        assert!(!b.on_peer_epoch("a", 7), "same companion");
+        assert!(b.poll_cq(8).is_empty());
+        assert!(b.on_peer_epoch("a", 8), "a restart");
+        let done = b.poll_cq(8);
+        assert_eq!(done.len(), 1, "{done:?}");
         assert_eq!(
-            b.inner.stats.lock().requests_applied,
-            applied + 1,
-            "applied, not a duplicate"
+            (done[0].wr_id, done[0].qp, done[0].status),
+            (5, qp, Status::RemoteLost),
+            "the posted receive wakes with the reason"
         );
-        assert_eq!(expected(&b, qp), 2);
+        let applied = b.inner.stats.lock().requests_applied;
+        // The new incarnation's requests to the failed QP, from PSN 1 or on: refused.
+        for psn in [1, 2] {
+            assert!(is_ack(
+                &apply(&b.inner, "a", write(qp, psn, key)),
+                AckStatus::Gone
+            ));
+        }
+        assert_eq!(b.inner.stats.lock().requests_applied, applied);
+        assert_eq!(b.inner.stats.lock().qps_lost, 1, "c's QP untouched");
     }
 
     fn write_wr(wr_id: u64, lkey: u32, rkey: u32) -> SendWr {

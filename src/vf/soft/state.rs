@@ -36,6 +36,9 @@ pub(super) struct Qp {
     pub(super) recvs: VecDeque<RecvWr>,
     pub(super) unacked: VecDeque<Pending>,
     pub(super) error: bool,
+    /// In error because the peer's VF state is gone ([`lose_qp`]): later posts fail at once
+    /// with [`Status::RemoteLost`], and the peer's requests to it are refused.
+    pub(super) lost: bool,
 }
 
 impl Qp {
@@ -48,6 +51,7 @@ impl Qp {
             recvs: VecDeque::new(),
             unacked: VecDeque::new(),
             error: false,
+            lost: false,
         }
     }
 }
@@ -163,5 +167,42 @@ pub(super) fn fail_qp(st: &mut State, inner: &Inner, qp: u32, status: Status) {
     }
     for c in done {
         complete(st, inner, c);
+    }
+}
+
+/// Moves a QP to the error state because the peer's VF state is gone: every posted receive
+/// and every unacked or held send completes with [`Status::RemoteLost`], so a guest that waits
+/// on the QP wakes with an error that says why. Returns false if it was lost already (or does
+/// not exist).
+pub(super) fn lose_qp(st: &mut State, inner: &Inner, qp: u32) -> bool {
+    let Some(q) = st.qps.get_mut(&qp) else {
+        return false;
+    };
+    if q.lost {
+        return false;
+    }
+    q.error = true;
+    q.lost = true;
+    let mut done: Vec<Completion> = q
+        .unacked
+        .drain(..)
+        .map(|p| pending_completion(qp, &p, Status::RemoteLost))
+        .collect();
+    done.extend(q.recvs.drain(..).map(|r| lost_recv(qp, &r)));
+    for c in done {
+        complete(st, inner, c);
+    }
+    true
+}
+
+/// The completion of a receive on a QP whose peer is lost.
+pub(super) fn lost_recv(qp: u32, r: &RecvWr) -> Completion {
+    Completion {
+        wr_id: r.wr_id,
+        qp,
+        opcode: Opcode::Recv,
+        status: Status::RemoteLost,
+        byte_len: 0,
+        imm: None,
     }
 }

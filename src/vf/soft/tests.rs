@@ -458,9 +458,16 @@ fn a_vm_migrates_mid_stream_and_every_operation_happens_exactly_once() {
     // Switchover: quiesce, take the state, stop the source; RAM arrives by precopy.
     b.dma.quiesce();
     let state = b.vf.export_state().expect("export");
+    assert_eq!(state.epoch, b.vf.epoch(), "the epoch moves with the state");
     b.vf.close();
     copy_ram(&b, &b2);
+    assert_ne!(b2.vf.epoch(), b.vf.epoch());
     b2.vf.import_state(state).expect("import");
+    assert_eq!(
+        b2.vf.epoch(),
+        b.vf.epoch(),
+        "the destination speaks with b's epoch"
+    );
     assert_eq!(b2.vf.announce(), vec!["a".to_string()]);
     sender.join().unwrap();
 
@@ -519,6 +526,7 @@ fn a_vm_migrates_mid_stream_and_every_operation_happens_exactly_once() {
         sb2.duplicates >= 20,
         "the destination saw the replayed, already applied requests"
     );
+    assert_eq!(sa.qps_lost, 0, "a took b's move for a restart");
     assert!(sa.requests_replayed >= 20);
 }
 
@@ -552,10 +560,11 @@ fn state_of_another_version_is_refused_with_both_versions_named() {
         "{e:?}"
     );
     let msg = e.to_string();
-    assert!(
-        msg.contains("version 2") && msg.contains("version 1"),
-        "{msg}"
+    let (theirs, ours) = (
+        format!("version {}", VF_STATE_VERSION + 1),
+        format!("version {VF_STATE_VERSION}"),
     );
+    assert!(msg.contains(&theirs) && msg.contains(&ours), "{msg}");
     // A state from before versions has none: it reads as version 0 and is refused too.
     let mut json = serde_json::to_value(&st).unwrap();
     json.as_object_mut().unwrap().remove("version");
@@ -895,4 +904,179 @@ fn memory_keys_and_qp_numbers_are_not_predictable() {
     let other = vm("y");
     other.vf.randomize_ids();
     assert_ne!(other.vf.create_qp(), qps[0]);
+}
+
+// ---- Peers whose VF state is gone: a new epoch, `Gone`, a retired VF. ----
+
+/// Posts a receive on `qp` and checks that nothing completes yet.
+fn waiting_recv(t: &TestVm, qp: u32, key: u32, wr_id: u64) {
+    t.vf.post_recv(qp, recv_wr(wr_id, key)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(t.vf.poll_cq(8).is_empty(), "a receive completed by itself");
+}
+
+/// Checks that `qp` is failed with RemoteLost: later posts complete at once with it.
+fn posts_fail_with_remote_lost(t: &TestVm, qp: u32, key: u32) {
+    t.vf.post_send(qp, write_wr(90, key, key, 8, 0, None))
+        .unwrap();
+    let c = one(&t.vf);
+    assert_eq!((c.wr_id, c.status), (90, Status::RemoteLost), "{c:?}");
+    t.vf.post_recv(qp, recv_wr(91, key)).unwrap();
+    let c = one(&t.vf);
+    assert_eq!((c.wr_id, c.status), (91, Status::RemoteLost), "{c:?}");
+}
+
+#[test]
+fn a_restarted_peer_fails_the_qps_connected_to_it_even_where_only_a_receive_waits() {
+    let (a, b, qa, qb, ka, kb) = pair();
+    // a and b know each other's epochs: one write each way.
+    a.vf.post_send(qa, write_wr(1, ka, kb, 8, 0, None)).unwrap();
+    b.vf.post_send(qb, write_wr(2, kb, ka, 8, 0, None)).unwrap();
+    assert_eq!(one(&a.vf).status, Status::Success);
+    assert_eq!(one(&b.vf).status, Status::Success);
+    // a waits for b's next message, and sends nothing.
+    waiting_recv(&a, qa, ka, 7);
+    // b's companion restarts: a new process, none of b's QPs or regions, a new epoch.
+    b.vf.close();
+    let b_new = vm("b");
+    assert_ne!(b_new.vf.epoch(), b.vf.epoch());
+    a.vf.set_peer_address("b", b_new.vf.listen_addr());
+    let c = one(&a.vf);
+    assert_eq!(
+        (c.wr_id, c.qp, c.opcode, c.status),
+        (7, qa, Opcode::Recv, Status::RemoteLost),
+        "the waiting receive wakes with the reason"
+    );
+    assert_eq!(a.vf.stats().qps_lost, 1);
+    posts_fail_with_remote_lost(&a, qa, ka);
+}
+
+/// A link to `to` authenticated as `from` (with `epoch`), its hello said: what a peer's
+/// companion opens.
+fn speak_as(from: &str, epoch: u64, to: &TestVm) -> (auth::FrameWriter, std::net::TcpStream) {
+    let FabricAuth::Keys(keys) = test_auth(from) else {
+        unreachable!()
+    };
+    let mut s = std::net::TcpStream::connect(to.vf.listen_addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let sess = auth::initiate(&keys, from, epoch, &to.vf.inner.vm, &mut s, deadline).unwrap();
+    let mut w = auth::FrameWriter::new(s.try_clone().unwrap(), Some(sess.send_key));
+    w.frame(&wire::Frame::Hello {
+        vm: from.into(),
+        listen: "127.0.0.1:1".into(),
+        announce: false,
+    })
+    .unwrap();
+    (w, s)
+}
+
+/// Sends `frame` on `w` and waits for the listener to close the connection.
+fn send_and_wait_close(mut w: auth::FrameWriter, mut s: std::net::TcpStream, frame: wire::Frame) {
+    use std::io::{Read, Write};
+    w.frame(&frame).unwrap();
+    w.flush().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    assert!(
+        matches!(s.read(&mut b), Ok(0)),
+        "the listener did not close"
+    );
+}
+
+#[test]
+fn gone_from_the_named_vm_fails_its_qps_and_a_forged_or_stale_one_is_ignored() {
+    let (a, b, qa, _qb, ka, kb) = pair();
+    let c = vm("c");
+    // A QP of a connected to c, which must not be touched by b's news.
+    let qc = a.vf.create_qp();
+    a.vf.set_peer_address("c", c.vf.listen_addr());
+    a.vf.connect_qp(qc, "c", 1).unwrap();
+    a.vf.post_send(qa, write_wr(1, ka, kb, 8, 0, None)).unwrap();
+    assert_eq!(one(&a.vf).status, Status::Success);
+    waiting_recv(&a, qa, ka, 7);
+    waiting_recv(&a, qc, ka, 8);
+    let epoch = b.vf.epoch();
+    // a knows c's epoch (its probe dials c), as b may.
+    let t = Instant::now();
+    while a.vf.peer_epoch("c") != Some(c.vf.epoch()) {
+        assert!(t.elapsed() < Duration::from_secs(5), "a never dialled c");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // b (authenticated, its real epoch) claims that c is gone, with c's epoch: refused.
+    let (w, s) = speak_as("b", epoch, &a);
+    let claim = wire::Frame::Gone {
+        vm: "c".into(),
+        epoch: c.vf.epoch(),
+    };
+    send_and_wait_close(w, s, claim);
+    // b, with an epoch its handshake did not prove: refused.
+    let (w, s) = speak_as("b", epoch, &a);
+    let stale = wire::Frame::Gone {
+        vm: "b".into(),
+        epoch: epoch ^ 1,
+    };
+    send_and_wait_close(w, s, stale);
+    assert_eq!(a.vf.stats().gone_refused, 2);
+    assert_eq!(a.vf.stats().qps_lost, 0);
+    assert!(a.vf.poll_cq(8).is_empty(), "a refused Gone failed a QP");
+    // b's VM stops: its VF retires and tells a, which fails the QP connected to b only.
+    assert_eq!(b.vf.retire(), Some(vec!["a".to_string()]));
+    let done = one(&a.vf);
+    assert_eq!(
+        (done.wr_id, done.qp, done.status),
+        (7, qa, Status::RemoteLost)
+    );
+    posts_fail_with_remote_lost(&a, qa, ka);
+    assert!(
+        a.vf.poll_cq(8).is_empty(),
+        "the QP connected to c failed too"
+    );
+    assert_eq!(a.vf.stats().qps_lost, 1);
+}
+
+#[test]
+fn a_retired_vf_naks_later_requests_and_the_requester_completes_them_with_remote_lost() {
+    let (a, b, qa, _qb, ka, kb) = pair();
+    // b cannot reach a when it retires: a learns only from the NAK of its next request.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    b.vf.set_peer_address("a", &dead_addr);
+    assert_eq!(b.vf.retire(), Some(vec![]), "nobody told");
+    assert!(b.vf.is_retired());
+    let before = b.dma.stats().writes;
+    a.dma.write(BUF_GPA, b"too late").unwrap();
+    a.vf.post_send(qa, write_wr(3, ka, kb, 8, 0x100, None))
+        .unwrap();
+    a.vf.post_send(qa, write_wr(4, ka, kb, 8, 0x200, None))
+        .unwrap();
+    let got: Vec<_> = (0..2)
+        .map(|_| one(&a.vf))
+        .map(|c| (c.wr_id, c.status))
+        .collect();
+    assert_eq!(
+        got,
+        [(3, Status::RemoteLost), (4, Status::RemoteLost)],
+        "each request completes with the reason"
+    );
+    assert_eq!(
+        b.dma.stats().writes,
+        before,
+        "nothing landed in the retired VM"
+    );
+    posts_fail_with_remote_lost(&a, qa, ka);
+    // A QP the retired VF never had is refused the same way, not left to "not ready".
+    let qa2 = a.vf.create_qp();
+    a.vf.connect_qp(qa2, "b", 999).unwrap();
+    a.vf.post_send(qa2, write_wr(5, ka, kb, 8, 0, None))
+        .unwrap();
+    let c = one(&a.vf);
+    assert_eq!((c.wr_id, c.status), (5, Status::RemoteLost), "{c:?}");
+}
+
+#[test]
+fn a_vf_without_state_has_nothing_to_retire() {
+    let t = vm("x");
+    assert_eq!(t.vf.retire(), None);
+    assert!(!t.vf.is_retired());
 }

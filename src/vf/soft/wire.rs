@@ -79,6 +79,10 @@ pub enum AckStatus {
     /// and was dropped; the sender goes back to its first unacknowledged request at once. Sent
     /// once per gap, as InfiniBand's NAK-sequence-error.
     SequenceGap = 5,
+    /// The target's VF state for this QP is gone: the target VM stopped (its VF retired), or
+    /// the target failed the QP because the sender's own state was lost before. The sender's
+    /// QP fails with [`crate::vf::verbs::Status::RemoteLost`].
+    Gone = 6,
 }
 
 impl AckStatus {
@@ -90,6 +94,7 @@ impl AckStatus {
             3 => Self::ReceiverNotReady,
             4 => Self::NoSuchQp,
             5 => Self::SequenceGap,
+            6 => Self::Gone,
             _ => return Err(WireError::Malformed(format!("unknown ack status {v}"))),
         })
     }
@@ -148,6 +153,16 @@ pub enum Frame {
         /// Outcome.
         status: AckStatus,
     },
+    /// The dialling VM's VF retired: its VM stopped (QEMU's connection ended while the VF was
+    /// live). Taken only from the VM it names, over an authenticated link, for the epoch that
+    /// link's handshake proved; the listener then fails every QP connected to that VM and
+    /// closes the connection (which tells the dialler it was taken).
+    Gone {
+        /// The VM whose VF retired.
+        vm: String,
+        /// Its epoch.
+        epoch: u64,
+    },
 }
 
 /// The hello of releases before [`FABRIC_VERSION`]: refused as version 0.
@@ -156,6 +171,8 @@ const HELLO: u8 = 5;
 const WRITE: u8 = 2;
 const SEND: u8 = 3;
 const ACK: u8 = 4;
+/// 6 is the kind of the handshake's claim (`auth::CLAIM`); not a frame.
+const GONE: u8 = 7;
 
 fn put_imm(b: &mut Vec<u8>, imm: Option<u32>) {
     b.push(imm.is_some() as u8);
@@ -216,6 +233,12 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             b.extend_from_slice(&qp.to_le_bytes());
             b.extend_from_slice(&psn.to_le_bytes());
             b.push(*status as u8);
+        }
+        Frame::Gone { vm, epoch } => {
+            b.push(GONE);
+            b.extend_from_slice(&epoch.to_le_bytes());
+            b.extend_from_slice(&(vm.len() as u16).to_le_bytes());
+            b.extend_from_slice(vm.as_bytes());
         }
     }
     let len = (b.len() - 4) as u32;
@@ -288,6 +311,10 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
             qp: c.u32()?,
             psn: c.u64()?,
             status: AckStatus::from_u8(c.u8()?)?,
+        },
+        GONE => Frame::Gone {
+            epoch: c.u64()?,
+            vm: read_string(&mut c)?,
         },
         k => return Err(WireError::Malformed(format!("unknown frame kind {k}"))),
     };
@@ -379,6 +406,15 @@ mod tests {
                 psn: 10,
                 status: AckStatus::ReceiverNotReady,
             },
+            Frame::Ack {
+                qp: 9,
+                psn: 11,
+                status: AckStatus::Gone,
+            },
+            Frame::Gone {
+                vm: "b".into(),
+                epoch: 0x1234_5678_9abc_def0,
+            },
         ] {
             let bytes = encode(&f);
             assert_eq!(read_frame(&mut &bytes[..]).unwrap().unwrap(), f);
@@ -395,7 +431,7 @@ mod tests {
         let bytes = encode(&nak);
         assert_eq!(decode(&bytes[4..]).unwrap(), nak);
         let mut unknown = bytes.clone();
-        *unknown.last_mut().unwrap() = 6;
+        *unknown.last_mut().unwrap() = 7;
         assert!(decode(&unknown[4..]).unwrap_err().is_malformed());
     }
 
