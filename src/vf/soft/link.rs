@@ -171,6 +171,13 @@ pub(super) fn dial(inner: &Arc<Inner>, vm: &str, announce: bool) -> Option<Arc<L
     Some(install(inner, vm, link))
 }
 
+/// Announces this VM to `vm` alone, within [`DIAL_TIMEOUT`] (a peer that missed the
+/// parallel round); the link is put in use.
+pub(super) fn announce_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
+    let link = connect(inner, vm, true, Instant::now() + DIAL_TIMEOUT)?;
+    Some(install(inner, vm, link))
+}
+
 /// Puts a dialled link in use.
 fn install(inner: &Arc<Inner>, vm: &str, link: Arc<Link>) -> Arc<Link> {
     if let Some(old) = inner.links.lock().insert(vm.into(), link.clone()) {

@@ -91,6 +91,9 @@ struct Inner {
     conns: Mutex<link::Conns>,
     /// The last parallel announce.
     announce_round: Mutex<link::Round>,
+    /// Moves on at every announce, export, discard and retirement: a late announce still
+    /// being retried stops once it has (see `persist::retry_announce`).
+    announce_seq: AtomicU64,
     links: Mutex<HashMap<String, Arc<Link>>>,
     /// Per peer, held while a link to it is dialled (see `link::link_to`).
     dialing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -158,6 +161,7 @@ impl SoftVf {
             random_ids: AtomicBool::new(false),
             conns: Mutex::new(link::Conns::default()),
             announce_round: Mutex::new(link::Round::default()),
+            announce_seq: AtomicU64::new(0),
             links: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),

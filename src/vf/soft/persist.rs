@@ -4,13 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::link;
 use super::state::{Pending, Qp, State, NOT_ON_A_LINK};
-use super::SoftVf;
+use super::{Inner, SoftVf};
 use crate::vf::verbs::{Completion, MemoryRegion, RecvWr, SendWr};
 
 /// Version of [`VfState`]: raised whenever its meaning changes, so that companions of two
@@ -289,6 +290,8 @@ impl SoftVf {
         if !inner.dma.gate_state().quiesced {
             return Err(StateError::NotQuiesced(inner.vm.clone()));
         }
+        // The VM is leaving: a late announce of this place stops.
+        inner.announce_seq.fetch_add(1, Ordering::SeqCst);
         let links: Vec<_> = inner.links.lock().keys().cloned().collect();
         for vm in links {
             link::drop_link(inner, &vm);
@@ -358,6 +361,7 @@ impl SoftVf {
     /// the VM from here again. Call it with the device quiesced.
     pub fn discard_state(&self) {
         let inner = &self.inner;
+        inner.announce_seq.fetch_add(1, Ordering::SeqCst);
         let links: Vec<_> = inner.links.lock().keys().cloned().collect();
         for vm in links {
             link::drop_link(inner, &vm);
@@ -380,17 +384,71 @@ impl SoftVf {
             .filter(|vm| **vm != self.inner.vm)
             .cloned()
             .collect();
+        let seq = self.inner.announce_seq.fetch_add(1, Ordering::SeqCst) + 1;
         let mut reached = Vec::new();
+        let mut missed = Vec::new();
         for vm in peers {
             link::drop_link(&self.inner, &vm);
             if link::dial(&self.inner, &vm, true).is_some() {
                 reached.push(vm);
             } else {
-                tracing::warn!(peer = %vm, "could not announce the migrated VM to a peer; it will learn on its next request");
+                tracing::warn!(peer = %vm, retry_secs = ANNOUNCE_RETRY_FOR.as_secs(), "could not announce the migrated VM to a peer: retrying in the background");
+                missed.push(vm);
             }
         }
         tracing::info!(vm = %self.inner.vm, ?reached, "announced the VM's new place on the fabric");
+        if !missed.is_empty() {
+            let inner = self.inner.clone();
+            let spawned = std::thread::Builder::new()
+                .name("vfmig-announce-retry".into())
+                .spawn(move || retry_announce(&inner, seq, missed));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the announce retry: peers that missed the announce keep the VM's old place");
+            }
+        }
         reached
+    }
+}
+
+/// How long a peer that missed an announce (its link was down, for instance) is dialled again.
+/// Its requests to the VM's old place are held meanwhile; the peer fails them only after its
+/// own hold timeout.
+pub const ANNOUNCE_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// How often a missed peer is dialled again.
+const ANNOUNCE_RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// Announces this VM to the peers that missed announce number `seq`, until each is reached,
+/// [`ANNOUNCE_RETRY_FOR`] passes, or the VF moves on (another announce, an export, a discard,
+/// a retirement, or the VF's end).
+fn retry_announce(inner: &Arc<Inner>, seq: u64, mut missed: Vec<String>) {
+    let start = Instant::now();
+    let current = || {
+        inner.announce_seq.load(Ordering::SeqCst) == seq
+            && !inner.closed.load(Ordering::SeqCst)
+            && !inner.retired.load(Ordering::SeqCst)
+    };
+    while !missed.is_empty() && start.elapsed() < ANNOUNCE_RETRY_FOR && current() {
+        std::thread::sleep(ANNOUNCE_RETRY_EVERY);
+        missed.retain(|vm| {
+            if !current() {
+                return true;
+            }
+            match link::announce_to(inner, vm) {
+                Some(_) => {
+                    tracing::info!(peer = %vm, after_ms = start.elapsed().as_millis() as u64, "announced the VM's new place to a peer that had missed it");
+                    false
+                }
+                None => true,
+            }
+        });
+    }
+    if !missed.is_empty() && current() {
+        tracing::error!(
+            ?missed,
+            secs = ANNOUNCE_RETRY_FOR.as_secs(),
+            "peers never learnt the VM's new place: their requests to it will fail (RetryExceeded)"
+        );
     }
 }
 

@@ -1080,3 +1080,42 @@ fn a_vf_without_state_has_nothing_to_retire() {
     assert_eq!(t.vf.retire(), None);
     assert!(!t.vf.is_retired());
 }
+
+#[test]
+fn a_peer_that_missed_the_announce_learns_the_new_place_once_it_can_be_reached() {
+    let (a, b, qa, qb, ka, kb) = pair();
+    for i in 0..2 {
+        b.vf.post_recv(qb, recv_wr(i, kb)).unwrap();
+    }
+    a.vf.post_send(qa, send_wr(1, ka, 1)).unwrap();
+    assert_eq!(one(&a.vf).status, Status::Success);
+    assert_eq!(one(&b.vf).status, Status::Success);
+
+    // b moves while the link between its new place and a is down: the announce misses a.
+    let b2 = vm("b");
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    b2.vf.set_peer_address("a", &down);
+    a.vf.allow_address(b2.vf.listen_addr());
+    b.dma.quiesce();
+    let state = b.vf.export_state().expect("export");
+    b.vf.close();
+    copy_ram(&b, &b2);
+    b2.vf.import_state(state).expect("import");
+    assert!(b2.vf.announce().is_empty(), "the announce cannot reach a");
+
+    // a's next request is held for b's old place; then the link comes back.
+    a.vf.post_send(qa, send_wr(2, ka, 2)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    b2.vf.set_peer_address("a", &a.vf.listen_addr());
+    let c = one(&a.vf);
+    assert_eq!(
+        (c.wr_id, c.status),
+        (2, Status::Success),
+        "a learnt b's new place from the retried announce and its request landed there"
+    );
+    let r = one(&b2.vf);
+    assert_eq!((r.opcode, r.imm), (Opcode::Recv, Some(2)));
+}
