@@ -1109,7 +1109,7 @@ fn a_peer_that_missed_the_announce_learns_the_new_place_once_it_can_be_reached()
     // a's next request is held for b's old place; then the link comes back.
     a.vf.post_send(qa, send_wr(2, ka, 2)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    b2.vf.set_peer_address("a", &a.vf.listen_addr());
+    b2.vf.set_peer_address("a", a.vf.listen_addr());
     let c = one(&a.vf);
     assert_eq!(
         (c.wr_id, c.status),
