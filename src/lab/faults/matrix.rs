@@ -58,18 +58,38 @@ pub fn classify(r: &ScenarioReport, reference: &BTreeMap<String, Option<String>>
         return Outcome::NotInjected;
     }
     let every_rank_done = r.stalled.is_none() && r.ranks.values().all(|k| k.done);
-    let rank_errors: Vec<String> = r
+    let all_rank_errors: Vec<(bool, String)> = r
         .ranks
         .iter()
         .flat_map(|(n, k)| {
-            let failed = (k.failed_completions > 0)
-                .then(|| format!("{n}: {} operations failed", k.failed_completions));
+            let failed = (k.failed_completions > 0).then(|| {
+                (
+                    false,
+                    format!("{n}: {} operations failed", k.failed_completions),
+                )
+            });
             k.errors
                 .iter()
-                .map(move |e| format!("{n}: {e}"))
+                .map(move |e| (is_watchdog(e), format!("{n}: {e}")))
                 .chain(failed)
         })
         .collect();
+    // A rank's own watchdog says that it waited, not what failed: alone, it is a stall.
+    let watchdog: Vec<String> = all_rank_errors
+        .iter()
+        .filter(|(w, _)| *w)
+        .map(|(_, e)| e.clone())
+        .collect();
+    let rank_errors: Vec<String> = all_rank_errors
+        .into_iter()
+        .filter(|(w, _)| !*w)
+        .map(|(_, e)| e)
+        .collect();
+    let stalled = match (&r.stalled, watchdog.is_empty()) {
+        (s, true) => s.clone(),
+        (Some(s), false) => Some(format!("{s}; {}", watchdog.join("; "))),
+        (None, false) => Some(watchdog.join("; ")),
+    };
     let checksums_match = r.checksums.values().all(Option::is_some) && &r.checksums == reference;
     if every_rank_done && rank_errors.is_empty() {
         if checksums_match && r.lost_ops == 0 && r.duplicate_ops == 0 {
@@ -85,7 +105,7 @@ pub fn classify(r: &ScenarioReport, reference: &BTreeMap<String, Option<String>>
     // An error that says the source keeps running explains no stall (the job should then
     // have finished where it was), unless it adds that the source is in fact in another state.
     let explains_a_stall = |e: &String| !e.contains("keeps running") || e.contains("its state is");
-    if let (Some(s), Some(e), true) = (&r.stalled, &r.migration_error, rank_errors.is_empty()) {
+    if let (Some(s), Some(e), true) = (&stalled, &r.migration_error, rank_errors.is_empty()) {
         if !explains_a_stall(e) {
             return Outcome::StalledSilently(format!(
                 "the migration reported \"{e}\", yet the job {s}"
@@ -98,15 +118,26 @@ pub fn classify(r: &ScenarioReport, reference: &BTreeMap<String, Option<String>>
     }
     if named.is_empty() {
         return Outcome::StalledSilently(
-            r.stalled
-                .clone()
-                .unwrap_or_else(|| "a rank ended without its result".into()),
+            stalled.unwrap_or_else(|| "a rank ended without its result".into()),
         );
     }
-    if let Some(s) = &r.stalled {
+    if let Some(s) = &stalled {
         named.push(format!("job {s}"));
     }
     Outcome::StoppedWithError(named.join("; "))
+}
+
+/// Whether a rank's error is lu-lite's own watchdog (guest/src/lulite.rs: a rank that waited
+/// too long for a halo, the row hashes or its own writes), which says that it waited, not what
+/// failed.
+fn is_watchdog(error: &str) -> bool {
+    [
+        "no completion for ",
+        "not gathered within ",
+        "not completed within ",
+    ]
+    .iter()
+    .any(|w| error.contains(w))
 }
 
 /// One cell of the matrix.
@@ -440,6 +471,29 @@ mod tests {
                 .into(),
         );
         assert!(classify(&r, &reference()).keeps_the_rule());
+    }
+
+    #[test]
+    fn a_job_whose_ranks_only_timed_out_stalled_silently() {
+        let waited = |it: u32| RankResult {
+            errors: vec![format!(
+                "iteration {it}: no completion for 120 s (halo from above: false, from below: \
+                 true, own writes outstanding: 0)"
+            )],
+            ..Default::default()
+        };
+        let r = run_report(&[("a", waited(406)), ("b", waited(407))]);
+        let o = classify(&r, &reference());
+        assert!(matches!(o, Outcome::StalledSilently(_)), "{o:?}");
+        assert!(o.label().contains("no completion for 120 s"), "{o:?}");
+        // With an error that names the cause beside it, the job stopped with that error.
+        let mut b = waited(407);
+        b.errors
+            .push("Recv completion on QP 1 failed: RemoteLost".into());
+        let r = run_report(&[("a", waited(406)), ("b", b)]);
+        let o = classify(&r, &reference());
+        assert!(matches!(o, Outcome::StoppedWithError(_)), "{o:?}");
+        assert!(o.label().contains("RemoteLost"), "{o:?}");
     }
 
     #[test]
