@@ -445,7 +445,8 @@ impl Device {
                 Handover::Exported => Some("its state was exported to a destination"),
                 Handover::Released => Some("its state was released to another companion"),
                 Handover::Here if self.awaiting_start.load(Ordering::SeqCst) => Some(
-                    "its state was imported but the VM never ran here (a roll-back may still                      give it to the source)",
+                    "its state was imported but the VM never ran here (a roll-back may still \
+                     give it to the source)",
                 ),
                 Handover::Here => None,
             }
