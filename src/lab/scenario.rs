@@ -674,6 +674,22 @@ mod tests {
     }
 
     #[test]
+    fn a_rank_names_each_kind_of_failed_completion_once() {
+        let failed = |qp: u32| {
+            json!({"tool": "lu-lite", "rank": 0, "error": "completion", "status": "RemoteLost",
+                   "opcode": "Write", "qp": qp, "wr_id": 7})
+        };
+        let r = rank_result(&[failed(1), failed(1), failed(2)]);
+        assert_eq!(
+            r.errors,
+            [
+                "Write completion on QP 1 failed: RemoteLost",
+                "Write completion on QP 2 failed: RemoteLost"
+            ]
+        );
+    }
+
+    #[test]
     fn the_report_counts_lost_and_duplicate_ops_and_splits_iterations_around_the_migration() {
         let a = RankResult {
             iteration_ms: vec![1.0, 1.0, 5.0, 5.0, 2.0, 2.0],

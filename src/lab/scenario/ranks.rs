@@ -73,7 +73,20 @@ pub(super) fn rank_result(lines: &[Value]) -> RankResult {
             r.blackout_ms = Some(b);
         }
         if let Some(e) = v["error"].as_str() {
-            r.errors.push(e.to_string());
+            // A failed completion is one line each (workload.rs): say which, once per kind;
+            // `failed_completions` counts them.
+            let e = match e {
+                "completion" => format!(
+                    "{} completion on QP {} failed: {}",
+                    v["opcode"].as_str().unwrap_or("a"),
+                    v["qp"],
+                    v["status"].as_str().unwrap_or("unknown status")
+                ),
+                other => other.to_string(),
+            };
+            if !r.errors.contains(&e) {
+                r.errors.push(e);
+            }
         }
     }
     r
