@@ -674,6 +674,35 @@ mod tests {
     }
 
     #[test]
+    fn an_error_printed_just_after_the_checksum_is_part_of_the_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        std::fs::write(
+            &log,
+            "{\"tool\":\"lu-lite\",\"rank\":0,\"checksum\":\"abc\",\"iters\":405}\n",
+        )
+        .unwrap();
+        let late = log.clone();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut text = std::fs::read_to_string(&late).unwrap();
+            text += "{\"tool\":\"lu-lite\",\"error\":\"iteration 405: no completion for 120 s\"}\n";
+            std::fs::write(&late, text).unwrap();
+        });
+        let (ranks, stalled) = ranks::wait_for_results(
+            &options(Workload::LuLite),
+            &["a".to_string()],
+            &[vec![log]],
+            Instant::now() + Duration::from_secs(10),
+            None,
+        )
+        .unwrap();
+        writer.join().unwrap();
+        assert!(stalled.is_none());
+        assert_eq!(ranks[0].errors, ["iteration 405: no completion for 120 s"]);
+    }
+
+    #[test]
     fn a_rank_names_each_kind_of_failed_completion_once() {
         let failed = |qp: u32| {
             json!({"tool": "lu-lite", "rank": 0, "error": "completion", "status": "RemoteLost",

@@ -44,6 +44,9 @@ pub fn job_lines(serial: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// How long a finished job must print nothing more before its result is read.
+const RESULT_SETTLE: Duration = Duration::from_secs(1);
+
 pub(super) fn rank_result(lines: &[Value]) -> RankResult {
     let mut r = RankResult::default();
     for v in lines {
@@ -107,13 +110,15 @@ pub(in crate::lab) fn wait_for_results(
     loop {
         let lines: Vec<Vec<Value>> = (0..names.len()).map(lines_of).collect();
         let ranks: Vec<RankResult> = lines.iter().map(|l| rank_result(l)).collect();
-        let finished = ranks.iter().all(|r| r.done || !r.errors.is_empty());
-        if finished {
-            return Ok((ranks, None));
-        }
         let printed: usize = lines.iter().map(Vec::len).sum();
         if printed != last_change.1 {
             last_change = (Instant::now(), printed);
+        }
+        // A rank that stops on an error prints its checksum first and the error right after:
+        // the result counts once nothing more came for a moment.
+        let finished = ranks.iter().all(|r| r.done || !r.errors.is_empty());
+        if finished && last_change.0.elapsed() >= RESULT_SETTLE {
+            return Ok((ranks, None));
         }
         let missing = || -> Vec<&String> {
             names
