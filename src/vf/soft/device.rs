@@ -87,13 +87,20 @@ impl SoftVf {
         Ok(())
     }
 
-    /// Posts a receive work request. On a QP whose peer's VF state is gone it completes at
-    /// once with `RemoteLost`.
+    /// Posts a receive work request. On a QP in error it completes at once: `RemoteLost` when
+    /// the peer's VF state is gone, `Flushed` otherwise.
     pub fn post_recv(&self, qp: u32, wr: RecvWr) -> Result<(), VerbsError> {
         let mut st = self.inner.state.lock();
         let q = st.qps.get_mut(&qp).ok_or(VerbsError::NoSuchQp(qp))?;
-        if q.lost {
-            super::state::complete(&mut st, &self.inner, super::state::lost_recv(qp, &wr));
+        // A QP in error takes no receive: it comes back at once, as the HCA flushes it.
+        let status = match (q.lost, q.error) {
+            (true, _) => Some(crate::vf::verbs::Status::RemoteLost),
+            (false, true) => Some(crate::vf::verbs::Status::Flushed),
+            _ => None,
+        };
+        if let Some(status) = status {
+            let c = super::state::recv_completion(qp, &wr, status);
+            super::state::complete(&mut st, &self.inner, c);
             return Ok(());
         }
         q.recvs.push_back(wr);

@@ -51,7 +51,7 @@ impl Default for FabricTiming {
     fn default() -> Self {
         Self {
             retry_interval: Duration::from_millis(20),
-            hold_timeout: Duration::from_secs(120),
+            hold_timeout: Duration::from_secs(60),
             rnr_timeout: Duration::from_secs(30),
         }
     }

@@ -23,7 +23,7 @@
 //! to it exists, so a restarted peer's new epoch is seen within [`PROBE_INTERVAL`] of its
 //! return.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,9 +31,10 @@ use std::time::{Duration, Instant};
 
 use super::auth::FabricAuth;
 use super::link;
-use super::state::lose_qp;
+use super::state::{fail_qp, lose_qp};
 use super::wire::Frame;
 use super::{Inner, SoftVf};
+use crate::vf::verbs::Status;
 
 /// How often peers with connected QPs and no live link are dialled, to learn their epoch.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
@@ -239,10 +240,15 @@ fn tell_one(inner: &Arc<Inner>, vm: &str, gone: &Frame, deadline: Instant) -> bo
 /// Dials, every [`PROBE_INTERVAL`], each peer that a working local QP is connected to and to
 /// which no live link exists: the handshake proves its epoch, so a restarted peer is seen even
 /// by a VF that only waits for it. Only an authenticated fabric proves epochs.
+///
+/// A peer that no dial reaches for longer than the hold timeout is dead to this VF (its
+/// companion died, or its host): the QPs connected to it fail with `RetryExceeded`, their
+/// posted receives flushed, so a guest that only waits for it wakes with an error too.
 pub(super) fn probe_loop(inner: &Arc<Inner>) {
     if !matches!(inner.auth, FabricAuth::Keys(_)) {
         return;
     }
+    let mut unreachable: HashMap<String, Instant> = HashMap::new();
     while !inner.closed.load(Ordering::SeqCst) {
         std::thread::sleep(PROBE_INTERVAL);
         if inner.dma.gate_state().quiesced || inner.retired.load(Ordering::SeqCst) {
@@ -262,9 +268,44 @@ pub(super) fn probe_loop(inner: &Arc<Inner>) {
                 .lock()
                 .get(&vm)
                 .is_some_and(|l| l.alive.load(Ordering::SeqCst));
-            if !alive && !inner.closed.load(Ordering::SeqCst) {
-                let _ = link::link_to(inner, &vm);
+            if alive || inner.closed.load(Ordering::SeqCst) {
+                unreachable.remove(&vm);
+                continue;
+            }
+            if link::link_to(inner, &vm).is_some() {
+                unreachable.remove(&vm);
+                continue;
+            }
+            let since = *unreachable.entry(vm.clone()).or_insert_with(Instant::now);
+            if since.elapsed() > inner.timing.hold_timeout {
+                unreachable.remove(&vm);
+                fail_unreachable(inner, &vm, since.elapsed());
             }
         }
+        unreachable.retain(|vm, _| inner.book.lock().contains_key(vm));
+    }
+}
+
+/// Fails every working QP connected to `vm`, which no dial has reached for `for_`.
+fn fail_unreachable(inner: &Inner, vm: &str, for_: Duration) {
+    let mut st = inner.state.lock();
+    let qps: Vec<u32> = st
+        .qps
+        .iter()
+        .filter(|(_, q)| !q.error && q.peer.as_ref().is_some_and(|(p, _)| p == vm))
+        .map(|(&n, _)| n)
+        .collect();
+    for &n in &qps {
+        fail_qp(&mut st, inner, n, Status::RetryExceeded);
+    }
+    drop(st);
+    if !qps.is_empty() {
+        tracing::error!(
+            peer = vm,
+            secs = for_.as_secs(),
+            ?qps,
+            "the peer has been unreachable past the hold timeout: the QPs connected to it \
+             fail with RetryExceeded (its companion or its host is down)"
+        );
     }
 }

@@ -165,6 +165,14 @@ pub(super) fn fail_qp(st: &mut State, inner: &Inner, qp: u32, status: Status) {
     for p in q.unacked.drain(..) {
         done.push(pending_completion(qp, &p, Status::Flushed));
     }
+    // As on a real HCA, a QP in error flushes its posted receives: a guest that only waits
+    // for the peer wakes with an error too (the cause's, when no send carried it).
+    let mut cause = done.is_empty().then_some(status);
+    done.extend(
+        q.recvs
+            .drain(..)
+            .map(|r| recv_completion(qp, &r, cause.take().unwrap_or(Status::Flushed))),
+    );
     for c in done {
         complete(st, inner, c);
     }
@@ -188,20 +196,24 @@ pub(super) fn lose_qp(st: &mut State, inner: &Inner, qp: u32) -> bool {
         .drain(..)
         .map(|p| pending_completion(qp, &p, Status::RemoteLost))
         .collect();
-    done.extend(q.recvs.drain(..).map(|r| lost_recv(qp, &r)));
+    done.extend(
+        q.recvs
+            .drain(..)
+            .map(|r| recv_completion(qp, &r, Status::RemoteLost)),
+    );
     for c in done {
         complete(st, inner, c);
     }
     true
 }
 
-/// The completion of a receive on a QP whose peer is lost.
-pub(super) fn lost_recv(qp: u32, r: &RecvWr) -> Completion {
+/// The completion of a receive that a QP in error gives back unused, with `status`.
+pub(super) fn recv_completion(qp: u32, r: &RecvWr, status: Status) -> Completion {
     Completion {
         wr_id: r.wr_id,
         qp,
         opcode: Opcode::Recv,
-        status: Status::RemoteLost,
+        status,
         byte_len: 0,
         imm: None,
     }

@@ -1119,3 +1119,30 @@ fn a_peer_that_missed_the_announce_learns_the_new_place_once_it_can_be_reached()
     let r = one(&b2.vf);
     assert_eq!((r.opcode, r.imm), (Opcode::Recv, Some(2)));
 }
+
+#[test]
+fn a_peer_unreachable_past_the_hold_timeout_fails_a_qp_that_only_waits_for_it() {
+    let (a, b, qa, _qb, ka, _kb) = pair();
+    a.vf.post_recv(qa, recv_wr(7, ka)).unwrap();
+    a.vf.post_recv(qa, recv_wr(8, ka)).unwrap();
+    // b's companion dies: nothing listens at its address any more.
+    b.vf.close();
+    drop(b);
+    let start = Instant::now();
+    let c = a.vf.wait_cq(1, Duration::from_secs(15));
+    let c = c.first().expect("the waiting receive came back");
+    assert_eq!(
+        (c.wr_id, c.opcode, c.status),
+        (7, Opcode::Recv, Status::RetryExceeded),
+        "the first receive carries the cause"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_secs(5),
+        "not before the hold timeout"
+    );
+    let c = one(&a.vf);
+    assert_eq!((c.wr_id, c.status), (8, Status::Flushed));
+    // The QP is in error: a new receive comes back at once.
+    a.vf.post_recv(qa, recv_wr(9, ka)).unwrap();
+    assert_eq!(one(&a.vf).status, Status::Flushed);
+}
