@@ -13,7 +13,7 @@ use super::state::{
     complete, fail_qp, lose_qp, opcode_of, pending_completion, Pending, State, NEVER_SENT,
     NOT_ON_A_LINK,
 };
-use super::wire::{self, AckStatus, Frame};
+use super::wire::{AckStatus, Frame};
 use super::{Inner, SoftVf};
 use crate::memory::DmaError;
 use crate::vf::verbs::{Completion, MemoryRegion, SendOp, SendWr, Status, VerbsError};
@@ -68,7 +68,7 @@ impl SoftVf {
         q.unacked.push_back(Pending {
             psn,
             wr,
-            frame: Some(frame),
+            frame: Some(Arc::new(frame)),
             sent_on: NEVER_SENT,
             since: Instant::now(),
             rnr_since: None,
@@ -90,6 +90,9 @@ pub(super) fn read_local(
         .get(&wr.sge.lkey)
         .and_then(|m| m.translate(wr.sge.addr, u64::from(wr.sge.len)))
         .ok_or(LocalReadError::NotRegistered)?;
+    if let [p] = pieces.as_slice() {
+        return Ok(inner.dma.read(p.gpa, p.len)?);
+    }
     let mut payload = Vec::with_capacity(wr.sge.len as usize);
     for p in pieces {
         payload.extend_from_slice(&inner.dma.read(p.gpa, p.len)?);
@@ -125,9 +128,9 @@ pub(super) fn frame_for(qp: u32, peer_qp: u32, psn: u64, wr: &SendWr, payload: V
 
 /// Sends every request of `qp` that the current link has not carried yet, in PSN order.
 ///
-/// Lock order: the link's writer, then the state; the frames are encoded under the state lock
-/// and written after it is released, so the link's ack reader (which needs the state) keeps
-/// draining acks while a large write blocks on a full socket.
+/// Lock order: the link's writer, then the state; the frames (shared, not copied) are taken
+/// under the state lock and written after it is released, so the link's ack reader (which needs
+/// the state) keeps draining acks while a large write blocks on a full socket.
 pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
     if inner.dma.gate_state().quiesced {
         return; // the VM is switching over: its requests move with its state
@@ -137,7 +140,7 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
     };
     let mut w = link.writer.lock();
     let (mut first, mut again) = (0u64, 0u64);
-    let frames: Vec<Vec<u8>> = {
+    let frames: Vec<Arc<Frame>> = {
         let mut st = inner.state.lock();
         let State { mrs, qps, .. } = &mut *st;
         let Some(q) = qps.get_mut(&qp) else { return };
@@ -154,7 +157,9 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
             if p.frame.is_none() {
                 // Moved with a migration: read the data again from this VM's guest RAM.
                 match read_local(inner, mrs, &p.wr) {
-                    Ok(payload) => p.frame = Some(frame_for(qp, peer_qp, p.psn, &p.wr, payload)),
+                    Ok(payload) => {
+                        p.frame = Some(Arc::new(frame_for(qp, peer_qp, p.psn, &p.wr, payload)))
+                    }
                     Err(_) => break, // no guest RAM yet: the retry loop comes back
                 }
             }
@@ -164,13 +169,13 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
             } else {
                 again += 1;
             }
-            out.push(wire::encode(frame));
+            out.push(frame.clone());
             p.sent_on = link.generation;
             p.retry_after = None;
         }
         out
     };
-    let sent = frames.iter().all(|f| w.write_all(f).is_ok()) && w.flush().is_ok();
+    let sent = frames.iter().all(|f| w.frame(&**f).is_ok()) && w.flush().is_ok();
     if !sent {
         link.alive.store(false, Ordering::SeqCst);
     }

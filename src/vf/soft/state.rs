@@ -2,6 +2,7 @@
 //! completion queue.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::wire::Frame;
@@ -20,7 +21,8 @@ pub(super) struct Pending {
     pub(super) wr: SendWr,
     /// The request's frame; `None` after a migration until it is rebuilt from guest RAM
     /// (the destination has no guest RAM until its device starts).
-    pub(super) frame: Option<Frame>,
+    /// Shared, so that it is written to a link without a copy after the state lock is released.
+    pub(super) frame: Option<Arc<Frame>>,
     /// Link generation it was last sent on (0: never sent).
     pub(super) sent_on: u64,
     pub(super) since: Instant,
