@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::link;
 use super::state::{
-    complete, fail_qp, lose_qp, opcode_of, pending_completion, Pending, State, NEVER_SENT,
+    complete, fail_qp, lose_qp, opcode_of, pending_completion, Pending, Spare, State, NEVER_SENT,
     NOT_ON_A_LINK,
 };
 use super::wire::{AckStatus, Frame};
@@ -35,7 +35,13 @@ impl SoftVf {
     pub fn post_send(&self, qp: u32, wr: SendWr) -> Result<(), VerbsError> {
         let inner = &self.inner;
         let mut st = inner.state.lock();
-        let State { mrs, qps, cq, .. } = &mut *st;
+        let State {
+            mrs,
+            qps,
+            cq,
+            spare,
+            ..
+        } = &mut *st;
         let q = qps.get_mut(&qp).ok_or(VerbsError::NoSuchQp(qp))?;
         let fail = |cq: &mut std::collections::VecDeque<Completion>, status| {
             cq.push_back(Completion {
@@ -58,7 +64,7 @@ impl SoftVf {
         let Some((peer_vm, peer_qp)) = q.peer.clone() else {
             return fail(cq, Status::UnknownPeer);
         };
-        let payload = match read_local(inner, mrs, &wr) {
+        let payload = match read_local(inner, mrs, &wr, spare) {
             Ok(p) => p,
             Err(_) => return fail(cq, Status::LocalProtectionError),
         };
@@ -80,22 +86,34 @@ impl SoftVf {
     }
 }
 
-/// Reads a send request's local data from guest RAM, checking it lies in one of `mrs`.
+/// Reads a send request's local data from guest RAM, checking it lies in one of `mrs`, into
+/// a buffer from `spare`.
 pub(super) fn read_local(
     inner: &Inner,
     mrs: &HashMap<u32, MemoryRegion>,
     wr: &SendWr,
+    spare: &mut Spare,
 ) -> Result<Vec<u8>, LocalReadError> {
     let pieces = mrs
         .get(&wr.sge.lkey)
         .and_then(|m| m.translate(wr.sge.addr, u64::from(wr.sge.len)))
         .ok_or(LocalReadError::NotRegistered)?;
-    if let [p] = pieces.as_slice() {
-        return Ok(inner.dma.read(p.gpa, p.len)?);
-    }
-    let mut payload = Vec::with_capacity(wr.sge.len as usize);
+    let mut payload = spare.take(wr.sge.len as usize);
+    let mut at = 0usize;
     for p in pieces {
-        payload.extend_from_slice(&inner.dma.read(p.gpa, p.len)?);
+        let end = at.saturating_add(p.len as usize);
+        let read = match payload.get_mut(at..end) {
+            Some(dst) => inner
+                .dma
+                .read_into(p.gpa, dst)
+                .map_err(LocalReadError::from),
+            None => Err(LocalReadError::NotRegistered),
+        };
+        if let Err(e) = read {
+            spare.give(payload);
+            return Err(e);
+        }
+        at = end;
     }
     Ok(payload)
 }
@@ -142,7 +160,9 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
     let (mut first, mut again) = (0u64, 0u64);
     let frames: Vec<Arc<Frame>> = {
         let mut st = inner.state.lock();
-        let State { mrs, qps, .. } = &mut *st;
+        let State {
+            mrs, qps, spare, ..
+        } = &mut *st;
         let Some(q) = qps.get_mut(&qp) else { return };
         let peer_qp = q.peer.as_ref().map(|p| p.1).unwrap_or(0);
         let now = Instant::now();
@@ -156,7 +176,7 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
             }
             if p.frame.is_none() {
                 // Moved with a migration: read the data again from this VM's guest RAM.
-                match read_local(inner, mrs, &p.wr) {
+                match read_local(inner, mrs, &p.wr, spare) {
                     Ok(payload) => {
                         p.frame = Some(Arc::new(frame_for(qp, peer_qp, p.psn, &p.wr, payload)))
                     }
@@ -195,7 +215,8 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
     if inner.dma.gate_state().quiesced {
         return; // after the switchover the destination owns completions
     }
-    let Some(q) = st.qps.get_mut(&qp) else { return };
+    let State { qps, spare, .. } = &mut *st;
+    let Some(q) = qps.get_mut(&qp) else { return };
     if psn >= q.next_psn {
         let highest_sent = q.next_psn - 1;
         drop(st);
@@ -215,6 +236,7 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
             while q.unacked.front().is_some_and(|p| p.psn <= psn) {
                 if let Some(p) = q.unacked.pop_front() {
                     done.push(pending_completion(qp, &p, Status::Success));
+                    spare.give_frame(p.frame);
                 }
             }
             for c in done {
