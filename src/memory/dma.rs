@@ -262,6 +262,25 @@ impl DmaEngine {
 
     /// Reads `len` bytes of guest RAM at `gpa` (for verification; reads dirty nothing).
     pub fn read(&self, gpa: u64, len: u64) -> Result<Vec<u8>, DmaError> {
+        self.readable(gpa, len)?;
+        let mut buf = vec![0u8; len as usize];
+        self.read_into(gpa, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads `buf.len()` bytes of guest RAM at `gpa` into `buf`, as [`Self::read`] does, into
+    /// a buffer the caller reuses.
+    pub fn read_into(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let mem = self.readable(gpa, buf.len() as u64)?;
+        mem.read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| DmaError::Memory {
+                gpa,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Guest RAM, if `len` bytes at `gpa` lie in it.
+    fn readable(&self, gpa: u64, len: u64) -> Result<<GuestRam as GuestAddressSpace>::T, DmaError> {
         let mem = self.ram.memory();
         if mem.num_regions() == 0 {
             return Err(DmaError::NoMemory);
@@ -273,13 +292,7 @@ impl DmaEngine {
                 regions: guest_ram::describe(&mem),
             });
         }
-        let mut buf = vec![0u8; len as usize];
-        mem.read_slice(&mut buf, GuestAddress(gpa))
-            .map_err(|e| DmaError::Memory {
-                gpa,
-                reason: e.to_string(),
-            })?;
-        Ok(buf)
+        Ok(mem)
     }
 
     /// Closes the gate and waits until no write is in progress. When this returns, every

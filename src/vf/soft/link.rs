@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 
 use super::auth::{self, FabricAuth, FrameReader, FrameWriter, Session};
 use super::responder::{self, Outcome};
-use super::wire::{Frame, WireError};
+use super::wire::{Frame, FrameOf, WireError};
 use super::{lost, requester, Inner};
 
 /// Connections in handshake at once; a new one drops the oldest.
@@ -513,7 +513,7 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
         .map_err(WireError::from)?;
     let mut writer = FrameWriter::new(stream, send_key);
     loop {
-        let frame = match reader.frame() {
+        let frame = match reader.frame_ref() {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -524,8 +524,10 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
             }
         };
         let (qp, psn) = match &frame {
-            Frame::Write { src_qp, psn, .. } | Frame::Send { src_qp, psn, .. } => (*src_qp, *psn),
-            Frame::Gone { vm, epoch } => {
+            FrameOf::Write { src_qp, psn, .. } | FrameOf::Send { src_qp, psn, .. } => {
+                (*src_qp, *psn)
+            }
+            FrameOf::Gone { vm, epoch } => {
                 // Taken or refused, the connection closes: that tells the dialler it was read.
                 lost::on_gone(inner, &peer, vm, *epoch);
                 return Ok(());
@@ -556,6 +558,10 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
             continue;
         }
         writer.frame(&Frame::Ack { qp, psn, status })?;
-        writer.flush().map_err(WireError::from)?;
+        // Acks of frames already read go out together, after the last of them: a request
+        // whose whole frame is buffered is taken without waiting on the peer.
+        if !reader.next_frame_buffered() {
+            writer.flush().map_err(WireError::from)?;
+        }
     }
 }

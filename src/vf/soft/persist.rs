@@ -342,6 +342,7 @@ impl SoftVf {
                 .collect::<HashMap<_, _>>(),
             next_qp: state.next_qp,
             cq: state.cq.into_iter().collect(),
+            spare: Default::default(),
         };
         let own = inner.epoch.swap(state.epoch, Ordering::SeqCst);
         *inner.peer_epochs.lock() = state.peer_epochs.into_iter().collect();

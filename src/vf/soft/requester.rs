@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use super::link;
 use super::state::{
-    complete, fail_qp, lose_qp, opcode_of, pending_completion, Pending, State, NEVER_SENT,
+    complete, fail_qp, lose_qp, opcode_of, pending_completion, Pending, Spare, State, NEVER_SENT,
     NOT_ON_A_LINK,
 };
-use super::wire::{self, AckStatus, Frame};
+use super::wire::{AckStatus, Frame};
 use super::{Inner, SoftVf};
 use crate::memory::DmaError;
 use crate::vf::verbs::{Completion, MemoryRegion, SendOp, SendWr, Status, VerbsError};
@@ -35,7 +35,13 @@ impl SoftVf {
     pub fn post_send(&self, qp: u32, wr: SendWr) -> Result<(), VerbsError> {
         let inner = &self.inner;
         let mut st = inner.state.lock();
-        let State { mrs, qps, cq, .. } = &mut *st;
+        let State {
+            mrs,
+            qps,
+            cq,
+            spare,
+            ..
+        } = &mut *st;
         let q = qps.get_mut(&qp).ok_or(VerbsError::NoSuchQp(qp))?;
         let fail = |cq: &mut std::collections::VecDeque<Completion>, status| {
             cq.push_back(Completion {
@@ -58,7 +64,7 @@ impl SoftVf {
         let Some((peer_vm, peer_qp)) = q.peer.clone() else {
             return fail(cq, Status::UnknownPeer);
         };
-        let payload = match read_local(inner, mrs, &wr) {
+        let payload = match read_local(inner, mrs, &wr, spare) {
             Ok(p) => p,
             Err(_) => return fail(cq, Status::LocalProtectionError),
         };
@@ -68,7 +74,7 @@ impl SoftVf {
         q.unacked.push_back(Pending {
             psn,
             wr,
-            frame: Some(frame),
+            frame: Some(Arc::new(frame)),
             sent_on: NEVER_SENT,
             since: Instant::now(),
             rnr_since: None,
@@ -80,19 +86,34 @@ impl SoftVf {
     }
 }
 
-/// Reads a send request's local data from guest RAM, checking it lies in one of `mrs`.
+/// Reads a send request's local data from guest RAM, checking it lies in one of `mrs`, into
+/// a buffer from `spare`.
 pub(super) fn read_local(
     inner: &Inner,
     mrs: &HashMap<u32, MemoryRegion>,
     wr: &SendWr,
+    spare: &mut Spare,
 ) -> Result<Vec<u8>, LocalReadError> {
     let pieces = mrs
         .get(&wr.sge.lkey)
         .and_then(|m| m.translate(wr.sge.addr, u64::from(wr.sge.len)))
         .ok_or(LocalReadError::NotRegistered)?;
-    let mut payload = Vec::with_capacity(wr.sge.len as usize);
+    let mut payload = spare.take(wr.sge.len as usize);
+    let mut at = 0usize;
     for p in pieces {
-        payload.extend_from_slice(&inner.dma.read(p.gpa, p.len)?);
+        let end = at.saturating_add(p.len as usize);
+        let read = match payload.get_mut(at..end) {
+            Some(dst) => inner
+                .dma
+                .read_into(p.gpa, dst)
+                .map_err(LocalReadError::from),
+            None => Err(LocalReadError::NotRegistered),
+        };
+        if let Err(e) = read {
+            spare.give(payload);
+            return Err(e);
+        }
+        at = end;
     }
     Ok(payload)
 }
@@ -125,9 +146,9 @@ pub(super) fn frame_for(qp: u32, peer_qp: u32, psn: u64, wr: &SendWr, payload: V
 
 /// Sends every request of `qp` that the current link has not carried yet, in PSN order.
 ///
-/// Lock order: the link's writer, then the state; the frames are encoded under the state lock
-/// and written after it is released, so the link's ack reader (which needs the state) keeps
-/// draining acks while a large write blocks on a full socket.
+/// Lock order: the link's writer, then the state; the frames (shared, not copied) are taken
+/// under the state lock and written after it is released, so the link's ack reader (which needs
+/// the state) keeps draining acks while a large write blocks on a full socket.
 pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
     if inner.dma.gate_state().quiesced {
         return; // the VM is switching over: its requests move with its state
@@ -137,9 +158,11 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
     };
     let mut w = link.writer.lock();
     let (mut first, mut again) = (0u64, 0u64);
-    let frames: Vec<Vec<u8>> = {
+    let frames: Vec<Arc<Frame>> = {
         let mut st = inner.state.lock();
-        let State { mrs, qps, .. } = &mut *st;
+        let State {
+            mrs, qps, spare, ..
+        } = &mut *st;
         let Some(q) = qps.get_mut(&qp) else { return };
         let peer_qp = q.peer.as_ref().map(|p| p.1).unwrap_or(0);
         let now = Instant::now();
@@ -153,8 +176,10 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
             }
             if p.frame.is_none() {
                 // Moved with a migration: read the data again from this VM's guest RAM.
-                match read_local(inner, mrs, &p.wr) {
-                    Ok(payload) => p.frame = Some(frame_for(qp, peer_qp, p.psn, &p.wr, payload)),
+                match read_local(inner, mrs, &p.wr, spare) {
+                    Ok(payload) => {
+                        p.frame = Some(Arc::new(frame_for(qp, peer_qp, p.psn, &p.wr, payload)))
+                    }
                     Err(_) => break, // no guest RAM yet: the retry loop comes back
                 }
             }
@@ -164,13 +189,13 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
             } else {
                 again += 1;
             }
-            out.push(wire::encode(frame));
+            out.push(frame.clone());
             p.sent_on = link.generation;
             p.retry_after = None;
         }
         out
     };
-    let sent = frames.iter().all(|f| w.write_all(f).is_ok()) && w.flush().is_ok();
+    let sent = frames.iter().all(|f| w.frame(&**f).is_ok()) && w.flush().is_ok();
     if !sent {
         link.alive.store(false, Ordering::SeqCst);
     }
@@ -190,7 +215,8 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
     if inner.dma.gate_state().quiesced {
         return; // after the switchover the destination owns completions
     }
-    let Some(q) = st.qps.get_mut(&qp) else { return };
+    let State { qps, spare, .. } = &mut *st;
+    let Some(q) = qps.get_mut(&qp) else { return };
     if psn >= q.next_psn {
         let highest_sent = q.next_psn - 1;
         drop(st);
@@ -210,6 +236,7 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
             while q.unacked.front().is_some_and(|p| p.psn <= psn) {
                 if let Some(p) = q.unacked.pop_front() {
                     done.push(pending_completion(qp, &p, Status::Success));
+                    spare.give_frame(p.frame);
                 }
             }
             for c in done {

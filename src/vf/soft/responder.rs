@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::state::{complete, Qp, State};
-use super::wire::{AckStatus, Frame};
+use super::wire::{AckStatus, FrameOf};
 use super::Inner;
 use crate::memory::DmaError;
 use crate::vf::verbs::{Completion, GpaRange, MemoryRegion, Opcode, Status};
@@ -76,48 +76,48 @@ fn this_stream() -> u64 {
     })
 }
 
-/// A peer's request, as the responder needs it.
-struct Request {
+/// A peer's request, as the responder needs it; the payload stays where it was read.
+struct Request<'a> {
     src_qp: u32,
     dst_qp: u32,
     psn: u64,
     imm: Option<u32>,
-    payload: Vec<u8>,
+    payload: &'a [u8],
     /// `(rkey, addr)` of an RDMA WRITE; `None` for a SEND.
     target: Option<(u32, u64)>,
 }
 
-impl Request {
-    fn from_frame(frame: Frame) -> Option<Self> {
-        match frame {
-            Frame::Write {
+impl<'a> Request<'a> {
+    fn from_frame<P: AsRef<[u8]>>(frame: &'a FrameOf<P>) -> Option<Self> {
+        match *frame {
+            FrameOf::Write {
                 src_qp,
                 dst_qp,
                 psn,
                 rkey,
                 addr,
                 imm,
-                payload,
+                ref payload,
             } => Some(Self {
                 src_qp,
                 dst_qp,
                 psn,
                 imm,
-                payload,
+                payload: payload.as_ref(),
                 target: Some((rkey, addr)),
             }),
-            Frame::Send {
+            FrameOf::Send {
                 src_qp,
                 dst_qp,
                 psn,
                 imm,
-                payload,
+                ref payload,
             } => Some(Self {
                 src_qp,
                 dst_qp,
                 psn,
                 imm,
-                payload,
+                payload: payload.as_ref(),
                 target: None,
             }),
             _ => None,
@@ -135,8 +135,8 @@ impl Request {
 }
 
 /// Applies a request from `peer`.
-pub(super) fn apply(inner: &Arc<Inner>, peer: &str, frame: Frame) -> Outcome {
-    let Some(req) = Request::from_frame(frame) else {
+pub(super) fn apply<P: AsRef<[u8]>>(inner: &Arc<Inner>, peer: &str, frame: FrameOf<P>) -> Outcome {
+    let Some(req) = Request::from_frame(&frame) else {
         return Outcome::Ack(AckStatus::RemoteInvalid);
     };
     // One request at a time from placement to `finish`: a peer that redials (its link broke)
@@ -157,7 +157,7 @@ pub(super) fn apply(inner: &Arc<Inner>, peer: &str, frame: Frame) -> Outcome {
         Ok(pieces) => pieces,
         Err(outcome) => return outcome,
     };
-    match dma_pieces(inner, &pieces, &req.payload) {
+    match dma_pieces(inner, &pieces, req.payload) {
         Some(Ok(())) => {
             #[cfg(test)]
             pause_after_dma(inner);
@@ -401,6 +401,7 @@ pub(super) mod tests {
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::super::state::Pending;
+    use super::super::wire::Frame;
     use super::super::{requester, ClusterMap, FabricAuth, FabricTiming, SoftVf};
     use super::*;
     use crate::memory::DmaEngine;
@@ -672,7 +673,7 @@ pub(super) mod tests {
             q.unacked.push_back(Pending {
                 psn: 2,
                 wr,
-                frame: Some(frame),
+                frame: Some(Arc::new(frame)),
                 sent_on: generation,
                 since: Instant::now(),
                 rnr_since: None,

@@ -2,6 +2,7 @@
 //! completion queue.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::wire::Frame;
@@ -20,7 +21,8 @@ pub(super) struct Pending {
     pub(super) wr: SendWr,
     /// The request's frame; `None` after a migration until it is rebuilt from guest RAM
     /// (the destination has no guest RAM until its device starts).
-    pub(super) frame: Option<Frame>,
+    /// Shared, so that it is written to a link without a copy after the state lock is released.
+    pub(super) frame: Option<Arc<Frame>>,
     /// Link generation it was last sent on (0: never sent).
     pub(super) sent_on: u64,
     pub(super) since: Instant,
@@ -63,6 +65,8 @@ pub(super) struct State {
     pub(super) qps: HashMap<u32, Qp>,
     pub(super) next_qp: u32,
     pub(super) cq: VecDeque<Completion>,
+    /// Payload buffers of acknowledged requests, for the next requests' data.
+    pub(super) spare: Spare,
 }
 
 impl Default for State {
@@ -73,6 +77,54 @@ impl Default for State {
             qps: HashMap::new(),
             next_qp: 1,
             cq: VecDeque::new(),
+            spare: Spare::default(),
+        }
+    }
+}
+
+/// Bytes of payload buffers a VF keeps for reuse.
+const SPARE_BYTES: usize = 8 << 20;
+/// Largest payload buffer kept for reuse.
+const SPARE_LARGEST: usize = 1 << 20;
+
+/// Payload buffers kept from acknowledged requests, so that a request's data is read from
+/// guest RAM into memory already touched rather than into a fresh, zero-filled allocation; at
+/// most [`SPARE_BYTES`], none larger than [`SPARE_LARGEST`].
+#[derive(Default)]
+pub(super) struct Spare {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Spare {
+    /// A buffer of `len` bytes (their values are left over from its last use).
+    pub(super) fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut b = match self.bufs.pop() {
+            Some(b) => {
+                self.bytes -= b.capacity();
+                b
+            }
+            None => Vec::new(),
+        };
+        b.resize(len, 0);
+        b
+    }
+
+    /// Keeps `b` for a later [`Self::take`], within the bounds.
+    pub(super) fn give(&mut self, b: Vec<u8>) {
+        let cap = b.capacity();
+        if cap > 0 && cap <= SPARE_LARGEST && self.bytes + cap <= SPARE_BYTES {
+            self.bytes += cap;
+            self.bufs.push(b);
+        }
+    }
+
+    /// Keeps the payload of a request's frame, if no link is still writing it.
+    pub(super) fn give_frame(&mut self, frame: Option<Arc<Frame>>) {
+        if let Some(Frame::Write { payload, .. } | Frame::Send { payload, .. }) =
+            frame.and_then(|f| Arc::try_unwrap(f).ok())
+        {
+            self.give(payload);
         }
     }
 }
@@ -216,5 +268,24 @@ pub(super) fn recv_completion(qp: u32, r: &RecvWr, status: Status) -> Completion
         status,
         byte_len: 0,
         imm: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spare_payload_buffers_stay_within_their_bounds() {
+        let mut s = Spare::default();
+        s.give(vec![0; SPARE_LARGEST + 1]);
+        assert!(s.bufs.is_empty(), "a buffer above the largest kept size");
+        for _ in 0..(SPARE_BYTES / SPARE_LARGEST) * 2 {
+            s.give(Vec::with_capacity(SPARE_LARGEST));
+        }
+        assert!(s.bytes <= SPARE_BYTES, "{} bytes kept", s.bytes);
+        let b = s.take(100);
+        assert_eq!(b.len(), 100);
+        assert_eq!(s.bytes, s.bufs.iter().map(Vec::capacity).sum::<usize>());
     }
 }

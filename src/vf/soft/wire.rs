@@ -100,9 +100,15 @@ impl AckStatus {
     }
 }
 
-/// A fabric frame.
+/// A fabric frame, owning its payload.
+pub type Frame = FrameOf<Vec<u8>>;
+
+/// A fabric frame whose payload borrows the buffer it was read into (no copy).
+pub type FrameRef<'a> = FrameOf<&'a [u8]>;
+
+/// A fabric frame; `P` holds a request's payload ([`Frame`] owns it, [`FrameRef`] borrows it).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
+pub enum FrameOf<P> {
     /// First frame of a connection: who dials (and, on the wire, [`FABRIC_VERSION`]).
     /// `announce` is set by a VM that has just migrated: the peer learns its new fabric
     /// address and replays what it holds for it.
@@ -129,7 +135,7 @@ pub enum Frame {
         /// Immediate data.
         imm: Option<u32>,
         /// The data.
-        payload: Vec<u8>,
+        payload: P,
     },
     /// SEND.
     Send {
@@ -142,7 +148,7 @@ pub enum Frame {
         /// Immediate data.
         imm: Option<u32>,
         /// The data.
-        payload: Vec<u8>,
+        payload: P,
     },
     /// Acknowledgement of a request.
     Ack {
@@ -179,11 +185,72 @@ fn put_imm(b: &mut Vec<u8>, imm: Option<u32>) {
     b.extend_from_slice(&imm.unwrap_or(0).to_le_bytes());
 }
 
-/// Encodes a frame, length prefix included.
-pub fn encode(frame: &Frame) -> Vec<u8> {
-    let mut b = vec![0u8; 4];
+impl<P: AsRef<[u8]>> FrameOf<P> {
+    /// A request's payload (empty for other kinds).
+    pub fn payload(&self) -> &[u8] {
+        match self {
+            FrameOf::Write { payload, .. } | FrameOf::Send { payload, .. } => payload.as_ref(),
+            _ => &[],
+        }
+    }
+}
+
+impl FrameRef<'_> {
+    /// The frame with its payload copied out of the buffer it was read into.
+    pub fn into_owned(self) -> Frame {
+        match self {
+            FrameOf::Hello {
+                vm,
+                listen,
+                announce,
+            } => Frame::Hello {
+                vm,
+                listen,
+                announce,
+            },
+            FrameOf::Write {
+                src_qp,
+                dst_qp,
+                psn,
+                rkey,
+                addr,
+                imm,
+                payload,
+            } => Frame::Write {
+                src_qp,
+                dst_qp,
+                psn,
+                rkey,
+                addr,
+                imm,
+                payload: payload.to_vec(),
+            },
+            FrameOf::Send {
+                src_qp,
+                dst_qp,
+                psn,
+                imm,
+                payload,
+            } => Frame::Send {
+                src_qp,
+                dst_qp,
+                psn,
+                imm,
+                payload: payload.to_vec(),
+            },
+            FrameOf::Ack { qp, psn, status } => Frame::Ack { qp, psn, status },
+            FrameOf::Gone { vm, epoch } => Frame::Gone { vm, epoch },
+        }
+    }
+}
+
+/// Encodes a frame's header: the length prefix (which counts the payload too) and every field
+/// but the payload, which follows it on the wire.
+pub fn encode_header<P: AsRef<[u8]>>(frame: &FrameOf<P>) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64);
+    b.extend_from_slice(&[0u8; 4]);
     match frame {
-        Frame::Hello {
+        FrameOf::Hello {
             vm,
             listen,
             announce,
@@ -196,14 +263,14 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
                 b.extend_from_slice(s.as_bytes());
             }
         }
-        Frame::Write {
+        FrameOf::Write {
             src_qp,
             dst_qp,
             psn,
             rkey,
             addr,
             imm,
-            payload,
+            ..
         } => {
             b.push(WRITE);
             b.extend_from_slice(&src_qp.to_le_bytes());
@@ -212,37 +279,42 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             b.extend_from_slice(&rkey.to_le_bytes());
             b.extend_from_slice(&addr.to_le_bytes());
             put_imm(&mut b, *imm);
-            b.extend_from_slice(payload);
         }
-        Frame::Send {
+        FrameOf::Send {
             src_qp,
             dst_qp,
             psn,
             imm,
-            payload,
+            ..
         } => {
             b.push(SEND);
             b.extend_from_slice(&src_qp.to_le_bytes());
             b.extend_from_slice(&dst_qp.to_le_bytes());
             b.extend_from_slice(&psn.to_le_bytes());
             put_imm(&mut b, *imm);
-            b.extend_from_slice(payload);
         }
-        Frame::Ack { qp, psn, status } => {
+        FrameOf::Ack { qp, psn, status } => {
             b.push(ACK);
             b.extend_from_slice(&qp.to_le_bytes());
             b.extend_from_slice(&psn.to_le_bytes());
             b.push(*status as u8);
         }
-        Frame::Gone { vm, epoch } => {
+        FrameOf::Gone { vm, epoch } => {
             b.push(GONE);
             b.extend_from_slice(&epoch.to_le_bytes());
             b.extend_from_slice(&(vm.len() as u16).to_le_bytes());
             b.extend_from_slice(vm.as_bytes());
         }
     }
-    let len = (b.len() - 4) as u32;
+    let len = (b.len() - 4 + frame.payload().len()) as u32;
     b[..4].copy_from_slice(&len.to_le_bytes());
+    b
+}
+
+/// Encodes a frame, length prefix included.
+pub fn encode<P: AsRef<[u8]>>(frame: &FrameOf<P>) -> Vec<u8> {
+    let mut b = encode_header(frame);
+    b.extend_from_slice(frame.payload());
     b
 }
 
@@ -266,6 +338,11 @@ fn read_string(c: &mut ByteReader<'_>) -> Result<String, WireError> {
 
 /// Decodes a frame body (without the length prefix).
 pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
+    decode_ref(body).map(FrameRef::into_owned)
+}
+
+/// Decodes a frame body (without the length prefix); a request's payload borrows `body`.
+pub fn decode_ref(body: &[u8]) -> Result<FrameRef<'_>, WireError> {
     let mut c = ByteReader::new(body);
     let frame = match c.u8()? {
         UNVERSIONED_HELLO => {
@@ -285,34 +362,34 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
             let announce = c.u8()? != 0;
             let vm = read_string(&mut c)?;
             let listen = read_string(&mut c)?;
-            Frame::Hello {
+            FrameOf::Hello {
                 vm,
                 listen,
                 announce,
             }
         }
-        WRITE => Frame::Write {
+        WRITE => FrameOf::Write {
             src_qp: c.u32()?,
             dst_qp: c.u32()?,
             psn: c.u64()?,
             rkey: c.u32()?,
             addr: c.u64()?,
             imm: read_imm(&mut c)?,
-            payload: c.rest().to_vec(),
+            payload: c.rest(),
         },
-        SEND => Frame::Send {
+        SEND => FrameOf::Send {
             src_qp: c.u32()?,
             dst_qp: c.u32()?,
             psn: c.u64()?,
             imm: read_imm(&mut c)?,
-            payload: c.rest().to_vec(),
+            payload: c.rest(),
         },
-        ACK => Frame::Ack {
+        ACK => FrameOf::Ack {
             qp: c.u32()?,
             psn: c.u64()?,
             status: AckStatus::from_u8(c.u8()?)?,
         },
-        GONE => Frame::Gone {
+        GONE => FrameOf::Gone {
             epoch: c.u64()?,
             vm: read_string(&mut c)?,
         },
@@ -332,10 +409,27 @@ pub const MAX_FRAME: usize = MAX_PAYLOAD + 64;
 /// The first chunk of a frame body read; larger bodies grow as their data arrives.
 const FIRST_CHUNK: usize = 64 << 10;
 
-/// Reads one frame's length prefix and body, without decoding it; `Ok(None)` on a clean end of
-/// stream. The length is checked before anything is allocated, and the body's buffer grows as
-/// data arrives, so a peer that announces a large frame and sends nothing costs no memory.
-pub fn read_frame_body(r: &mut impl Read) -> Result<Option<(u32, Vec<u8>)>, WireError> {
+/// A connection keeps its body buffer for the next frame up to this size (a 1 MiB request and
+/// its header); a larger frame's buffer is given back before the next frame is awaited, so an
+/// idle connection holds at most this much.
+pub const KEEP_BODY: usize = (1 << 20) + 64;
+
+/// Reads one frame's length prefix and body into `buf`, reused from frame to frame; returns
+/// the length prefix as sent and the body's length (the body is `buf[..len]`), or `Ok(None)`
+/// on a clean end of stream.
+///
+/// The length is checked before anything is allocated, and the buffer grows only as data
+/// arrives (doubling from [`FIRST_CHUNK`]), so a peer that announces a large frame and sends
+/// nothing costs no memory. Bytes of `buf` past its length are zeroed only when it grows, so a
+/// connection's frames up to [`KEEP_BODY`] cost no allocation and no zeroing after its first.
+pub fn read_frame_body_into(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+) -> Result<Option<(u32, usize)>, WireError> {
+    if buf.len() > KEEP_BODY {
+        buf.truncate(KEEP_BODY);
+        buf.shrink_to(KEEP_BODY);
+    }
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}
@@ -354,20 +448,24 @@ pub fn read_frame_body(r: &mut impl Read) -> Result<Option<(u32, Vec<u8>)>, Wire
             "frame length {len} out of bounds (at most {MAX_FRAME})"
         )));
     }
-    let mut body: Vec<u8> = Vec::new();
-    while body.len() < len {
-        let have = body.len();
-        let chunk = (len - have).min(have.max(FIRST_CHUNK));
-        body.resize(have + chunk, 0);
-        r.read_exact(&mut body[have..])?;
+    let mut have = 0;
+    while have < len {
+        let end = have + (len - have).min(have.max(FIRST_CHUNK));
+        if buf.len() < end {
+            buf.reserve_exact(end - buf.len());
+            buf.resize(end, 0);
+        }
+        r.read_exact(&mut buf[have..end])?;
+        have = end;
     }
-    Ok(Some((raw, body)))
+    Ok(Some((raw, len)))
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream.
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, WireError> {
-    match read_frame_body(r)? {
-        Some((_, body)) => decode(&body).map(Some),
+    let mut buf = Vec::new();
+    match read_frame_body_into(r, &mut buf)? {
+        Some((_, len)) => decode(&buf[..len]).map(Some),
         None => Ok(None),
     }
 }
@@ -505,6 +603,37 @@ mod tests {
             "a 16 MiB length prefix made the reader fill {} bytes at once",
             r.largest
         );
+    }
+
+    #[test]
+    fn a_connection_reuses_its_body_buffer_and_gives_back_a_large_one() {
+        let write = |n: usize| Frame::Write {
+            src_qp: 1,
+            dst_qp: 2,
+            psn: 3,
+            rkey: 4,
+            addr: 5,
+            imm: None,
+            payload: vec![9; n],
+        };
+        let (big, small) = (write(2 << 20), write(100));
+        let mut bytes = encode(&small);
+        bytes.extend(encode(&big));
+        bytes.extend(encode(&small));
+        let mut r = &bytes[..];
+        let mut buf = Vec::new();
+        let (_, n) = read_frame_body_into(&mut r, &mut buf).unwrap().unwrap();
+        assert_eq!(decode_ref(&buf[..n]).unwrap().into_owned(), small);
+        let (_, n) = read_frame_body_into(&mut r, &mut buf).unwrap().unwrap();
+        assert_eq!(decode(&buf[..n]).unwrap(), big);
+        let (_, n) = read_frame_body_into(&mut r, &mut buf).unwrap().unwrap();
+        assert_eq!(decode(&buf[..n]).unwrap(), small);
+        assert!(
+            buf.capacity() <= KEEP_BODY,
+            "a connection keeps {} bytes after a large frame",
+            buf.capacity()
+        );
+        assert!(read_frame_body_into(&mut r, &mut buf).unwrap().is_none());
     }
 
     proptest! {

@@ -23,11 +23,11 @@ mod keys;
 
 pub use keys::*;
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use super::wire::{self, Frame, WireError};
+use super::wire::{self, Frame, FrameOf, FrameRef, WireError};
 
 /// The Noise protocol of the handshake.
 const NOISE: &str = "Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s";
@@ -43,6 +43,12 @@ const MAX_NOISE_MSG: usize = 256;
 pub const TAG_LEN: usize = 32;
 /// Context of the MAC keys' derivation (BLAKE3 `derive_key`).
 const MAC_CONTEXT: &str = "vfmig 2026 fabric frame MAC v1";
+/// A link's write buffer: smaller frames are gathered in it, larger ones go to the socket
+/// straight from where they lie (one `writev` of header, payload and MAC, no copy).
+const WRITE_BUFFER: usize = 32 << 10;
+/// A link's read buffer: small frames (acks) are read many per `recv`; most of a larger
+/// frame's body is read straight into the frame's buffer, not copied through this one.
+const READ_BUFFER: usize = 32 << 10;
 
 /// Why a link's handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +282,7 @@ pub(super) struct FrameWriter {
 impl FrameWriter {
     pub(super) fn new(stream: TcpStream, key: Option<Key>) -> Self {
         Self {
-            w: BufWriter::with_capacity(256 << 10, stream),
+            w: BufWriter::with_capacity(WRITE_BUFFER, stream),
             mac: key.map(|k| (k, 0)),
             partial: Vec::new(),
         }
@@ -307,11 +313,42 @@ impl FrameWriter {
         Ok(at)
     }
 
-    /// Writes a frame.
-    pub(super) fn frame(&mut self, f: &Frame) -> Result<(), WireError> {
-        self.write_all(&wire::encode(f))?;
+    /// Writes a frame, and its MAC on an authenticated link; the payload is not copied into
+    /// an encoding first.
+    pub(super) fn frame<P: AsRef<[u8]>>(&mut self, f: &FrameOf<P>) -> Result<(), WireError> {
+        if !self.partial.is_empty() {
+            // Behind a partial frame written as bytes: it must go first, as bytes.
+            self.write_all(&wire::encode(f))?;
+            return Ok(());
+        }
+        let head = wire::encode_header(f);
+        let payload = f.payload();
+        let t = self.mac.as_mut().map(|(key, seq)| {
+            let t = tag(key, *seq, &[&head, payload]);
+            *seq += 1;
+            t
+        });
+        let t: &[u8] = t.as_ref().map_or(&[], |t| t.as_bytes());
+        write_all_vectored(
+            &mut self.w,
+            &mut [IoSlice::new(&head), IoSlice::new(payload), IoSlice::new(t)],
+        )?;
         Ok(())
     }
+}
+
+/// Writes all of `bufs`, in as few writes as the writer takes.
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Write for FrameWriter {
@@ -340,32 +377,54 @@ impl Write for FrameWriter {
 pub(super) struct FrameReader {
     r: BufReader<TcpStream>,
     mac: Option<(Key, u64)>,
+    /// The frame bodies' buffer, reused (bounded by [`wire::KEEP_BODY`] between frames).
+    body: Vec<u8>,
 }
 
 impl FrameReader {
     pub(super) fn new(stream: TcpStream, key: Option<Key>) -> Self {
         Self {
-            r: BufReader::with_capacity(256 << 10, stream),
+            r: BufReader::with_capacity(READ_BUFFER, stream),
             mac: key.map(|k| (k, 0)),
+            body: Vec::new(),
         }
     }
 
     /// The next frame; `Ok(None)` on a clean end of stream.
     pub(super) fn frame(&mut self) -> Result<Option<Frame>, WireError> {
-        let Some((len, body)) = wire::read_frame_body(&mut self.r)? else {
+        Ok(self.frame_ref()?.map(FrameRef::into_owned))
+    }
+
+    /// The next frame, its payload borrowed from this reader's buffer until the next call;
+    /// `Ok(None)` on a clean end of stream. Its MAC is checked before it is decoded.
+    pub(super) fn frame_ref(&mut self) -> Result<Option<FrameRef<'_>>, WireError> {
+        let Some((len, n)) = wire::read_frame_body_into(&mut self.r, &mut self.body)? else {
             return Ok(None);
         };
+        let body = &self.body[..n];
         if let Some((key, seq)) = &mut self.mac {
             let mut got = [0u8; TAG_LEN];
             self.r.read_exact(&mut got)?;
-            let want = tag(key, *seq, &[&len.to_le_bytes(), &body]);
+            let want = tag(key, *seq, &[&len.to_le_bytes(), body]);
             // blake3::Hash compares in constant time.
             if want != blake3::Hash::from(got) {
                 return Err(WireError::BadMac { seq: *seq });
             }
             *seq += 1;
         }
-        wire::decode(&body).map(Some)
+        wire::decode_ref(body).map(Some)
+    }
+
+    /// Whether a whole next frame (and its MAC) is already read from the socket, so that
+    /// taking it needs no wait on the peer.
+    pub(super) fn next_frame_buffered(&self) -> bool {
+        let b = self.r.buffer();
+        let Some(len) = b.get(..4) else {
+            return false;
+        };
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let mac = if self.mac.is_some() { TAG_LEN } else { 0 };
+        b.len() >= len.saturating_add(4 + mac)
     }
 }
 
