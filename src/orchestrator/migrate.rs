@@ -851,15 +851,8 @@ mod tests {
             ),
             _ => (serde_json::json!({}), vec![]),
         });
-        let opts = MigrateOptions {
-            uri: "tcp:127.0.0.1:1".into(),
-            ..Default::default()
-        };
-        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
-        assert!(matches!(e, MigrateError::RolledBack(_)), "{e:?}");
-        let msg = e.to_string();
+        let msg = rolled_back(&src, &dst, MigrateOptions::default());
         assert!(msg.contains("no vhost-user backend"), "{msg}");
-        assert!(msg.contains("the source VM was resumed"), "{msg}");
         assert!(
             position(&dst_seen, "cont") < position(&dst_seen, "quit"),
             "the destination is stopped after its failed cont"
@@ -929,6 +922,19 @@ mod tests {
         );
     }
 
+    /// Migrates with `opts` (to a dummy URI), which must roll back; returns its message.
+    fn rolled_back(src: &QmpClient, dst: &QmpClient, opts: MigrateOptions) -> String {
+        let opts = MigrateOptions {
+            uri: "tcp:127.0.0.1:1".into(),
+            ..opts
+        };
+        let e = migrate(src, dst, &opts, &mut Quiet).unwrap_err();
+        assert!(matches!(e, MigrateError::RolledBack(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("the source VM was resumed"), "{msg}");
+        msg
+    }
+
     /// A destination QEMU whose QMP socket closes once it has taken `migrate-incoming`, as
     /// one killed during the migration.
     fn dying_qemu() -> QmpClient {
@@ -964,18 +970,11 @@ mod tests {
         // itself, so "the source keeps running" would be false and the job would stall.
         let (src, src_seen) = source_qemu();
         let dst = dying_qemu();
-        let opts = MigrateOptions {
-            uri: "tcp:127.0.0.1:1".into(),
-            ..Default::default()
-        };
-        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
-        assert!(matches!(e, MigrateError::RolledBack(_)), "{e:?}");
-        let msg = e.to_string();
+        let msg = rolled_back(&src, &dst, MigrateOptions::default());
         assert!(
             msg.contains("died as QEMU completed the migration"),
             "{msg}"
         );
-        assert!(msg.contains("the source VM was resumed"), "{msg}");
         assert!(position(&src_seen, "cont").is_some(), "the source resumes");
     }
 
@@ -983,13 +982,11 @@ mod tests {
     fn a_cancel_that_comes_as_qemu_completes_resumes_the_source_instead_of_the_destination() {
         let ((src, src_seen), (dst, dst_seen)) = (source_qemu(), destination_qemu());
         let opts = MigrateOptions {
-            uri: "tcp:127.0.0.1:1".into(),
             cancel: Some(Arc::new(std::sync::atomic::AtomicBool::new(true))),
             ..Default::default()
         };
-        let e = migrate(&src, &dst, &opts, &mut Quiet).unwrap_err();
-        assert!(matches!(e, MigrateError::RolledBack(_)), "{e:?}");
-        assert!(e.to_string().contains("cancelled as QEMU completed"), "{e}");
+        let msg = rolled_back(&src, &dst, opts);
+        assert!(msg.contains("cancelled as QEMU completed"), "{msg}");
         assert!(position(&src_seen, "cont").is_some(), "the source resumes");
         assert!(
             position(&dst_seen, "quit").is_some(),
