@@ -289,6 +289,13 @@ impl GuestLink {
                 }
             };
             if cs.is_empty() {
+                // A wake-up that the vring worker took while the RX queue was not ready (a
+                // destination before its device starts) is never repeated by anyone else:
+                // frames still waiting get another one on every idle turn, or the guest would
+                // wait for them while its posts wait behind them.
+                if !self.rx.lock().is_empty() {
+                    let _ = self.rx_event.write(1);
+                }
                 continue;
             }
             {
@@ -740,6 +747,20 @@ mod tests {
             link.take_waiting().len(),
             1,
             "the frame moves with the state"
+        );
+    }
+
+    #[test]
+    fn frames_restored_before_the_device_starts_wake_the_worker_again() {
+        let link = GuestLink::new(Some(Arc::new(Unreachable::default())), dma()).unwrap();
+        link.restore_waiting(vec![vec![1u8; 60]]);
+        // The vring worker takes the wake-up while the RX queue is not ready yet, and
+        // delivers nothing.
+        assert!(link.rx_event.read().is_ok());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            link.rx_event.read().is_ok(),
+            "the waiting frame must wake the worker again"
         );
     }
 
