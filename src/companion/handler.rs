@@ -216,8 +216,8 @@ impl Handler for Companion {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
-    use std::sync::{Arc, Mutex};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
     use std::time::Duration;
 
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -226,7 +226,6 @@ mod tests {
     use super::super::device::Device;
     use super::super::generator::{GeneratorConfig, SlotContent, Window};
     use super::super::guest_link::GuestLink;
-    use super::super::vhost_net::NetBackend;
     use super::*;
     use crate::memory::DmaEngine;
     use crate::vf::soft::{ClusterMap, FabricTiming, SoftVf};
@@ -252,17 +251,7 @@ mod tests {
         });
         let device = Device::new(vf.map(|vf| vf.backend()), dma.clone());
         let guest = GuestLink::new(device.verbs(), dma.clone()).unwrap();
-        let companion = Arc::new(Companion {
-            name: name.into(),
-            dma: dma.clone(),
-            net: NetBackend::new(dma.clone(), guest.clone(), device.clone()),
-            device,
-            guest,
-            generator: Mutex::new(None),
-            vhost_connected: AtomicBool::new(false),
-            vhost_messages: Default::default(),
-            quit: AtomicBool::new(false),
-        });
+        let companion = Arc::new(Companion::new(name, dma.clone(), device, guest));
         static SOCKETS: AtomicUsize = AtomicUsize::new(0);
         let path = dir.join(format!("{}.sock", SOCKETS.fetch_add(1, Ordering::Relaxed)));
         control::serve(&path, companion).unwrap();

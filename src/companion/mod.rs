@@ -470,18 +470,13 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
             what: "the guest link's completion pump",
             source,
         })?;
-    let net = NetBackend::new(dma.clone(), guest.clone(), device.clone());
-    let companion = Arc::new(Companion {
-        name: config.name.clone(),
+    let companion = Arc::new(Companion::new(
+        &config.name,
         dma,
-        net: net.clone(),
-        device: device.clone(),
-        guest: guest.clone(),
-        generator: Mutex::new(None),
-        vhost_connected: AtomicBool::new(false),
-        vhost_messages: Default::default(),
-        quit: AtomicBool::new(false),
-    });
+        device.clone(),
+        guest.clone(),
+    ));
+    let net = companion.net.clone();
     control::serve(&config.control, companion.clone()).map_err(|source| {
         CompanionError::Control {
             vm: config.name.clone(),
