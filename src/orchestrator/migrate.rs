@@ -833,6 +833,18 @@ mod tests {
         (path, seen)
     }
 
+    /// The destination got `quit` and never `cont`.
+    fn destination_stopped_before_it_ran(seen: &Arc<std::sync::Mutex<Vec<String>>>) {
+        assert!(
+            position(seen, "quit").is_some(),
+            "the destination is stopped"
+        );
+        assert!(
+            position(seen, "cont").is_none(),
+            "the destination never runs"
+        );
+    }
+
     fn position(seen: &Arc<std::sync::Mutex<Vec<String>>>, cmd: &str) -> Option<usize> {
         seen.lock().unwrap().iter().position(|c| c == cmd)
     }
@@ -886,14 +898,7 @@ mod tests {
             position(&dst_calls, "vf_release").is_some(),
             "it drops what it has"
         );
-        assert!(
-            position(&dst_seen, "quit").is_some(),
-            "the destination is stopped"
-        );
-        assert!(
-            position(&dst_seen, "cont").is_none(),
-            "the destination never runs"
-        );
+        destination_stopped_before_it_ran(&dst_seen);
         assert!(position(&src_seen, "cont").is_some(), "the source resumes");
     }
 
@@ -988,14 +993,7 @@ mod tests {
         let msg = rolled_back(&src, &dst, opts);
         assert!(msg.contains("cancelled as QEMU completed"), "{msg}");
         assert!(position(&src_seen, "cont").is_some(), "the source resumes");
-        assert!(
-            position(&dst_seen, "quit").is_some(),
-            "the destination is stopped"
-        );
-        assert!(
-            position(&dst_seen, "cont").is_none(),
-            "the destination never runs"
-        );
+        destination_stopped_before_it_ran(&dst_seen);
     }
 
     #[test]
