@@ -98,13 +98,18 @@ fn lu_lite_on_three_vms_keeps_its_result_when_a_migrates() {
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.starts_with("<svg") && svg_text.trim_end().ends_with("</svg>"));
     eprintln!(
-        "checksums {:?} (reference {:?}); lost {} duplicate {} blackout {:.1} ms; iterations {:?}",
+        "checksums {:?} (reference {:?}); lost {} duplicate {} blackout {:.1} ms; iterations {:?}; \
+         rank errors {:?}",
         r.checksums,
         reference.checksums,
         r.lost_ops,
         r.duplicate_ops,
         r.blackout_ms,
-        r.iteration_ms
+        r.iteration_ms,
+        r.ranks
+            .iter()
+            .map(|(vm, rank)| (vm, &rank.errors))
+            .collect::<Vec<_>>()
     );
     let m = r.migration.as_ref().expect("a migrated");
     let takeover = m.vf_takeover.as_ref().expect("the VF moved");

@@ -63,6 +63,8 @@ pub(super) struct Link {
     pub(super) writer: Mutex<FrameWriter>,
     pub(super) generation: u64,
     pub(super) alive: AtomicBool,
+    /// The address it was dialled at (the peer's place in the cluster map then).
+    addr: String,
 }
 
 impl Link {
@@ -168,24 +170,31 @@ pub(super) fn dial(inner: &Arc<Inner>, vm: &str, announce: bool) -> Option<Arc<L
         return announce_round(inner, vm);
     }
     let link = connect(inner, vm, false, Instant::now() + DIAL_TIMEOUT)?;
-    Some(install(inner, vm, link))
+    install(inner, vm, link)
 }
 
 /// Announces this VM to `vm` alone, within [`DIAL_TIMEOUT`] (a peer that missed the
 /// parallel round); the link is put in use.
 pub(super) fn announce_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
     let link = connect(inner, vm, true, Instant::now() + DIAL_TIMEOUT)?;
-    Some(install(inner, vm, link))
+    install(inner, vm, link)
 }
 
-/// Puts a dialled link in use.
-fn install(inner: &Arc<Inner>, vm: &str, link: Arc<Link>) -> Arc<Link> {
+/// Puts a dialled link in use, unless the peer moved while it was dialled (an announce
+/// changed its place): a link to the old place is shut, and must not replace the link to
+/// the new one.
+fn install(inner: &Arc<Inner>, vm: &str, link: Arc<Link>) -> Option<Arc<Link>> {
+    if inner.book.lock().get(vm) != Some(&link.addr) {
+        tracing::info!(peer = vm, addr = %link.addr, "the peer moved while it was dialled: link to its old place dropped");
+        link.shut();
+        return None;
+    }
     if let Some(old) = inner.links.lock().insert(vm.into(), link.clone()) {
         if !Arc::ptr_eq(&old, &link) {
             old.shut();
         }
     }
-    link
+    Some(link)
 }
 
 /// The results of the last parallel announce.
@@ -227,7 +236,7 @@ fn announce_round(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
         };
     }
     let link = round.results.remove(vm).flatten()?;
-    Some(install(inner, vm, link))
+    install(inner, vm, link)
 }
 
 /// Connects to `vm`, authenticates, and says Hello, before `deadline`; starts the link's ack
@@ -289,6 +298,7 @@ pub(super) fn connect(
         writer: Mutex::new(writer),
         generation,
         alive: AtomicBool::new(true),
+        addr: addr.clone(),
     });
     {
         let (inner, link, vm) = (inner.clone(), link.clone(), vm.to_string());
@@ -542,10 +552,10 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
             Outcome::Ack(status) => status,
             // From the future (after a gap): the sender goes back and resends from the gap.
             Outcome::Drop => continue,
-            // Quiesced for switchover: close, so the peer holds what it sends and replays it
-            // to wherever this VM comes up.
+            // Quiesced for switchover, or the VM moved on: close, so the peer holds what it
+            // sends and replays it to wherever this VM comes up.
             Outcome::Close => {
-                tracing::info!(%peer, "VF quiesced: closing the peer's link");
+                tracing::info!(%peer, "VF quiesced or moved away: closing the peer's link");
                 return Ok(());
             }
         };

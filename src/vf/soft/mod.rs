@@ -85,6 +85,10 @@ struct Inner {
     /// The VM stopped while the VF was live: its QPs are in error, its peers were told, and
     /// their requests are refused with [`wire::AckStatus::Gone`].
     retired: AtomicBool,
+    /// The VM's VF state was dropped here because it lives in another companion now: requests
+    /// for the VM are not refused as "not ready" (which would keep a peer on a stale link until
+    /// its RNR timeout) but closed, so the peer holds them and dials the VM's new place.
+    moved: AtomicBool,
     /// Memory keys and QP numbers drawn at random (see [`SoftVf::randomize_ids`]).
     random_ids: AtomicBool,
     /// Connections served, for the caps.
@@ -158,6 +162,7 @@ impl SoftVf {
             epoch: AtomicU64::new(epoch),
             peer_epochs: Mutex::new(HashMap::new()),
             retired: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
             random_ids: AtomicBool::new(false),
             conns: Mutex::new(link::Conns::default()),
             announce_round: Mutex::new(link::Round::default()),

@@ -347,6 +347,7 @@ impl SoftVf {
         let own = inner.epoch.swap(state.epoch, Ordering::SeqCst);
         *inner.peer_epochs.lock() = state.peer_epochs.into_iter().collect();
         *inner.state.lock() = fresh;
+        inner.moved.store(false, Ordering::SeqCst);
         inner.cq_ready.notify_all();
         tracing::info!(
             vm = %inner.vm,
@@ -368,6 +369,7 @@ impl SoftVf {
             link::drop_link(inner, &vm);
         }
         let _applying = inner.applying.lock();
+        inner.moved.store(true, Ordering::SeqCst);
         *inner.state.lock() = State::default();
         *inner.rx.lock() = Default::default();
         inner.cq_ready.notify_all();

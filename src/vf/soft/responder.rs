@@ -150,6 +150,10 @@ pub(super) fn apply<P: AsRef<[u8]>>(inner: &Arc<Inner>, peer: &str, frame: Frame
         // This VM stopped: nothing lands in its RAM again, and the peer learns why.
         return Outcome::Ack(AckStatus::Gone);
     }
+    if inner.moved.load(Ordering::SeqCst) {
+        // The VM runs elsewhere now: the peer holds the request and finds it there.
+        return Outcome::Close;
+    }
     if let Err(outcome) = own_stream(inner, peer, &req) {
         return outcome;
     }
@@ -568,6 +572,32 @@ pub(super) mod tests {
             3,
             "nothing applied from the older connection"
         );
+    }
+
+    #[test]
+    fn a_vf_whose_state_moved_away_closes_the_link_instead_of_saying_not_ready() {
+        // A peer whose dial to the VM's old place completes after the VM moved: "receiver not
+        // ready" would keep it there until its RNR timeout failed the QP (a lost halo in
+        // lu-lite); a close makes it hold the request and dial the new place.
+        let (b, qp, key) = target("b", "a");
+        assert!(is_ack(
+            &apply(&b.inner, "a", write(qp, 1, key)),
+            AckStatus::Ok
+        ));
+        b.inner.dma.quiesce();
+        let state = b.export_state().unwrap();
+        b.discard_state();
+        assert!(matches!(
+            apply(&b.inner, "a", write(qp, 2, key)),
+            Outcome::Close
+        ));
+        // The VM comes back here (its state imported again): it serves again.
+        b.import_state(state).unwrap();
+        b.inner.dma.resume();
+        assert!(is_ack(
+            &apply(&b.inner, "a", write(qp, 2, key)),
+            AckStatus::Ok
+        ));
     }
 
     #[test]
