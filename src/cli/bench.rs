@@ -83,8 +83,9 @@ pub enum BenchCommand {
         run_dir: Option<PathBuf>,
     },
     /// Soft-VF RDMA WRITE bandwidth (64 B to 1 MiB) and 64 B latency between two soft VFs
-    /// over loopback TCP, beside memcpy and a plain loopback TCP socket pair measured in the
-    /// same run; prints a markdown table, then one JSON line.
+    /// over loopback TCP, beside memcpy, a plain loopback TCP socket pair, and the same pair in
+    /// the soft VF's shape (every message acked, acks and messages handed between threads)
+    /// measured in the same run; prints a markdown table, then one JSON line.
     Fabric {
         /// Rounds per figure; the median is reported.
         #[arg(long, default_value_t = 5)]
