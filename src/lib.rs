@@ -10,6 +10,7 @@
 //! - [`orchestrator`]: launching VMs and the migration state machine;
 //! - [`trace`]: migration timelines as Chrome trace-event JSON, and the report drawn from them;
 //! - [`errors`]: an error and its causes as one line of text;
+//! - [`libvirt`]: a vfmig VM as a libvirt domain, and the hook that ties the companion to it;
 //! - [`lab`]: the demo, scenarios, benches and nested test, above the product;
 //! - [`fuzz`]: one entry point per decoder and handler of untrusted input, for `cargo fuzz`
 //!   and the stable fuzz driver.
@@ -18,6 +19,7 @@ pub mod companion;
 pub mod errors;
 pub mod fuzz;
 pub mod lab;
+pub mod libvirt;
 pub mod memory;
 pub mod orchestrator;
 pub mod qmp;

@@ -44,6 +44,10 @@ enum Command {
     /// The fabric's keys: a job key and one key pair per VM, for authenticated soft VFs.
     #[command(subcommand)]
     Keys(cli::keys::KeysCommand),
+    /// libvirt: a vfmig VM as a libvirt domain, and the `qemu` hook that starts and stops its
+    /// companion with it, so that `virsh` (or Nova) starts and migrates it.
+    #[command(subcommand)]
+    Libvirt(cli::libvirt::LibvirtCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Vf(cmd) => cli::vf::run(cmd),
         Command::Demo(args) => cli::demo::run(args),
         Command::Keys(cmd) => cli::keys::run(cmd),
+        Command::Libvirt(cmd) => cli::libvirt::run(cmd),
     }
 }
 

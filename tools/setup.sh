@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # vfmig set-up: everything the demo and the tests need on a fresh Debian 12 machine.
 #   - QEMU 10.0.x (qemu-system-x86) from bookworm-backports, busybox-static, cpio, iproute2
+#   - libvirt 11.x (libvirtd with its QEMU driver, virsh) from bookworm-backports, for the test
+#     that migrates with `virsh` (no libvirt service is enabled: the tests start their own)
 #   - a Debian guest kernel (cloud flavour), unpacked
 #   - the guest initramfs: busybox, the virtio-net modules, vfmig's init and guest binaries
 # Idempotent: what it fetched is cached under $VFMIG_CACHE (default: <repo>/.cache).
@@ -23,6 +25,11 @@ dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
 command -v cpio >/dev/null 2>&1 || need_pkgs+=(cpio)
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v zstd >/dev/null 2>&1 || need_pkgs+=(zstd)
+libvirt_ok() {
+  [ -x /usr/sbin/libvirtd ] && command -v virsh >/dev/null 2>&1 &&
+    virsh --version | grep -Eq '^(1[1-9]|[2-9][0-9])\.'
+}
+libvirt_ok || need_pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { log "need root to install: ${need_pkgs[*]}"; exit 1; }
@@ -39,12 +46,14 @@ SRC
   log "apt-get update"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   log "installing ${need_pkgs[*]}"
-  # qemu-system-x86 comes from backports (10.0.x); the rest from the main suite.
+  # qemu-system-x86 (10.0.x) and libvirt (11.x) come from backports; the rest from the main
+  # suite.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -t bookworm-backports "${need_pkgs[@]}" >/dev/null
   touch "$cache/.apt-updated"
 fi
 qemu_ok || { log "qemu-system-x86_64 10.x is not installed"; exit 1; }
+libvirt_ok || { log "libvirt 11.x (libvirtd, virsh) is not installed"; exit 1; }
 
 # ---- 2. guest kernels ---------------------------------------------------------
 # fetch_kernel DIR PATTERN: the newest package apt knows whose name matches PATTERN, unpacked

@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod demo;
 pub mod keys;
 pub mod launch;
+pub mod libvirt;
 pub mod migrate;
 pub mod report;
 pub mod vf;

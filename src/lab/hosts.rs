@@ -57,8 +57,12 @@ impl Hosts {
     /// Makes `count` hosts. Names and the subnet derive from this process's id, so that runs
     /// do not collide.
     pub fn create(count: usize) -> Result<Self, HostsError> {
+        // Names derive from this process's id and a count of the sets it made, so that runs
+        // do not collide, nor two sets of one run whose first is still being torn down.
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
-        let tag = format!("{}", pid % 100_000);
+        let seq = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let tag = format!("{}{seq}", pid % 100_000);
         let hosts = Self {
             bridge: format!("vfmbr{tag}"),
             subnet: (pid % 200 + 20) as u8,

@@ -10,6 +10,8 @@
 //! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP;
 //! - [`stats`]: statistics of repeated measurements (medians);
 //! - [`hosts`]: network namespaces standing for cluster hosts;
+//! - [`libvirt_hosts`]: a libvirtd in each of them, for migrations driven by `virsh`;
+//! - [`libvirt_demo`]: the demo's no-lost-writes check across a `virsh migrate`;
 //! - [`verify`]: checks that rely on nothing of vfmig's (`pmemsave` dumps);
 //! - [`nested`]: the nested VFIO test (a real VF bound to vfio-pci inside an L1 guest);
 //! - [`vfio_selftest`]: every step of the VFIO path run against a real VF, and the 82576 VF
@@ -20,6 +22,8 @@ pub mod demo;
 pub mod fabric_bench;
 pub mod faults;
 pub mod hosts;
+pub mod libvirt_demo;
+pub mod libvirt_hosts;
 pub mod nested;
 pub mod plan_bench;
 pub mod scenario;
