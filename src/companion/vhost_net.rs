@@ -141,6 +141,7 @@ impl NetBackend {
         if chains.is_empty() {
             return Ok(());
         }
+        crate::trace::steps::first("first-frame-from-guest", "");
         for chain in chains {
             let head = chain.head_index();
             let mut frame = Vec::new();
@@ -216,6 +217,7 @@ impl NetBackend {
             delivered = true;
         }
         if delivered {
+            crate::trace::steps::first("first-frame-to-guest", "");
             state.signal_used_queue()?;
         }
         Ok(())
@@ -327,9 +329,11 @@ impl NetBackend {
                     let _ = self.guest.rx_event.read();
                 }
                 self.deliver_rx(&vrings[RX_QUEUE as usize])?;
-                // TX frames left in the guest's ring while the RX queue was full: take them
-                // now that frames have left (the guest will not kick for them again).
-                if self.guest.resume_tx() {
+                // TX frames left in the guest's ring while the RX queue was full, or queued
+                // before the VM moved here: take them now that there is room and the ring
+                // runs (the guest will not kick for them again).
+                let tx_ready = vrings[TX_QUEUE as usize].get_ref().get_queue().ready();
+                if tx_ready && self.guest.resume_tx() {
                     let tx = self.drain_tx(&vrings[TX_QUEUE as usize]);
                     let rx = self.deliver_rx(&vrings[RX_QUEUE as usize]);
                     tx.and(rx)?;
