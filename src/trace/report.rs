@@ -240,7 +240,7 @@ impl Report {
 }
 
 /// The switchover's steps of `trace`, timed from the source companion's quiesce.
-fn steps(trace: &Trace) -> Vec<StepRow> {
+pub(super) fn steps(trace: &Trace) -> Vec<StepRow> {
     let mut events: Vec<_> = trace
         .events
         .iter()
