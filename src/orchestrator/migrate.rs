@@ -232,7 +232,8 @@ pub fn migrate(
         } else {
             Duration::ZERO
         };
-        record_companion_steps(tr, src_ctl, dst_ctl, t.start, wait);
+        let ctls = (src_ctl.as_path(), dst_ctl.as_path());
+        record_companion_steps(tr, ctls, &opts.peer_controls, t.start, wait);
     }
 
     // 7. Passthrough-hotplug: a free VF of the destination goes in; its driver must come up.

@@ -83,13 +83,14 @@ pub(super) fn release_source_vf(src_ctl: &Path) {
 pub const LAST_STEPS: [&str; 2] = ["first-completion-to-guest", "first-frame-from-guest"];
 
 /// Puts the companions' own steps of the switchover (quiesce, export, import, announce, the VM
-/// running, first replays and completions) on their tracks of the trace, each with its
+/// running, first replays and completions; at the peers' companions, the announce received,
+/// the redial, the replay and the first ack) on their tracks of the trace, each with its
 /// duration. Waits up to `wait` for the destination's [`LAST_STEPS`], which come once the
 /// guest runs again. A companion that does not answer is logged and left out.
 pub(super) fn record_companion_steps(
     trace: &TraceRecorder,
-    src_ctl: &Path,
-    dst_ctl: &Path,
+    (src_ctl, dst_ctl): (&Path, &Path),
+    peers: &[std::path::PathBuf],
     since: Instant,
     wait: Duration,
 ) {
@@ -118,11 +119,18 @@ pub(super) fn record_companion_steps(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    for (name, steps) in [
-        ("source companion", fetch(src_ctl)),
-        ("destination companion", dst_steps),
-    ] {
-        let pid = trace.register_process(name);
+    let mut tracks = vec![
+        ("source companion".to_string(), fetch(src_ctl)),
+        ("destination companion".to_string(), dst_steps),
+    ];
+    for peer in peers {
+        let name = ControlClient::connect(peer, Duration::from_secs(1))
+            .and_then(|mut c| c.status())
+            .map_or_else(|_| peer.display().to_string(), |s| s.name);
+        tracks.push((format!("peer companion {name}"), fetch(peer)));
+    }
+    for (name, steps) in tracks {
+        let pid = trace.register_process(&name);
         let track = Track::new(pid, 1);
         trace.name_thread(track, "switchover steps");
         for s in steps {

@@ -490,6 +490,7 @@ fn hello(
                 tracing::info!(peer = %vm, %listen, "peer announces its new place: replaying held requests");
                 inner.book.lock().insert(vm.clone(), listen);
                 drop_link(inner, &vm);
+                steps::rearm();
                 steps::instant("announce-received", vm.as_str());
                 requester::kick(inner);
             }
