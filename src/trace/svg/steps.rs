@@ -1,7 +1,7 @@
 //! The switchover's steps, zoomed: one row per step of the companions and of the VF's move
 //! (see [`crate::trace::steps`]), on a time axis in ms from the source's quiesce, each a bar
-//! as long as the step (a tick for an instant) labelled with its name, where it ran and its
-//! duration. Drawn with `<line>`s and `<text>`s only.
+//! as long as the step labelled with its name and duration (a tick labelled with its time for
+//! an instant), coloured by where it ran. Drawn with `<line>`s and `<text>`s only.
 
 use super::axis::Axis;
 use super::canvas::Svg;
@@ -69,7 +69,11 @@ pub(super) fn draw_steps(svg: &mut Svg, steps: &[StepRow], top: f64) {
         } else {
             svg.line(x0, y, x1, y, c, 8.0, None);
         }
-        let label = format!("{} · {:.2} ms", s.name, s.duration_ms);
+        let label = if s.duration_ms > 0.0 {
+            format!("{} · {:.2} ms", s.name, s.duration_ms)
+        } else {
+            format!("{} at {:.2} ms", s.name, s.at_ms)
+        };
         svg.text(
             x1.max(x0) + 5.0,
             y + 4.0,
@@ -137,7 +141,10 @@ mod tests {
     fn each_step_is_a_labelled_row_below_the_charts_and_no_rect() {
         let (with, without) = (picture(true), picture(false));
         assert!(with.contains("announce · 0.20 ms"), "{with}");
-        assert!(with.contains("vm-runs-here · 0.00 ms"));
+        assert!(
+            with.contains("vm-runs-here at 0.30 ms"),
+            "an instant says when"
+        );
         assert!(
             with.contains("ms from the source"),
             "the panel's axis is titled"
