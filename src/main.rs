@@ -27,8 +27,9 @@ enum Command {
     /// Send one request to a companion's control socket and print its reply (JSON): for
     /// wrapper scripts and operators. Exits non-zero if the companion refuses it.
     Ctl(cli::ctl::Args),
-    /// Read a migration's timeline (from --trace): print its phase table and write an SVG
-    /// with the timeline and the curves of remaining bytes and dirty rate.
+    /// Read a migration's timeline (from --trace): print its phase table and the switchover's
+    /// steps (the companions', in ms from the source's quiesce), and write an SVG with the
+    /// timeline, the curves of remaining bytes and dirty rate, and the steps zoomed.
     Report(cli::report::Args),
     /// Benchmarks that compare whole migrations side by side in one run.
     #[command(subcommand)]

@@ -97,6 +97,37 @@ fn lu_lite_on_three_vms_keeps_its_result_when_a_migrates() {
     }
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.starts_with("<svg") && svg_text.trim_end().ends_with("</svg>"));
+    // Every step from the source's quiesce to the first completion its peers see is on the
+    // trace, on the track of the companion that took it, in order.
+    eprintln!("{}", report.markdown());
+    let step = |name: &str, process: &str| {
+        report
+            .steps
+            .iter()
+            .find(|s| s.name == name && s.process.starts_with(process))
+            .unwrap_or_else(|| panic!("step {name} of the {process} missing: {:?}", report.steps))
+            .at_ms
+    };
+    let order = [
+        step("quiesce", "source companion"),
+        step("vf-export", "source companion"),
+        step("vf-import", "destination companion"),
+        step("announce", "destination companion"),
+        step("vm-runs-here", "destination companion"),
+        step("first-completion-to-guest", "destination companion"),
+    ];
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    for peer in ["peer companion b", "peer companion c"] {
+        let told = step("announce-received", peer);
+        assert!(
+            told >= order[3],
+            "{peer} heard of the move before it was announced"
+        );
+    }
+    assert!(
+        svg_text.contains("Switchover steps"),
+        "the SVG zooms on the steps"
+    );
     eprintln!(
         "checksums {:?} (reference {:?}); lost {} duplicate {} blackout {:.1} ms; iterations {:?}; \
          rank errors {:?}",

@@ -26,8 +26,8 @@ pub mod protocol;
 pub use protocol::{
     from_hex, to_hex, GeneratorStartReply, GeneratorStopReply, GuestEvent, HexError, LedgerReply,
     QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetTrackingReply, StatsReply,
-    StatusReply, VfExportReply, VfImportReply, VfReclaimReply, VfReleaseReply, WriteReply,
-    MAX_READ,
+    StatusReply, StepsReply, VfExportReply, VfImportReply, VfReclaimReply, VfReleaseReply,
+    WriteReply, MAX_READ,
 };
 
 /// Something that answers requests.
@@ -459,6 +459,11 @@ impl ControlClient {
         rx_frames: Vec<String>,
     ) -> Result<VfImportReply, ControlError> {
         self.call_as(&Request::VfImport { vf, rx_frames })
+    }
+
+    /// `steps`: what this companion did around its last switchovers, for the trace.
+    pub fn steps(&mut self) -> Result<StepsReply, ControlError> {
+        self.call_as(&Request::Steps)
     }
 
     /// `vf_release`: this companion drops its soft VF state (the VM's VF lives elsewhere).

@@ -32,6 +32,7 @@ use super::control::{
 use super::guest_link::GuestLink;
 use crate::memory::guest_ram::GuestRamMmap;
 use crate::memory::DmaEngine;
+use crate::trace::steps;
 use crate::vf::soft::{SoftVf, SoftVfStats, StateError, VfState};
 use crate::vf::{
     BackendKind, DeviceStatus, DirtyTracking, MapChange, MappedRegion, QuiesceReport, Vf,
@@ -202,6 +203,11 @@ impl Device {
     pub fn on_memory_table(&self, mem: &Arc<GuestRamMmap>) {
         if self.awaiting_start.swap(false, Ordering::SeqCst) {
             tracing::info!("the VM runs here: the imported VF is live");
+            steps::instant("vm-runs-here", "first memory table after the import");
+            // The requests that moved with the state can be read from guest RAM now.
+            if let Some(vf) = &self.fabric {
+                vf.replay_now();
+            }
         }
         let Some(dev) = self.device() else { return };
         let regions = MappedRegion::from_guest_ram(mem);
@@ -275,6 +281,7 @@ impl Device {
             return None;
         }
         let started = Instant::now();
+        steps::rearm();
         // The VF's own DMA first: stop it, then log what it wrote, before the reply.
         if let Some(dev) = self.device() {
             let result = dev.lock().quiesce();
@@ -300,6 +307,7 @@ impl Device {
         }
         // Then the companion's own writes through the engine (rings, the traffic generator).
         self.dma.quiesce();
+        steps::span("quiesce", started, message);
         Some(started.elapsed())
     }
 
@@ -324,14 +332,25 @@ impl Device {
         if *handover == Handover::Released {
             return Err(DeviceError::Released);
         }
+        let started = Instant::now();
         let vf = persist.export_state()?;
         let frames = guest.take_waiting();
-        let rx_frames = frames.iter().map(|f| control::to_hex(f)).collect();
+        let rx_frames: Vec<String> = frames.iter().map(|f| control::to_hex(f)).collect();
         // Quiesced: they stay queued, not delivered, and go to the guest here only if the
         // source takes its state back.
         guest.restore_waiting(frames);
         *handover = Handover::Exported;
         tracing::info!("VF state exported; this copy is kept until the destination runs");
+        steps::span(
+            "vf-export",
+            started,
+            format!(
+                "{} QPs, {} requests held, {} frames waiting; links to peers closed",
+                vf.qps.len(),
+                vf.qps.iter().map(|q| q.unacked.len()).sum::<usize>(),
+                rx_frames.len()
+            ),
+        );
         Ok(VfExportReply { vf, rx_frames })
     }
 
@@ -360,13 +379,21 @@ impl Device {
                 control::from_hex(h).map_err(|source| DeviceError::FrameHex { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let started = Instant::now();
+        steps::rearm();
+        let qps = state.qps.len();
         persist.import_state(state)?;
         guest.restore_waiting(frames);
+        // TX frames the guest queued before it stopped were kicked at the source: nobody
+        // kicks for them here, so the vring worker takes them once the rings run.
+        guest.owe_tx_drain();
         *self.handover.lock() = Handover::Here;
         self.awaiting_start.store(true, Ordering::SeqCst);
-        Ok(VfImportReply {
-            announced_to: persist.announce(),
-        })
+        steps::span("vf-import", started, format!("{qps} QPs"));
+        let started = Instant::now();
+        let announced_to = persist.announce();
+        steps::span("announce", started, announced_to.join(","));
+        Ok(VfImportReply { announced_to })
     }
 
     /// `vf_release`: drops this companion's VF state, for good: at the source once the
@@ -388,6 +415,7 @@ impl Device {
             ?was,
             "VF state released: the VM's VF lives in another companion"
         );
+        steps::instant("vf-release", format!("{was:?}"));
         Ok(VfReleaseReply {
             had_state: was != Handover::Released,
         })
@@ -411,6 +439,7 @@ impl Device {
         *handover = Handover::Here;
         drop(handover);
         let announced_to = persist.announce();
+        steps::instant("vf-reclaim", announced_to.join(","));
         tracing::warn!(
             exported,
             ?announced_to,

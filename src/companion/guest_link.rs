@@ -54,6 +54,9 @@ pub const MAX_RECVS: u64 = 65_536;
 pub const MAX_RX_FRAMES: usize = 1024;
 /// Room kept for replies: the most frames one TX drain takes.
 const REPLY_RESERVE: usize = 256;
+/// How often the vring worker is woken while it owes the guest a turn (see
+/// [`GuestLink::owe_tx_drain`]).
+const OWED_WAKEUP_EVERY: Duration = Duration::from_millis(2);
 
 /// Why a post was refused before it reached the VF.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -279,7 +282,14 @@ impl GuestLink {
                 continue;
             }
             let _pump = self.pump.lock();
-            let cs = match vf.wait_cq(proto::MAX_COMPLETIONS, Duration::from_millis(50)) {
+            // While something waits for the guest's rings, the idle turns come quickly: the
+            // destination's rings start a few ms after its VM runs, and nobody else says when.
+            let idle = if self.owes_wakeup() {
+                OWED_WAKEUP_EVERY
+            } else {
+                Duration::from_millis(50)
+            };
+            let cs = match vf.wait_cq(proto::MAX_COMPLETIONS, idle) {
                 Ok(cs) => cs,
                 Err(e) => {
                     // A VF whose completions are not the companion's (a VFIO VF's are in the
@@ -291,9 +301,9 @@ impl GuestLink {
             if cs.is_empty() {
                 // A wake-up that the vring worker took while the RX queue was not ready (a
                 // destination before its device starts) is never repeated by anyone else:
-                // frames still waiting get another one on every idle turn, or the guest would
-                // wait for them while its posts wait behind them.
-                if !self.rx.lock().is_empty() {
+                // frames still waiting, and TX frames owed a drain, get another one on every
+                // idle turn, or the guest would wait for them while its posts wait behind them.
+                if self.owes_wakeup() {
                     let _ = self.rx_event.write(1);
                 }
                 continue;
@@ -306,7 +316,22 @@ impl GuestLink {
             }
             let msg = proto::Message::Completions(cs);
             self.queue(0, msg);
+            crate::trace::steps::first("first-completion-to-guest", "");
         }
+    }
+
+    /// Whether the vring worker owes the guest a turn: frames wait for its receive buffers,
+    /// or TX frames may wait in its ring.
+    fn owes_wakeup(&self) -> bool {
+        self.tx_paused.load(Ordering::Relaxed) || !self.rx.lock().is_empty()
+    }
+
+    /// The VM arrived here with the VF state: TX frames it queued before it stopped were
+    /// kicked at the source, and nobody kicks for them here; the vring worker takes them on
+    /// its next turn.
+    pub fn owe_tx_drain(&self) {
+        self.tx_paused.store(true, Ordering::Relaxed);
+        let _ = self.rx_event.write(1);
     }
 
     /// Queues a frame for the guest.

@@ -8,7 +8,7 @@ use vm_memory::GuestAddressSpace;
 use super::control::{
     self, GeneratorStartReply, GeneratorStopReply, GuestEvent, Handler, HexError, LedgerReply,
     QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetTrackingReply, StatsReply,
-    StatusReply, WriteReply, MAX_READ,
+    StatusReply, StepsReply, WriteReply, MAX_READ,
 };
 use super::device::DeviceError;
 use super::generator::{self, Generator, GeneratorError, GeneratorStatus, WindowError};
@@ -198,6 +198,10 @@ impl Handler for Companion {
                 self.dma.set_tracking(enabled);
                 Ok(SetTrackingReply { tracking: enabled }.into())
             }
+            Request::Steps => Ok(StepsReply {
+                steps: crate::trace::steps::snapshot(),
+            }
+            .into()),
             Request::Quit => {
                 self.quit.store(true, Ordering::SeqCst);
                 tracing::info!("quit requested on the control socket");

@@ -141,6 +141,7 @@ impl NetBackend {
         if chains.is_empty() {
             return Ok(());
         }
+        crate::trace::steps::first("first-frame-from-guest", "");
         for chain in chains {
             let head = chain.head_index();
             let mut frame = Vec::new();
@@ -216,6 +217,7 @@ impl NetBackend {
             delivered = true;
         }
         if delivered {
+            crate::trace::steps::first("first-frame-to-guest", "");
             state.signal_used_queue()?;
         }
         Ok(())
@@ -327,9 +329,11 @@ impl NetBackend {
                     let _ = self.guest.rx_event.read();
                 }
                 self.deliver_rx(&vrings[RX_QUEUE as usize])?;
-                // TX frames left in the guest's ring while the RX queue was full: take them
-                // now that frames have left (the guest will not kick for them again).
-                if self.guest.resume_tx() {
+                // TX frames left in the guest's ring while the RX queue was full, or queued
+                // before the VM moved here: take them now that there is room and the ring
+                // runs (the guest will not kick for them again).
+                let tx_ready = vrings[TX_QUEUE as usize].get_ref().get_queue().ready();
+                if tx_ready && self.guest.resume_tx() {
                     let tx = self.drain_tx(&vrings[TX_QUEUE as usize]);
                     let rx = self.deliver_rx(&vrings[RX_QUEUE as usize]);
                     tx.and(rx)?;
@@ -379,9 +383,14 @@ mod tests {
         assert_eq!(net.worker_errors(), 5);
     }
 
-    #[test]
-    fn a_full_reply_queue_leaves_tx_frames_in_the_guest_ring_until_frames_leave() {
-        use crate::companion::guest_link::MAX_RX_FRAMES;
+    /// A backend over 1 MiB of guest RAM whose guest has one OPEN in its TX ring (descriptor
+    /// 0 → the frame at 0x10000; used index at 0x3002).
+    fn one_frame_in_the_tx_ring() -> (
+        NetBackend,
+        Arc<GuestLink>,
+        Vec<VringRwLock<GuestRam>>,
+        GuestMemoryAtomic<GuestRamMmap>,
+    ) {
         use vfmig_proto as proto;
         let ram = GuestMemoryAtomic::new(
             GuestRamMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
@@ -397,7 +406,6 @@ mod tests {
         tx.set_queue_size(16);
         tx.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
         tx.set_queue_ready(true);
-        // One OPEN in the guest's TX ring: descriptor 0 → the frame at 0x10000.
         let mut frame = vec![0u8; NET_HDR_LEN as usize];
         frame.extend(proto::encode(&proto::Frame {
             dst: proto::COMPANION_MAC,
@@ -411,21 +419,43 @@ mod tests {
         m.write_obj(frame.len() as u32, GuestAddress(0x1008))
             .unwrap();
         m.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        (net, guest, vrings, ram)
+    }
+
+    fn used(ram: &GuestMemoryAtomic<GuestRamMmap>) -> u16 {
+        ram.memory().read_obj::<u16>(GuestAddress(0x3002)).unwrap()
+    }
+
+    #[test]
+    fn tx_frames_queued_before_the_vm_moved_here_are_taken_without_a_kick() {
+        let (net, guest, vrings, ram) = one_frame_in_the_tx_ring();
+        // The guest kicked for its frame at the source; here the import owes it a drain.
+        guest.owe_tx_drain();
+        net.handle_event(RX_PENDING_EVENT, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(used(&ram), 1, "the frame was left in the guest's ring");
+        assert_eq!(guest.stats().frames_from_guest, 1);
+    }
+
+    #[test]
+    fn a_full_reply_queue_leaves_tx_frames_in_the_guest_ring_until_frames_leave() {
+        use crate::companion::guest_link::MAX_RX_FRAMES;
+        use vfmig_proto as proto;
+        let (net, guest, vrings, ram) = one_frame_in_the_tx_ring();
         // The guest has taken none of the frames queued for it.
         for _ in 0..MAX_RX_FRAMES {
             guest.queue(0, proto::Message::Event(proto::Event::Migrated));
         }
         net.handle_event(TX_QUEUE, EventSet::IN, &vrings, 0)
             .unwrap();
-        let used = |m: &vm_memory::GuestMemoryMmap<_>| m.read_obj::<u16>(GuestAddress(0x3002));
-        assert_eq!(used(&m).unwrap(), 0, "the frame stays in the guest's ring");
+        assert_eq!(used(&ram), 0, "the frame stays in the guest's ring");
         assert_eq!(guest.stats().frames_from_guest, 0);
         assert_eq!(guest.stats().frames_waiting, MAX_RX_FRAMES as u64);
         // One frame leaves; the next RX event takes the TX frame and queues its reply.
         assert!(guest.next_for_guest().is_some());
         net.handle_event(RX_PENDING_EVENT, EventSet::IN, &vrings, 0)
             .unwrap();
-        assert_eq!(used(&m).unwrap(), 1);
+        assert_eq!(used(&ram), 1);
         assert_eq!(guest.stats().frames_from_guest, 1);
         assert_eq!(guest.stats().frames_waiting, MAX_RX_FRAMES as u64);
     }

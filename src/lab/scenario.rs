@@ -492,6 +492,10 @@ fn migrate_a(
             cancel: Some(cancel),
             strategy,
             trace: opts.trace.clone(),
+            peer_controls: job.vms[1..]
+                .iter()
+                .map(|v| v.paths.control_socket.clone())
+                .collect(),
             ..Default::default()
         },
         observer,

@@ -11,11 +11,12 @@
 //!    `query-migrate` and QEMU's `MIGRATION` / `MIGRATION_PASS` events;
 //! 5. **switchover**: the source stops (QEMU status `device`); the companion quiesces the VF
 //!    inside `GET_VRING_BASE`, and QEMU's last log sync picks up its last writes;
-//! 6. **destination up**: the destination has all of RAM and is paused (`-S`); its companion
-//!    takes over the VF (a copy of the source's VF state moves, and the VM's new place is
-//!    announced to its peers); then, unless `keep_paused`, it is resumed, once. If the takeover
-//!    or `cont` fails, the destination is stopped, the source companion takes its VF state
-//!    back and the source VM resumes (6b); otherwise the source companion drops its copy (6c);
+//! 6. **destination up**: QEMU completed; the destination's companion takes over the VF (a
+//!    copy of the source's VF state moves, and the VM's new place is announced to its peers)
+//!    while the destination finishes loading; once it is paused (`-S`) with all of RAM it is
+//!    resumed, once, unless `keep_paused`. If the takeover or `cont` fails, the destination is
+//!    stopped, the source companion takes its VF state back and the source VM resumes (6b);
+//!    otherwise the source companion drops its copy (6c);
 //! 7. **attach** (`passthrough-hotplug` only): a free VF of the destination is plugged in
 //!    (`device_add`) and the migration waits until the guest's driver has enabled it;
 //! 8. **resume** (`cooperative` and `passthrough-hotplug`): every rank's runtime is told RESUME;
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant};
 use super::hotplug::{self, Hotplug, HotplugTimes};
 use super::options::{capabilities, shared_parameters, source_parameters};
 use super::progress::Timeline;
-use super::takeover::{release_source_vf, roll_back, take_over_vf};
+use super::takeover::{record_companion_steps, release_source_vf, roll_back, take_over_vf};
 use crate::companion::control::{error_chain, ControlClient, ControlError, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient};
 use crate::trace::TraceRecorder;
@@ -223,6 +224,17 @@ pub fn migrate(
     if let (Some(_), Some((src_ctl, _))) = (&vf_takeover, &opts.companions) {
         release_source_vf(src_ctl);
     }
+    if let (Some(tr), Some((src_ctl, dst_ctl)), true) =
+        (&opts.trace, &opts.companions, vf_takeover.is_some())
+    {
+        let wait = if resumed {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        };
+        let ctls = (src_ctl.as_path(), dst_ctl.as_path());
+        record_companion_steps(tr, ctls, &opts.peer_controls, t.start, wait);
+    }
 
     // 7. Passthrough-hotplug: a free VF of the destination goes in; its driver must come up.
     let mut attach_error = None;
@@ -297,12 +309,18 @@ fn precopy(
     src.migrate(&opts.uri).map_err(on_src)?;
 
     // Follow the source until QEMU says it is finished; its MIGRATION events mark the
-    // switchover (`device`) more precisely than polling would.
+    // switchover (`device`) and the completion more precisely than polling would: the loop
+    // waits for the next event, or polls again after a while.
+    let mut next_event = None;
+    let mut switchover = false;
     let info = loop {
-        for ev in events.try_iter() {
+        for ev in next_event.take().into_iter().chain(events.try_iter()) {
             if ev.event == "MIGRATION" {
                 match ev.data["status"].as_str() {
-                    Some("device") | Some("pre-switchover") => t.enter(Phase::Switchover, observer),
+                    Some("device") | Some("pre-switchover") => {
+                        switchover = true;
+                        t.enter(Phase::Switchover, observer)
+                    }
                     _ => {}
                 }
             }
@@ -334,7 +352,7 @@ fn precopy(
         if let Some(tr) = &t.trace {
             tr.migration_info(t.us(), &info);
         }
-        if let Some(s) = sampler.as_mut() {
+        if let (Some(s), false) = (sampler.as_mut(), switchover) {
             s.sample(t.us());
         }
         match info.status.as_deref() {
@@ -354,7 +372,10 @@ fn precopy(
                 });
             }
             Some("cancelled") => return Err(MigrateError::Cancelled),
-            Some("device") => t.enter(Phase::Switchover, observer),
+            Some("device") | Some("pre-switchover") => {
+                switchover = true;
+                t.enter(Phase::Switchover, observer)
+            }
             _ => {}
         }
         if t.start.elapsed() > opts.timeout {
@@ -363,7 +384,11 @@ fn precopy(
                 secs: opts.timeout.as_secs(),
             });
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // The completion's event wakes the loop at once (QEMU's monitor sends nothing while
+        // its migration thread holds the big lock through stop-and-copy, so `device` is rarely
+        // seen before `completed`); without events it polls, often inside the switchover.
+        let wait = if switchover { 5 } else { 50 };
+        next_event = events.recv_timeout(Duration::from_millis(wait)).ok();
     };
     Ok(info)
 }
@@ -532,9 +557,10 @@ pub fn wait_source_settled(src: &QmpClient) -> SourceSettled {
     })
 }
 
-/// Step 6: waits until the destination is paused with all of RAM, moves the VF to its
-/// companion and, unless `keep_paused`, resumes it. Returns the takeover and whether the
-/// destination runs.
+/// Step 6: moves the VF to the destination's companion (while the destination finishes
+/// loading: the move needs only the companions, and the destination's VF has no guest RAM
+/// before it runs), waits until the destination is paused with all of RAM and, unless
+/// `keep_paused`, resumes it. Returns the takeover and whether the destination runs.
 fn destination_up(
     dst: &QmpClient,
     opts: &MigrateOptions,
@@ -543,23 +569,23 @@ fn destination_up(
         side: "destination",
         source,
     };
+    let vf_takeover = match &opts.companions {
+        Some((src_ctl, dst_ctl)) => take_over_vf(src_ctl, dst_ctl, opts.trace.as_deref())?,
+        None => None,
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         let s = dst.query_status().map_err(on_dst)?;
         if s.status == "paused" || s.status == "running" || Instant::now() > deadline {
             break s;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(2));
     };
     if status.status != "paused" && status.status != "running" {
         return Err(MigrateError::DestinationNotReady {
             status: status.status,
         });
     }
-    let vf_takeover = match &opts.companions {
-        Some((src_ctl, dst_ctl)) => take_over_vf(src_ctl, dst_ctl)?,
-        None => None,
-    };
     if opts.keep_paused {
         return Ok((vf_takeover, false));
     }

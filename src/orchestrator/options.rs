@@ -33,6 +33,9 @@ pub struct MigrateOptions {
     pub strategy: Strategy,
     /// Where the timeline goes (phases, QEMU's passes, query-migrate and companion samples).
     pub trace: Option<Arc<TraceRecorder>>,
+    /// Control sockets of the companions of the VM's peers: with a trace, their steps of the
+    /// switchover (the announce received, the redial and replay, the first ack) go on it too.
+    pub peer_controls: Vec<PathBuf>,
 }
 
 impl Default for MigrateOptions {
@@ -48,6 +51,7 @@ impl Default for MigrateOptions {
             cancel: None,
             strategy: Strategy::Transparent,
             trace: None,
+            peer_controls: Vec::new(),
         }
     }
 }

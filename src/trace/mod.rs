@@ -25,6 +25,7 @@ mod event;
 mod reader;
 mod recorder;
 mod report;
+pub mod steps;
 mod svg;
 #[cfg(test)]
 mod testutil;
@@ -35,7 +36,7 @@ pub use error::TraceError;
 pub use event::{EventKind, TraceEvent, Track};
 pub use reader::{validate, CounterSeries, Pass, Trace};
 pub use recorder::{TraceRecorder, COUNTER_CATEGORY, PASS_EVENT, PHASE_CATEGORY, QEMU_CATEGORY};
-pub use report::{CounterStats, PassRow, PhaseRow, Report};
+pub use report::{CounterStats, PassRow, PhaseRow, Report, StepRow};
 pub use svg::render_svg;
 
 /// `vfmig report`: loads and validates the trace in `trace`, writes its picture to `svg_out`,

@@ -47,6 +47,26 @@ pub struct CounterStats {
     pub last_ms: f64,
 }
 
+/// One step of the switchover (category `step` from a companion, `takeover` from the
+/// orchestrator), timed from the source's quiesce.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepRow {
+    /// The step (`quiesce`, `vf-export`, `announce`, `vm-runs-here`, …).
+    pub name: String,
+    /// Whose track it is on (`source companion`, `destination companion`, `orchestrator`).
+    pub process: String,
+    /// What it concerned (a peer, a count).
+    pub detail: String,
+    /// Start, ms from the start of the source's quiesce (from the first step when the trace
+    /// has no quiesce).
+    pub at_ms: f64,
+    /// Duration, ms.
+    pub duration_ms: f64,
+}
+
+/// The categories of switchover steps.
+pub const STEP_CATEGORIES: [&str; 2] = ["step", "takeover"];
+
 /// The report of one migration trace.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -60,6 +80,8 @@ pub struct Report {
     pub counters: Vec<CounterStats>,
     /// `otherData.downtime_ms`, when the trace has it (QEMU's downtime).
     pub downtime_ms: Option<f64>,
+    /// The switchover's steps, in order of start.
+    pub steps: Vec<StepRow>,
     /// `otherData`, as recorded.
     pub meta: serde_json::Map<String, Value>,
 }
@@ -129,6 +151,7 @@ impl Report {
             passes,
             counters,
             downtime_ms,
+            steps: steps(trace),
             meta: trace.other_data.clone(),
         }
     }
@@ -182,6 +205,21 @@ impl Report {
             };
             let _ = writeln!(out, "- {}: {}", md_escape(key), md_escape(&value));
         }
+        if !self.steps.is_empty() {
+            out.push_str("\n| step | where | detail | at ms (from the quiesce) | duration ms |\n");
+            out.push_str("|---|---|---|---:|---:|\n");
+            for s in &self.steps {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {:.2} | {:.2} |",
+                    md_escape(&s.name),
+                    md_escape(&s.process),
+                    md_escape(&s.detail),
+                    s.at_ms,
+                    s.duration_ms
+                );
+            }
+        }
         if !self.counters.is_empty() {
             out.push_str("\n| counter | samples | min | max | last |\n");
             out.push_str("|---|---:|---:|---:|---:|\n");
@@ -199,6 +237,35 @@ impl Report {
         }
         out
     }
+}
+
+/// The switchover's steps of `trace`, timed from the source companion's quiesce.
+pub(super) fn steps(trace: &Trace) -> Vec<StepRow> {
+    let mut events: Vec<_> = trace
+        .events
+        .iter()
+        .filter(|e| {
+            e.cat
+                .as_deref()
+                .is_some_and(|c| STEP_CATEGORIES.contains(&c))
+        })
+        .collect();
+    events.sort_by(|a, b| a.ts.total_cmp(&b.ts));
+    let zero = events
+        .iter()
+        .find(|e| e.name == "quiesce")
+        .or(events.first())
+        .map_or(0.0, |e| e.ts);
+    events
+        .into_iter()
+        .map(|e| StepRow {
+            name: e.name.clone(),
+            process: trace.process_name(e.pid).unwrap_or("?").to_string(),
+            detail: e.args["detail"].as_str().unwrap_or_default().to_string(),
+            at_ms: (e.ts - zero) / 1e3,
+            duration_ms: e.dur.unwrap_or(0.0) / 1e3,
+        })
+        .collect()
 }
 
 /// A duration in ms with the precision that matters: whole ms as such, else 2 decimals under
@@ -312,6 +379,53 @@ mod tests {
         let md = report.markdown();
         assert!(md.contains("| a/device_dirty_pages | 60 |"), "{md}");
         assert!(md.contains("- strategy: transparent"), "{md}");
+    }
+
+    #[test]
+    fn steps_are_timed_from_the_quiesce_with_their_process() {
+        use crate::trace::Track;
+        let rec = TraceRecorder::new();
+        let src = rec.register_process("source companion");
+        let dst = rec.register_process("destination companion");
+        let at = |pid| Track::new(pid, 1);
+        let detail = |d: &str| serde_json::json!({ "detail": d });
+        rec.span_on(
+            at(dst),
+            "announce",
+            "step",
+            12_000.0,
+            14_500.0,
+            detail("b,c"),
+        );
+        rec.span_on(at(src), "quiesce", "step", 10_000.0, 10_400.0, detail(""));
+        rec.span_on(
+            at(1),
+            "vf_export",
+            "takeover",
+            11_000.0,
+            11_500.0,
+            detail(""),
+        );
+        rec.span_on(at(1), "precopy", "phase", 0.0, 10_000.0, detail(""));
+        let report = Report::from_trace(&Trace::from_value(rec.to_json()).unwrap());
+        let rows: Vec<(&str, &str, f64, f64)> = report
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), s.process.as_str(), s.at_ms, s.duration_ms))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("quiesce", "source companion", 0.0, 0.4),
+                ("vf_export", "orchestrator", 1.0, 0.5),
+                ("announce", "destination companion", 2.0, 2.5),
+            ]
+        );
+        let md = report.markdown();
+        assert!(
+            md.contains("| announce | destination companion | b,c | 2.00 | 2.50 |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub enum Request {
         /// On or off.
         enabled: bool,
     },
+    /// The steps this companion took around its last switchovers (quiesce, export, import,
+    /// announce, the VM running here, first replays and completions), for the trace.
+    Steps,
     /// Stop the companion.
     Quit,
 }
@@ -102,6 +105,7 @@ impl Request {
             Request::VfReclaim => "vf_reclaim",
             Request::SendEvent { .. } => "send_event",
             Request::SetTracking { .. } => "set_tracking",
+            Request::Steps => "steps",
             Request::Quit => "quit",
         }
     }
@@ -261,6 +265,13 @@ pub struct SetTrackingReply {
     pub tracking: bool,
 }
 
+/// Reply to `steps`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepsReply {
+    /// The steps, oldest first (at most [`crate::trace::steps::MAX_STEPS`]).
+    pub steps: Vec<crate::trace::steps::Step>,
+}
+
 /// Reply to `quit`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct QuitReply {}
@@ -297,6 +308,8 @@ pub enum Reply {
     SendEvent(SendEventReply),
     /// To `set_tracking`.
     SetTracking(SetTrackingReply),
+    /// To `steps`.
+    Steps(StepsReply),
     /// To `quit`.
     Quit(QuitReply),
 }
@@ -319,6 +332,7 @@ impl Reply {
             Reply::VfReclaim(_) => "vf_reclaim",
             Reply::SendEvent(_) => "send_event",
             Reply::SetTracking(_) => "set_tracking",
+            Reply::Steps(_) => "steps",
             Reply::Quit(_) => "quit",
         }
     }
@@ -349,6 +363,7 @@ reply_from!(
     VfReclaim(VfReclaimReply),
     SendEvent(SendEventReply),
     SetTracking(SetTrackingReply),
+    Steps(StepsReply),
     Quit(QuitReply),
 );
 
@@ -445,6 +460,7 @@ mod tests {
                 event: GuestEvent::Resume,
             },
             Request::SetTracking { enabled: true },
+            Request::Steps,
             Request::Quit,
         ] {
             let wire = serde_json::to_value(&request).unwrap();
@@ -541,6 +557,10 @@ mod tests {
             ("vf_reclaim", json!({"announced_to": ["b"]})),
             ("send_event", json!({"sent": "suspend"})),
             ("set_tracking", json!({"tracking": false})),
+            (
+                "steps",
+                json!({"steps": [{"name": "quiesce", "at_unix_us": 1.5, "dur_us": 300.0, "detail": ""}]}),
+            ),
             ("quit", json!({})),
         ]
     }
@@ -569,6 +589,7 @@ mod tests {
             "vf_reclaim" => round::<VfReclaimReply>(fields),
             "send_event" => round::<SendEventReply>(fields),
             "set_tracking" => round::<SetTrackingReply>(fields),
+            "steps" => round::<StepsReply>(fields),
             "quit" => round::<QuitReply>(fields),
             other => panic!("no reply type for `{other}`"),
         }

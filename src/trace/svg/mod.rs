@@ -7,11 +7,13 @@
 //! `remaining_bytes` (MiB), `dirty_pages_rate` (pages/s) and, when any companion recorded it,
 //! `device_dirty_pages` (one line per companion). A chart whose counter has no samples is
 //! replaced by a one-line note. Phases are shaded faintly behind the charts and passes run
-//! through them as dashed lines.
+//! through them as dashed lines. When the trace has the switchover's steps (the companions'
+//! and the VF's move), a last panel zooms on them, in ms from the source's quiesce.
 //!
 //! The module by role: `timeline.rs` (phase bars, pass ticks, their labels), `chart.rs` (the
-//! counter charts), `axis.rs` (nice ticks and the time axis), `canvas.rs` (SVG primitives and
-//! escaping); this file lays the picture out and writes the title.
+//! counter charts), `steps.rs` (the switchover's steps), `axis.rs` (nice ticks and the time
+//! axis), `canvas.rs` (SVG primitives and escaping); this file lays the picture out and
+//! writes the title.
 //!
 //! Element invariants (tests rely on them): the only `<rect>` elements are the phase bars,
 //! and the only `<polyline>` elements are the counter lines, one per plotted series.
@@ -21,6 +23,7 @@ use std::fmt::Write as _;
 mod axis;
 mod canvas;
 mod chart;
+mod steps;
 mod timeline;
 
 use super::event::TraceEvent;
@@ -70,7 +73,10 @@ pub fn render_svg(trace: &Trace) -> String {
 
     let charts = charts(&counters);
     let chart_height = chart_height(&charts);
-    let mut svg = Svg::new(WIDTH, picture_height(&charts, chart_height));
+    let switchover_steps = super::report::steps(trace);
+    // The steps' panel, when there are steps, goes under the charts and their time axis.
+    let steps_top = picture_height(&charts, chart_height);
+    let mut svg = Svg::new(WIDTH, steps_top + steps::panel_height(&switchover_steps));
     svg.text(
         PLOT_LEFT,
         26.0,
@@ -87,6 +93,7 @@ pub fn render_svg(trace: &Trace) -> String {
     let backdrop = backdrop(&phases, &passes, &x_of);
     draw_timeline(&mut svg, &phases, &passes, &axis, &x_of);
     draw_charts(&mut svg, &charts, chart_height, &axis, &backdrop, &x_of);
+    steps::draw_steps(&mut svg, &switchover_steps, steps_top);
     svg.finish()
 }
 

@@ -119,7 +119,9 @@ impl SoftVf {
         let deadline = Instant::now() + timeout;
         let mut st = self.inner.state.lock();
         while st.cq.is_empty() {
-            if Instant::now() >= deadline {
+            // Quiesced, the VF completes nothing more here: its completions move with its
+            // state, and a waiter (the guest link's pump) must not hold up the export.
+            if Instant::now() >= deadline || self.inner.dma.gate_state().quiesced {
                 return vec![];
             }
             self.inner.cq_ready.wait_until(&mut st, deadline);
@@ -239,6 +241,8 @@ impl VfDevice for SoftVf {
         // completion) before the state can be exported: wait for every apply in progress, not
         // only for the write in flight.
         drop(self.inner.applying.lock());
+        // Wake whoever waits for completions: there will be none here until a resume.
+        self.inner.cq_ready.notify_all();
         Ok(QuiesceReport {
             waited_us: started.elapsed().as_micros() as u64,
             was_bus_master: was,

@@ -19,8 +19,9 @@ use parking_lot::Mutex;
 
 use super::auth::{self, FabricAuth, FrameReader, FrameWriter, Session};
 use super::responder::{self, Outcome};
-use super::wire::{Frame, FrameOf, WireError};
+use super::wire::{AckStatus, Frame, FrameOf, WireError};
 use super::{lost, requester, Inner};
+use crate::trace::steps;
 
 /// Connections in handshake at once; a new one drops the oldest.
 pub const MAX_HANDSHAKING: usize = 16;
@@ -158,7 +159,17 @@ pub(super) fn link_to(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
     if let Some(l) = live_link(inner, vm) {
         return Some(l);
     }
-    dial(inner, vm, false)
+    // A dial that landed at the peer's old place because it moved meanwhile (its announce
+    // came during the dial) is dropped; the new place is dialled at once, not a retry tick
+    // later.
+    let addr = inner.book.lock().get(vm).cloned();
+    let link = dial(inner, vm, false);
+    let moved = inner.book.lock().get(vm).cloned() != addr;
+    if link.is_none() && moved {
+        steps::instant("redial-after-move", vm);
+        return dial(inner, vm, false);
+    }
+    link
 }
 
 /// Dials `vm` and says Hello (announcing a migration when `announce`).
@@ -376,13 +387,28 @@ pub(super) fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
+                // Until a peer connects (an announce or a redial must not wait for a tick), or
+                // a while, to see whether the VF closed.
+                wait_readable(&listener, Duration::from_millis(50));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "fabric accept failed");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+/// Waits until `listener` has a connection to accept, or `timeout`.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        listener.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).is_err() {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -464,6 +490,9 @@ fn hello(
                 tracing::info!(peer = %vm, %listen, "peer announces its new place: replaying held requests");
                 inner.book.lock().insert(vm.clone(), listen);
                 drop_link(inner, &vm);
+                steps::rearm();
+                steps::instant("announce-received", vm.as_str());
+                requester::kick(inner);
             }
             Ok(Some(vm))
         }
@@ -556,9 +585,13 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
             // sends and replays it to wherever this VM comes up.
             Outcome::Close => {
                 tracing::info!(%peer, "VF quiesced or moved away: closing the peer's link");
+                steps::first("peer-link-closed", &peer);
                 return Ok(());
             }
         };
+        if status == AckStatus::Ok {
+            steps::first("request-applied", &peer);
+        }
         #[cfg(test)]
         if inner
             .swallow_acks

@@ -103,6 +103,10 @@ struct Inner {
     dialing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     generation: AtomicU64,
     timing: FabricTiming,
+    /// Set and notified to make the retry loop turn at once (a peer announced its new place,
+    /// or guest RAM arrived for requests that moved here), instead of at its next tick.
+    retry_kick: Mutex<bool>,
+    retry_wake: Condvar,
     closed: AtomicBool,
     stats: Mutex<SoftVfStats>,
     /// Held while a peer's request is applied (see `responder::apply`).
@@ -171,6 +175,8 @@ impl SoftVf {
             dialing: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             timing,
+            retry_kick: Mutex::new(false),
+            retry_wake: Condvar::new(),
             closed: AtomicBool::new(false),
             stats: Mutex::new(SoftVfStats::default()),
             applying: Mutex::new(()),

@@ -16,6 +16,7 @@ use super::state::{
 use super::wire::{AckStatus, Frame};
 use super::{Inner, SoftVf};
 use crate::memory::DmaError;
+use crate::trace::steps;
 use crate::vf::verbs::{Completion, MemoryRegion, SendOp, SendWr, Status, VerbsError};
 
 /// Why a send request's local data could not be read.
@@ -30,6 +31,13 @@ pub(super) enum LocalReadError {
 }
 
 impl SoftVf {
+    /// Replays the requests held for peers now, rather than at the retry loop's next tick:
+    /// the VM runs here now (its guest RAM arrived), so requests that moved with its state
+    /// can be read and sent again.
+    pub fn replay_now(&self) {
+        kick(&self.inner);
+    }
+
     /// Posts a send work request (WRITE, WRITE_WITH_IMM, SEND); it completes on the target's
     /// ack, or with an error status.
     pub fn post_send(&self, qp: u32, wr: SendWr) -> Result<(), VerbsError> {
@@ -200,6 +208,9 @@ pub(super) fn flush_qp(inner: &Arc<Inner>, qp: u32, peer_vm: &str) {
         link.alive.store(false, Ordering::SeqCst);
     }
     drop(w);
+    if again > 0 && sent {
+        steps::first("replay-sent", peer_vm);
+    }
     let mut s = inner.stats.lock();
     s.requests_sent += first;
     s.requests_replayed += again;
@@ -232,6 +243,7 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
     }
     match status {
         AckStatus::Ok => {
+            steps::first("first-ack", "");
             let mut done = Vec::new();
             while q.unacked.front().is_some_and(|p| p.psn <= psn) {
                 if let Some(p) = q.unacked.pop_front() {
@@ -304,7 +316,15 @@ fn q_peer(st: &State, qp: u32) -> Option<String> {
 /// Retries held requests; fails those held too long.
 pub(super) fn retry_loop(inner: &Arc<Inner>) {
     while !inner.closed.load(Ordering::SeqCst) {
-        std::thread::sleep(inner.timing.retry_interval);
+        {
+            let mut kicked = inner.retry_kick.lock();
+            if !*kicked {
+                inner
+                    .retry_wake
+                    .wait_for(&mut kicked, inner.timing.retry_interval);
+            }
+            *kicked = false;
+        }
         if inner.dma.gate_state().quiesced {
             continue;
         }
@@ -328,6 +348,13 @@ pub(super) fn retry_loop(inner: &Arc<Inner>) {
             flush_qp(inner, qp, &vm);
         }
     }
+}
+
+/// Makes the retry loop turn now rather than at its next tick: a held request can go (a peer
+/// announced its new place, or guest RAM arrived for requests that moved here).
+pub(super) fn kick(inner: &Inner) {
+    *inner.retry_kick.lock() = true;
+    inner.retry_wake.notify_one();
 }
 
 /// The QPs with requests held for a peer, as `(qp, peer VM)`; QPs whose oldest request was

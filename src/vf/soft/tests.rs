@@ -23,13 +23,18 @@ struct TestVm {
 }
 
 fn vm(name: &str) -> TestVm {
+    vm_retrying_every(name, Duration::from_millis(5))
+}
+
+/// A test VM whose retry loop ticks every `retry_interval`.
+fn vm_retrying_every(name: &str, retry_interval: Duration) -> TestVm {
     let ram = GuestMemoryAtomic::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).expect("guest RAM"),
     );
     let dma = Arc::new(DmaEngine::new(ram));
     dma.adopt_memory();
     let timing = FabricTiming {
-        retry_interval: Duration::from_millis(5),
+        retry_interval,
         hold_timeout: Duration::from_secs(5),
         rnr_timeout: Duration::from_secs(5),
     };
@@ -528,6 +533,73 @@ fn a_vm_migrates_mid_stream_and_every_operation_happens_exactly_once() {
     );
     assert_eq!(sa.qps_lost, 0, "a took b's move for a restart");
     assert!(sa.requests_replayed >= 20);
+}
+
+#[test]
+fn a_peer_replays_its_held_requests_as_soon_as_the_vm_announces_its_new_place() {
+    // Retry ticks far apart: only the announce itself can make "a" replay in time.
+    let tick = Duration::from_secs(30);
+    let (a, b) = (vm_retrying_every("a", tick), vm_retrying_every("b", tick));
+    a.vf.set_peer_address("b", b.vf.listen_addr());
+    b.vf.set_peer_address("a", a.vf.listen_addr());
+    let access = Access {
+        local_write: true,
+        remote_write: true,
+    };
+    let seg = vec![GpaRange {
+        gpa: BUF_GPA,
+        len: 64 << 10,
+    }];
+    let ka = a.vf.register_mr(BUF_VA, seg.clone(), access).unwrap();
+    let kb = b.vf.register_mr(BUF_VA, seg, access).unwrap();
+    let (qa, qb) = (a.vf.create_qp(), b.vf.create_qp());
+    a.vf.connect_qp(qa, "b", qb).unwrap();
+    b.vf.connect_qp(qb, "a", qa).unwrap();
+    b.vf.post_recv(qb, recv_wr(1, kb)).unwrap();
+
+    // "b" stops for its switchover: what "a" sends now is held.
+    b.dma.quiesce();
+    a.vf.post_send(qa, send_wr(7, ka, 7)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(a.vf.poll_cq(1).is_empty(), "nothing lands at a quiesced VM");
+    let state = b.vf.export_state().unwrap();
+    b.vf.close();
+    let b2 = vm_retrying_every("b", tick);
+    copy_ram(&b, &b2);
+    b2.vf.set_peer_address("a", a.vf.listen_addr());
+    a.vf.allow_address(b2.vf.listen_addr());
+    b2.vf.import_state(state).unwrap();
+    let announced = Instant::now();
+    assert_eq!(b2.vf.announce(), vec!["a".to_string()]);
+
+    let c = a.vf.wait_cq(1, Duration::from_secs(5));
+    assert_eq!(c.len(), 1, "the held request waited for the retry tick");
+    assert_eq!((c[0].wr_id, c[0].status), (7, Status::Success));
+    assert!(announced.elapsed() < Duration::from_secs(5));
+    assert_eq!(b2.vf.wait_cq(1, Duration::from_secs(5))[0].imm, Some(7));
+}
+
+#[test]
+fn a_quiesce_ends_a_wait_for_completions_at_once() {
+    use crate::vf::VfDevice;
+    let t = vm("a");
+    let vf = t.vf.clone();
+    let waiter = std::thread::spawn(move || {
+        let started = Instant::now();
+        let got = vf.wait_cq(1, Duration::from_secs(30));
+        (got.len(), started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let mut dev = t.vf.clone();
+    dev.quiesce().unwrap();
+    let (got, waited) = waiter.join().unwrap();
+    assert_eq!(got, 0);
+    assert!(
+        waited < Duration::from_secs(5),
+        "the waiter (the guest link's pump, which an export waits for) held on for {waited:?}"
+    );
+    // Quiesced, a wait does not even begin.
+    assert!(t.vf.wait_cq(1, Duration::from_secs(30)).is_empty());
 }
 
 #[test]
