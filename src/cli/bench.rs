@@ -90,6 +90,13 @@ pub enum BenchCommand {
         /// Rounds per figure; the median is reported.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Message sizes to measure, bytes, comma-separated (default: 64 B to 1 MiB by 4).
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<u64>,
+        /// Measure only the authenticated soft VF, nothing beside it, so that a profiler
+        /// (`perf record`) sees it alone; the other figures are reported as 0.
+        #[arg(long)]
+        soft_vf_only: bool,
     },
     /// The fault matrix: lu-lite on VMs with VM `a` migrated, one fault injected per run at
     /// a phase of the migration (precopy start, mid-precopy, switchover, takeover, after
@@ -310,8 +317,20 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 stall: Duration::from_secs(150),
             })
         }
-        BenchCommand::Fabric { rounds } => {
-            let result = fabric_bench::run(rounds.max(1), |line| eprintln!("bench: {line}"))?;
+        BenchCommand::Fabric {
+            rounds,
+            sizes,
+            soft_vf_only,
+        } => {
+            let mut opts = fabric_bench::FabricOptions {
+                rounds,
+                soft_vf_only,
+                ..Default::default()
+            };
+            if !sizes.is_empty() {
+                opts.sizes = sizes;
+            }
+            let result = fabric_bench::run(&opts, |line| eprintln!("bench: {line}"))?;
             println!("{}", fabric_bench::markdown(&result));
             println!("{}", serde_json::to_string(&result)?);
             Ok(())

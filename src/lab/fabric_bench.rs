@@ -12,7 +12,13 @@
 //! "TCP, acked" bandwidth and the "TCP, handed off" latency put exactly that structure on the
 //! same socket pair, without framing, MAC, guest memory or the DMA engine: what is left
 //! between them and the soft VF is the soft VF's own cost, and what is between them and plain
-//! TCP is the price of the structure on this machine.
+//! TCP is the price of the structure on this machine. The frame MAC's own bandwidth (one side's
+//! keyed BLAKE3 over a request) is beside them: an authenticated soft VF pays it on each side.
+//!
+//! `--sizes` measures some sizes only, and `--soft-vf-only` the authenticated soft VF alone,
+//! so that a profiler sees nothing else (`perf record -- vfmig bench fabric --soft-vf-only`;
+//! its threads are `vfmig-fabric-pe*`, the targets' connections, and `vfmig-fabric-ac*`, the
+//! requesters' ack readers).
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
@@ -24,7 +30,9 @@ use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::stats::median;
 use crate::memory::{DmaEngine, DmaError};
-use crate::vf::soft::{ephemeral_job, ClusterMap, FabricAuth, FabricTiming, KeyError, SoftVf};
+use crate::vf::soft::{
+    ephemeral_job, frame_mac, wire, ClusterMap, FabricAuth, FabricTiming, KeyError, SoftVf,
+};
 use crate::vf::verbs::{Access, GpaRange, RecvWr, SendOp, SendWr, Sge, Status, VerbsError};
 
 const RAM: usize = 96 << 20;
@@ -57,6 +65,31 @@ pub enum FabricBenchError {
     /// Starting a soft VF, or a TCP socket, failed.
     #[error("bench socket I/O failed")]
     Io(#[from] std::io::Error),
+    /// A message size the bench cannot send.
+    #[error("message size {0} B: the bench sends 1 B to {max} B", max = wire::MAX_PAYLOAD)]
+    Size(u64),
+}
+
+/// What the bench measures.
+#[derive(Debug, Clone)]
+pub struct FabricOptions {
+    /// Rounds per figure (the median is taken over them).
+    pub rounds: usize,
+    /// Message sizes, bytes.
+    pub sizes: Vec<u64>,
+    /// Only the authenticated soft VF, nothing beside it (to profile it alone); the other
+    /// figures are 0.
+    pub soft_vf_only: bool,
+}
+
+impl Default for FabricOptions {
+    fn default() -> Self {
+        Self {
+            rounds: 5,
+            sizes: (3..=10).map(|i| 1u64 << (2 * i)).collect(),
+            soft_vf_only: false,
+        }
+    }
 }
 
 /// One message size's figures.
@@ -72,11 +105,25 @@ pub struct SizeRow {
     pub auth_cost: f64,
     /// Median memcpy bandwidth, MiB/s.
     pub memcpy_mib_s: f64,
+    /// Median bandwidth of one frame MAC (keyed BLAKE3) over a request of this size, MiB/s:
+    /// each side of an authenticated soft VF computes one per request (the sender seals it,
+    /// the target checks it), on top of what the unauthenticated soft VF does.
+    pub mac_mib_s: f64,
     /// Median loopback TCP bandwidth, MiB/s.
     pub tcp_mib_s: f64,
     /// Median loopback TCP bandwidth in the soft VF's shape (every message acked, a window of
     /// [`DEPTH`], acks read by their own thread and handed to the poster), MiB/s.
     pub tcp_acked_mib_s: f64,
+    /// Median CPU time per message of the process (all threads, user and system: what the
+    /// messages cost on a shared machine, where bandwidth is what is left of the cores), µs:
+    /// the authenticated soft VF.
+    pub soft_vf_cpu_us: f64,
+    /// The same, the soft VF without authentication.
+    pub soft_vf_insecure_cpu_us: f64,
+    /// The same, loopback TCP.
+    pub tcp_cpu_us: f64,
+    /// The same, loopback TCP in the soft VF's shape.
+    pub tcp_acked_cpu_us: f64,
     /// Soft VF as a fraction of memcpy.
     pub fraction_of_memcpy: f64,
     /// Soft VF as a fraction of loopback TCP.
@@ -191,6 +238,30 @@ fn soft_vf_bw(a: &Side, b: &Side, qa: u32, size: u64) -> Result<f64, FabricBench
     Ok((ops * size) as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// CPU time (user and system) this process has used so far, all threads, µs.
+fn cpu_us() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one `rusage` to the pointer, which points to one.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } != 0 {
+        return 0.0;
+    }
+    // SAFETY: zero-initialised (a valid `rusage`), then filled by getrusage.
+    let ru = unsafe { ru.assume_init() };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
+/// Runs `f`, which moves [`ops_for`]`(size)` messages and returns MiB/s; adds the CPU time
+/// per message it took, µs.
+fn with_cpu(
+    size: u64,
+    f: impl FnOnce() -> Result<f64, FabricBenchError>,
+) -> Result<(f64, f64), FabricBenchError> {
+    let start = cpu_us();
+    let bw = f()?;
+    Ok((bw, (cpu_us() - start) / ops_for(size) as f64))
+}
+
 fn memcpy_bw(size: u64) -> f64 {
     // Both non-zero, so both are touched (written) before timing, as the soft VF's buffers are.
     let src = vec![1u8; BUF_LEN as usize];
@@ -202,6 +273,24 @@ fn memcpy_bw(size: u64) -> f64 {
         let off = ((i % slots) * size) as usize;
         dst[off..off + size as usize].copy_from_slice(&src[off..off + size as usize]);
         std::hint::black_box(&mut dst);
+    }
+    (ops * size) as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn mac_bw(size: u64) -> f64 {
+    let frame = wire::encode(&wire::Frame::Write {
+        src_qp: 1,
+        dst_qp: 2,
+        psn: 1,
+        rkey: 1,
+        addr: VA,
+        imm: None,
+        payload: vec![7; size as usize],
+    });
+    let ops = ops_for(size);
+    let start = Instant::now();
+    for seq in 0..ops {
+        std::hint::black_box(frame_mac(&[9; 32], seq, &frame));
     }
     (ops * size) as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
 }
@@ -440,6 +529,15 @@ fn tcp_handoff_lat(iters: u32) -> Result<f64, FabricBenchError> {
     Ok(median(samples))
 }
 
+/// `a / b`, or 0 where `b` was not measured (JSON has no NaN).
+fn frac(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
 /// Two soft VFs that know each other, with a connected QP each.
 fn pair(auth: bool) -> Result<(Side, Side, u32, u32), FabricBenchError> {
     let (auth_a, auth_b) = if auth {
@@ -461,41 +559,77 @@ fn pair(auth: bool) -> Result<(Side, Side, u32, u32), FabricBenchError> {
 }
 
 /// Runs the fabric bench; `progress` is told each figure as it is measured.
-pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> Result<FabricBench, FabricBenchError> {
+pub fn run(
+    opts: &FabricOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<FabricBench, FabricBenchError> {
+    if let Some(&bad) = opts
+        .sizes
+        .iter()
+        .find(|&&s| s == 0 || s > wire::MAX_PAYLOAD as u64)
+    {
+        return Err(FabricBenchError::Size(bad));
+    }
+    let (rounds, all) = (opts.rounds.max(1), !opts.soft_vf_only);
     let (a, b, qa, qb) = pair(true)?;
     let (ia, ib, iqa, iqb) = pair(false)?;
     let mut rows = Vec::new();
-    for shift in [6u32, 8, 10, 12, 14, 16, 18, 20] {
-        let size = 1u64 << shift;
+    for &size in &opts.sizes {
         let (mut v, mut vi, mut m, mut t, mut ta) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut mac = vec![];
+        let (mut vc, mut vic, mut tc, mut tac) = (vec![], vec![], vec![], vec![]);
+        let push = |bw: &mut Vec<f64>, cpu: &mut Vec<f64>, (b, c): (f64, f64)| {
+            bw.push(b);
+            cpu.push(c);
+        };
         for _ in 0..rounds {
-            v.push(soft_vf_bw(&a, &b, qa, size)?);
-            vi.push(soft_vf_bw(&ia, &ib, iqa, size)?);
-            m.push(memcpy_bw(size));
-            t.push(tcp_bw(size)?);
-            ta.push(tcp_acked_bw(size)?);
+            push(
+                &mut v,
+                &mut vc,
+                with_cpu(size, || soft_vf_bw(&a, &b, qa, size))?,
+            );
+            if all {
+                let insecure = with_cpu(size, || soft_vf_bw(&ia, &ib, iqa, size))?;
+                push(&mut vi, &mut vic, insecure);
+                m.push(memcpy_bw(size));
+                mac.push(mac_bw(size));
+                push(&mut t, &mut tc, with_cpu(size, || Ok(tcp_bw(size)?))?);
+                push(&mut ta, &mut tac, with_cpu(size, || tcp_acked_bw(size))?);
+            }
         }
         let (v, vi, m, t, ta) = (median(v), median(vi), median(m), median(t), median(ta));
+        let mac = median(mac);
         progress(&format!(
-            "{size} B: soft VF {v:.0} MiB/s (without authentication {vi:.0}), memcpy {m:.0} MiB/s, loopback TCP {t:.0} MiB/s (acked, in the soft VF's shape: {ta:.0})"
+            "{size} B: soft VF {v:.0} MiB/s (without authentication {vi:.0}), memcpy {m:.0} MiB/s, frame MAC {mac:.0} MiB/s, loopback TCP {t:.0} MiB/s (acked, in the soft VF's shape: {ta:.0})"
         ));
         rows.push(SizeRow {
             size,
             soft_vf_mib_s: v,
             soft_vf_insecure_mib_s: vi,
-            auth_cost: 1.0 - v / vi,
+            auth_cost: 1.0 - frac(v, vi),
             memcpy_mib_s: m,
+            mac_mib_s: mac,
             tcp_mib_s: t,
             tcp_acked_mib_s: ta,
-            fraction_of_memcpy: v / m,
-            fraction_of_tcp: v / t,
-            fraction_of_tcp_acked: v / ta,
+            soft_vf_cpu_us: median(vc),
+            soft_vf_insecure_cpu_us: median(vic),
+            tcp_cpu_us: median(tc),
+            tcp_acked_cpu_us: median(tac),
+            fraction_of_memcpy: frac(v, m),
+            fraction_of_tcp: frac(v, t),
+            fraction_of_tcp_acked: frac(v, ta),
         });
     }
     let write_lat_64b_us = soft_vf_lat(&a, &b, qa, qb, 2000)?;
-    let write_lat_64b_insecure_us = soft_vf_lat(&ia, &ib, iqa, iqb, 2000)?;
-    let tcp_lat_64b_us = tcp_lat(2000)?;
-    let tcp_handoff_lat_64b_us = tcp_handoff_lat(2000)?;
+    let (write_lat_64b_insecure_us, tcp_lat_64b_us, tcp_handoff_lat_64b_us) = if all {
+        (
+            soft_vf_lat(&ia, &ib, iqa, iqb, 2000)?,
+            tcp_lat(2000)?,
+            tcp_handoff_lat(2000)?,
+        )
+    } else {
+        (0.0, 0.0, 0.0)
+    };
     progress(&format!(
         "64 B latency: soft VF {write_lat_64b_us:.1} µs (without authentication {write_lat_64b_insecure_us:.1} µs), loopback TCP {tcp_lat_64b_us:.1} µs (handed off, in the soft VF's shape: {tcp_handoff_lat_64b_us:.1} µs)"
     ));
@@ -515,21 +649,29 @@ pub fn run(rounds: usize, mut progress: impl FnMut(&str)) -> Result<FabricBench,
 /// The bench as a markdown table.
 pub fn markdown(b: &FabricBench) -> String {
     let mut s = String::from(
-        "| size | soft VF MiB/s | without auth MiB/s | auth cost | memcpy MiB/s | loopback TCP MiB/s | TCP, acked MiB/s | of memcpy | of TCP | of TCP, acked |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| size | soft VF MiB/s | without auth MiB/s | auth cost | memcpy MiB/s | frame MAC MiB/s | loopback TCP MiB/s | TCP, acked MiB/s | of memcpy | of TCP | of TCP, acked |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &b.rows {
         s += &format!(
-            "| {} | {:.0} | {:.0} | {:.1} % | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} |\n",
+            "| {} | {:.0} | {:.0} | {:.1} % | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} |\n",
             r.size,
             r.soft_vf_mib_s,
             r.soft_vf_insecure_mib_s,
             r.auth_cost * 100.0,
             r.memcpy_mib_s,
+            r.mac_mib_s,
             r.tcp_mib_s,
             r.tcp_acked_mib_s,
             r.fraction_of_memcpy,
             r.fraction_of_tcp,
             r.fraction_of_tcp_acked
+        );
+    }
+    s += "\nCPU per message, µs (the process, all threads, user and system):\n\n| size | soft VF | without auth | loopback TCP | TCP, acked |\n|---|---|---|---|---|\n";
+    for r in &b.rows {
+        s += &format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            r.size, r.soft_vf_cpu_us, r.soft_vf_insecure_cpu_us, r.tcp_cpu_us, r.tcp_acked_cpu_us
         );
     }
     s += &format!(

@@ -204,8 +204,10 @@ pub fn to_xml(spec: &DomainSpec) -> String {
         meta += " tracking='off'";
     }
     meta += "/>\n";
-    let mut os = String::from("    <type arch='x86_64' machine='q35'>hvm</type>
-");
+    let mut os = String::from(
+        "    <type arch='x86_64' machine='q35'>hvm</type>
+",
+    );
     if let Some((kernel, initrd, cmdline)) = &spec.kernel {
         os += &format!(
             "    <kernel>{}</kernel>\n    <initrd>{}</initrd>\n    <cmdline>{}</cmdline>\n",

@@ -325,13 +325,25 @@ pub(super) fn connect(
     Some(link)
 }
 
-/// Reads a link's acks until it closes.
+/// Reads a link's acks until it closes. Acks already read from the socket are taken together
+/// ([`requester::handle_acks`]), once no whole next frame is buffered.
 fn read_acks(inner: &Arc<Inner>, vm: &str, mut r: FrameReader) {
+    let mut acks = Vec::new();
     loop {
-        match r.frame() {
-            Ok(Some(Frame::Ack { qp, psn, status })) => {
-                requester::handle_ack(inner, qp, psn, status)
+        let frame = r.frame();
+        if let Ok(Some(Frame::Ack { qp, psn, status })) = frame {
+            acks.push((qp, psn, status));
+            if r.next_frame_buffered() {
+                continue;
             }
+        }
+        // Nothing more buffered, or another frame: the acks gathered are taken first.
+        if !acks.is_empty() {
+            requester::handle_acks(inner, &acks);
+            acks.clear();
+        }
+        match frame {
+            Ok(Some(Frame::Ack { .. })) => {}
             Ok(Some(other)) => {
                 tracing::warn!(peer = %vm, ?other, "unexpected frame on a request link");
                 inner.stats.lock().malformed_frames += 1;

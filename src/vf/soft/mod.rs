@@ -55,7 +55,8 @@ use crate::memory::DmaEngine;
 #[cfg(test)]
 pub(crate) use auth::test_auth;
 pub use auth::{
-    ephemeral_job, generate as generate_keys, FabricAuth, FabricKeys, Generated, KeyError,
+    ephemeral_job, frame_mac, generate as generate_keys, FabricAuth, FabricKeys, Generated,
+    KeyError,
 };
 pub use cluster::{ClusterFileError, ClusterMap};
 pub use link::{FabricTiming, ANNOUNCE_DEADLINE, MAX_HANDSHAKING, MAX_PER_PEER};

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::link;
 use super::state::{
-    complete, fail_qp, lose_qp, opcode_of, pending_completion, Pending, Spare, State, NEVER_SENT,
+    fail_qp, lose_qp, opcode_of, pending_completion, Pending, Spare, State, NEVER_SENT,
     NOT_ON_A_LINK,
 };
 use super::wire::{AckStatus, Frame};
@@ -226,8 +226,9 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
     if inner.dma.gate_state().quiesced {
         return; // after the switchover the destination owns completions
     }
-    let State { qps, spare, .. } = &mut *st;
-    let Some(q) = qps.get_mut(&qp) else { return };
+    let Some(q) = st.qps.get_mut(&qp) else {
+        return;
+    };
     if psn >= q.next_psn {
         let highest_sent = q.next_psn - 1;
         drop(st);
@@ -244,15 +245,8 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
     match status {
         AckStatus::Ok => {
             steps::first("first-ack", "");
-            let mut done = Vec::new();
-            while q.unacked.front().is_some_and(|p| p.psn <= psn) {
-                if let Some(p) = q.unacked.pop_front() {
-                    done.push(pending_completion(qp, &p, Status::Success));
-                    spare.give_frame(p.frame);
-                }
-            }
-            for c in done {
-                complete(&mut st, inner, c);
+            if take_ok(&mut st, qp, psn) > 0 {
+                inner.cq_ready.notify_all();
             }
         }
         AckStatus::SequenceGap => {
@@ -305,6 +299,46 @@ pub(super) fn handle_ack(inner: &Arc<Inner>, qp: u32, psn: u64, status: AckStatu
                 );
             }
         }
+    }
+}
+
+/// Queues the completions of what an ack of `psn` (status Ok) covers on `qp`, without waking
+/// the completion queue's waiters; returns how many.
+fn take_ok(st: &mut State, qp: u32, psn: u64) -> usize {
+    let State { qps, cq, spare, .. } = st;
+    let Some(q) = qps.get_mut(&qp) else { return 0 };
+    let mut n = 0;
+    while q.unacked.front().is_some_and(|p| p.psn <= psn) {
+        if let Some(p) = q.unacked.pop_front() {
+            cq.push_back(pending_completion(qp, &p, Status::Success));
+            spare.give_frame(p.frame);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Takes acks read together from one link, in order: those of an `Ok` the QP expects under one
+/// state lock and with one wake-up of the completion queue's waiters (not one per ack, which
+/// woke the poster once per 4 KiB request), the others through [`handle_ack`].
+pub(super) fn handle_acks(inner: &Arc<Inner>, acks: &[(u32, u64, AckStatus)]) {
+    let mut done = 0;
+    let mut st = inner.state.lock();
+    for &(qp, psn, status) in acks {
+        // The quiesce is checked under the state lock, as `handle_ack` does.
+        let plain = status == AckStatus::Ok
+            && st.qps.get(&qp).is_some_and(|q| psn < q.next_psn)
+            && !inner.dma.gate_state().quiesced;
+        if plain {
+            done += take_ok(&mut st, qp, psn);
+        } else {
+            parking_lot::MutexGuard::unlocked(&mut st, || handle_ack(inner, qp, psn, status));
+        }
+    }
+    drop(st);
+    if done > 0 {
+        steps::first("first-ack", "");
+        inner.cq_ready.notify_all();
     }
 }
 

@@ -673,6 +673,35 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn acks_read_together_are_taken_in_order_each_as_if_alone() {
+        use crate::vf::verbs::Status::{Flushed, RemoteAccessError, Success};
+        let (a, qp, key) = target("a", "b");
+        for id in 1..=4 {
+            a.post_send(qp, write_wr(id, key, key)).unwrap();
+        }
+        requester::handle_acks(
+            &a.inner,
+            &[
+                (qp, 2, AckStatus::Ok),           // covers PSNs 1 and 2
+                (qp, 9, AckStatus::Ok),           // beyond what was sent: refused
+                (qp, 3, AckStatus::RemoteAccess), // fails the QP: 3 fails, 4 is flushed
+                (qp, 4, AckStatus::Ok),           // nothing left to complete
+            ],
+        );
+        let got: Vec<_> = a.poll_cq(8).iter().map(|c| (c.wr_id, c.status)).collect();
+        assert_eq!(
+            got,
+            [
+                (1, Success),
+                (2, Success),
+                (3, RemoteAccessError),
+                (4, Flushed)
+            ]
+        );
+        assert_eq!(a.inner.stats.lock().malformed_frames, 1, "the forged ack");
+    }
+
+    #[test]
     fn a_request_lost_before_a_gap_is_resent_at_once_on_the_nak() {
         let (a, b) = (vm("a"), vm("b"));
         a.set_peer_address("b", b.listen_addr());

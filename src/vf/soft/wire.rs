@@ -244,6 +244,23 @@ impl FrameRef<'_> {
     }
 }
 
+/// Bytes of a `Write` body before its payload: kind, QPs, PSN, rkey, address, immediate.
+const WRITE_FIELDS: usize = 1 + 4 + 4 + 8 + 4 + 8 + 5;
+/// Bytes of a `Send` body before its payload: kind, QPs, PSN, immediate.
+const SEND_FIELDS: usize = 1 + 4 + 4 + 8 + 5;
+
+/// Where a frame body's payload starts (its length when the kind carries none), from the
+/// kind byte alone, before anything is decoded: the frame MAC hashes the payload apart from
+/// the fields. A body too short for its kind's fields is all fields (it fails to decode).
+pub fn payload_offset(body: &[u8]) -> usize {
+    let fields = match body.first() {
+        Some(&WRITE) => WRITE_FIELDS,
+        Some(&SEND) => SEND_FIELDS,
+        _ => body.len(),
+    };
+    fields.min(body.len())
+}
+
 /// Encodes a frame's header: the length prefix (which counts the payload too) and every field
 /// but the payload, which follows it on the wire.
 pub fn encode_header<P: AsRef<[u8]>>(frame: &FrameOf<P>) -> Vec<u8> {
@@ -517,6 +534,56 @@ mod tests {
             let bytes = encode(&f);
             assert_eq!(read_frame(&mut &bytes[..]).unwrap().unwrap(), f);
         }
+    }
+
+    #[test]
+    fn the_payload_offset_of_every_kind_is_where_its_encoding_puts_the_payload() {
+        let frames = [
+            Frame::Hello {
+                vm: "a".into(),
+                listen: "10.0.0.1:7000".into(),
+                announce: false,
+            },
+            Frame::Write {
+                src_qp: 1,
+                dst_qp: 2,
+                psn: 3,
+                rkey: 4,
+                addr: 5,
+                imm: Some(6),
+                payload: vec![7; 100],
+            },
+            Frame::Send {
+                src_qp: 1,
+                dst_qp: 2,
+                psn: 3,
+                imm: None,
+                payload: vec![8; 3],
+            },
+            Frame::Ack {
+                qp: 9,
+                psn: 10,
+                status: AckStatus::Ok,
+            },
+            Frame::Gone {
+                vm: "b".into(),
+                epoch: 1,
+            },
+        ];
+        for f in frames {
+            let bytes = encode(&f);
+            assert_eq!(
+                4 + payload_offset(&bytes[4..]),
+                encode_header(&f).len(),
+                "{f:?}"
+            );
+        }
+        assert_eq!(
+            payload_offset(&[WRITE, 1, 2]),
+            3,
+            "a short body is all fields"
+        );
+        assert_eq!(payload_offset(&[]), 0);
     }
 
     #[test]
