@@ -186,9 +186,15 @@ mod tests {
         let pass = gate.enter().unwrap();
         let g = Arc::clone(&gate);
         let t = std::thread::spawn(move || g.quiesce());
-        while gate.waiters.load(SeqCst) == 0 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while gate.waiters.load(SeqCst) == 0 && !t.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "quiesce never waited");
             std::thread::yield_now();
         }
+        assert!(
+            !t.is_finished(),
+            "quiesce returned with a write in progress"
+        );
         gate.resume();
         drop(pass);
         let (tx, rx) = std::sync::mpsc::channel();
