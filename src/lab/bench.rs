@@ -1,8 +1,12 @@
 //! `vfmig bench migration`: the same guest migrated with and without the companion, side by
 //! side in one run, alternating so that drift of the machine hits both alike. The generator is
 //! off: this measures what the companion itself costs a migration (vhost-user set-up, log
-//! syncs of its dirty log, the quiesce inside the downtime).
+//! syncs of its dirty log, the quiesce inside the downtime). Each run also records QEMU's
+//! setup time and dirty-bitmap syncs, and the CPU time the two companions used during the
+//! migration, so that a gap can be placed: set-up, precopy passes, downtime, or CPU taken
+//! from QEMU on a small machine.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -54,8 +58,15 @@ pub struct BenchRun {
     pub total_ms: u64,
     /// QEMU's downtime, ms.
     pub downtime_ms: u64,
+    /// QEMU's setup time (before the first pass), ms.
+    pub setup_ms: u64,
+    /// QEMU's dirty-bitmap syncs (one per precopy pass, plus the last).
+    pub dirty_syncs: u64,
     /// Bytes sent.
     pub transferred_bytes: u64,
+    /// CPU time (user + system) the source's and destination's companions used during the
+    /// migration, ms; `None` without a companion or where `/proc` could not tell.
+    pub companion_cpu_ms: Option<f64>,
 }
 
 /// Medians of one variant.
@@ -69,6 +80,12 @@ pub struct Medians {
     pub total_ms: f64,
     /// Median downtime, ms.
     pub downtime_ms: f64,
+    /// Median setup time, ms.
+    pub setup_ms: f64,
+    /// Median dirty-bitmap syncs.
+    pub dirty_syncs: f64,
+    /// Median CPU time of the companions during the migration, ms (0 without them).
+    pub companion_cpu_ms: f64,
     /// Median bytes sent.
     pub transferred_bytes: f64,
 }
@@ -98,6 +115,14 @@ fn one(opts: &DemoOptions, nic: Nic, run: u32) -> Result<BenchRun, DemoError> {
     let mut src = start_vm_with(&o, "source", Role::Source, nic)?;
     let dst = start_vm_with(&o, "destination", Role::Destination, nic)?;
     src.wait_guest_up(Duration::from_secs(120))?;
+    let pid_files = ["source", "destination"].map(|vm| o.run_dir.join(vm).join("companion.pid"));
+    let companions_cpu = || -> Option<f64> {
+        match nic {
+            Nic::VhostUser => pid_files.iter().map(|f| cpu_ms(f)).sum(),
+            Nic::Plain => None,
+        }
+    };
+    let cpu_before = companions_cpu();
     let s = migrate(
         &src.qmp()?,
         &dst.qmp()?,
@@ -111,14 +136,36 @@ fn one(opts: &DemoOptions, nic: Nic, run: u32) -> Result<BenchRun, DemoError> {
         },
         &mut Quiet,
     )?;
+    let companion_cpu_ms = companions_cpu().zip(cpu_before).map(|(a, b)| a - b);
     tracing::info!(variant, run, total_ms = s.total_ms, "bench migration done");
     Ok(BenchRun {
         variant,
         run,
         total_ms: s.total_ms,
         downtime_ms: s.downtime_ms,
+        setup_ms: s.setup_ms,
+        dirty_syncs: s.dirty_sync_count,
         transferred_bytes: s.transferred_bytes,
+        companion_cpu_ms,
     })
+}
+
+/// CPU time (user + system) so far of the process whose pid `pid_file` holds, ms.
+fn cpu_ms(pid_file: &Path) -> Option<f64> {
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3; utime and
+    // stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 * 1e3 / hz as f64)
 }
 
 fn medians(runs: &[BenchRun], variant: &'static str) -> Medians {
@@ -135,6 +182,9 @@ fn medians(runs: &[BenchRun], variant: &'static str) -> Medians {
         runs: runs.iter().filter(|r| r.variant == variant).count(),
         total_ms: of(|r| r.total_ms as f64),
         downtime_ms: of(|r| r.downtime_ms as f64),
+        setup_ms: of(|r| r.setup_ms as f64),
+        dirty_syncs: of(|r| r.dirty_syncs as f64),
+        companion_cpu_ms: of(|r| r.companion_cpu_ms.unwrap_or(0.0)),
         transferred_bytes: of(|r| r.transferred_bytes as f64),
     }
 }
@@ -341,16 +391,19 @@ pub fn strategies_markdown(rows: &[StrategyRow]) -> String {
 /// The bench as a markdown table.
 pub fn markdown(b: &MigrationBench) -> String {
     let mut s = String::from(
-        "| variant | runs | median total ms | median downtime ms | median MiB sent |\n|---|---|---|---|---|\n",
+        "| variant | runs | median total ms | median setup ms | median downtime ms | median dirty syncs | median MiB sent | median companion CPU ms |\n|---|---|---|---|---|---|---|---|\n",
     );
     for m in [&b.with_companion, &b.without_companion] {
         s += &format!(
-            "| {} | {} | {:.0} | {:.0} | {:.1} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} |\n",
             m.variant,
             m.runs,
             m.total_ms,
+            m.setup_ms,
             m.downtime_ms,
-            m.transferred_bytes / (1 << 20) as f64
+            m.dirty_syncs,
+            m.transferred_bytes / (1 << 20) as f64,
+            m.companion_cpu_ms
         );
     }
     s += &format!(

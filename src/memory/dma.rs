@@ -11,16 +11,21 @@
 //! when it returns every write that will ever land before the switchover has landed and been
 //! logged. That is what lets QEMU's final log sync, which follows the reply to
 //! `GET_VRING_BASE`, catch the last device writes.
+//!
+//! The gate takes no lock on a write's path (see [`super::gate`] for the protocol), and a write
+//! inside one region is one translation, one copy and one `fetch_or` per log byte
+//! ([`guest_ram::write_logged`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
 };
 
-use crate::memory::guest_ram::{self, GuestRam, GuestRamMmap};
+use crate::memory::gate::Gate;
+use crate::memory::guest_ram::{self, GuestRam, GuestRamMmap, LoggedWriteError};
 use crate::memory::DeviceDirtyBitmap;
 
 /// Why a device write or read was refused. Nothing was written in any case.
@@ -106,8 +111,11 @@ struct Counters {
 /// The device's one path into guest RAM.
 pub struct DmaEngine {
     ram: GuestRam,
-    gate: Mutex<GateState>,
-    drained: Condvar,
+    gate: Gate,
+    /// QEMU asked for dirty logging (a migration is running).
+    log_requested: AtomicBool,
+    /// Migration epoch; changed with `log_requested` under `adopted`'s lock.
+    epoch: AtomicU64,
     /// Pages written in the current epoch; replaced at each new epoch or memory table.
     device_dirty: RwLock<Arc<DeviceDirtyBitmap>>,
     /// False only under `unsafe-no-tracking`: writes bypass QEMU's log.
@@ -125,19 +133,15 @@ impl DmaEngine {
         let end = guest_ram::end_gpa(&ram.memory());
         Self {
             ram,
-            gate: Mutex::new(GateState::default()),
-            drained: Condvar::new(),
+            gate: Gate::default(),
+            log_requested: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             device_dirty: RwLock::new(Arc::new(DeviceDirtyBitmap::new(end))),
             tracking: AtomicBool::new(true),
             warned_no_log: AtomicBool::new(false),
             counters: Counters::default(),
             adopted: Mutex::new(None),
         }
-    }
-
-    fn gate(&self) -> MutexGuard<'_, GateState> {
-        // The gate holds plain flags; a panic elsewhere cannot leave them inconsistent.
-        self.gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes `data` at `gpa` as the device. On success the bytes are in guest RAM and, while a
@@ -148,7 +152,7 @@ impl DmaEngine {
         if mem.num_regions() == 0 {
             return Err(DmaError::NoMemory);
         }
-        if !guest_ram::contains(&mem, gpa, len) {
+        let Some(target) = guest_ram::locate(&mem, gpa, len) else {
             self.counters
                 .refused_out_of_range
                 .fetch_add(1, Ordering::Relaxed);
@@ -157,18 +161,19 @@ impl DmaEngine {
                 len,
                 regions: guest_ram::describe(&mem),
             });
-        }
+        };
         let tracking = self.tracking.load(Ordering::SeqCst);
-        {
-            let mut gate = self.gate();
-            if gate.quiesced {
-                self.counters
-                    .refused_quiesced
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(DmaError::Quiesced);
-            }
-            if tracking && gate.log_requested {
-                if let Some(bad) = first_unlogged(&mem, gpa, len) {
+        // Held until the write has landed and been logged: a quiesce waits for it.
+        let Some(_pass) = self.gate.enter() else {
+            self.counters
+                .refused_quiesced
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(DmaError::Quiesced);
+        };
+        let result = if tracking {
+            let need_log = self.log_requested.load(Ordering::SeqCst);
+            guest_ram::write_logged(&mem, target, gpa, data, need_log).map_err(|e| match e {
+                LoggedWriteError::NoLog { gpa: bad } => {
                     self.counters.held_no_log.fetch_add(1, Ordering::Relaxed);
                     if !self.warned_no_log.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
@@ -177,22 +182,18 @@ impl DmaEngine {
                              is not mapped yet; they resume once SET_LOG_BASE arrives"
                         );
                     }
-                    return Err(DmaError::HeldNoLog { gpa: bad });
+                    DmaError::HeldNoLog { gpa: bad }
                 }
-            }
-            gate.in_flight += 1;
-        }
-        let result = if tracking {
-            mem.write_slice(data, GuestAddress(gpa))
-                .map_err(|e| DmaError::Memory {
-                    gpa,
-                    reason: e.to_string(),
-                })
+                LoggedWriteError::Memory { gpa, reason } => DmaError::Memory { gpa, reason },
+            })
         } else {
             write_untracked(&mem, gpa, data)
         };
         if result.is_ok() {
-            self.device_dirty_bitmap().mark(gpa, len);
+            self.device_dirty
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .mark(gpa, len);
             self.counters.writes.fetch_add(1, Ordering::Relaxed);
             self.counters.bytes.fetch_add(len, Ordering::Relaxed);
             if !tracking {
@@ -200,13 +201,6 @@ impl DmaEngine {
                     .untracked_writes
                     .fetch_add(1, Ordering::Relaxed);
             }
-        }
-        let mut gate = self.gate();
-        gate.in_flight -= 1;
-        // Only a quiesce waits for the drain, and it sets `quiesced` under this lock before
-        // waiting: skip the wake-up (a futex syscall) on every other write.
-        if gate.in_flight == 0 && gate.quiesced {
-            self.drained.notify_all();
         }
         result
     }
@@ -250,11 +244,10 @@ impl DmaEngine {
     /// Whether the device may write its rings now (receive frames): not quiesced, and, while
     /// a migration runs with tracking on, QEMU's log covers all of guest RAM.
     pub fn ring_writes_allowed(&self) -> bool {
-        let gate = *self.gate();
-        if gate.quiesced {
+        if self.gate.quiesced() {
             return false;
         }
-        if !gate.log_requested || !self.tracking() {
+        if !self.log_requested.load(Ordering::SeqCst) || !self.tracking() {
             return true;
         }
         self.ram.memory().iter().all(|r| r.bitmap().is_logging())
@@ -299,12 +292,7 @@ impl DmaEngine {
     /// device write that landed is already marked in QEMU's log.
     pub fn quiesce(&self) -> Duration {
         let started = Instant::now();
-        let mut gate = self.gate();
-        let was = gate.quiesced;
-        gate.quiesced = true;
-        while gate.in_flight > 0 {
-            gate = self.drained.wait(gate).unwrap_or_else(|e| e.into_inner());
-        }
+        let was = self.gate.quiesce();
         let waited = started.elapsed();
         if !was {
             tracing::info!(
@@ -317,9 +305,7 @@ impl DmaEngine {
 
     /// Opens the gate again (the device was restarted, e.g. after a failed migration).
     pub fn resume(&self) {
-        let mut gate = self.gate();
-        if gate.quiesced {
-            gate.quiesced = false;
+        if self.gate.resume() {
             tracing::info!("device resumed: writes accepted again");
         }
     }
@@ -327,21 +313,21 @@ impl DmaEngine {
     /// QEMU turned dirty logging on or off (`VHOST_F_LOG_ALL` in `SET_FEATURES`). Turning it
     /// on starts a new migration epoch with an empty device-dirty bitmap.
     pub fn set_log_requested(&self, on: bool) {
-        let mut gate = self.gate();
-        if on && !gate.log_requested {
-            gate.epoch += 1;
+        // Serialises epoch changes with each other and with `adopt_memory`.
+        let _adopted = self.adopted.lock().unwrap_or_else(|e| e.into_inner());
+        let was = self.log_requested.load(Ordering::SeqCst);
+        if on && !was {
+            let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
             let end = guest_ram::end_gpa(&self.ram.memory());
             *self.device_dirty.write().unwrap_or_else(|e| e.into_inner()) =
                 Arc::new(DeviceDirtyBitmap::new(end));
             self.warned_no_log.store(false, Ordering::Relaxed);
-            tracing::info!(
-                epoch = gate.epoch,
-                "dirty logging on: migration epoch begins"
-            );
-        } else if !on && gate.log_requested {
-            tracing::info!(epoch = gate.epoch, "dirty logging off");
+            tracing::info!(epoch, "dirty logging on: migration epoch begins");
+        } else if !on && was {
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            tracing::info!(epoch, "dirty logging off");
         }
-        gate.log_requested = on;
+        self.log_requested.store(on, Ordering::SeqCst);
     }
 
     /// Switches dirty tracking of device writes on or off. Off exists only for the
@@ -419,27 +405,18 @@ impl DmaEngine {
 
     /// The gate's state.
     pub fn gate_state(&self) -> GateState {
-        *self.gate()
+        GateState {
+            log_requested: self.log_requested.load(Ordering::SeqCst),
+            quiesced: self.gate.quiesced(),
+            in_flight: self.gate.in_flight(),
+            epoch: self.epoch.load(Ordering::SeqCst),
+        }
     }
 
     /// The guest memory this engine writes through.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
     }
-}
-
-/// The first address in `[gpa, gpa + len)` whose region has no log, if any.
-fn first_unlogged(mem: &GuestRamMmap, gpa: u64, len: u64) -> Option<u64> {
-    let end = gpa + len;
-    let mut at = gpa;
-    while at < end {
-        let region = mem.find_region(GuestAddress(at))?;
-        if !region.bitmap().is_logging() {
-            return Some(at);
-        }
-        at = region.start_addr().raw_value() + region.len();
-    }
-    None
 }
 
 /// Writes without marking QEMU's log: the `unsafe-no-tracking` path.
@@ -566,17 +543,13 @@ mod tests {
         let (e, ram) = engine();
         install_log(&ram);
         let e = Arc::new(e);
-        // Simulate a write in progress by holding the in-flight count up.
-        e.gate().in_flight += 1;
+        // Simulate a write in progress by holding a pass of the gate.
+        let pass = e.gate.enter().unwrap();
         let e2 = Arc::clone(&e);
         let t = std::thread::spawn(move || e2.quiesce());
         std::thread::sleep(Duration::from_millis(50));
         assert!(!t.is_finished(), "quiesce returned with a write in flight");
-        {
-            let mut g = e.gate();
-            g.in_flight -= 1;
-            e.drained.notify_all();
-        }
+        drop(pass);
         let waited = t.join().unwrap();
         assert!(waited >= Duration::from_millis(40));
     }

@@ -14,6 +14,7 @@
 
 mod device_bitmap;
 mod dma;
+mod gate;
 pub mod guest_ram;
 mod qemu_log;
 

@@ -41,6 +41,15 @@ impl OwnedLog {
             .sum()
     }
 
+    /// Sets the bit of the page holding `gpa` as a device write's log does (`SeqCst` OR), or
+    /// nothing past the log's end. For benchmarks: the cost of one logged page.
+    pub fn mark_page(&self, gpa: u64) {
+        let page = (gpa / LOG_PAGE_SIZE) as usize;
+        if let Some(b) = self.0.get(page / 8) {
+            b.fetch_or(1 << (page % 8), Ordering::SeqCst);
+        }
+    }
+
     /// Whether the bit of the page holding `gpa` is set.
     pub fn is_set(&self, gpa: u64) -> bool {
         let page = (gpa / LOG_PAGE_SIZE) as usize;
@@ -125,17 +134,27 @@ impl LogWindow {
 
     /// Sets the bits of the pages `[offset, offset + len)` of the region (offsets in bytes,
     /// relative to the region's start). Bytes past the region are ignored.
-    fn mark(&self, offset: usize, len: usize) {
+    ///
+    /// The page range is computed once and each log byte it touches gets one `fetch_or` of
+    /// all its bits, not one per page. The OR is `SeqCst`, as QEMU's `xchg` that harvests the
+    /// log is: a bit set after the data was written is seen by the harvest that clears it,
+    /// and that harvest is followed by QEMU's read of the page.
+    pub(crate) fn mark(&self, offset: usize, len: usize) {
         if len == 0 || self.pages == 0 {
             return;
         }
         let first = offset / LOG_PAGE_SIZE as usize;
+        if first >= self.pages {
+            return;
+        }
         let last = (offset.saturating_add(len - 1) / LOG_PAGE_SIZE as usize).min(self.pages - 1);
-        for page in first..=last {
-            let abs = self.first_page + page;
-            self.log
-                .byte(abs / 8)
-                .fetch_or(1 << (abs % 8), Ordering::SeqCst);
+        let (first, last) = (self.first_page + first, self.first_page + last);
+        for byte in first / 8..=last / 8 {
+            let lo = if byte == first / 8 { first % 8 } else { 0 };
+            let hi = if byte == last / 8 { last % 8 } else { 7 };
+            // Bits lo..=hi of the byte; hi - lo <= 7, so the shift never overflows a u16.
+            let bits = (((1u16 << (hi - lo + 1)) - 1) << lo) as u8;
+            self.log.byte(byte).fetch_or(bits, Ordering::SeqCst);
         }
     }
 
@@ -187,6 +206,18 @@ impl QemuLogBitmap {
     /// The log window installed for this region, if any.
     pub fn window(&self) -> Option<LogWindow> {
         self.window.read().ok().and_then(|w| w.clone())
+    }
+
+    /// Calls `f` with the log window installed for this region (or `None`), holding it in
+    /// place for the call: a write made inside `f` and marked with that window is logged in
+    /// the log that was installed when it landed, even if `SET_LOG_BASE` swaps it meanwhile
+    /// (the swap waits). Windows are only ever replaced, never removed, so a region that had
+    /// a log when `f` started still has one after.
+    pub(crate) fn with_window<R>(&self, f: impl FnOnce(Option<&LogWindow>) -> R) -> R {
+        // A poisoned lock means a writer panicked while swapping windows; use whatever
+        // window is there, as `mark_dirty` does.
+        let guard = self.window.read().unwrap_or_else(|e| e.into_inner());
+        f(guard.as_ref())
     }
 }
 
@@ -286,6 +317,25 @@ mod tests {
         let w = LogWindow::over_owned(log, regions[0]).unwrap();
         assert!(w.for_region(regions[1]).is_ok());
         assert!(w.for_region(regions[2]).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn mark_sets_exactly_the_pages_of_the_range(offset in 0usize..(80 * 4096), len in 0usize..(90 * 4096)) {
+            // A region of 64 pages starting at page 3: its pages are not byte-aligned in the log.
+            let mem = GuestMemoryMmap::<QemuLogBitmap>::from_ranges(&[(GuestAddress(0x3000), 64 * 4096)])
+                .unwrap();
+            let log = Arc::new(OwnedLog::covering(0x10_0000));
+            let w = LogWindow::over_owned(Arc::clone(&log), mem.iter().next().unwrap()).unwrap();
+            w.mark(offset, len);
+            let set: Vec<usize> = (0..256).filter(|p| log.is_set(*p as u64 * 4096)).collect();
+            let want: Vec<usize> = if len == 0 {
+                vec![]
+            } else {
+                (offset / 4096..=(offset + len - 1) / 4096).filter(|&p| p < 64).map(|p| p + 3).collect()
+            };
+            proptest::prop_assert_eq!(set, want);
+        }
     }
 
     #[test]
