@@ -21,7 +21,7 @@ use vm_memory::{
 };
 
 use crate::memory::guest_ram::{self, GuestRam, GuestRamMmap};
-use crate::memory::DeviceDirtyBitmap;
+use crate::memory::{DeviceDirtyBitmap, Throttle};
 
 /// Why a device write or read was refused. Nothing was written in any case.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -116,6 +116,9 @@ pub struct DmaEngine {
     counters: Counters,
     /// The memory table last adopted, to carry QEMU's log over to new regions.
     adopted: Mutex<Option<Arc<GuestRamMmap>>>,
+    /// Device auto-converge: the rate limit every write takes from (off unless a migration
+    /// does not converge).
+    throttle: Arc<Throttle>,
 }
 
 impl DmaEngine {
@@ -132,6 +135,7 @@ impl DmaEngine {
             warned_no_log: AtomicBool::new(false),
             counters: Counters::default(),
             adopted: Mutex::new(None),
+            throttle: Arc::default(),
         }
     }
 
@@ -144,6 +148,8 @@ impl DmaEngine {
     /// migration runs, every page they touch is marked in QEMU's dirty log.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaError> {
         let len = data.len() as u64;
+        // Before the gate: a throttled writer is not in flight, so it never delays a quiesce.
+        self.throttle.take(gpa, len);
         let mem = self.ram.memory();
         if mem.num_regions() == 0 {
             return Err(DmaError::NoMemory);
@@ -299,6 +305,7 @@ impl DmaEngine {
     /// device write that landed is already marked in QEMU's log.
     pub fn quiesce(&self) -> Duration {
         let started = Instant::now();
+        self.throttle.lift();
         let mut gate = self.gate();
         let was = gate.quiesced;
         gate.quiesced = true;
@@ -420,6 +427,11 @@ impl DmaEngine {
     /// The gate's state.
     pub fn gate_state(&self) -> GateState {
         *self.gate()
+    }
+
+    /// The rate limit of device writes (device auto-converge).
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     /// The guest memory this engine writes through.
