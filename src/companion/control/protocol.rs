@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::companion::converge::{DeviceThrottle, ThrottleStats};
 use crate::companion::device::DeviceSideStatus;
 use crate::companion::generator::{GeneratorConfig, GeneratorStatus, SlotContent, Window};
 use crate::companion::guest_link::GuestLinkStats;
@@ -80,6 +81,14 @@ pub enum Request {
         /// On or off.
         enabled: bool,
     },
+    /// Set the device-throttle policy (device auto-converge) and the migration bandwidth it
+    /// assumes, for this and later migrations.
+    SetThrottle {
+        /// `off`, `auto` or a rate in dirty bytes per second.
+        policy: DeviceThrottle,
+        /// QEMU's `max-bandwidth` for the migration, bytes/s.
+        bandwidth: u64,
+    },
     /// Stop the companion.
     Quit,
 }
@@ -102,6 +111,7 @@ impl Request {
             Request::VfReclaim => "vf_reclaim",
             Request::SendEvent { .. } => "send_event",
             Request::SetTracking { .. } => "set_tracking",
+            Request::SetThrottle { .. } => "set_throttle",
             Request::Quit => "quit",
         }
     }
@@ -172,6 +182,8 @@ pub struct StatsReply {
     pub soft_vf: Option<SoftVfStats>,
     /// The guest link's counters.
     pub guest_link: GuestLinkStats,
+    /// Device auto-converge: the policy, the rate in force and what it delayed.
+    pub throttle: ThrottleStats,
 }
 
 /// Reply to `generator_start`.
@@ -261,6 +273,15 @@ pub struct SetTrackingReply {
     pub tracking: bool,
 }
 
+/// Reply to `set_throttle`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetThrottleReply {
+    /// The policy now.
+    pub policy: DeviceThrottle,
+    /// The bandwidth it assumes, bytes/s.
+    pub bandwidth: u64,
+}
+
 /// Reply to `quit`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct QuitReply {}
@@ -297,6 +318,8 @@ pub enum Reply {
     SendEvent(SendEventReply),
     /// To `set_tracking`.
     SetTracking(SetTrackingReply),
+    /// To `set_throttle`.
+    SetThrottle(SetThrottleReply),
     /// To `quit`.
     Quit(QuitReply),
 }
@@ -319,6 +342,7 @@ impl Reply {
             Reply::VfReclaim(_) => "vf_reclaim",
             Reply::SendEvent(_) => "send_event",
             Reply::SetTracking(_) => "set_tracking",
+            Reply::SetThrottle(_) => "set_throttle",
             Reply::Quit(_) => "quit",
         }
     }
@@ -349,6 +373,7 @@ reply_from!(
     VfReclaim(VfReclaimReply),
     SendEvent(SendEventReply),
     SetTracking(SetTrackingReply),
+    SetThrottle(SetThrottleReply),
     Quit(QuitReply),
 );
 
@@ -445,6 +470,10 @@ mod tests {
                 event: GuestEvent::Resume,
             },
             Request::SetTracking { enabled: true },
+            Request::SetThrottle {
+                policy: DeviceThrottle::Auto,
+                bandwidth: 1,
+            },
             Request::Quit,
         ] {
             let wire = serde_json::to_value(&request).unwrap();
@@ -515,6 +544,11 @@ mod tests {
                         "frames_to_guest": 0, "frames_waiting": 0, "suspend_acks": 1,
                         "resume_acks": 0,
                     },
+                    "throttle": {
+                        "policy": "auto", "bandwidth": 8000000, "rate": 6400000,
+                        "step_pct": 20, "passes": 3, "device_dirty_rate": 16000000,
+                        "delayed_writes": 5, "delayed_bytes": 320, "delayed_ms": 12,
+                    },
                 }),
             ),
             ("generator_start", json!({})),
@@ -541,6 +575,10 @@ mod tests {
             ("vf_reclaim", json!({"announced_to": ["b"]})),
             ("send_event", json!({"sent": "suspend"})),
             ("set_tracking", json!({"tracking": false})),
+            (
+                "set_throttle",
+                json!({"policy": "50000000", "bandwidth": 134217728}),
+            ),
             ("quit", json!({})),
         ]
     }
@@ -569,6 +607,7 @@ mod tests {
             "vf_reclaim" => round::<VfReclaimReply>(fields),
             "send_event" => round::<SendEventReply>(fields),
             "set_tracking" => round::<SetTrackingReply>(fields),
+            "set_throttle" => round::<SetThrottleReply>(fields),
             "quit" => round::<QuitReply>(fields),
             other => panic!("no reply type for `{other}`"),
         }
