@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::strategy::Strategy;
+use crate::companion::converge::{DeviceThrottle, DEFAULT_BANDWIDTH};
 use crate::trace::TraceRecorder;
 
 /// Operator settings of one migration. `Default` is QEMU's own settings, the `transparent`
@@ -33,6 +34,11 @@ pub struct MigrateOptions {
     pub strategy: Strategy,
     /// Where the timeline goes (phases, QEMU's passes, query-migrate and companion samples).
     pub trace: Option<Arc<TraceRecorder>>,
+    /// Device auto-converge: the policy the source companion applies to its VF's writes in
+    /// this migration (told with the migration's bandwidth), `auto` by default.
+    pub device_throttle: DeviceThrottle,
+    /// QEMU's own `auto-converge` capability (throttles the vCPUs, not the device).
+    pub auto_converge: bool,
 }
 
 impl Default for MigrateOptions {
@@ -48,6 +54,8 @@ impl Default for MigrateOptions {
             cancel: None,
             strategy: Strategy::Transparent,
             trace: None,
+            device_throttle: DeviceThrottle::Auto,
+            auto_converge: false,
         }
     }
 }
@@ -58,7 +66,16 @@ pub(super) fn capabilities(opts: &MigrateOptions) -> Vec<(&'static str, bool)> {
     if opts.multifd.is_some() {
         caps.push(("multifd", true));
     }
+    if opts.auto_converge {
+        caps.push(("auto-converge", true));
+    }
     caps
+}
+
+/// The bandwidth the migration gets, as the source companion's throttle policy assumes it:
+/// `max-bandwidth`, or QEMU's default.
+pub(super) fn expected_bandwidth(opts: &MigrateOptions) -> u64 {
+    opts.max_bandwidth.unwrap_or(DEFAULT_BANDWIDTH)
 }
 
 /// Parameters set on both sides (multifd channels must match).
@@ -95,6 +112,8 @@ mod tests {
         assert!(shared_parameters(&o).is_none());
         assert!(source_parameters(&o).is_empty());
         assert!(matches!(o.strategy, Strategy::Transparent));
+        assert_eq!(o.device_throttle, DeviceThrottle::Auto);
+        assert_eq!(expected_bandwidth(&o), 128 << 20);
         assert_eq!(o.timeout, Duration::from_secs(600));
     }
 
@@ -107,6 +126,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(capabilities(&o), vec![("events", true), ("multifd", true)]);
+        assert_eq!(expected_bandwidth(&o), 1 << 20);
+        let ac = MigrateOptions {
+            auto_converge: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            capabilities(&ac),
+            vec![("events", true), ("auto-converge", true)]
+        );
         assert_eq!(
             shared_parameters(&o),
             Some(serde_json::json!({ "multifd-channels": 4 }))
