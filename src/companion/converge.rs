@@ -514,6 +514,33 @@ mod tests {
     }
 
     #[test]
+    fn a_quiesce_wakes_a_throttled_writer_at_once_and_refuses_its_write() {
+        let (dma, _log, c) = companion_side(DeviceThrottle::Fixed(LOG_PAGE_SIZE / 10));
+        dma.set_log_requested(true);
+        c.tick(Instant::now());
+        // The burst (16 pages) goes through; the next page would wait 10 s.
+        for i in 0..16 {
+            dma.write(i * LOG_PAGE_SIZE, &[1]).unwrap();
+        }
+        let writer = {
+            let dma = dma.clone();
+            std::thread::spawn(move || {
+                let r = dma.write(100 * LOG_PAGE_SIZE, &[2]);
+                (r, Instant::now())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!writer.is_finished(), "the writer waits for the throttle");
+        let started = Instant::now();
+        let waited = dma.quiesce();
+        assert!(waited < Duration::from_millis(50), "{waited:?}");
+        let (result, done) = writer.join().unwrap();
+        assert!(done - started < Duration::from_millis(200));
+        assert_eq!(result, Err(crate::memory::DmaError::Quiesced));
+        assert_eq!(dma.read(100 * LOG_PAGE_SIZE, 1).unwrap(), vec![0]);
+    }
+
+    #[test]
     fn passes_are_counted_from_the_canary_qemu_clears() {
         let (dma, log, c) = companion_side(DeviceThrottle::Off);
         dma.set_log_requested(true);
