@@ -206,8 +206,8 @@ pub struct ConvergeRow {
     pub precopy_writes_per_s: f64,
     /// Median time writers waited for the throttle, ms.
     pub throttle_delayed_ms: f64,
-    /// Device writes lost, summed over the completed ones.
-    pub lost_writes: u64,
+    /// Device writes lost, summed over the completed ones (none completed: `None`).
+    pub lost_writes: Option<u64>,
 }
 
 /// The bench's result.
@@ -262,7 +262,7 @@ fn row(runs: &[ConvergeRun], variant: Variant) -> ConvergeRow {
         downtime_ms: of_done(&|r| r.downtime_ms.unwrap_or(0) as f64),
         precopy_writes_per_s: median(mine.iter().map(|r| r.precopy_writes_per_s).collect()),
         throttle_delayed_ms: median(mine.iter().map(|r| r.throttle_delayed_ms as f64).collect()),
-        lost_writes: done.iter().filter_map(|r| r.lost_writes).sum(),
+        lost_writes: (!done.is_empty()).then(|| done.iter().filter_map(|r| r.lost_writes).sum()),
     }
 }
 
@@ -288,7 +288,7 @@ pub fn markdown(b: &ConvergeBench) -> String {
             opt(r.downtime_ms),
             r.precopy_writes_per_s,
             r.throttle_delayed_ms,
-            r.lost_writes
+            r.lost_writes.map_or("-".into(), |n| n.to_string())
         ));
     }
     out
@@ -336,9 +336,12 @@ mod tests {
             runs,
         };
         let md = markdown(&b);
-        assert!(md.contains("| throttle-off | 0/1 | - | - | 4000 |"), "{md}");
         assert!(
-            md.contains("| throttle-auto | 2/3 | 13000 | 20 | 1500 |"),
+            md.contains("| throttle-off | 0/1 | - | - | 4000 | 0 | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| throttle-auto | 2/3 | 13000 | 20 | 1500 | 0 | 0 |"),
             "{md}"
         );
     }
