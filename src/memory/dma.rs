@@ -118,7 +118,7 @@ pub struct DmaEngine {
     adopted: Mutex<Option<Arc<GuestRamMmap>>>,
     /// Device auto-converge: the rate limit every write takes from (off unless a migration
     /// does not converge).
-    throttle: Arc<Throttle>,
+    throttle: Throttle,
 }
 
 impl DmaEngine {
@@ -135,7 +135,7 @@ impl DmaEngine {
             warned_no_log: AtomicBool::new(false),
             counters: Counters::default(),
             adopted: Mutex::new(None),
-            throttle: Arc::default(),
+            throttle: Throttle::new(),
         }
     }
 
@@ -430,7 +430,7 @@ impl DmaEngine {
     }
 
     /// The rate limit of device writes (device auto-converge).
-    pub fn throttle(&self) -> &Arc<Throttle> {
+    pub fn throttle(&self) -> &Throttle {
         &self.throttle
     }
 
