@@ -514,7 +514,7 @@ mod tests {
     }
 
     #[test]
-    fn a_quiesce_wakes_a_throttled_writer_at_once_and_refuses_its_write() {
+    fn a_quiesce_wakes_a_throttled_writer_at_once() {
         let (dma, _log, c) = companion_side(DeviceThrottle::Fixed(LOG_PAGE_SIZE / 10));
         dma.set_log_requested(true);
         c.tick(Instant::now());
@@ -536,8 +536,16 @@ mod tests {
         assert!(waited < Duration::from_millis(50), "{waited:?}");
         let (result, done) = writer.join().unwrap();
         assert!(done - started < Duration::from_millis(200));
-        assert_eq!(result, Err(crate::memory::DmaError::Quiesced));
-        assert_eq!(dma.read(100 * LOG_PAGE_SIZE, 1).unwrap(), vec![0]);
+        // Woken just before the gate closed, the write lands (and the quiesce waited for
+        // it); just after, it is refused and nothing lands.
+        let landed = dma.read(100 * LOG_PAGE_SIZE, 1).unwrap();
+        match result {
+            Ok(()) => assert_eq!(landed, vec![2]),
+            Err(e) => {
+                assert_eq!(e, crate::memory::DmaError::Quiesced);
+                assert_eq!(landed, vec![0]);
+            }
+        }
     }
 
     #[test]
