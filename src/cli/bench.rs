@@ -9,7 +9,7 @@ use vfmig::lab::demo::DemoOptions;
 use vfmig::lab::faults::{self, FaultPhase, MatrixOptions};
 use vfmig::lab::scenario::{Fault, ScenarioOptions, Workload};
 use vfmig::lab::soak::{self, SoakOptions};
-use vfmig::lab::{bench, fabric_bench, plan_bench};
+use vfmig::lab::{bench, converge_bench, fabric_bench, plan_bench};
 use vfmig::orchestrator::migrate::{with_progress, Observer};
 
 use super::{image, init_logging, run_dir_or_temp, vfmig_bin};
@@ -78,6 +78,35 @@ pub enum BenchCommand {
         /// QEMU `max-bandwidth` of each migration, bytes/s.
         #[arg(long, default_value_t = 64 << 20)]
         max_bandwidth: u64,
+        /// Where to put the run directories (default: a fresh temporary directory).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+    /// Device auto-converge: the generator writing guest RAM faster than a low
+    /// `max-bandwidth` lets precopy send it, migrated with the device throttle `off`, with
+    /// `auto`, and with QEMU's own `auto-converge` capability alone (throttle off), one of
+    /// each per round; each is cancelled if it has not completed within the bound. Prints a
+    /// markdown table (completed, total time, downtime, device writes/s during precopy), then
+    /// one JSON line with every run and the rows.
+    Converge {
+        /// Rounds (each runs the three variants once).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Guest RAM in MiB (at least 512: the generator's window is reserved at 384 MiB).
+        #[arg(long, default_value_t = 512)]
+        mem_mib: u64,
+        /// Generator records per second, one per 4 KiB page (each dirties a page).
+        #[arg(long, default_value_t = 4000)]
+        rate: u64,
+        /// QEMU `max-bandwidth`, bytes/s (low, so that the generator outruns it).
+        #[arg(long, default_value_t = 8_000_000)]
+        max_bandwidth: u64,
+        /// QEMU `downtime-limit`, ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_limit: u64,
+        /// Cancel a migration that has not completed after this many seconds.
+        #[arg(long, default_value_t = 45)]
+        bound_secs: u64,
         /// Where to put the run directories (default: a fresh temporary directory).
         #[arg(long)]
         run_dir: Option<PathBuf>,
@@ -316,6 +345,31 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 dwell: Duration::from_millis(dwell_ms),
                 stall: Duration::from_secs(150),
             })
+        }
+        BenchCommand::Converge {
+            rounds,
+            mem_mib,
+            rate,
+            max_bandwidth,
+            downtime_limit,
+            bound_secs,
+            run_dir,
+        } => {
+            let mut opts = idle_demo(mem_mib, max_bandwidth, run_dir, "tcg".into())?;
+            opts = converge_bench::options(opts, rate, downtime_limit, bound_secs);
+            let result = converge_bench::bench(&opts, rounds, |r| {
+                eprintln!(
+                    "bench: round {} {}: completed {}, {} ms, {:.0} writes/s",
+                    r.round,
+                    r.variant.name(),
+                    r.completed,
+                    r.total_ms,
+                    r.precopy_writes_per_s
+                )
+            })?;
+            println!("{}", converge_bench::markdown(&result));
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
         }
         BenchCommand::Fabric {
             rounds,

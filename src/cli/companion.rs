@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use vfmig::companion::converge::{self, DeviceThrottle};
 use vfmig::companion::{self, CompanionConfig};
 use vfmig::vf::soft::ClusterMap;
 
@@ -46,6 +47,20 @@ pub struct Args {
     /// reason if the VF cannot be opened (check it first with `vfmig vf check BDF`).
     #[arg(long, value_name = "BDF")]
     pub vfio: Option<String>,
+    /// Device auto-converge: slow the VF's writes into guest RAM while a migration runs, so
+    /// that a device dirtying pages faster than the link sends them cannot keep precopy from
+    /// finishing. `auto`: once logging has run 3 s (or 2 of QEMU's passes) and the device
+    /// dirties more than half the migration bandwidth, cut its rate by 20 %, then 10 points
+    /// more every second, until it is under half or QEMU's passes shrink. `off`: never. A
+    /// rate (`50MB/s`, `64MiB/s`, bytes/s): that limit for the whole precopy. Rates count
+    /// dirty bytes (a write costs the 4 KiB pages it touches). Lifted at switchover and when
+    /// the migration ends; `vfmig migrate --device-throttle` overrides it per migration.
+    #[arg(long, default_value = "auto", value_name = "off|auto|RATE")]
+    pub device_throttle: DeviceThrottle,
+    /// The migration bandwidth `auto` assumes, bytes/s, until `vfmig migrate` tells the
+    /// companion its own `--max-bandwidth` (default: QEMU's default max-bandwidth, 128 MiB/s).
+    #[arg(long, default_value_t = converge::DEFAULT_BANDWIDTH, value_name = "BYTES_PER_S")]
+    pub migration_bandwidth: u64,
 }
 
 /// Runs the companion until it is told to quit.
@@ -60,6 +75,8 @@ pub fn run(args: Args) -> Result<()> {
         fabric_key,
         insecure_fabric,
         vfio,
+        device_throttle,
+        migration_bandwidth,
     } = args;
     init_logging("info");
     let cluster = match cluster {
@@ -76,6 +93,8 @@ pub fn run(args: Args) -> Result<()> {
         fabric_key,
         insecure_fabric,
         vfio,
+        device_throttle,
+        migration_bandwidth,
     })?;
     Ok(())
 }

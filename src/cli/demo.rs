@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
+use vfmig::companion::converge::DeviceThrottle;
 use vfmig::lab::demo::{self, DemoOptions};
 use vfmig::lab::scenario::{self, ScenarioOptions, Workload};
 use vfmig::orchestrator::migrate::with_progress;
@@ -72,6 +73,10 @@ pub struct Args {
     /// Write the migration's timeline to FILE (Chrome trace-event JSON).
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Device auto-converge of the generator's migration: `off`, `auto` or a rate of dirtied
+    /// bytes per second, as `vfmig migrate --device-throttle`.
+    #[arg(long, default_value = "auto", value_name = "off|auto|RATE")]
+    pub device_throttle: DeviceThrottle,
 }
 
 /// Runs the demo, or the scenario with `--workload`, and prints its report.
@@ -187,6 +192,7 @@ fn run_generator(args: Args, recorder: Option<Arc<TraceRecorder>>) -> Result<()>
         accel: args.accel,
         lead_time: Duration::from_secs_f64(args.lead_time),
         trace: recorder.clone(),
+        device_throttle: args.device_throttle,
         ..DemoOptions::new(run_dir.clone(), image(None, None)?, vfmig_bin()?)
     };
     let report = with_progress(|observer| demo::run(&opts, observer))?;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use vfmig::companion::converge::DeviceThrottle;
 use vfmig::orchestrator::migrate::{self, with_progress, MigrateOptions};
 use vfmig::orchestrator::plan::{self, MigrationPlan};
 use vfmig::orchestrator::strategy::{StrategyInputs, StrategyKind, VfDevices};
@@ -94,6 +95,17 @@ pub struct Args {
     /// Control socket of the destination's companion.
     #[arg(long, requires = "src_control")]
     pub dst_control: Option<PathBuf>,
+    /// Device auto-converge, told to the source companion with the migration's bandwidth
+    /// (--max-bandwidth, or QEMU's default 128 MiB/s; needs --src-control): `auto` slows the
+    /// VF's writes into guest RAM step by step while it dirties more than half that bandwidth
+    /// and QEMU's passes do not shrink; `off` never slows it; a rate (`50MB/s`, `64MiB/s`,
+    /// bytes/s of dirtied pages) holds it there for the whole precopy. Lifted at switchover.
+    #[arg(long, default_value = "auto", value_name = "off|auto|RATE")]
+    pub device_throttle: DeviceThrottle,
+    /// Also set QEMU's own `auto-converge` capability, which slows the vCPUs (not the device)
+    /// when precopy does not converge.
+    #[arg(long)]
+    pub auto_converge: bool,
 }
 
 /// Migrates, cancels, or runs a plan, as the arguments say.
@@ -124,6 +136,8 @@ fn common_options(args: &Args, cancel: Arc<AtomicBool>) -> MigrateOptions {
         multifd: args.multifd,
         timeout: Duration::from_secs(args.timeout),
         cancel: Some(cancel),
+        device_throttle: args.device_throttle,
+        auto_converge: args.auto_converge,
         ..Default::default()
     }
 }

@@ -25,9 +25,9 @@ pub mod protocol;
 
 pub use protocol::{
     from_hex, to_hex, GeneratorStartReply, GeneratorStopReply, GuestEvent, HexError, LedgerReply,
-    QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetTrackingReply, StatsReply,
-    StatusReply, StepsReply, VfExportReply, VfImportReply, VfReclaimReply, VfReleaseReply,
-    WriteReply, MAX_READ,
+    QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetThrottleReply,
+    SetTrackingReply, StatsReply, StatusReply, StepsReply, VfExportReply, VfImportReply,
+    VfReclaimReply, VfReleaseReply, WriteReply, MAX_READ,
 };
 
 /// Something that answers requests.
@@ -484,6 +484,15 @@ impl ControlClient {
     /// `set_tracking`: switches dirty tracking of device writes on or off.
     pub fn set_tracking(&mut self, enabled: bool) -> Result<SetTrackingReply, ControlError> {
         self.call_as(&Request::SetTracking { enabled })
+    }
+
+    /// `set_throttle`: the device-throttle policy and the migration bandwidth it assumes.
+    pub fn set_throttle(
+        &mut self,
+        policy: crate::companion::converge::DeviceThrottle,
+        bandwidth: u64,
+    ) -> Result<SetThrottleReply, ControlError> {
+        self.call_as(&Request::SetThrottle { policy, bandwidth })
     }
 
     /// `quit`: stops the companion.

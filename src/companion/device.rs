@@ -282,6 +282,9 @@ impl Device {
         }
         let started = Instant::now();
         steps::rearm();
+        // A writer waiting for the device throttle goes on (or is refused) at once: it may
+        // hold what the VF's quiesce waits for (the soft VF's responder, its socket).
+        self.dma.throttle().lift();
         // The VF's own DMA first: stop it, then log what it wrote, before the reply.
         if let Some(dev) = self.device() {
             let result = dev.lock().quiesce();

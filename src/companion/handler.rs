@@ -7,8 +7,8 @@ use vm_memory::GuestAddressSpace;
 
 use super::control::{
     self, GeneratorStartReply, GeneratorStopReply, GuestEvent, Handler, HexError, LedgerReply,
-    QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetTrackingReply, StatsReply,
-    StatusReply, StepsReply, WriteReply, MAX_READ,
+    QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetThrottleReply,
+    SetTrackingReply, StatsReply, StatusReply, StepsReply, WriteReply, MAX_READ,
 };
 use super::device::DeviceError;
 use super::generator::{self, Generator, GeneratorError, GeneratorStatus, WindowError};
@@ -102,6 +102,7 @@ impl Companion {
             generator: self.generator_status(),
             soft_vf: self.device.fabric_stats(),
             guest_link: self.guest.stats(),
+            throttle: self.converge.stats(),
         }
     }
 }
@@ -202,6 +203,10 @@ impl Handler for Companion {
                 steps: crate::trace::steps::snapshot(),
             }
             .into()),
+            Request::SetThrottle { policy, bandwidth } => {
+                self.converge.set(policy, bandwidth);
+                Ok(SetThrottleReply { policy, bandwidth }.into())
+            }
             Request::Quit => {
                 self.quit.store(true, Ordering::SeqCst);
                 tracing::info!("quit requested on the control socket");
@@ -227,6 +232,7 @@ mod tests {
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::super::control::{ControlClient, ControlError};
+    use super::super::converge::DeviceThrottle;
     use super::super::device::Device;
     use super::super::generator::{GeneratorConfig, SlotContent, Window};
     use super::super::guest_link::GuestLink;
@@ -286,6 +292,10 @@ mod tests {
         assert_eq!(status.regions.len(), 1);
         assert!(status.vfio.is_none());
         assert!(c.set_tracking(true).unwrap().tracking);
+        let throttle = DeviceThrottle::Fixed(50_000_000);
+        assert_eq!(c.set_throttle(throttle, 1 << 20).unwrap().policy, throttle);
+        let t = c.stats().unwrap().throttle;
+        assert_eq!((t.policy, t.bandwidth, t.rate), (throttle, 1 << 20, 0));
         assert_eq!(c.write(0x2000, b"vfmig").unwrap().written, 5);
         assert_eq!(c.read(0x2000, 5).unwrap().hex, control::to_hex(b"vfmig"));
         c.generator_start(GeneratorConfig {

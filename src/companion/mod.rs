@@ -2,9 +2,11 @@
 //!
 //! It is QEMU's vhost-user-net backend ([`vhost_net`]), owns the VF's path into guest RAM
 //! (the [`DmaEngine`]), runs the traffic generator that stands in for remote RDMA writes
-//! ([`generator`]), and answers the orchestrator on a control socket ([`control`]).
+//! ([`generator`]), throttles the device when precopy does not converge ([`converge`]), and
+//! answers the orchestrator on a control socket ([`control`]).
 
 pub mod control;
+pub mod converge;
 pub mod device;
 pub mod generator;
 pub mod guest_link;
@@ -32,6 +34,7 @@ use crate::memory::DmaEngine;
 use crate::vf::soft::{self, SoftVf};
 use crate::vf::vfio::{VfioVf, VfioVfError};
 use crate::vf::VfBackend;
+use converge::{Converge, DeviceThrottle};
 use device::Device;
 use generator::Generator;
 use guest_link::GuestLink;
@@ -170,6 +173,10 @@ pub struct CompanionConfig {
     pub insecure_fabric: bool,
     /// PCI address of a VF bound to vfio-pci that the companion owns; none: no VFIO VF.
     pub vfio: Option<String>,
+    /// Device auto-converge: `off`, `auto` or a fixed rate ([`converge`]).
+    pub device_throttle: converge::DeviceThrottle,
+    /// The migration bandwidth `auto` assumes until the orchestrator says, bytes/s.
+    pub migration_bandwidth: u64,
 }
 
 /// How the soft VF's links authenticate: with this VM's key and the cluster file's keys, or not
@@ -203,6 +210,8 @@ pub(crate) struct Companion {
     device: Arc<Device>,
     guest: Arc<GuestLink>,
     generator: Mutex<Option<Generator>>,
+    /// Device auto-converge.
+    converge: Arc<Converge>,
     vhost_connected: AtomicBool,
     vhost_messages: vhost_filter::SharedMessageLog,
     quit: AtomicBool,
@@ -221,6 +230,11 @@ impl Companion {
         Self {
             name: name.into(),
             net: NetBackend::new(dma.clone(), guest.clone(), device.clone()),
+            converge: Arc::new(Converge::new(
+                dma.clone(),
+                DeviceThrottle::default(),
+                converge::DEFAULT_BANDWIDTH,
+            )),
             dma,
             device,
             guest,
@@ -476,6 +490,18 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
         device.clone(),
         guest.clone(),
     ));
+    companion
+        .converge
+        .set(config.device_throttle, config.migration_bandwidth);
+    companion
+        .converge
+        .clone()
+        .start()
+        .map_err(|source| CompanionError::Thread {
+            vm: config.name.clone(),
+            what: "the device-throttle policy",
+            source,
+        })?;
     let net = companion.net.clone();
     control::serve(&config.control, companion.clone()).map_err(|source| {
         CompanionError::Control {
@@ -599,6 +625,8 @@ mod fabric_auth_tests {
             fabric_key,
             insecure_fabric,
             vfio: None,
+            device_throttle: converge::DeviceThrottle::Auto,
+            migration_bandwidth: converge::DEFAULT_BANDWIDTH,
         }
     }
 

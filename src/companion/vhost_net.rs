@@ -246,6 +246,10 @@ impl VhostUserBackend for NetBackend {
     fn acked_features(&self, features: u64) {
         let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         self.dma.set_log_requested(log_all);
+        if !log_all {
+            // The migration ended (completed, failed or cancelled): no throttle without one.
+            self.dma.throttle().lift();
+        }
         // SET_FEATURES after a quiesce means QEMU is starting the device again: the source
         // VM runs again (a failed or cancelled migration), so the VF may work again.
         if self.dma.gate_state().quiesced {

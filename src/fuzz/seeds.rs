@@ -207,6 +207,10 @@ pub(super) fn control() -> Vec<Vec<u8>> {
             event: GuestEvent::Suspend,
         },
         Request::SetTracking { enabled: true },
+        Request::SetThrottle {
+            policy: crate::companion::converge::DeviceThrottle::Auto,
+            bandwidth: 1 << 27,
+        },
         Request::VfExport,
         Request::VfImport {
             vf: state,

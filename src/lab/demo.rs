@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::verify::{self, RamComparison, VerifyError};
 use crate::companion::control::ControlError;
+use crate::companion::converge::DeviceThrottle;
 use crate::companion::generator::{compare, GeneratorConfig, SlotContent, Verdict, Window};
 use crate::orchestrator::launch::{mac_for, GuestImage, LaunchError, Nic, Role, RunningVm, VmSpec};
 use crate::orchestrator::migrate::{
@@ -53,6 +54,10 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Where the migration's timeline goes.
     pub trace: Option<std::sync::Arc<crate::trace::TraceRecorder>>,
+    /// Device auto-converge policy of the migration.
+    pub device_throttle: DeviceThrottle,
+    /// QEMU's own `auto-converge` capability.
+    pub auto_converge: bool,
 }
 
 impl DemoOptions {
@@ -76,6 +81,8 @@ impl DemoOptions {
             lead_time: Duration::from_millis(500),
             timeout: Duration::from_secs(600),
             trace: None,
+            device_throttle: DeviceThrottle::Auto,
+            auto_converge: false,
         }
     }
 
@@ -200,6 +207,16 @@ pub fn vm_spec(opts: &DemoOptions, name: &str, role: Role) -> VmSpec {
     }
 }
 
+/// The generator's records as a running destination holds them: read through its companion,
+/// which maps guest RAM once the guest's device starts there.
+pub fn records_at_destination(
+    mut dst: RunningVm,
+    window: &Window,
+) -> Result<Vec<SlotContent>, DemoError> {
+    dst.wait_guest_up(Duration::from_secs(60))?;
+    Ok(dst.control()?.scan(*window)?.slots)
+}
+
 /// Runs the demo end to end.
 pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport, DemoError> {
     // The strategy first: one the demo cannot run fails before any VM starts.
@@ -236,6 +253,8 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
             )),
             strategy,
             trace: opts.trace.clone(),
+            device_throttle: opts.device_throttle,
+            auto_converge: opts.auto_converge,
             ..Default::default()
         },
         observer,
@@ -271,12 +290,7 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
         let _ = std::fs::remove_file(&b);
         (found, "pmemsave", Some(cmp))
     } else {
-        // The destination runs: its companion maps guest RAM once its device starts.
-        let mut dst = dst;
-        dst.wait_guest_up(Duration::from_secs(60))?;
-        let mut dst_ctl = dst.control()?;
-        let found: Vec<SlotContent> = dst_ctl.scan(window)?.slots;
-        (found, "companion", None)
+        (records_at_destination(dst, &window)?, "companion", None)
     };
     let verdict: Verdict = compare(&versions, &found);
     if verdict.lost_writes > 0 {

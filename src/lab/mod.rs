@@ -6,6 +6,8 @@
 //! - [`faults`]: faults injected at a phase of the migration, and the fault matrix;
 //! - [`soak`]: one VM migrated back and forth many times under the job;
 //! - [`bench`]: side-by-side measurements of whole migrations;
+//! - [`converge_bench`]: a device faster than the link, migrated with and without the device
+//!   throttle and with QEMU's auto-converge;
 //! - [`plan_bench`]: several VMs migrated at once against what the bandwidth allows;
 //! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP;
 //! - [`stats`]: statistics of repeated measurements (medians);
@@ -18,6 +20,7 @@
 //!   driver that makes it DMA.
 
 pub mod bench;
+pub mod converge_bench;
 pub mod demo;
 pub mod fabric_bench;
 pub mod faults;

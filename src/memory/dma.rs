@@ -26,7 +26,7 @@ use vm_memory::{
 
 use crate::memory::gate::Gate;
 use crate::memory::guest_ram::{self, GuestRam, GuestRamMmap, LoggedWriteError};
-use crate::memory::DeviceDirtyBitmap;
+use crate::memory::{DeviceDirtyBitmap, Throttle};
 
 /// Why a device write or read was refused. Nothing was written in any case.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -124,6 +124,9 @@ pub struct DmaEngine {
     counters: Counters,
     /// The memory table last adopted, to carry QEMU's log over to new regions.
     adopted: Mutex<Option<Arc<GuestRamMmap>>>,
+    /// Device auto-converge: the rate limit every write takes from (off unless a migration
+    /// does not converge).
+    throttle: Throttle,
 }
 
 impl DmaEngine {
@@ -141,6 +144,7 @@ impl DmaEngine {
             warned_no_log: AtomicBool::new(false),
             counters: Counters::default(),
             adopted: Mutex::new(None),
+            throttle: Throttle::new(),
         }
     }
 
@@ -148,6 +152,8 @@ impl DmaEngine {
     /// migration runs, every page they touch is marked in QEMU's dirty log.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaError> {
         let len = data.len() as u64;
+        // Before the gate: a throttled writer is not in flight, so it never delays a quiesce.
+        self.throttle.take(gpa, len);
         let mem = self.ram.memory();
         if mem.num_regions() == 0 {
             return Err(DmaError::NoMemory);
@@ -292,6 +298,10 @@ impl DmaEngine {
     /// device write that landed is already marked in QEMU's log.
     pub fn quiesce(&self) -> Duration {
         let started = Instant::now();
+        // A writer waiting for the device throttle is woken first: it is refused at the gate
+        // (or, woken just before it closed, lands and is waited for) instead of holding the
+        // switchover back.
+        self.throttle.lift();
         let was = self.gate.quiesce();
         let waited = started.elapsed();
         if !was {
@@ -411,6 +421,11 @@ impl DmaEngine {
             in_flight: self.gate.in_flight(),
             epoch: self.epoch.load(Ordering::SeqCst),
         }
+    }
+
+    /// The rate limit of device writes (device auto-converge).
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// The guest memory this engine writes through.

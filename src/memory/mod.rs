@@ -1,7 +1,8 @@
 //! The logged path into guest RAM, for everyone who writes it: guest RAM as mapped from
 //! `SET_MEM_TABLE` ([`guest_ram`]), QEMU's dirty log as that memory's bitmap
 //! ([`QemuLogBitmap`]), the companion's own device-dirty bitmap, and the [`DmaEngine`], the
-//! one gate through which a device writes guest RAM.
+//! one gate through which a device writes guest RAM, with its rate limit ([`Throttle`], device
+//! auto-converge).
 //!
 //! Dirty tracking of device writes.
 //!
@@ -17,10 +18,12 @@ mod dma;
 mod gate;
 pub mod guest_ram;
 mod qemu_log;
+mod throttle;
 
 pub use device_bitmap::DeviceDirtyBitmap;
 pub use dma::{DmaEngine, DmaError, DmaStats, GateState};
 pub use qemu_log::{LogWindow, OwnedLog, QemuLogBitmap};
+pub use throttle::{dirty_cost, Throttle, ThrottleCounters};
 
 /// Size of the page the vhost-user log tracks, in bytes (`VHOST_LOG_PAGE`).
 pub const LOG_PAGE_SIZE: u64 = 4096;

@@ -50,6 +50,14 @@ impl OwnedLog {
         }
     }
 
+    /// Clears the bit of the page holding `gpa`, as QEMU's harvest does; whether it was set.
+    pub fn take(&self, gpa: u64) -> bool {
+        let page = (gpa / LOG_PAGE_SIZE) as usize;
+        self.0.get(page / 8).is_some_and(|b| {
+            b.fetch_and(!(1 << (page % 8)), Ordering::SeqCst) & (1 << (page % 8)) != 0
+        })
+    }
+
     /// Whether the bit of the page holding `gpa` is set.
     pub fn is_set(&self, gpa: u64) -> bool {
         let page = (gpa / LOG_PAGE_SIZE) as usize;

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::hotplug::{self, Hotplug, HotplugTimes};
-use super::options::{capabilities, shared_parameters, source_parameters};
+use super::options::{capabilities, expected_bandwidth, shared_parameters, source_parameters};
 use super::progress::Timeline;
 use super::takeover::{record_companion_steps, release_source_vf, roll_back, take_over_vf};
 use crate::companion::control::{error_chain, ControlClient, ControlError, GuestEvent, Request};
@@ -54,7 +54,8 @@ pub use super::strategy::{Strategy, StrategyKind};
 pub use super::summary::{MigrationSummary, Phase, PhaseSpan, Takeover};
 
 /// Samples the source companion onto the trace, at most every 100 ms: pages its device
-/// dirtied in this migration (and the bytes they made QEMU resend), and requests it holds.
+/// dirtied in this migration (and the bytes they made QEMU resend), requests it holds, and
+/// its device throttle (the rate in force, 0 when none, and the bytes it delayed).
 struct CompanionSampler {
     trace: Arc<TraceRecorder>,
     control: ControlClient,
@@ -95,6 +96,31 @@ impl CompanionSampler {
             self.trace
                 .counter_for(self.pid, "held_ops", now_us, vf.held as f64);
         }
+        let t = &s.throttle;
+        self.trace
+            .counter_for(self.pid, "device_throttle_rate", now_us, t.rate as f64);
+        self.trace.counter_for(
+            self.pid,
+            "device_throttle_delayed_bytes",
+            now_us,
+            t.delayed_bytes as f64,
+        );
+    }
+}
+
+/// Tells the source companion the device-throttle policy and the migration's bandwidth. A
+/// companion that does not take them keeps its own (`auto` by default, at QEMU's default
+/// bandwidth): the migration goes on, with a warning.
+fn tell_throttle(src_ctl: &Path, opts: &MigrateOptions) {
+    let bandwidth = expected_bandwidth(opts);
+    let told = ControlClient::connect(src_ctl, Duration::from_secs(5))
+        .and_then(|mut c| c.set_throttle(opts.device_throttle, bandwidth));
+    if let Err(e) = told {
+        tracing::warn!(
+            error = %error_chain(&e),
+            policy = %opts.device_throttle,
+            "the source companion did not take the device-throttle policy; it keeps its own"
+        );
     }
 }
 
@@ -149,6 +175,9 @@ pub fn migrate(
 
     // 1. Prepare the destination; unsafe-no-tracking: the source companion stops logging.
     t.enter(Phase::PrepareDestination, observer);
+    if let Some((src_ctl, _)) = &opts.companions {
+        tell_throttle(src_ctl, opts);
+    }
     if let (true, Some((src_ctl, _))) = (steps.untracked, &opts.companions) {
         ControlClient::connect(src_ctl, Duration::from_secs(5))
             .and_then(|mut c| c.call(&Request::SetTracking { enabled: false }))

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::strategy::Strategy;
+use crate::companion::converge::{DeviceThrottle, DEFAULT_BANDWIDTH};
 use crate::trace::TraceRecorder;
 
 /// Operator settings of one migration. `Default` is QEMU's own settings, the `transparent`
@@ -36,6 +37,11 @@ pub struct MigrateOptions {
     /// Control sockets of the companions of the VM's peers: with a trace, their steps of the
     /// switchover (the announce received, the redial and replay, the first ack) go on it too.
     pub peer_controls: Vec<PathBuf>,
+    /// Device auto-converge: the policy the source companion applies to its VF's writes in
+    /// this migration (told with the migration's bandwidth), `auto` by default.
+    pub device_throttle: DeviceThrottle,
+    /// QEMU's own `auto-converge` capability (throttles the vCPUs, not the device).
+    pub auto_converge: bool,
 }
 
 impl Default for MigrateOptions {
@@ -52,6 +58,8 @@ impl Default for MigrateOptions {
             strategy: Strategy::Transparent,
             trace: None,
             peer_controls: Vec::new(),
+            device_throttle: DeviceThrottle::Auto,
+            auto_converge: false,
         }
     }
 }
@@ -62,7 +70,16 @@ pub(super) fn capabilities(opts: &MigrateOptions) -> Vec<(&'static str, bool)> {
     if opts.multifd.is_some() {
         caps.push(("multifd", true));
     }
+    if opts.auto_converge {
+        caps.push(("auto-converge", true));
+    }
     caps
+}
+
+/// The bandwidth the migration gets, as the source companion's throttle policy assumes it:
+/// `max-bandwidth`, or QEMU's default.
+pub(super) fn expected_bandwidth(opts: &MigrateOptions) -> u64 {
+    opts.max_bandwidth.unwrap_or(DEFAULT_BANDWIDTH)
 }
 
 /// Parameters set on both sides (multifd channels must match).
@@ -99,6 +116,8 @@ mod tests {
         assert!(shared_parameters(&o).is_none());
         assert!(source_parameters(&o).is_empty());
         assert!(matches!(o.strategy, Strategy::Transparent));
+        assert_eq!(o.device_throttle, DeviceThrottle::Auto);
+        assert_eq!(expected_bandwidth(&o), 128 << 20);
         assert_eq!(o.timeout, Duration::from_secs(600));
     }
 
@@ -111,6 +130,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(capabilities(&o), vec![("events", true), ("multifd", true)]);
+        assert_eq!(expected_bandwidth(&o), 1 << 20);
+        let ac = MigrateOptions {
+            auto_converge: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            capabilities(&ac),
+            vec![("events", true), ("auto-converge", true)]
+        );
         assert_eq!(
             shared_parameters(&o),
             Some(serde_json::json!({ "multifd-channels": 4 }))

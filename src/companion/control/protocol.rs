@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::companion::converge::{DeviceThrottle, ThrottleStats};
 use crate::companion::device::DeviceSideStatus;
 use crate::companion::generator::{GeneratorConfig, GeneratorStatus, SlotContent, Window};
 use crate::companion::guest_link::GuestLinkStats;
@@ -83,6 +84,14 @@ pub enum Request {
     /// The steps this companion took around its last switchovers (quiesce, export, import,
     /// announce, the VM running here, first replays and completions), for the trace.
     Steps,
+    /// Set the device-throttle policy (device auto-converge) and the migration bandwidth it
+    /// assumes, for this and later migrations.
+    SetThrottle {
+        /// `off`, `auto` or a rate in dirty bytes per second.
+        policy: DeviceThrottle,
+        /// QEMU's `max-bandwidth` for the migration, bytes/s.
+        bandwidth: u64,
+    },
     /// Stop the companion.
     Quit,
 }
@@ -106,6 +115,7 @@ impl Request {
             Request::SendEvent { .. } => "send_event",
             Request::SetTracking { .. } => "set_tracking",
             Request::Steps => "steps",
+            Request::SetThrottle { .. } => "set_throttle",
             Request::Quit => "quit",
         }
     }
@@ -176,6 +186,8 @@ pub struct StatsReply {
     pub soft_vf: Option<SoftVfStats>,
     /// The guest link's counters.
     pub guest_link: GuestLinkStats,
+    /// Device auto-converge: the policy, the rate in force and what it delayed.
+    pub throttle: ThrottleStats,
 }
 
 /// Reply to `generator_start`.
@@ -272,6 +284,15 @@ pub struct StepsReply {
     pub steps: Vec<crate::trace::steps::Step>,
 }
 
+/// Reply to `set_throttle`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetThrottleReply {
+    /// The policy now.
+    pub policy: DeviceThrottle,
+    /// The bandwidth it assumes, bytes/s.
+    pub bandwidth: u64,
+}
+
 /// Reply to `quit`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct QuitReply {}
@@ -310,6 +331,8 @@ pub enum Reply {
     SetTracking(SetTrackingReply),
     /// To `steps`.
     Steps(StepsReply),
+    /// To `set_throttle`.
+    SetThrottle(SetThrottleReply),
     /// To `quit`.
     Quit(QuitReply),
 }
@@ -333,6 +356,7 @@ impl Reply {
             Reply::SendEvent(_) => "send_event",
             Reply::SetTracking(_) => "set_tracking",
             Reply::Steps(_) => "steps",
+            Reply::SetThrottle(_) => "set_throttle",
             Reply::Quit(_) => "quit",
         }
     }
@@ -364,6 +388,7 @@ reply_from!(
     SendEvent(SendEventReply),
     SetTracking(SetTrackingReply),
     Steps(StepsReply),
+    SetThrottle(SetThrottleReply),
     Quit(QuitReply),
 );
 
@@ -461,6 +486,10 @@ mod tests {
             },
             Request::SetTracking { enabled: true },
             Request::Steps,
+            Request::SetThrottle {
+                policy: DeviceThrottle::Auto,
+                bandwidth: 1,
+            },
             Request::Quit,
         ] {
             let wire = serde_json::to_value(&request).unwrap();
@@ -531,6 +560,11 @@ mod tests {
                         "frames_to_guest": 0, "frames_waiting": 0, "suspend_acks": 1,
                         "resume_acks": 0,
                     },
+                    "throttle": {
+                        "policy": "auto", "bandwidth": 8000000, "rate": 6400000,
+                        "step_pct": 20, "passes": 3, "device_dirty_rate": 16000000,
+                        "delayed_writes": 5, "delayed_bytes": 320, "delayed_ms": 12,
+                    },
                 }),
             ),
             ("generator_start", json!({})),
@@ -561,6 +595,10 @@ mod tests {
                 "steps",
                 json!({"steps": [{"name": "quiesce", "at_unix_us": 1.5, "dur_us": 300.0, "detail": ""}]}),
             ),
+            (
+                "set_throttle",
+                json!({"policy": "50000000", "bandwidth": 134217728}),
+            ),
             ("quit", json!({})),
         ]
     }
@@ -590,6 +628,7 @@ mod tests {
             "send_event" => round::<SendEventReply>(fields),
             "set_tracking" => round::<SetTrackingReply>(fields),
             "steps" => round::<StepsReply>(fields),
+            "set_throttle" => round::<SetThrottleReply>(fields),
             "quit" => round::<QuitReply>(fields),
             other => panic!("no reply type for `{other}`"),
         }

@@ -30,7 +30,8 @@ pub(super) struct Chart<'a> {
 
 /// The charts of `counters`: `remaining_bytes` (MiB) and `dirty_pages_rate` (pages/s) always
 /// (without samples they become a note), `device_dirty_pages` (one line per companion) when
-/// any companion recorded it.
+/// any companion recorded it, and `device_throttle_rate` (MB/s of dirtied pages) when a
+/// companion's throttle engaged.
 pub(super) fn charts(counters: &[CounterSeries]) -> Vec<Chart<'_>> {
     let find = |base: &str| -> Vec<&CounterSeries> {
         counters
@@ -63,6 +64,20 @@ pub(super) fn charts(counters: &[CounterSeries]) -> Vec<Chart<'_>> {
             counter: "device_dirty_pages",
             scale: 1.0,
             series: with_colors(device, 2),
+        });
+    }
+    // A line that stays at 0 says the throttle never engaged: worth no chart.
+    let throttle: Vec<&CounterSeries> = find("device_throttle_rate")
+        .into_iter()
+        .filter(|s| s.points.iter().any(|p| p.1 > 0.0))
+        .collect();
+    if !throttle.is_empty() {
+        charts.push(Chart {
+            title: "Device write throttle in force (companion; 0: none)",
+            axis: "MB/s",
+            counter: "device_throttle_rate",
+            scale: 1e6,
+            series: with_colors(throttle, 3),
         });
     }
     charts

@@ -5,7 +5,8 @@
 //! the bar when it fits, else below it with a leader line), QEMU's passes as ticks labelled
 //! `pass N`, and a time axis in ms; then line charts sharing that time axis:
 //! `remaining_bytes` (MiB), `dirty_pages_rate` (pages/s) and, when any companion recorded it,
-//! `device_dirty_pages` (one line per companion). A chart whose counter has no samples is
+//! `device_dirty_pages` (one line per companion), and the device throttle's rate when it
+//! engaged (`device_throttle_rate`). A chart whose counter has no samples is
 //! replaced by a one-line note. Phases are shaded faintly behind the charts and passes run
 //! through them as dashed lines. When the trace has the switchover's steps (the companions'
 //! and the VF's move), a last panel zooms on them, in ms from the source's quiesce.
@@ -292,6 +293,32 @@ mod tests {
         let svg = render_svg(&Trace::from_json(r#"{"traceEvents":[]}"#).unwrap());
         well_formed(&svg);
         assert_eq!(count(&svg, "<rect"), 0);
+    }
+
+    #[test]
+    fn the_device_throttle_gets_a_chart_only_when_it_engaged() {
+        let rec = TraceRecorder::new();
+        rec.enter_phase_at("precopy", 0.0);
+        rec.close_phase_at(3_000_000.0);
+        let companion = rec.register_process("source companion");
+        for i in 0..30 {
+            let t = f64::from(i) * 100_000.0;
+            rec.counter("remaining_bytes", t, 1e8);
+            rec.counter("dirty_pages_rate", t, 3000.0);
+            rec.counter_for(companion, "device_throttle_rate", t, 0.0);
+        }
+        let svg = render_svg(&Trace::from_value(rec.to_json()).unwrap());
+        assert!(!svg.contains("Device write throttle"), "never engaged");
+        assert_eq!(count(&svg, "<polyline"), 2);
+        for i in 30..40 {
+            let rate = 13.1e6 - 1.6e6 * f64::from(i - 30);
+            rec.counter_for(companion, "device_throttle_rate", f64::from(i) * 1e5, rate);
+        }
+        let svg = render_svg(&Trace::from_value(rec.to_json()).unwrap());
+        well_formed(&svg);
+        assert!(svg.contains("Device write throttle in force"));
+        assert!(svg.contains(">MB/s<"));
+        assert_eq!(count(&svg, "<polyline"), 3);
     }
 
     #[test]
