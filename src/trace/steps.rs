@@ -10,7 +10,7 @@
 //! go first). A "first" step ([`first`]) is kept once per switchover: [`rearm`] (at the quiesce
 //! and at the import) lets each be taken again.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +34,8 @@ pub struct Step {
 
 struct Log {
     steps: VecDeque<Step>,
-    firsts: BTreeSet<String>,
+    /// The `first` steps taken since the last rearm: details by name.
+    firsts: BTreeMap<&'static str, BTreeSet<String>>,
 }
 
 /// A bounded log of steps; the companion's is [`STEPS`], reached through the free functions.
@@ -56,7 +57,7 @@ impl StepLog {
     pub const fn new() -> Self {
         StepLog(Mutex::new(Log {
             steps: VecDeque::new(),
-            firsts: BTreeSet::new(),
+            firsts: BTreeMap::new(),
         }))
     }
 
@@ -93,14 +94,15 @@ impl StepLog {
         });
     }
 
-    /// An instant kept once per switchover for each `(name, detail)`.
-    pub fn first(&self, name: &str, detail: &str) {
+    /// An instant kept once per switchover for each `(name, detail)`. Called on per-frame
+    /// paths: once taken, a step costs a lookup under the lock and allocates nothing.
+    pub fn first(&self, name: &'static str, detail: &str) {
         {
             let mut l = self.lock();
-            let key = format!("{name}\u{0}{detail}");
-            if !l.firsts.insert(key) {
+            if l.firsts.get(name).is_some_and(|d| d.contains(detail)) {
                 return;
             }
+            l.firsts.entry(name).or_default().insert(detail.to_string());
         }
         self.instant(name, detail);
     }
@@ -134,7 +136,7 @@ pub fn instant(name: &str, detail: impl Into<String>) {
 
 /// An instant of this companion kept once per switchover for each `(name, detail)`: the first
 /// replay from a peer, the first completion for the guest. Cheap when it was taken already.
-pub fn first(name: &str, detail: &str) {
+pub fn first(name: &'static str, detail: &str) {
     STEPS.first(name, detail);
 }
 
