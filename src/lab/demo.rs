@@ -217,6 +217,19 @@ pub fn records_at_destination(
     Ok(dst.control()?.scan(*window)?.slots)
 }
 
+/// The destination's records against the source's ledger; lost writes are logged.
+pub fn verdict(ledger: &[u64], found: &[SlotContent]) -> Verdict {
+    let verdict = compare(ledger, found);
+    if verdict.lost_writes > 0 {
+        tracing::warn!(
+            lost = verdict.lost_writes,
+            examples = ?verdict.lost_examples,
+            "device writes lost: the destination holds older records than the source wrote"
+        );
+    }
+    verdict
+}
+
 /// Runs the demo end to end.
 pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport, DemoError> {
     // The strategy first: one the demo cannot run fails before any VM starts.
@@ -292,14 +305,7 @@ pub fn run(opts: &DemoOptions, observer: &mut dyn Observer) -> Result<DemoReport
     } else {
         (records_at_destination(dst, &window)?, "companion", None)
     };
-    let verdict: Verdict = compare(&versions, &found);
-    if verdict.lost_writes > 0 {
-        tracing::warn!(
-            lost = verdict.lost_writes,
-            examples = ?verdict.lost_examples,
-            "device writes lost: the destination holds older records than the source wrote"
-        );
-    }
+    let verdict = verdict(&versions, &found);
     Ok(DemoReport {
         strategy: opts.strategy,
         lost_writes: verdict.lost_writes,

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::demo::window;
+use super::demo::{verdict, window};
 use super::libvirt_hosts::{LibvirtHosts, LibvirtLabError};
 use crate::companion::control::{ControlClient, ControlError, LedgerReply, StatsReply};
-use crate::companion::generator::{compare, GeneratorConfig};
+use crate::companion::generator::GeneratorConfig;
 use crate::libvirt::domain::{self, CompanionSettings, DomainSpec};
 use crate::libvirt::DEFAULT_RUN_DIR;
 use crate::orchestrator::launch::GuestImage;
@@ -210,14 +210,7 @@ pub fn run(opts: &LibvirtDemoOptions) -> Result<LibvirtDemoReport, LibvirtDemoEr
         _ => vec![0; win.slots as usize],
     };
     let found = dst.scan(win)?.slots;
-    let verdict = compare(&versions, &found);
-    if verdict.lost_writes > 0 {
-        tracing::warn!(
-            lost = verdict.lost_writes,
-            examples = ?verdict.lost_examples,
-            "device writes lost across the libvirt migration"
-        );
-    }
+    let verdict = verdict(&versions, &found);
     Ok(LibvirtDemoReport {
         lost_writes: verdict.lost_writes,
         records_written: verdict.records_written,
