@@ -19,8 +19,8 @@ use parking_lot::Mutex;
 
 use super::auth::{self, FabricAuth, FrameReader, FrameWriter, Session};
 use super::responder::{self, Outcome};
-use super::wire::{AckStatus, Frame, FrameOf, WireError};
-use super::{lost, requester, Inner};
+use super::wire::{AckStatus, Frame, FrameOf, HandoffOp, WireError};
+use super::{handoff, lost, requester, Inner};
 use crate::trace::steps;
 
 /// Connections in handshake at once; a new one drops the oldest.
@@ -452,6 +452,9 @@ pub(super) enum ServeError {
         /// The address.
         addr: String,
     },
+    /// A VF handoff link failed.
+    #[error(transparent)]
+    Handoff(#[from] handoff::HandoffLinkError),
     /// The hello names a VM this cluster does not have.
     #[error("a fabric peer says it is VM {0:?}, which is not in the cluster file: refused")]
     UnknownVm(String),
@@ -467,14 +470,22 @@ impl ServeError {
     }
 }
 
-/// Reads the dialler's Hello: who it is, and (announcing a migration) where it now lives.
-/// `authenticated`: whom the handshake proved, if the fabric authenticates.
-/// `Ok(None)`: it closed before saying anything.
+/// What a dialler's first frame says it wants.
+enum First {
+    /// A peer VM's link: its requests follow.
+    Peer(String),
+    /// This VM's incoming companion seeks its VF (see [`handoff`]); its listen address.
+    Seeker(String),
+}
+
+/// Reads the dialler's first frame: a Hello (who it is, and, announcing a migration, where it
+/// now lives) or a VF handoff's `Seek`. `authenticated`: whom the handshake proved, if the
+/// fabric authenticates. `Ok(None)`: it closed before saying anything.
 fn hello(
     inner: &Inner,
     reader: &mut FrameReader,
     authenticated: Option<&str>,
-) -> Result<Option<String>, ServeError> {
+) -> Result<Option<First>, ServeError> {
     match reader.frame() {
         Ok(Some(Frame::Hello {
             vm,
@@ -506,7 +517,25 @@ fn hello(
                 steps::instant("announce-received", vm.as_str());
                 requester::kick(inner);
             }
-            Ok(Some(vm))
+            Ok(Some(First::Peer(vm)))
+        }
+        Ok(Some(Frame::Handoff {
+            op: HandoffOp::Seek,
+            body,
+            ..
+        })) => {
+            // Only this VM's own companions may ask for its VF: the seeker names the VM, and
+            // the handshake proved that it holds that VM's key.
+            let (vm, listen) = handoff::parse_seek(&body)?;
+            for who in [Some(vm.as_str()), authenticated].into_iter().flatten() {
+                if who != inner.vm {
+                    return Err(ServeError::NotItself {
+                        authenticated: who.into(),
+                        claimed: inner.vm.clone(),
+                    });
+                }
+            }
+            Ok(Some(First::Seeker(listen)))
         }
         Ok(Some(other)) => {
             inner.stats.lock().malformed_frames += 1;
@@ -551,8 +580,14 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
         ))
         .map_err(WireError::from)?;
     let mut reader = FrameReader::new(stream.try_clone().map_err(WireError::from)?, recv_key);
-    let Some(peer) = hello(inner, &mut reader, proved.as_deref())? else {
-        return Ok(());
+    let peer = match hello(inner, &mut reader, proved.as_deref())? {
+        None => return Ok(()),
+        Some(First::Peer(peer)) => peer,
+        Some(First::Seeker(listen)) => {
+            established(inner, id, &inner.vm, &stream);
+            let writer = FrameWriter::new(stream, send_key);
+            return Ok(handoff::serve_seeker(inner, listen, reader, writer)?);
+        }
     };
     // The epoch was proved in the handshake; it counts once the hello's MAC holds.
     if let Some(e) = epoch {

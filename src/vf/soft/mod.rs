@@ -29,11 +29,13 @@
 //! - `link`: connections to peers and their threads, and the bounds on them;
 //! - `auth`: the fabric's authentication (a Noise handshake, then a MAC on every frame);
 //! - `persist`: the state that moves at switchover ([`VfState`], versioned);
+//! - `handoff`: how it moves, companion to companion, whatever drives the migration;
 //! - `metrics`: counters; [`wire`]: the fabric's frames.
 
 mod auth;
 mod cluster;
 mod device;
+mod handoff;
 mod link;
 mod lost;
 mod metrics;
@@ -59,6 +61,7 @@ pub use auth::{
     KeyError,
 };
 pub use cluster::{ClusterFileError, ClusterMap};
+pub use handoff::{ClaimAnswer, HandoffHooks};
 pub use link::{FabricTiming, ANNOUNCE_DEADLINE, MAX_HANDSHAKING, MAX_PER_PEER};
 pub use metrics::SoftVfStats;
 pub use persist::{QpState, StateError, VfState, VF_STATE_VERSION};
@@ -110,6 +113,8 @@ struct Inner {
     retry_wake: Condvar,
     closed: AtomicBool,
     stats: Mutex<SoftVfStats>,
+    /// The VF's handoff between this VM's companions (see [`handoff`]).
+    handoff: handoff::Handoff,
     /// Held while a peer's request is applied (see `responder::apply`).
     applying: Mutex<()>,
     /// The responder's own table: which stream applies to each QP, NAKs sent, peers' epochs.
@@ -180,6 +185,7 @@ impl SoftVf {
             retry_wake: Condvar::new(),
             closed: AtomicBool::new(false),
             stats: Mutex::new(SoftVfStats::default()),
+            handoff: handoff::Handoff::default(),
             applying: Mutex::new(()),
             rx: Mutex::new(responder::Receive::default()),
             dirty_seen: Mutex::new(device::DirtySeen::default()),

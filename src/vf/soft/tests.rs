@@ -1218,3 +1218,136 @@ fn a_peer_unreachable_past_the_hold_timeout_fails_a_qp_that_only_waits_for_it() 
     a.vf.post_recv(qa, recv_wr(9, ka)).unwrap();
     assert_eq!(one(&a.vf).status, Status::Flushed);
 }
+
+/// What a companion decides in a handoff, as a test sets it, and what it was told.
+#[derive(Default)]
+struct FakeHooks {
+    runs: std::sync::atomic::AtomicBool,
+    refuse: std::sync::atomic::AtomicBool,
+    claims: parking_lot::Mutex<Vec<u64>>,
+    states: parking_lot::Mutex<Vec<(u64, Vec<u8>)>>,
+    revokes: parking_lot::Mutex<Vec<u64>>,
+}
+
+impl HandoffHooks for FakeHooks {
+    fn runs_here(&self) -> bool {
+        self.runs.load(Ordering::SeqCst)
+    }
+    fn claim(&self, generation: u64) -> Result<(), String> {
+        self.claims.lock().push(generation);
+        if self.refuse.load(Ordering::SeqCst) {
+            Err("taken back".into())
+        } else {
+            Ok(())
+        }
+    }
+    fn state(&self, generation: u64, body: Vec<u8>) {
+        self.states.lock().push((generation, body));
+    }
+    fn revoke(&self, generation: u64) {
+        self.revokes.lock().push(generation);
+    }
+}
+
+fn hooked(t: &TestVm, runs: bool) -> Arc<FakeHooks> {
+    let h = Arc::new(FakeHooks::default());
+    h.runs.store(runs, Ordering::SeqCst);
+    t.vf.set_handoff_hooks(h.clone());
+    h
+}
+
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_destination_finds_the_source_gets_its_state_and_claims_it() {
+    let (src, dst, b) = (vm("a"), vm("a"), vm("b"));
+    let (hs, hd) = (hooked(&src, true), hooked(&dst, false));
+    hooked(&b, true);
+    // The cluster map says "a" lives at b's address (stale): b, another VM, refuses the
+    // seeker, which goes on to the cluster's other addresses and finds the source.
+    dst.vf.set_peer_address("x", src.vf.listen_addr());
+    dst.vf.set_peer_address("a", b.vf.listen_addr());
+    dst.vf.seek_handoff().unwrap();
+    until("the source knows its destination", || {
+        src.vf.handoff_destination().as_deref() == Some(dst.vf.listen_addr())
+    });
+    assert_eq!(
+        dst.vf.handoff_source().as_deref(),
+        Some(src.vf.listen_addr())
+    );
+    assert!(b.vf.handoff_destination().is_none());
+
+    assert!(src.vf.handoff_send_state(1, b"one".to_vec()));
+    assert!(src.vf.handoff_revoke(1));
+    until("the revoke", || *hd.revokes.lock() == [1]);
+    assert_eq!(*hd.states.lock(), [(1, b"one".to_vec())]);
+    assert!(src.vf.handoff_send_state(2, b"two".to_vec()));
+    until("the second state", || hd.states.lock().len() == 2);
+    assert_eq!(
+        dst.vf.handoff_claim(2, Duration::from_secs(5)),
+        ClaimAnswer::Granted
+    );
+    assert_eq!(*hs.claims.lock(), [2]);
+    // A source that took its state back refuses, with its reason.
+    hs.refuse.store(true, Ordering::SeqCst);
+    assert_eq!(
+        dst.vf.handoff_claim(2, Duration::from_secs(5)),
+        ClaimAnswer::Refused("taken back".into())
+    );
+    dst.vf.end_handoff();
+    until("the source forgets its destination", || {
+        src.vf.handoff_destination().is_none()
+    });
+    assert_eq!(
+        dst.vf.handoff_claim(2, Duration::from_secs(1)),
+        ClaimAnswer::NoAnswer
+    );
+}
+
+#[test]
+fn a_seeker_finds_nothing_where_the_vf_does_not_run() {
+    let (src, dst) = (vm("a"), vm("a"));
+    let hs = hooked(&src, false);
+    hooked(&dst, false);
+    dst.vf.set_peer_address("a", src.vf.listen_addr());
+    dst.vf.seek_handoff().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(src.vf.handoff_destination().is_none());
+    assert!(dst.vf.handoff_source().is_none());
+    assert!(!src.vf.handoff_send_state(1, vec![]), "nobody to send to");
+    // Once the VF runs there, the seeker's next round finds it.
+    hs.runs.store(true, Ordering::SeqCst);
+    until("found", || src.vf.handoff_destination().is_some());
+    dst.vf.end_handoff();
+}
+
+#[test]
+fn another_vm_cannot_seek_this_vms_vf() {
+    let src = vm("a");
+    hooked(&src, true);
+    // b, a member of the job with its own key, asks for a's VF.
+    let FabricAuth::Keys(keys) = test_auth("b") else {
+        unreachable!()
+    };
+    let mut s = std::net::TcpStream::connect(src.vf.listen_addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let sess = auth::initiate(&keys, "b", 1, "a", &mut s, deadline).unwrap();
+    let w = auth::FrameWriter::new(s.try_clone().unwrap(), Some(sess.send_key));
+    send_and_wait_close(
+        w,
+        s,
+        wire::Frame::Handoff {
+            op: wire::HandoffOp::Seek,
+            generation: 0,
+            body: b"a\n127.0.0.1:1".to_vec(),
+        },
+    );
+    assert!(src.vf.handoff_destination().is_none());
+    assert!(!src.vf.handoff_send_state(1, b"secret".to_vec()));
+}

@@ -169,6 +169,53 @@ pub enum FrameOf<P> {
         /// Its epoch.
         epoch: u64,
     },
+    /// A step of the VF's handoff between the source's companion and the destination's, which
+    /// both speak for the same VM, on a link of its own (see `super::handoff`).
+    Handoff {
+        /// Which step.
+        op: HandoffOp,
+        /// The export it is about (0: none yet).
+        generation: u64,
+        /// What the step carries: the seeker's listen address, the state, a refusal's reason.
+        body: P,
+    },
+}
+
+/// The steps of a VF handoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HandoffOp {
+    /// Destination → any companion: "I am this VM's incoming companion (body: my listen
+    /// address); if you run its VF, hand it to me when you quiesce".
+    Seek = 1,
+    /// Source → destination: "I run it; you will get its state at the switchover".
+    Here = 2,
+    /// Source → destination: the VF state of `generation`, exported at the quiesce (body:
+    /// JSON of the state and the frames waiting for the guest).
+    State = 3,
+    /// Source → destination: the source took `generation` back (its VM runs there again).
+    Revoke = 4,
+    /// Destination → source: "the VM runs here: drop your copy of `generation`".
+    Claim = 5,
+    /// Source → destination: the source dropped its copy; the state is the destination's.
+    Granted = 6,
+    /// Source → destination: no (body: why).
+    Refused = 7,
+}
+
+impl HandoffOp {
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        Ok(match v {
+            1 => Self::Seek,
+            2 => Self::Here,
+            3 => Self::State,
+            4 => Self::Revoke,
+            5 => Self::Claim,
+            6 => Self::Granted,
+            7 => Self::Refused,
+            _ => return Err(WireError::Malformed(format!("unknown handoff step {v}"))),
+        })
+    }
 }
 
 /// The hello of releases before [`FABRIC_VERSION`]: refused as version 0.
@@ -179,6 +226,7 @@ const SEND: u8 = 3;
 const ACK: u8 = 4;
 /// 6 is the kind of the handshake's claim (`auth::CLAIM`); not a frame.
 const GONE: u8 = 7;
+const HANDOFF: u8 = 8;
 
 fn put_imm(b: &mut Vec<u8>, imm: Option<u32>) {
     b.push(imm.is_some() as u8);
@@ -189,7 +237,9 @@ impl<P: AsRef<[u8]>> FrameOf<P> {
     /// A request's payload (empty for other kinds).
     pub fn payload(&self) -> &[u8] {
         match self {
-            FrameOf::Write { payload, .. } | FrameOf::Send { payload, .. } => payload.as_ref(),
+            FrameOf::Write { payload, .. }
+            | FrameOf::Send { payload, .. }
+            | FrameOf::Handoff { body: payload, .. } => payload.as_ref(),
             _ => &[],
         }
     }
@@ -240,6 +290,15 @@ impl FrameRef<'_> {
             },
             FrameOf::Ack { qp, psn, status } => Frame::Ack { qp, psn, status },
             FrameOf::Gone { vm, epoch } => Frame::Gone { vm, epoch },
+            FrameOf::Handoff {
+                op,
+                generation,
+                body,
+            } => Frame::Handoff {
+                op,
+                generation,
+                body: body.to_vec(),
+            },
         }
     }
 }
@@ -248,6 +307,8 @@ impl FrameRef<'_> {
 const WRITE_FIELDS: usize = 1 + 4 + 4 + 8 + 4 + 8 + 5;
 /// Bytes of a `Send` body before its payload: kind, QPs, PSN, immediate.
 const SEND_FIELDS: usize = 1 + 4 + 4 + 8 + 5;
+/// Bytes of a `Handoff` body before what it carries: kind, step, generation.
+const HANDOFF_FIELDS: usize = 1 + 1 + 8;
 
 /// Where a frame body's payload starts (its length when the kind carries none), from the
 /// kind byte alone, before anything is decoded: the frame MAC hashes the payload apart from
@@ -256,6 +317,7 @@ pub fn payload_offset(body: &[u8]) -> usize {
     let fields = match body.first() {
         Some(&WRITE) => WRITE_FIELDS,
         Some(&SEND) => SEND_FIELDS,
+        Some(&HANDOFF) => HANDOFF_FIELDS,
         _ => body.len(),
     };
     fields.min(body.len())
@@ -321,6 +383,11 @@ pub fn encode_header<P: AsRef<[u8]>>(frame: &FrameOf<P>) -> Vec<u8> {
             b.extend_from_slice(&epoch.to_le_bytes());
             b.extend_from_slice(&(vm.len() as u16).to_le_bytes());
             b.extend_from_slice(vm.as_bytes());
+        }
+        FrameOf::Handoff { op, generation, .. } => {
+            b.push(HANDOFF);
+            b.push(*op as u8);
+            b.extend_from_slice(&generation.to_le_bytes());
         }
     }
     let len = (b.len() - 4 + frame.payload().len()) as u32;
@@ -409,6 +476,11 @@ pub fn decode_ref(body: &[u8]) -> Result<FrameRef<'_>, WireError> {
         GONE => FrameOf::Gone {
             epoch: c.u64()?,
             vm: read_string(&mut c)?,
+        },
+        HANDOFF => FrameOf::Handoff {
+            op: HandoffOp::from_u8(c.u8()?)?,
+            generation: c.u64()?,
+            body: c.rest(),
         },
         k => return Err(WireError::Malformed(format!("unknown frame kind {k}"))),
     };
@@ -530,6 +602,16 @@ mod tests {
                 vm: "b".into(),
                 epoch: 0x1234_5678_9abc_def0,
             },
+            Frame::Handoff {
+                op: HandoffOp::State,
+                generation: 7,
+                body: b"{}".to_vec(),
+            },
+            Frame::Handoff {
+                op: HandoffOp::Claim,
+                generation: 7,
+                body: vec![],
+            },
         ] {
             let bytes = encode(&f);
             assert_eq!(read_frame(&mut &bytes[..]).unwrap().unwrap(), f);
@@ -569,6 +651,11 @@ mod tests {
                 vm: "b".into(),
                 epoch: 1,
             },
+            Frame::Handoff {
+                op: HandoffOp::Refused,
+                generation: 2,
+                body: b"taken back".to_vec(),
+            },
         ];
         for f in frames {
             let bytes = encode(&f);
@@ -584,6 +671,19 @@ mod tests {
             "a short body is all fields"
         );
         assert_eq!(payload_offset(&[]), 0);
+    }
+
+    #[test]
+    fn an_unknown_handoff_step_is_malformed() {
+        let mut bytes = encode(&Frame::Handoff {
+            op: HandoffOp::Seek,
+            generation: 0,
+            body: vec![],
+        });
+        bytes[5] = 99;
+        let e = read_frame(&mut &bytes[..]).unwrap_err();
+        assert!(e.is_malformed(), "{e}");
+        assert!(e.to_string().contains("handoff step 99"), "{e}");
     }
 
     #[test]
