@@ -61,6 +61,14 @@ pub struct Args {
     /// companion its own `--max-bandwidth` (default: QEMU's default max-bandwidth, 128 MiB/s).
     #[arg(long, default_value_t = converge::DEFAULT_BANDWIDTH, value_name = "BYTES_PER_S")]
     pub migration_bandwidth: u64,
+    /// The VM migrates in (QEMU runs with `-incoming`): the companion looks for the
+    /// companion that runs the VM's VF (at the VM's address in the cluster file, then at the
+    /// cluster's other addresses) and gets the VF's state from it at the switchover, over the
+    /// authenticated fabric, whatever drives the migration (vfmig, libvirt, plain QMP). The VF
+    /// is served once the VM runs here and the state is taken over; the VM's start waits up
+    /// to 10 s for a state still on its way. Needs the VM's fabric key, as the source has.
+    #[arg(long)]
+    pub incoming: bool,
 }
 
 /// Runs the companion until it is told to quit.
@@ -77,6 +85,7 @@ pub fn run(args: Args) -> Result<()> {
         vfio,
         device_throttle,
         migration_bandwidth,
+        incoming,
     } = args;
     init_logging("info");
     let cluster = match cluster {
@@ -95,6 +104,7 @@ pub fn run(args: Args) -> Result<()> {
         vfio,
         device_throttle,
         migration_bandwidth,
+        incoming,
     })?;
     Ok(())
 }

@@ -177,6 +177,24 @@ impl Device {
         self.verbs.clone()
     }
 
+    /// The soft VF, if that is the backend.
+    pub fn fabric(&self) -> Option<&SoftVf> {
+        self.fabric.as_ref()
+    }
+
+    /// Whether this companion owns the VM's VF state now: a soft VF whose state is here (not
+    /// exported, not released) and that was not released.
+    pub fn owns_vf_state(&self) -> bool {
+        self.persist.is_some()
+            && !self.released.load(Ordering::SeqCst)
+            && *self.handover.lock() == Handover::Here
+    }
+
+    /// Whether a migration runs (QEMU asked for its dirty log).
+    pub fn migrating(&self) -> bool {
+        self.dma.gate_state().log_requested
+    }
+
     /// The device side, unless there is none or it was released.
     fn device(&self) -> Option<&Mutex<Box<dyn VfDevice>>> {
         if self.released.load(Ordering::SeqCst) {
@@ -557,7 +575,7 @@ impl Device {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::memory::{LogWindow, OwnedLog};
     use crate::vf::{DirtyTracking, ResetReport, VfDeviceError};
@@ -710,7 +728,8 @@ mod tests {
         assert_eq!(st.last_map.unwrap().mapped, vec![(0, 1 << 20)]);
     }
 
-    fn soft_handle(vm: &str) -> (Arc<Device>, Arc<DmaEngine>, Arc<GuestLink>) {
+    /// A soft VF of `vm` behind the companion's handle, with its engine and guest link.
+    pub(crate) fn soft_handle(vm: &str) -> (Arc<Device>, Arc<DmaEngine>, Arc<GuestLink>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dma = Arc::new(DmaEngine::new(GuestMemoryAtomic::new(mem)));
         dma.adopt_memory();

@@ -103,6 +103,7 @@ impl Companion {
             soft_vf: self.device.fabric_stats(),
             guest_link: self.guest.stats(),
             throttle: self.converge.stats(),
+            handoff: self.net.handoff().report(),
         }
     }
 }
@@ -172,19 +173,28 @@ impl Handler for Companion {
                 .export(&self.guest)
                 .map_err(RequestError::VfExport)?
                 .into()),
-            Request::VfImport { vf, rx_frames } => Ok(self
-                .device
-                .import(&self.guest, vf, &rx_frames)
-                .map_err(RequestError::VfImport)?
-                .into()),
-            Request::VfRelease => Ok(self
-                .device
-                .drop_state(&self.guest)
-                .map_err(RequestError::VfRelease)?
-                .into()),
+            Request::VfImport { vf, rx_frames } => {
+                let reply = self
+                    .device
+                    .import(&self.guest, vf, &rx_frames)
+                    .map_err(RequestError::VfImport)?;
+                self.net.handoff().imported_over_control();
+                Ok(reply.into())
+            }
+            Request::VfRelease => {
+                // A destination drops what the handoff brought, and claims nothing.
+                self.net.handoff().drop_incoming();
+                Ok(self
+                    .device
+                    .drop_state(&self.guest)
+                    .map_err(RequestError::VfRelease)?
+                    .into())
+            }
+            // The source takes its state back, and its destination is told.
             Request::VfReclaim => Ok(self
-                .device
-                .reclaim()
+                .net
+                .handoff()
+                .take_back()
                 .map_err(RequestError::VfReclaim)?
                 .into()),
             Request::SendEvent { event } => {

@@ -11,6 +11,7 @@ pub mod device;
 pub mod generator;
 pub mod guest_link;
 mod handler;
+pub mod handoff;
 pub mod vhost_filter;
 pub mod vhost_net;
 
@@ -177,6 +178,8 @@ pub struct CompanionConfig {
     pub device_throttle: converge::DeviceThrottle,
     /// The migration bandwidth `auto` assumes until the orchestrator says, bytes/s.
     pub migration_bandwidth: u64,
+    /// The VM migrates in: its VF state comes from the source's companion (the handoff).
+    pub incoming: bool,
 }
 
 /// How the soft VF's links authenticate: with this VM's key and the cluster file's keys, or not
@@ -503,6 +506,15 @@ pub fn run(config: CompanionConfig) -> Result<(), CompanionError> {
             source,
         })?;
     let net = companion.net.clone();
+    if config.incoming {
+        net.handoff()
+            .expect_incoming()
+            .map_err(|source| CompanionError::Thread {
+                vm: config.name.clone(),
+                what: "the VF handoff's seeker",
+                source,
+            })?;
+    }
     control::serve(&config.control, companion.clone()).map_err(|source| {
         CompanionError::Control {
             vm: config.name.clone(),
@@ -627,6 +639,7 @@ mod fabric_auth_tests {
             vfio: None,
             device_throttle: converge::DeviceThrottle::Auto,
             migration_bandwidth: converge::DEFAULT_BANDWIDTH,
+            incoming: false,
         }
     }
 

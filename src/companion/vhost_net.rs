@@ -27,6 +27,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::device::Device;
 use super::guest_link::GuestLink;
+use super::handoff::Handoff;
 use crate::memory::guest_ram::GuestRam;
 use crate::memory::DmaEngine;
 use crate::memory::QemuLogBitmap;
@@ -76,6 +77,8 @@ pub struct NetBackend {
     /// The companion's VF (whichever backend, or none): each memory table is mapped into it,
     /// and it is quiesced at switchover.
     device: Arc<Device>,
+    /// The VF's handoff to (or from) this VM's other companion at switchover.
+    handoff: Arc<Handoff>,
 }
 
 impl NetBackend {
@@ -83,12 +86,18 @@ impl NetBackend {
     /// which drives the companion's VF through `device`.
     pub fn new(dma: Arc<DmaEngine>, guest: Arc<GuestLink>, device: Arc<Device>) -> Self {
         Self {
+            handoff: Handoff::new(device.clone(), guest.clone()),
             dma,
             guest,
             event_idx: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(Counters::default()),
             device,
         }
+    }
+
+    /// The VF's handoff between this VM's companions.
+    pub fn handoff(&self) -> &Arc<Handoff> {
+        &self.handoff
     }
 
     /// Counters so far.
@@ -112,6 +121,8 @@ impl NetBackend {
     /// returns, every device write that landed is marked in QEMU's log. Idempotent.
     pub fn quiesce(&self, message: &str, queue_index: u32) {
         if let Some(waited) = self.device.quiesce(message) {
+            // The state goes to a waiting destination now, overlapping QEMU's downtime.
+            self.handoff.on_quiesce();
             self.counters.quiesces.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 queue = queue_index,
@@ -254,6 +265,7 @@ impl VhostUserBackend for NetBackend {
         // VM runs again (a failed or cancelled migration), so the VF may work again.
         if self.dma.gate_state().quiesced {
             self.device.resume();
+            self.handoff.on_resume();
         }
     }
 
@@ -270,6 +282,8 @@ impl VhostUserBackend for NetBackend {
     fn update_memory(&self, mem: GuestRam) -> io::Result<()> {
         self.counters.mem_tables.fetch_add(1, Ordering::Relaxed);
         self.dma.adopt_memory();
+        // A VM that migrated in runs: its VF state is taken over before its rings run.
+        self.handoff.on_device_start();
         self.device.on_memory_table(&mem.memory().into_inner());
         Ok(())
     }

@@ -190,6 +190,10 @@ impl RunningVm {
                 Some(key) => cmd.arg("--fabric-key").arg(key),
                 None => cmd.arg("--insecure-fabric"),
             };
+            // A destination's companion gets the VF's state from the source's, at switchover.
+            if spec.role == Role::Destination {
+                cmd.arg("--incoming");
+            }
         }
         let companion = cmd
             .arg("--name")

@@ -11,12 +11,13 @@
 //!    `query-migrate` and QEMU's `MIGRATION` / `MIGRATION_PASS` events;
 //! 5. **switchover**: the source stops (QEMU status `device`); the companion quiesces the VF
 //!    inside `GET_VRING_BASE`, and QEMU's last log sync picks up its last writes;
-//! 6. **destination up**: QEMU completed; the destination's companion takes over the VF (a
-//!    copy of the source's VF state moves, and the VM's new place is announced to its peers)
-//!    while the destination finishes loading; once it is paused (`-S`) with all of RAM it is
-//!    resumed, once, unless `keep_paused`. If the takeover or `cont` fails, the destination is
-//!    stopped, the source companion takes its VF state back and the source VM resumes (6b);
-//!    otherwise the source companion drops its copy (6c);
+//! 6. **destination up**: QEMU completed; the VF's state went from the source's companion to
+//!    the destination's at the quiesce (the companions' handoff); the migration checks that it
+//!    arrived, then, once the destination is paused (`-S`) with all of RAM, resumes it, once,
+//!    unless `keep_paused`; as the VM starts there, its companion claims the state, imports it
+//!    and announces the VM's new place. If the state did not arrive or `cont` fails, the
+//!    destination is stopped, the source companion takes its VF state back and the source VM
+//!    resumes (6b); otherwise the source companion's copy is dropped (6c);
 //! 7. **attach** (`passthrough-hotplug` only): a free VF of the destination is plugged in
 //!    (`device_add`) and the migration waits until the guest's driver has enabled it;
 //! 8. **resume** (`cooperative` and `passthrough-hotplug`): every rank's runtime is told RESUME;
@@ -42,7 +43,9 @@ use std::time::{Duration, Instant};
 use super::hotplug::{self, Hotplug, HotplugTimes};
 use super::options::{capabilities, expected_bandwidth, shared_parameters, source_parameters};
 use super::progress::Timeline;
-use super::takeover::{record_companion_steps, release_source_vf, roll_back, take_over_vf};
+use super::takeover::{
+    finish_takeover, record_companion_steps, release_source_vf, roll_back, take_over_vf,
+};
 use crate::companion::control::{error_chain, ControlClient, ControlError, GuestEvent, Request};
 use crate::qmp::{MigrationInfo, QmpClient};
 use crate::trace::TraceRecorder;
@@ -242,7 +245,7 @@ pub fn migrate(
     // If it cannot take over the VF or start, the source takes its VF state back and resumes
     // (6b); once it runs, the source companion drops its copy of the VF state (6c).
     t.enter(Phase::DestinationUp, observer);
-    let (vf_takeover, resumed) = match destination_up(dst, opts) {
+    let (mut vf_takeover, resumed) = match destination_up(dst, opts) {
         Ok(up) => up,
         Err(e) => {
             let e = roll_back(src, dst, opts, e);
@@ -250,7 +253,10 @@ pub fn migrate(
             return Err(e);
         }
     };
-    if let (Some(_), Some((src_ctl, _))) = (&vf_takeover, &opts.companions) {
+    if let (Some(info), Some((src_ctl, dst_ctl))) = (&mut vf_takeover, &opts.companions) {
+        if resumed {
+            finish_takeover(dst_ctl, info, Duration::from_secs(2));
+        }
         release_source_vf(src_ctl);
     }
     if let (Some(tr), Some((src_ctl, dst_ctl)), true) =
@@ -295,20 +301,13 @@ pub fn migrate(
 
     // 9. Done.
     t.enter(Phase::Done, observer);
-    let ram = info.ram.clone().unwrap_or_default();
     Ok(MigrationSummary {
-        status: info.status.clone().unwrap_or_default(),
-        total_ms: info.total_time.unwrap_or(0),
-        downtime_ms: info.downtime.unwrap_or(0),
-        setup_ms: info.setup_time.unwrap_or(0),
-        transferred_bytes: ram.transferred.unwrap_or(0),
-        ram_total_bytes: ram.total.unwrap_or(0),
-        dirty_sync_count: ram.dirty_sync_count.unwrap_or(0),
         destination_resumed: resumed,
         vf_takeover,
         hotplug: hotplug_times,
         wall_ms: t.start.elapsed().as_millis() as u64,
         timeline: t.spans,
+        ..MigrationSummary::from_qemu(&info)
     })
 }
 
@@ -586,10 +585,10 @@ pub fn wait_source_settled(src: &QmpClient) -> SourceSettled {
     })
 }
 
-/// Step 6: moves the VF to the destination's companion (while the destination finishes
-/// loading: the move needs only the companions, and the destination's VF has no guest RAM
-/// before it runs), waits until the destination is paused with all of RAM and, unless
-/// `keep_paused`, resumes it. Returns the takeover and whether the destination runs.
+/// Step 6: checks that the VF's state reached the destination's companion (the handoff,
+/// overlapping the destination's last loading), waits until the destination is paused with
+/// all of RAM and, unless `keep_paused`, resumes it. Returns the takeover and whether the
+/// destination runs.
 fn destination_up(
     dst: &QmpClient,
     opts: &MigrateOptions,

@@ -21,6 +21,6 @@ pub mod plan;
 pub mod progress;
 pub mod strategy;
 pub mod summary;
-mod takeover;
+pub mod takeover;
 
 pub use strategy::{Strategy, StrategyKind};

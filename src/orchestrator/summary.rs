@@ -70,11 +70,35 @@ pub struct MigrationSummary {
     pub wall_ms: u64,
 }
 
+impl MigrationSummary {
+    /// QEMU's figures of a finished migration, from the source's `query-migrate`; what vfmig
+    /// adds is left empty.
+    pub fn from_qemu(info: &crate::qmp::MigrationInfo) -> Self {
+        let ram = info.ram.clone().unwrap_or_default();
+        Self {
+            status: info.status.clone().unwrap_or_default(),
+            total_ms: info.total_time.unwrap_or(0),
+            downtime_ms: info.downtime.unwrap_or(0),
+            setup_ms: info.setup_time.unwrap_or(0),
+            transferred_bytes: ram.transferred.unwrap_or(0),
+            ram_total_bytes: ram.total.unwrap_or(0),
+            dirty_sync_count: ram.dirty_sync_count.unwrap_or(0),
+            ..Default::default()
+        }
+    }
+}
+
 /// The VF's move at switchover.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Takeover {
-    /// Time from the start of the export to the end of the import and announce, ms.
+    /// The handoff inside the downtime: from the source's export, right after its quiesce,
+    /// to the state's arrival at the destination's companion, ms.
     pub ms: f64,
+    /// The takeover once the destination runs: its claim to the source, the import and the
+    /// announce to the peers, ms (0 if it was not seen).
+    pub takeover_ms: f64,
+    /// Bytes of the state on the fabric.
+    pub bytes: u64,
     /// QPs moved.
     pub qps: usize,
     /// Requests in flight that the destination will replay.

@@ -1,7 +1,10 @@
 //! The VF's move at switchover, between the source's companion and the destination's, and
-//! its undo: step 6 of [`migrate`](super::migrate::migrate) moves a copy of the source's VF
-//! state ([`take_over_vf`]); once the destination runs the source drops its copy
-//! ([`release_source_vf`]); if the destination cannot take over or start, the source takes its
+//! its undo. The companions move it themselves (the source sends its state at the quiesce,
+//! the destination claims it when its VM runs: [`crate::companion::handoff`]); step 6 of
+//! [`migrate`](super::migrate::migrate) checks that the state arrived before it resumes the
+//! destination ([`take_over_vf`]) and reads what the takeover took ([`finish_takeover`]);
+//! once the destination runs the source's copy is dropped ([`release_source_vf`], which the
+//! claim did already); if the destination cannot take over or start, the source takes its
 //! state back and resumes ([`roll_back`]). The companions' own steps of the move end up on
 //! the trace ([`record_companion_steps`]).
 
@@ -12,9 +15,9 @@ use super::migrate_error::MigrateError;
 use super::options::MigrateOptions;
 use super::summary::Takeover;
 use crate::companion::control::{error_chain, ControlClient, ControlError};
+use crate::companion::handoff::{HandoffPhase, HandoffReport};
 use crate::qmp::QmpClient;
 use crate::trace::{TraceRecorder, Track};
-use crate::vf::soft::VfState;
 
 /// The orchestrator's track of the VF's move on the trace: (pid 1, tid 3).
 pub const TAKEOVER_TRACK: Track = Track::new(Track::ORCHESTRATOR_PID, 3);
@@ -141,9 +144,14 @@ pub(super) fn record_companion_steps(
     }
 }
 
-/// Moves the VF from the source's companion (quiesced at switchover) to the destination's:
-/// `None` when the source's companion has no VF. The source keeps its copy until
-/// [`release_source_vf`].
+/// How long, after QEMU completed, the destination's companion may still be without the VF
+/// state the source's companion sent at its quiesce.
+pub const HANDOFF_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until the destination's companion holds the VF state that the source's companion
+/// handed it at the switchover quiesce, over the fabric (the companions move it themselves,
+/// [`crate::companion::handoff`]): `None` when the source's companion has no soft VF. The
+/// destination takes the state over once its VM runs; the source keeps its copy until then.
 pub(super) fn take_over_vf(
     src_ctl: &Path,
     dst_ctl: &Path,
@@ -151,40 +159,104 @@ pub(super) fn take_over_vf(
 ) -> Result<Option<Takeover>, MigrateError> {
     let err = |e: ControlError| MigrateError::Takeover(error_chain(&e));
     let start = Instant::now();
-    let span = |name: &str, from: Instant| {
-        if let Some(tr) = trace {
-            let end = tr.now_us();
-            let begin = end - from.elapsed().as_secs_f64() * 1e6;
-            tr.span_on(
-                TAKEOVER_TRACK,
-                name,
-                "takeover",
-                begin,
-                end,
-                serde_json::Value::Null,
-            );
-        }
-    };
     let mut src = ControlClient::connect(src_ctl, Duration::from_secs(5)).map_err(err)?;
     if src.stats().map_err(err)?.soft_vf.is_none() {
         return Ok(None);
     }
-    let export_start = Instant::now();
-    let exported = src.vf_export().map_err(err)?;
-    span("vf_export", export_start);
-    let state: VfState = exported.vf;
-    let rx_frames = exported.rx_frames;
+    let mut dst = ControlClient::connect(dst_ctl, Duration::from_secs(5)).map_err(err)?;
+    let deadline = start + HANDOFF_WAIT;
+    let received =
+        loop {
+            let r = dst.stats().map_err(err)?.handoff;
+            match r.phase {
+                HandoffPhase::Received | HandoffPhase::TakenOver => break r,
+                _ if !r.incoming => return Err(MigrateError::Takeover(
+                    "the destination's companion does not wait for an incoming VM: start it with \
+                     --incoming (`vfmig launch --role destination` does)"
+                        .into(),
+                )),
+                HandoffPhase::Failed | HandoffPhase::TakenBack => {
+                    return Err(MigrateError::Takeover(format!(
+                        "the VF handoff did not reach the destination's companion ({:?}): {}",
+                        r.phase,
+                        r.error.unwrap_or_default()
+                    )))
+                }
+                phase if Instant::now() > deadline => {
+                    let source = src.stats().map(|s| s.handoff).ok();
+                    return Err(MigrateError::Takeover(format!(
+                        "the destination's companion has no VF state {} s after QEMU completed \
+                     (it is {phase:?}; the source's handoff is {:?}): check that both companions \
+                     reach each other on the fabric",
+                        HANDOFF_WAIT.as_secs(),
+                        source.map(|h| h.phase)
+                    )));
+                }
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        };
+    if let Some(tr) = trace {
+        let end = tr.now_us();
+        let begin = end - start.elapsed().as_secs_f64() * 1e6;
+        tr.span_on(
+            TAKEOVER_TRACK,
+            "handoff-wait",
+            "takeover",
+            begin,
+            end,
+            serde_json::Value::Null,
+        );
+    }
+    let info = takeover_of(&src.stats().map_err(err)?.handoff, &received);
+    tracing::info!(?info, "the VF state is at the destination's companion");
+    Ok(Some(info))
+}
+
+/// The handoff as the source's report (`sent`) and the destination's (`received`) show it.
+pub fn takeover_of(sent: &HandoffReport, received: &HandoffReport) -> Takeover {
     let mut info = Takeover {
-        qps: state.qps.len(),
-        pending_requests: state.qps.iter().map(|q| q.unacked.len()).sum(),
-        waiting_frames: rx_frames.len(),
+        ms: match (sent.export_started_at_unix_us, received.received_at_unix_us) {
+            (Some(a), Some(b)) => (b - a) / 1e3,
+            _ => 0.0,
+        },
+        qps: received.qps,
+        pending_requests: received.pending_requests,
+        waiting_frames: received.waiting_frames,
+        bytes: received.bytes,
         ..Default::default()
     };
-    let import_start = Instant::now();
-    let mut dst = ControlClient::connect(dst_ctl, Duration::from_secs(5)).map_err(err)?;
-    info.announced_to = dst.vf_import(state, rx_frames).map_err(err)?.announced_to;
-    span("vf_import+announce", import_start);
-    info.ms = start.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(?info, "VF moved to the destination's companion");
-    Ok(Some(info))
+    fill_takeover(&mut info, received);
+    info
+}
+
+/// What the destination's takeover took, once its report shows it.
+fn fill_takeover(info: &mut Takeover, r: &HandoffReport) {
+    if r.phase == HandoffPhase::TakenOver {
+        info.takeover_ms = (r.claim_us.unwrap_or(0.0) + r.import_us.unwrap_or(0.0)) / 1e3;
+        info.announced_to = r.announced_to.clone();
+    }
+}
+
+/// Once the destination runs: what its companion's takeover of the VF took (the claim, the
+/// import and the announce), waiting up to `wait` for it.
+pub fn finish_takeover(dst_ctl: &Path, info: &mut Takeover, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    loop {
+        let r = ControlClient::connect(dst_ctl, Duration::from_secs(1))
+            .and_then(|mut c| c.stats())
+            .map(|s| s.handoff);
+        match r {
+            Ok(r) if r.phase == HandoffPhase::TakenOver => return fill_takeover(info, &r),
+            Ok(r) if r.phase == HandoffPhase::Failed => {
+                tracing::error!(error = ?r.error, "the destination's companion did not take the VF over");
+                return;
+            }
+            Err(e) if Instant::now() > deadline => {
+                tracing::info!(error = %error_chain(&e), "no takeover report from the destination's companion");
+                return;
+            }
+            _ if Instant::now() > deadline => return,
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }

@@ -12,6 +12,7 @@ use crate::companion::converge::{DeviceThrottle, ThrottleStats};
 use crate::companion::device::DeviceSideStatus;
 use crate::companion::generator::{GeneratorConfig, GeneratorStatus, SlotContent, Window};
 use crate::companion::guest_link::GuestLinkStats;
+use crate::companion::handoff::HandoffReport;
 use crate::companion::vhost_filter::MessageLog;
 use crate::companion::vhost_net::NetStats;
 use crate::memory::guest_ram::RegionInfo;
@@ -133,7 +134,9 @@ pub enum GuestEvent {
 
 /// Reads a field that must be present even when its type is an `Option` (serde would
 /// otherwise take a missing field, e.g. one renamed by the other side, for `None`).
-fn required<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+pub(crate) fn required<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<T, D::Error> {
     T::deserialize(d)
 }
 
@@ -188,6 +191,8 @@ pub struct StatsReply {
     pub guest_link: GuestLinkStats,
     /// Device auto-converge: the policy, the rate in force and what it delayed.
     pub throttle: ThrottleStats,
+    /// The VF's handoff between this VM's companions at switchover.
+    pub handoff: HandoffReport,
 }
 
 /// Reply to `generator_start`.
@@ -564,6 +569,13 @@ mod tests {
                         "policy": "auto", "bandwidth": 8000000, "rate": 6400000,
                         "step_pct": 20, "passes": 3, "device_dirty_rate": 16000000,
                         "delayed_writes": 5, "delayed_bytes": 320, "delayed_ms": 12,
+                    },
+                    "handoff": {
+                        "phase": "idle", "incoming": false, "peer": null, "generation": 0,
+                        "bytes": 0, "qps": 0, "pending_requests": 0, "waiting_frames": 0,
+                        "export_started_at_unix_us": null, "sent_at_unix_us": null,
+                        "received_at_unix_us": null, "waited_us": null, "claim_us": null,
+                        "import_us": null, "announced_to": [], "error": null,
                     },
                 }),
             ),
