@@ -16,6 +16,7 @@ use vfmig::orchestrator::StrategyKind as Strategy;
 
 fn options(fault: Option<Fault>, dir: &RunDir) -> ScenarioOptions {
     ScenarioOptions {
+        driver: Default::default(),
         workload: Workload::LuLite,
         vms: 2,
         strategy: fault.map(|_| Strategy::Transparent),

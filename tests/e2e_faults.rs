@@ -21,6 +21,7 @@ const STALL: Duration = Duration::from_secs(60);
 
 fn options(dir: &RunDir) -> ScenarioOptions {
     ScenarioOptions {
+        driver: Default::default(),
         workload: Workload::LuLite,
         vms: 3,
         strategy: None,

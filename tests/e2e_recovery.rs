@@ -16,6 +16,7 @@ use vfmig::orchestrator::StrategyKind as Strategy;
 
 fn options(migrate: bool, dir: &RunDir) -> ScenarioOptions {
     ScenarioOptions {
+        driver: Default::default(),
         workload: Workload::LuLite,
         vms: 2,
         strategy: migrate.then_some(Strategy::Transparent),

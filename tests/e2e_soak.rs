@@ -25,6 +25,7 @@ fn a_migrates_back_and_forth_three_times_and_the_job_keeps_its_result() {
     let migrations = 3;
     let opts = SoakOptions {
         base: ScenarioOptions {
+            driver: Default::default(),
             workload: Workload::LuLite,
             vms: 3,
             strategy: None,

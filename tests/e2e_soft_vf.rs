@@ -23,6 +23,7 @@ fn options(workload: Workload, strategy: Option<Strategy>, dir: &RunDir) -> Scen
         Workload::RdmaLat => (2, 64, 2000, 0),
     };
     ScenarioOptions {
+        driver: Default::default(),
         workload,
         vms,
         strategy,
@@ -237,6 +238,7 @@ fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps
             listen: addr,
             cluster,
             key: Some(keys.private_keys["a"].clone()),
+            untracked: false,
         }),
         guest_args: "vfmig.run=vf-probe vfmig.args=--me:a".into(),
         passthrough: None,
@@ -391,4 +393,76 @@ fn rdma_lat_between_two_vms_reports_perftest_fields() {
     );
     assert!(a.latency_us.is_some_and(|t| t > 0.0), "{a:?}");
     assert_eq!(r.lost_ops, 0);
+}
+
+/// lu-lite with `a` migrated by a plain QMP client (`migrate-incoming`, `migrate`, `cont`),
+/// no vfmig command: the companions hand the VF over themselves.
+fn by_plain_qmp(strategy: Strategy, dir: &RunDir) -> ScenarioReport {
+    let mut opts = options(Workload::LuLite, Some(strategy), dir);
+    opts.driver = scenario::Driver::Qmp;
+    scenario::run(&opts, &mut Quiet).expect("migrated run")
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
+fn lu_lite_keeps_its_result_when_plain_qmp_migrates_a() {
+    let _m = machine();
+    init_logging();
+    let reference = reference();
+    let dir = RunDir::new("lu-lite-plain-qmp");
+    let r = by_plain_qmp(Strategy::Transparent, &dir);
+    let m = r.migration.as_ref().expect("a migrated");
+    let takeover = m
+        .vf_takeover
+        .as_ref()
+        .expect("the companions handed the VF over");
+    eprintln!(
+        "plain QMP: checksums {:?} (reference {:?}); lost {} duplicate {}; total {} ms, \
+         downtime {} ms, blackout {:.1} ms; handoff {:?}",
+        r.checksums,
+        reference.checksums,
+        r.lost_ops,
+        r.duplicate_ops,
+        m.total_ms,
+        m.downtime_ms,
+        r.blackout_ms,
+        takeover
+    );
+    assert_eq!(
+        takeover.announced_to,
+        vec!["b".to_string(), "c".to_string()],
+        "the destination's companion announced the VM to its peers"
+    );
+    assert!(takeover.qps > 0 && takeover.bytes > 0, "{takeover:?}");
+    assert_eq!(r.checksums, reference.checksums, "the job's result changed");
+    assert_eq!(r.lost_ops, 0);
+    assert_eq!(r.duplicate_ops, 0);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
+fn lu_lite_negative_control_migrated_by_plain_qmp_changes_the_result() {
+    let _m = machine();
+    init_logging();
+    let reference = reference();
+    let dir = RunDir::new("lu-lite-plain-qmp-no-tracking");
+    let r = by_plain_qmp(Strategy::UnsafeNoTracking, &dir);
+    assert!(
+        r.migration
+            .as_ref()
+            .and_then(|m| m.vf_takeover.as_ref())
+            .is_some(),
+        "the VF moved as in the tracked run: only the dirty log is off"
+    );
+    assert_ne!(
+        r.checksums, reference.checksums,
+        "with the source companion not tracking, RDMA writes during precopy must be lost and \
+         the checksum must show it"
+    );
 }

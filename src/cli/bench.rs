@@ -236,6 +236,7 @@ impl JobArgs {
             bail!("--vms must be at least 2: peer `b` is part of the drill");
         }
         Ok(ScenarioOptions {
+            driver: Default::default(),
             workload: Workload::LuLite,
             vms: self.vms,
             strategy: None,
@@ -278,6 +279,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         } => {
             let plain = idle_demo(mem_mib, max_bandwidth, run_dir, "tcg".into())?;
             let opts = ScenarioOptions {
+                driver: Default::default(),
                 workload: Workload::LuLite,
                 vms: vms.max(2),
                 strategy: None,

@@ -58,6 +58,13 @@ pub struct Args {
     /// byte sent must arrive; --n is the message size) or `rdma-lat`.
     #[arg(long, value_enum)]
     pub workload: Option<Workload>,
+    /// With --workload: what drives the migration. `vfmig` (vfmig's orchestrator, every
+    /// strategy) or `qmp` (a plain QMP client, as libvirt or Nova: `migrate-incoming`,
+    /// `migrate`, `cont` and no vfmig command; the companions hand the VF over themselves;
+    /// `transparent` or `unsafe-no-tracking`, whose source companion then starts with
+    /// `--unsafe-no-tracking`).
+    #[arg(long, value_enum, default_value = "vfmig")]
+    pub driver: scenario::Driver,
     /// VMs of the job, each on its own test host (network namespace).
     #[arg(long, default_value_t = 3)]
     pub vms: usize,
@@ -114,6 +121,7 @@ fn run_scenario(
 ) -> Result<()> {
     let strategy = args.strategy;
     let opts = ScenarioOptions {
+        driver: args.driver,
         workload,
         vms: args.vms.max(2),
         strategy: Some(strategy),

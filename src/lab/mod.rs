@@ -29,6 +29,7 @@ pub mod libvirt_demo;
 pub mod libvirt_hosts;
 pub mod nested;
 pub mod plan_bench;
+pub mod qmp_driver;
 pub mod scenario;
 pub mod soak;
 pub mod stats;

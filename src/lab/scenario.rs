@@ -49,6 +49,19 @@ pub enum Workload {
 
 pub use super::faults::Fault;
 
+/// What drives `a`'s migration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Driver {
+    /// vfmig's orchestrator (`vfmig migrate`), with every strategy.
+    #[default]
+    Vfmig,
+    /// A plain QMP client, as libvirt or Nova: `migrate-incoming`, `migrate`, `cont`, and no
+    /// vfmig command; the companions hand the VF over themselves. Strategies `transparent`
+    /// and `unsafe-no-tracking` (its source companion starts with `--unsafe-no-tracking`).
+    Qmp,
+}
+
 /// Settings of a scenario run.
 #[derive(Debug, Clone)]
 pub struct ScenarioOptions {
@@ -58,6 +71,8 @@ pub struct ScenarioOptions {
     pub vms: usize,
     /// How `a` migrates; `None`: no migration (the reference run).
     pub strategy: Option<StrategyKind>,
+    /// What drives the migration: `vfmig migrate` or a plain QMP client.
+    pub driver: Driver,
     /// Guest RAM per VM, MiB.
     pub mem_mib: u64,
     /// lu-lite: grid size; rdma-bw: message size in bytes.
@@ -182,6 +197,15 @@ pub enum ScenarioError {
     /// The strategy could not be built.
     #[error(transparent)]
     Strategy(#[from] StrategyError),
+    /// The plain QMP driver cannot carry out this strategy.
+    #[error(
+        "a plain QMP client cannot migrate under {0:?}: it needs vfmig's orchestrator (SUSPEND \
+         and RESUME, or the VF's unplug and plug); use --driver vfmig, or transparent"
+    )]
+    Driver(StrategyKind),
+    /// The migration driven by plain QMP failed.
+    #[error(transparent)]
+    QmpDriver(super::qmp_driver::QmpDriveError),
 }
 
 fn names(n: usize) -> Vec<String> {
@@ -363,6 +387,11 @@ pub(super) fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
             listen: format!("{}:{FABRIC_PORT}", hosts.addr(host)),
             cluster: cluster_file.clone(),
             key: keys.private_keys.get(name).cloned(),
+            // Driven by plain QMP, the negative control's source companion does not track.
+            untracked: opts.driver == Driver::Qmp
+                && opts.strategy == Some(StrategyKind::UnsafeNoTracking)
+                && role == Role::Source
+                && name == "a",
         }),
         guest_args: guest_args(name),
         // passthrough-hotplug: `a` has an emulated PCIe NIC standing in for its vfio-pci VF;
@@ -467,6 +496,11 @@ fn migrate_a(
     };
     let a = &job.vms[0];
     let mut src_ctl = a.control()?;
+    if opts.driver == Driver::Qmp {
+        let mut outcome = migrate_a_by_qmp(opts, kind, job, dest, outcome)?;
+        after_migration(&mut src_ctl, a, dest, &mut outcome);
+        return Ok(outcome);
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     let strategy = strategy_for(kind, job)?;
     let mut injector = injection.map(|i| Injector::arm(i.clone(), job.targets(dest, &cancel)));
@@ -517,7 +551,18 @@ fn migrate_a(
         }
         Err(e) => return Err(DemoError::from(e).into()),
     }
-    // What the device dirtied on the source during the migration (its epoch).
+    after_migration(&mut src_ctl, a, dest, &mut outcome);
+    Ok(outcome)
+}
+
+/// What the device dirtied on the source during the migration (its epoch), and how many
+/// iterations rank `a` had done when it ended.
+fn after_migration(
+    src_ctl: &mut crate::companion::control::ControlClient,
+    a: &RunningVm,
+    dest: &RunningVm,
+    outcome: &mut MigrationOutcome,
+) {
     match src_ctl.stats() {
         Ok(stats) => outcome.device_dirty_pages = Some(stats.device_dirty_pages),
         Err(e) => tracing::warn!(
@@ -530,6 +575,34 @@ fn migrate_a(
         .chain(job_lines(&a.paths.serial_log).iter())
         .filter(|v| v.get("iter").is_some())
         .count();
+}
+
+/// Step 3, as a plain QMP client drives it (no vfmig command): the companions hand the VF
+/// over themselves.
+fn migrate_a_by_qmp(
+    opts: &ScenarioOptions,
+    kind: StrategyKind,
+    job: &Job,
+    dest: &RunningVm,
+    mut outcome: MigrationOutcome,
+) -> Result<MigrationOutcome, ScenarioError> {
+    if !matches!(
+        kind,
+        StrategyKind::Transparent | StrategyKind::UnsafeNoTracking
+    ) {
+        return Err(ScenarioError::Driver(kind));
+    }
+    let a = &job.vms[0];
+    let summary = super::qmp_driver::migrate(
+        &a.qmp()?,
+        &dest.qmp()?,
+        &format!("tcp:{}:{}", job.hosts.addr(opts.vms), 4444),
+        opts.max_bandwidth,
+        opts.timeout,
+        Some((&a.paths.control_socket, &dest.paths.control_socket)),
+    )
+    .map_err(ScenarioError::QmpDriver)?;
+    outcome.migration = Some(summary);
     Ok(outcome)
 }
 
@@ -641,6 +714,7 @@ mod tests {
 
     fn options(workload: Workload) -> ScenarioOptions {
         ScenarioOptions {
+            driver: Default::default(),
             workload,
             vms: 2,
             strategy: Some(StrategyKind::Transparent),

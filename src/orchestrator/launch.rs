@@ -194,6 +194,9 @@ impl RunningVm {
             if spec.role == Role::Destination {
                 cmd.arg("--incoming");
             }
+            if f.untracked {
+                cmd.arg("--unsafe-no-tracking");
+            }
         }
         let companion = cmd
             .arg("--name")

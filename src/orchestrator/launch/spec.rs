@@ -120,6 +120,9 @@ pub struct FabricSpec {
     /// VM's source and destination. None: the fabric runs without authentication
     /// (`--insecure-fabric`, benchmarks only).
     pub key: Option<PathBuf>,
+    /// The companion starts with `--unsafe-no-tracking`: the negative control of a migration
+    /// that no vfmig command drives (it loses the device's writes).
+    pub untracked: bool,
 }
 
 /// The files of one VM's run directory.
