@@ -169,6 +169,7 @@ fn run_hook(a: HookArgs) -> Result<()> {
     match hook::plan(&a.operation, &xml, &host)? {
         Plan::Start { domain, args } => hook::start(&vfmig_bin()?, &domain, &args)?,
         Plan::Stop(domain) => hook::stop(&domain),
+        Plan::MarkIncoming(domain) => hook::mark_incoming(&domain)?,
         Plan::Nothing => {}
     }
     Ok(())

@@ -109,7 +109,10 @@ pub enum LibvirtDemoError {
 }
 
 /// Waits until the companion in `dir` has guest RAM mapped (the guest started its NIC).
-fn wait_guest_up(dir: &Path, timeout: Duration) -> Result<ControlClient, LibvirtDemoError> {
+pub(super) fn wait_guest_up(
+    dir: &Path,
+    timeout: Duration,
+) -> Result<ControlClient, LibvirtDemoError> {
     let start = Instant::now();
     loop {
         if let Ok(mut c) = ControlClient::connect(&dir.join("control.sock"), Duration::from_secs(2))
@@ -138,38 +141,52 @@ fn jobinfo_ms(info: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Runs it on two fresh libvirt hosts.
-pub fn run(opts: &LibvirtDemoOptions) -> Result<LibvirtDemoReport, LibvirtDemoError> {
-    let hosts = LibvirtHosts::start(&opts.run_dir, 2, &opts.vfmig_bin)?;
-    let name = "a";
-    let spec = DomainSpec {
+/// The lab's guest as libvirt domain `name` (its companion's files under `/run/vfmig/NAME` in
+/// the host's namespace, its console there in `serial.log`), booted with `guest_args` for its
+/// agent.
+pub(super) fn lab_domain(
+    name: &str,
+    mem_mib: u64,
+    image: &GuestImage,
+    guest_args: &str,
+    companion: CompanionSettings,
+) -> DomainSpec {
+    DomainSpec {
         name: name.into(),
         domain_type: "qemu".into(),
-        memory_mib: opts.mem_mib,
+        memory_mib: mem_mib,
         vcpus: 1,
         mac: domain::mac_for(name),
         run_dir: DEFAULT_RUN_DIR.into(),
         emulator: "/usr/bin/qemu-system-x86_64".into(),
         kernel: Some((
-            opts.image.kernel.clone(),
-            opts.image.initrd.clone(),
-            "console=ttyS0 memmap=16M$0x18000000 panic=-1 quiet loglevel=3".into(),
+            image.kernel.clone(),
+            image.initrd.clone(),
+            format!("console=ttyS0 memmap=16M$0x18000000 panic=-1 quiet loglevel=3 {guest_args}")
+                .trim_end()
+                .to_string(),
         )),
         disk: None,
         serial_log: Some(Path::new(DEFAULT_RUN_DIR).join(name).join("serial.log")),
-        companion: CompanionSettings {
+        companion,
+    }
+}
+
+/// Runs it on two fresh libvirt hosts.
+pub fn run(opts: &LibvirtDemoOptions) -> Result<LibvirtDemoReport, LibvirtDemoError> {
+    let hosts = LibvirtHosts::start(&opts.run_dir, 2, &opts.vfmig_bin)?;
+    let name = "a";
+    let spec = lab_domain(
+        name,
+        opts.mem_mib,
+        &opts.image,
+        "",
+        CompanionSettings {
             unsafe_no_tracking: !opts.tracking,
             ..Default::default()
         },
-    };
-    let xml_path = opts.run_dir.join("a.xml");
-    std::fs::write(&xml_path, domain::to_xml(&spec)).map_err(|source| LibvirtDemoError::File {
-        path: xml_path.clone(),
-        source,
-    })?;
-    let xml = xml_path.display().to_string();
-    hosts.virsh(0, &["define", &xml])?;
-    hosts.virsh(0, &["start", name])?;
+    );
+    define_and_start(&hosts, 0, &opts.run_dir, &spec)?;
     let mut src = wait_guest_up(&hosts.companion_dir(0, name), Duration::from_secs(120))?;
     let win = window(opts.record_size);
     if opts.rate > 0 {
@@ -180,27 +197,7 @@ pub fn run(opts: &LibvirtDemoOptions) -> Result<LibvirtDemoReport, LibvirtDemoEr
         std::thread::sleep(opts.lead_time);
     }
     drop(src);
-    let started = Instant::now();
-    let migrate_uri = format!("tcp://{}", hosts.addr(1));
-    let bandwidth = opts.bandwidth_mib_s.to_string();
-    hosts.virsh(
-        0,
-        &[
-            "migrate",
-            "--live",
-            "--p2p",
-            "--bandwidth",
-            &bandwidth,
-            name,
-            &hosts.uri(1),
-            "--migrateuri",
-            &migrate_uri,
-        ],
-    )?;
-    let virsh_migrate_ms = started.elapsed().as_millis() as u64;
-    let info = hosts
-        .virsh(0, &["domjobinfo", "--completed", name])
-        .unwrap_or_default();
+    let moved = migrate_with_virsh(&hosts, name, opts.bandwidth_mib_s)?;
 
     // The source's companion was stopped by the release hook, which kept its last stats.
     let last = hook_last_stats(&hosts.companion_dir(0, name))?;
@@ -215,14 +212,79 @@ pub fn run(opts: &LibvirtDemoOptions) -> Result<LibvirtDemoReport, LibvirtDemoEr
         lost_writes: verdict.lost_writes,
         records_written: verdict.records_written,
         device_writes: last.0.dma.writes,
-        virsh_migrate_ms,
+        virsh_migrate_ms: moved.virsh_ms,
+        total_ms: moved.total_ms,
+        downtime_ms: moved.downtime_ms,
+    })
+}
+
+/// Defines domain `spec` on libvirt host `host` (its XML kept in `run_dir`) and starts it.
+pub(super) fn define_and_start(
+    hosts: &LibvirtHosts,
+    host: usize,
+    run_dir: &Path,
+    spec: &DomainSpec,
+) -> Result<(), LibvirtDemoError> {
+    let xml_path = run_dir.join(format!("{}.xml", spec.name));
+    std::fs::write(&xml_path, domain::to_xml(spec)).map_err(|source| LibvirtDemoError::File {
+        path: xml_path.clone(),
+        source,
+    })?;
+    let xml = xml_path.display().to_string();
+    hosts.virsh(host, &["define", &xml])?;
+    hosts.virsh(host, &["start", &spec.name])?;
+    Ok(())
+}
+
+/// What `virsh migrate` took, and libvirt's figures of the completed job.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct VirshMigration {
+    /// How long `virsh migrate` took, ms.
+    pub(super) virsh_ms: u64,
+    /// libvirt's total time of the job (`virsh domjobinfo --completed`), ms.
+    pub(super) total_ms: Option<u64>,
+    /// libvirt's downtime, ms.
+    pub(super) downtime_ms: Option<u64>,
+}
+
+/// `virsh migrate --live --p2p` of domain `name` from host 0 to host 1, at `bandwidth_mib_s`.
+pub(super) fn migrate_with_virsh(
+    hosts: &LibvirtHosts,
+    name: &str,
+    bandwidth_mib_s: u64,
+) -> Result<VirshMigration, LibvirtDemoError> {
+    let started = Instant::now();
+    let migrate_uri = format!("tcp://{}", hosts.addr(1));
+    let bandwidth = bandwidth_mib_s.to_string();
+    hosts.virsh(
+        0,
+        &[
+            "migrate",
+            "--live",
+            "--p2p",
+            "--bandwidth",
+            &bandwidth,
+            name,
+            &hosts.uri(1),
+            "--migrateuri",
+            &migrate_uri,
+        ],
+    )?;
+    let virsh_ms = started.elapsed().as_millis() as u64;
+    let info = hosts
+        .virsh(0, &["domjobinfo", "--completed", name])
+        .unwrap_or_default();
+    Ok(VirshMigration {
+        virsh_ms,
         total_ms: jobinfo_ms(&info, "Time elapsed"),
         downtime_ms: jobinfo_ms(&info, "Total downtime"),
     })
 }
 
 /// The source companion's statistics and ledger, as the hook kept them (waits for the file).
-fn hook_last_stats(dir: &Path) -> Result<(StatsReply, Option<LedgerReply>), LibvirtDemoError> {
+pub(super) fn hook_last_stats(
+    dir: &Path,
+) -> Result<(StatsReply, Option<LedgerReply>), LibvirtDemoError> {
     let path = dir.join("last-stats.json");
     let start = Instant::now();
     let text = loop {

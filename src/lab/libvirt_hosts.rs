@@ -105,6 +105,17 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 impl LibvirtHosts {
     /// Starts `count` hosts under `run_dir`, whose hooks run `vfmig_bin`.
     pub fn start(run_dir: &Path, count: usize, vfmig_bin: &Path) -> Result<Self, LibvirtLabError> {
+        Self::start_beside(run_dir, count, 0, vfmig_bin)
+    }
+
+    /// [`LibvirtHosts::start`], on a network of `count + others` hosts: the `others`, after the
+    /// libvirt hosts, run no libvirt (peers' VMs go there, [`LibvirtHosts::net`]).
+    pub fn start_beside(
+        run_dir: &Path,
+        count: usize,
+        others: usize,
+        vfmig_bin: &Path,
+    ) -> Result<Self, LibvirtLabError> {
         for needed in [
             "/usr/sbin/libvirtd",
             "/usr/bin/virsh",
@@ -114,7 +125,7 @@ impl LibvirtHosts {
                 return Err(LibvirtLabError::NotInstalled(needed.into()));
             }
         }
-        let net = Hosts::create(count)?;
+        let net = Hosts::create(count + others)?;
         let mut hosts = Self {
             net,
             roots: Vec::new(),
@@ -255,7 +266,12 @@ impl LibvirtHosts {
         format!("qemu+tcp://{}/system", self.net.addr(i))
     }
 
-    /// Host `i`'s address on the bridge.
+    /// The network namespaces, the libvirt hosts' and the others'.
+    pub fn net(&self) -> &Hosts {
+        &self.net
+    }
+
+    /// Host `i`'s address on the lab's bridge.
     pub fn addr(&self, i: usize) -> std::net::Ipv4Addr {
         self.net.addr(i)
     }

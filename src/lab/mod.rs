@@ -27,6 +27,7 @@ pub mod faults;
 pub mod hosts;
 pub mod libvirt_demo;
 pub mod libvirt_hosts;
+pub mod libvirt_job;
 pub mod nested;
 pub mod plan_bench;
 pub mod qmp_driver;

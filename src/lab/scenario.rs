@@ -208,7 +208,8 @@ pub enum ScenarioError {
     QmpDriver(super::qmp_driver::QmpDriveError),
 }
 
-fn names(n: usize) -> Vec<String> {
+/// The ranks' VM names: `a`, `b`, …
+pub(super) fn names(n: usize) -> Vec<String> {
     (0..n)
         .map(|i| ((b'a' + i as u8) as char).to_string())
         .collect()
@@ -237,7 +238,7 @@ pub fn run_with(
     let deadline = Instant::now() + opts.timeout;
     let outcome = match (opts.strategy, job.dest.as_ref()) {
         (Some(kind), Some(dest)) => {
-            let started_at = wait_until_migrate_at(opts, &job.vms[0], deadline)?;
+            let started_at = wait_until_migrate_at(opts, &job.vms[0].paths.serial_log, deadline)?;
             migrate_a(opts, kind, &job, dest, started_at, injection, observer)?
         }
         _ => MigrationOutcome::default(),
@@ -301,13 +302,13 @@ impl Job {
 
 /// What migrating `a` left for the report.
 #[derive(Default)]
-struct MigrationOutcome {
-    migration: Option<MigrationSummary>,
+pub(super) struct MigrationOutcome {
+    pub(super) migration: Option<MigrationSummary>,
     migration_error: Option<String>,
     source_vf_restored: Option<bool>,
-    device_dirty_pages: Option<u64>,
+    pub(super) device_dirty_pages: Option<u64>,
     /// Rank `a`'s iterations when the migration started and when it ended.
-    iters_at: (usize, usize),
+    pub(super) iters_at: (usize, usize),
     /// The fault injected.
     fault: Option<FaultRecord>,
     /// A peer companion the fault started again: it runs until the job ends.
@@ -319,88 +320,43 @@ struct MigrationOutcome {
 pub(super) fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
     let vm_names = names(opts.vms);
     let hosts = Hosts::create(opts.vms + 1)?;
-    std::fs::create_dir_all(&opts.run_dir).map_err(|source| ScenarioError::Io {
-        path: opts.run_dir.clone(),
-        source,
-    })?;
+    let fabric_addr = |i: usize| format!("{}:{FABRIC_PORT}", hosts.addr(i));
     // Every rank's fabric address, and `a`'s destination's (where it may announce it moved).
     let cluster = ClusterMap {
         vms: vm_names
             .iter()
             .enumerate()
-            .map(|(i, n)| (n.clone(), format!("{}:{FABRIC_PORT}", hosts.addr(i))))
+            .map(|(i, n)| (n.clone(), fabric_addr(i)))
             .collect(),
-        hosts: vec![format!("{}:{FABRIC_PORT}", hosts.addr(opts.vms))],
+        hosts: vec![fabric_addr(opts.vms)],
         ..ClusterMap::default()
     };
-    let cluster_file = opts.run_dir.join("cluster.json");
-    std::fs::write(
-        &cluster_file,
-        serde_json::to_string_pretty(&cluster).unwrap_or_default(),
-    )
-    .map_err(|source| ScenarioError::Io {
-        path: cluster_file.clone(),
-        source,
-    })?;
-    // The job key and each VM's key pair: every fabric link of the job is authenticated.
-    let keys =
-        crate::vf::soft::generate_keys(&cluster_file, &opts.run_dir.join("keys")).map_err(|e| {
-            ScenarioError::Io {
-                path: cluster_file.clone(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
-    let guest_args = |me: &str| match opts.workload {
-        Workload::LuLite => format!(
-            "vfmig.run=lu-lite vfmig.args=--me:{me}:--peers:{}:--n:{}:--iters:{}",
-            vm_names.join(","),
-            opts.n,
-            opts.iters
-        ),
-        Workload::RdmaBw => format!(
-            "vfmig.run=rdma-bw vfmig.args=--me:{me}:--peers:{}:--size:{}:--iters:{}",
-            vm_names.join(","),
-            opts.n,
-            opts.iters
-        ),
-        Workload::RdmaLat => format!(
-            "vfmig.run=rdma-lat vfmig.args=--me:{me}:--peers:{}:--size:{}:--iters:{}",
-            vm_names.join(","),
-            opts.n,
-            opts.iters
-        ),
-    };
-    let spec = |name: &str, host: usize, role: Role, dir: &str| VmSpec {
-        name: name.into(),
-        run_dir: opts.run_dir.join(dir),
-        mem_mib: opts.mem_mib,
-        role,
-        accel: opts.accel.clone(),
-        image: opts.image.clone(),
-        vfmig_bin: opts.vfmig_bin.clone(),
-        qemu_bin: "qemu-system-x86_64".into(),
-        config_dir: None,
-        mac: mac_for(name),
-        nic: Nic::VhostUser,
-        netns: Some(hosts.netns(host)),
-        fabric: Some(FabricSpec {
-            listen: format!("{}:{FABRIC_PORT}", hosts.addr(host)),
-            cluster: cluster_file.clone(),
-            key: keys.private_keys.get(name).cloned(),
-            // Driven by plain QMP, the negative control's source companion does not track.
-            untracked: opts.driver == Driver::Qmp
-                && opts.strategy == Some(StrategyKind::UnsafeNoTracking)
-                && role == Role::Source
-                && name == "a",
-        }),
-        guest_args: guest_args(name),
+    let (cluster_file, keys) = write_cluster(opts, &cluster)?;
+    let spec = |name: &str, host: usize, role: Role, dir: &str| {
+        let mut spec = rank_spec(
+            opts,
+            name,
+            role,
+            dir,
+            hosts.netns(host),
+            FabricSpec {
+                listen: fabric_addr(host),
+                cluster: cluster_file.clone(),
+                key: keys.private_keys.get(name).cloned(),
+                // Driven by plain QMP, the negative control's source companion does not track.
+                untracked: opts.driver == Driver::Qmp
+                    && opts.strategy == Some(StrategyKind::UnsafeNoTracking)
+                    && role == Role::Source
+                    && name == "a",
+            },
+        );
         // passthrough-hotplug: `a` has an emulated PCIe NIC standing in for its vfio-pci VF;
         // its destination has the empty slot the VF is plugged into after the migration.
-        passthrough: (opts.strategy == Some(StrategyKind::PassthroughHotplug) && name == "a").then(
-            || PassthroughSlot {
+        spec.passthrough = (opts.strategy == Some(StrategyKind::PassthroughHotplug) && name == "a")
+            .then(|| PassthroughSlot {
                 device: (role == Role::Source).then(|| stand_in_vf_device(&mac_for("a-vf"))),
-            },
-        ),
+            });
+        spec
     };
     let mut vms: Vec<RunningVm> = Vec::new();
     for (i, n) in vm_names.iter().enumerate() {
@@ -423,6 +379,79 @@ pub(super) fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
     })
 }
 
+/// Writes the job's cluster file into the run directory, with the job key and each VM's key
+/// pair: every fabric link of the job is authenticated.
+pub(super) fn write_cluster(
+    opts: &ScenarioOptions,
+    cluster: &ClusterMap,
+) -> Result<(PathBuf, crate::vf::soft::Generated), ScenarioError> {
+    std::fs::create_dir_all(&opts.run_dir).map_err(|source| ScenarioError::Io {
+        path: opts.run_dir.clone(),
+        source,
+    })?;
+    let cluster_file = opts.run_dir.join("cluster.json");
+    std::fs::write(
+        &cluster_file,
+        serde_json::to_string_pretty(cluster).unwrap_or_default(),
+    )
+    .map_err(|source| ScenarioError::Io {
+        path: cluster_file.clone(),
+        source,
+    })?;
+    let keys =
+        crate::vf::soft::generate_keys(&cluster_file, &opts.run_dir.join("keys")).map_err(|e| {
+            ScenarioError::Io {
+                path: cluster_file.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+    Ok((cluster_file, keys))
+}
+
+/// The guest's arguments for rank `me` of the job: which workload its agent runs, and how.
+pub(super) fn guest_args(opts: &ScenarioOptions, me: &str) -> String {
+    let tool = match opts.workload {
+        Workload::LuLite => "lu-lite:--n",
+        Workload::RdmaBw => "rdma-bw:--size",
+        Workload::RdmaLat => "rdma-lat:--size",
+    };
+    let (tool, size) = tool.split_once(':').unwrap_or_default();
+    format!(
+        "vfmig.run={tool} vfmig.args=--me:{me}:--peers:{}:{size}:{}:--iters:{}",
+        names(opts.vms).join(","),
+        opts.n,
+        opts.iters
+    )
+}
+
+/// Rank `name`'s VM, in network namespace `netns`, on the soft VF `fabric`.
+pub(super) fn rank_spec(
+    opts: &ScenarioOptions,
+    name: &str,
+    role: Role,
+    dir: &str,
+    netns: String,
+    fabric: FabricSpec,
+) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        run_dir: opts.run_dir.join(dir),
+        mem_mib: opts.mem_mib,
+        role,
+        accel: opts.accel.clone(),
+        image: opts.image.clone(),
+        vfmig_bin: opts.vfmig_bin.clone(),
+        qemu_bin: "qemu-system-x86_64".into(),
+        config_dir: None,
+        mac: mac_for(name),
+        nic: Nic::VhostUser,
+        netns: Some(netns),
+        fabric: Some(fabric),
+        guest_args: guest_args(opts, name),
+        passthrough: None,
+    }
+}
+
 /// The job did not get as far as it should have by `opts.timeout`.
 fn timed_out(opts: &ScenarioOptions, detail: String) -> ScenarioError {
     ScenarioError::Timeout {
@@ -432,15 +461,16 @@ fn timed_out(opts: &ScenarioOptions, detail: String) -> ScenarioError {
     }
 }
 
-/// Step 2: waits until rank `a` has done `migrate_at` iterations; returns how many it did.
+/// Step 2: waits until rank `a` (its console in `serial_log`) has done `migrate_at`
+/// iterations; returns how many it did.
 pub(super) fn wait_until_migrate_at(
     opts: &ScenarioOptions,
-    a: &RunningVm,
+    serial_log: &std::path::Path,
     deadline: Instant,
 ) -> Result<usize, ScenarioError> {
     loop {
         // lu-lite: iterations of rank a; rdma-bw: its progress lines (one a second).
-        let done = job_lines(&a.paths.serial_log)
+        let done = job_lines(serial_log)
             .iter()
             .filter(|v| v.get("iter").is_some() || v.get("t_ms").is_some())
             .count();
@@ -570,11 +600,15 @@ fn after_migration(
             "the source companion's stats are unreadable"
         ),
     }
-    outcome.iters_at.1 = job_lines(&dest.paths.serial_log)
-        .iter()
-        .chain(job_lines(&a.paths.serial_log).iter())
+    outcome.iters_at.1 = iterations_in(&[&a.paths.serial_log, &dest.paths.serial_log]);
+}
+
+/// lu-lite iterations printed on the consoles `logs` (a rank's, across its migrations).
+pub(super) fn iterations_in(logs: &[&std::path::Path]) -> usize {
+    logs.iter()
+        .flat_map(|l| job_lines(l))
         .filter(|v| v.get("iter").is_some())
-        .count();
+        .count()
 }
 
 /// Step 3, as a plain QMP client drives it (no vfmig command): the companions hand the VF
@@ -608,7 +642,7 @@ fn migrate_a_by_qmp(
 
 /// Step 5: the report from the ranks' results and the migration's outcome (`checksum_match`
 /// is filled in by [`run_compared`]).
-fn report(
+pub(super) fn report(
     opts: &ScenarioOptions,
     vm_names: &[String],
     ranks: Vec<RankResult>,

@@ -148,7 +148,7 @@ pub fn run(
     o.run_dir = opts.base.run_dir.join("soak");
     let mut job = start_job(&o)?;
     let deadline = Instant::now() + o.timeout;
-    wait_until_migrate_at(&o, &job.vms[0], deadline)?;
+    wait_until_migrate_at(&o, &job.vms[0].paths.serial_log, deadline)?;
     let far_host = o.vms;
     // `a` in each place after the first, in order; the first destination was started with
     // the job.

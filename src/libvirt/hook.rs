@@ -3,11 +3,14 @@
 //! libvirt runs `/etc/libvirt/hooks/qemu DOMAIN OPERATION SUB-OPERATION EXTRA` with the
 //! domain's XML on stdin, and waits for it. vfmig's hook (`vfmig libvirt hook`, installed by
 //! `vfmig libvirt install-hook`) acts on two operations of domains that carry vfmig metadata:
+//! - `migrate`, first on the destination of an incoming migration: it marks the domain as
+//!   incoming (a file `incoming` beside its socket), for `prepare`;
 //! - `prepare`, before libvirt starts QEMU, for a start and for an incoming migration alike:
 //!   it starts the domain's companion, detached from the hook, and returns once the companion
-//!   listens on the domain's vhost-user socket (QEMU, the vhost-user client, then finds it). If
-//!   the companion cannot start, the hook fails with the reason and libvirt does not start
-//!   QEMU.
+//!   listens on the domain's vhost-user socket (QEMU, the vhost-user client, then finds it).
+//!   For an incoming migration the companion starts with `--incoming`: it gets the VF's state
+//!   from the source's companion at the switchover (the companions' handoff). If the companion
+//!   cannot start, the hook fails with the reason and libvirt does not start QEMU.
 //! - `release`, after QEMU is gone (stopped, crashed, or migrated away): it asks the companion
 //!   to quit, and stops it if it does not.
 //!
@@ -93,6 +96,8 @@ pub enum Plan {
     },
     /// Stop the domain's companion.
     Stop(VfmigDomain),
+    /// An incoming migration begins: the companion `prepare` starts is the destination's.
+    MarkIncoming(VfmigDomain),
     /// Not a vfmig domain, or an operation vfmig does not act on.
     Nothing,
 }
@@ -110,16 +115,40 @@ pub fn control_socket(d: &VfmigDomain) -> PathBuf {
     dir_of(d).join("control.sock")
 }
 
+/// The mark `migrate` leaves for `prepare`: the domain migrates in.
+fn incoming_mark(d: &VfmigDomain) -> PathBuf {
+    dir_of(d).join("incoming")
+}
+
+/// `migrate`: marks the domain as incoming.
+pub fn mark_incoming(d: &VfmigDomain) -> Result<(), HookError> {
+    let dir = dir_of(d);
+    let dir_err = |source| HookError::Dir {
+        domain: d.name.clone(),
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(dir_err)?;
+    std::fs::write(incoming_mark(d), b"").map_err(dir_err)
+}
+
+/// Whether the domain migrates in; the mark is taken (a later start is a fresh start).
+pub fn take_incoming_mark(d: &VfmigDomain) -> bool {
+    std::fs::remove_file(incoming_mark(d)).is_ok()
+}
+
 /// What to do for `operation` on a domain with this XML.
 pub fn plan(operation: &str, xml: &str, host: &HostConfig) -> Result<Plan, HookError> {
-    if !matches!(operation, "prepare" | "release") {
+    if !matches!(operation, "prepare" | "release" | "migrate") {
         return Ok(Plan::Nothing);
     }
     let Some(d) = domain::read(xml)? else {
         return Ok(Plan::Nothing);
     };
-    if operation == "release" {
-        return Ok(Plan::Stop(d));
+    match operation {
+        "release" => return Ok(Plan::Stop(d)),
+        "migrate" => return Ok(Plan::MarkIncoming(d)),
+        _ => {}
     }
     let s = |p: &Path| p.display().to_string();
     let mut args = vec![
@@ -180,8 +209,15 @@ pub fn start(bin: &Path, d: &VfmigDomain, args: &[String]) -> Result<(), HookErr
         path: dir.clone(),
         source,
     })?;
+    // Taken first: stopping a companion left from an earlier run clears the mark.
+    let incoming = take_incoming_mark(d);
     // A companion left from an earlier run of this domain would hold the socket: it goes.
     stop(d);
+    let args: Vec<String> = args
+        .iter()
+        .cloned()
+        .chain(incoming.then(|| "--incoming".to_string()))
+        .collect();
     let _ = std::fs::remove_file(&d.socket);
     let log = dir.join("companion.log");
     let spawn_err = |source| HookError::Spawn {
@@ -222,7 +258,7 @@ pub fn start(bin: &Path, d: &VfmigDomain, args: &[String]) -> Result<(), HookErr
             use std::os::unix::fs::FileTypeExt;
             m.file_type().is_socket()
         }) {
-            tracing::info!(domain = %d.name, pid = child.id(), "companion started for the domain");
+            tracing::info!(domain = %d.name, pid = child.id(), incoming, "companion started for the domain");
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -296,6 +332,7 @@ pub fn stop(d: &VfmigDomain) {
         }
     }
     let _ = std::fs::remove_file(pid_file);
+    let _ = std::fs::remove_file(incoming_mark(d));
 }
 
 #[cfg(test)]
@@ -346,7 +383,10 @@ mod tests {
              /etc/vfmig/c.json --fabric-key /etc/vfmig/a.key --unsafe-no-tracking"
         );
         assert!(matches!(plan("release", &x, &host()).unwrap(), Plan::Stop(d) if d.name == "a"));
-        for op in ["start", "started", "stopped", "migrate", "reconnect"] {
+        assert!(
+            matches!(plan("migrate", &x, &host()).unwrap(), Plan::MarkIncoming(d) if d.name == "a")
+        );
+        for op in ["start", "started", "stopped", "reconnect"] {
             assert_eq!(plan(op, &x, &host()).unwrap(), Plan::Nothing, "{op}");
         }
     }
@@ -365,6 +405,20 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("fabric_address"));
+    }
+
+    #[test]
+    fn the_mark_of_an_incoming_migration_is_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = VfmigDomain {
+            name: "a".into(),
+            socket: dir.path().join("a").join("vhost-user.sock"),
+            companion: CompanionSettings::default(),
+        };
+        assert!(!take_incoming_mark(&d), "a start");
+        mark_incoming(&d).unwrap();
+        assert!(take_incoming_mark(&d), "the migration's prepare");
+        assert!(!take_incoming_mark(&d), "the next start is a fresh one");
     }
 
     #[test]
