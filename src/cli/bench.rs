@@ -9,7 +9,7 @@ use vfmig::lab::demo::DemoOptions;
 use vfmig::lab::faults::{self, FaultPhase, MatrixOptions};
 use vfmig::lab::scenario::{Fault, ScenarioOptions, Workload};
 use vfmig::lab::soak::{self, SoakOptions};
-use vfmig::lab::{bench, converge_bench, fabric_bench, plan_bench};
+use vfmig::lab::{bench, converge_bench, drivers_bench, fabric_bench, plan_bench};
 use vfmig::orchestrator::migrate::{with_progress, Observer};
 
 use super::{image, init_logging, run_dir_or_temp, vfmig_bin};
@@ -151,6 +151,20 @@ pub enum BenchCommand {
         #[command(flatten)]
         job: JobArgs,
     },
+    /// One lu-lite job with VM `a` migrated by each driver, interleaved, `--rounds` times:
+    /// vfmig's orchestrator, a plain QMP client (no vfmig command) and libvirt (`virsh
+    /// migrate --live --p2p`, `a` a libvirt domain); the companions hand the VF over in all
+    /// three. lu-lite runs at least 2000 iterations so that the job outlives libvirt's
+    /// migration. Prints a markdown table (medians of total time, downtime, blackout, the
+    /// handoff inside the downtime and the takeover after it; blackout against vfmig's), then
+    /// one JSON line `{"rows":[…]}`.
+    Drivers {
+        /// Rounds of the three drivers.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[command(flatten)]
+        job: JobArgs,
+    },
     /// VM `a` migrated back and forth between two test hosts N times under lu-lite, each time
     /// into a fresh QEMU and companion (the old source quit); then the job's checksum against
     /// a run without migration. Prints one JSON line (migrations done, lost and duplicated
@@ -198,7 +212,7 @@ impl From<FaultKind> for Fault {
     }
 }
 
-/// The lu-lite job of `bench faults` and `bench soak`.
+/// The lu-lite job of `bench faults`, `bench soak` and `bench drivers`.
 #[derive(clap::Args)]
 pub struct JobArgs {
     /// VMs of the job, at least 2 (`a` is the one migrated; in `bench faults`, `b` is the peer
@@ -219,7 +233,8 @@ pub struct JobArgs {
     #[arg(long, default_value_t = 150)]
     migrate_at: u32,
     /// QEMU `max-bandwidth`, bytes/s (default: 32 MiB/s for `bench faults`, so that
-    /// precopy stays open long enough to be hit mid-way; 128 MiB/s for `bench soak`).
+    /// precopy stays open long enough to be hit mid-way; 128 MiB/s for `bench soak`
+    /// and `bench drivers`).
     #[arg(long)]
     max_bandwidth: Option<u64>,
     /// Give up on one run after this long, s.
@@ -334,6 +349,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 job.options(iters, 32 << 20)?
             },
         }),
+        BenchCommand::Drivers { rounds, job } => {
+            let iters = job.iters.max(2000);
+            let opts = job.options(iters, 128 << 20)?;
+            let rows = drivers_bench::run(&opts, rounds, |l| eprintln!("bench: {l}"))?;
+            println!("{}", drivers_bench::markdown(&rows));
+            println!("{}", serde_json::json!({ "rows": rows }));
+            Ok(())
+        }
         BenchCommand::Soak {
             migrations,
             iters_per_migration,

@@ -22,6 +22,7 @@
 pub mod bench;
 pub mod converge_bench;
 pub mod demo;
+pub mod drivers_bench;
 pub mod fabric_bench;
 pub mod faults;
 pub mod hosts;
