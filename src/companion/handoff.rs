@@ -159,6 +159,11 @@ impl Handoff {
         vf.seek_handoff()
     }
 
+    /// Destination: whether the VF's state is still expected (the companion seeks its source).
+    pub fn awaits_state(&self) -> bool {
+        self.incoming.load(Ordering::SeqCst)
+    }
+
     /// What the handoff did.
     pub fn report(&self) -> HandoffReport {
         let mut r = self.report.lock().clone();

@@ -2,7 +2,8 @@
 //!
 //! It is QEMU's vhost-user-net backend ([`vhost_net`]), owns the VF's path into guest RAM
 //! (the [`DmaEngine`]), runs the traffic generator that stands in for remote RDMA writes
-//! ([`generator`]), throttles the device when precopy does not converge ([`converge`]), and
+//! ([`generator`]), throttles the device when precopy does not converge ([`converge`]), hands
+//! the VF to (or takes it from) the VM's other companion at a migration ([`handoff`]), and
 //! answers the orchestrator on a control socket ([`control`]).
 
 pub mod control;
@@ -460,6 +461,9 @@ impl Companion {
                 return;
             }
         }
+        // An incoming VM whose QEMU is gone will not run here: stop seeking its VF, so that
+        // this companion never takes the place of the VM's next destination.
+        self.net.handoff().drop_incoming();
         if let Some(told) = self.device.on_qemu_gone() {
             tracing::warn!(vm = %self.name, ?told, "QEMU is gone with the VM: its VF retired");
         }
@@ -619,6 +623,21 @@ mod qemu_gone_tests {
         assert!(process_ends(pid, Duration::from_secs(5)));
         child.wait().unwrap();
         assert!(process_ends(pid, Duration::ZERO));
+    }
+
+    #[test]
+    fn an_incoming_companion_whose_qemu_is_gone_stops_seeking_the_vf() {
+        use crate::companion::handoff::HandoffPhase;
+        let (device, dma, guest) = device::tests::soft_handle("a");
+        let companion = Companion::new("a", dma, device, guest);
+        let handoff = companion.net.handoff().clone();
+        handoff.expect_incoming().unwrap();
+        assert_eq!(handoff.report().phase, HandoffPhase::Seeking);
+        // QEMU's connection ended and its process with it (no pid to wait for).
+        companion.on_qemu_disconnected(None);
+        let r = handoff.report();
+        assert_eq!(r.phase, HandoffPhase::Idle, "{r:?}");
+        assert!(!handoff.awaits_state(), "still seeking");
     }
 }
 
