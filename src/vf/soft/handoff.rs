@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::auth::{self, FabricAuth, FrameReader, FrameWriter};
-use super::link::HANDSHAKE_TIMEOUT;
+use super::auth::{FrameReader, FrameWriter};
+use super::link::{self, HANDSHAKE_TIMEOUT};
 use super::wire::{Frame, HandoffOp, WireError};
 use super::{Inner, SoftVf};
 
@@ -384,26 +384,11 @@ fn dial_source(inner: &Arc<Inner>, addr: &str) -> Option<(FrameReader, FrameWrit
     let mut stream =
         std::net::TcpStream::connect_timeout(&sock, Duration::from_millis(500)).ok()?;
     let _ = stream.set_nodelay(true);
-    let (send_key, recv_key) = match &inner.auth {
-        FabricAuth::Keys(keys) => {
-            // Both ends are this VM: the one key proves either to the other.
-            match auth::initiate(
-                keys,
-                &inner.vm,
-                inner.epoch.load(Ordering::SeqCst),
-                &inner.vm,
-                &mut stream,
-                deadline,
-            ) {
-                Ok(s) => (Some(s.send_key), Some(s.recv_key)),
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "VF handoff: handshake failed");
-                    return None;
-                }
-            }
-        }
-        FabricAuth::Insecure => (None, None),
-    };
+    // Both ends are this VM: the one key proves either to the other. Its epoch is this VM's
+    // own, not a peer's: it is not noted.
+    let (send_key, recv_key, _) = link::initiate(inner, &inner.vm, &mut stream, deadline)
+        .map_err(|e| tracing::debug!(%addr, error = %e, "VF handoff: handshake failed"))
+        .ok()?;
     let _ = stream.set_read_timeout(Some(SEEK_ANSWER));
     let mut reader = FrameReader::new(stream.try_clone().ok()?, recv_key);
     let mut writer = FrameWriter::new(stream, send_key);

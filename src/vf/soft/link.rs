@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::auth::{self, FabricAuth, FrameReader, FrameWriter, Session};
+use super::auth::{self, FabricAuth, FrameReader, FrameWriter};
 use super::responder::{self, Outcome};
 use super::wire::{AckStatus, Frame, FrameOf, HandoffOp, WireError};
 use super::{handoff, lost, requester, Inner};
@@ -250,6 +250,25 @@ fn announce_round(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
     install(inner, vm, link)
 }
 
+/// The dialler's handshake with the companion that speaks for `peer`, if the fabric
+/// authenticates: the link's send and receive MAC keys and the peer's epoch (all `None` on an
+/// insecure fabric).
+pub(super) fn initiate(
+    inner: &Inner,
+    peer: &str,
+    stream: &mut TcpStream,
+    deadline: Instant,
+) -> Result<(Option<auth::Key>, Option<auth::Key>, Option<u64>), auth::HandshakeError> {
+    match &inner.auth {
+        FabricAuth::Keys(keys) => {
+            let epoch = inner.epoch.load(Ordering::SeqCst);
+            let s = auth::initiate(keys, &inner.vm, epoch, peer, stream, deadline)?;
+            Ok((Some(s.send_key), Some(s.recv_key), Some(s.peer_epoch)))
+        }
+        FabricAuth::Insecure => Ok((None, None, None)),
+    }
+}
+
 /// Connects to `vm`, authenticates, and says Hello, before `deadline`; starts the link's ack
 /// reader. The link is not yet in use.
 pub(super) fn connect(
@@ -265,33 +284,16 @@ pub(super) fn connect(
         .map_err(|e| tracing::debug!(peer = vm, %addr, error = %e, "fabric dial failed"))
         .ok()?;
     let _ = stream.set_nodelay(true);
-    let (send_key, recv_key) = match &inner.auth {
-        FabricAuth::Keys(keys) => {
-            match auth::initiate(
-                keys,
-                &inner.vm,
-                inner.epoch.load(Ordering::SeqCst),
-                vm,
-                &mut stream,
-                deadline,
-            ) {
-                Ok(Session {
-                    peer_epoch,
-                    send_key,
-                    recv_key,
-                    ..
-                }) => {
-                    lost::note_epoch(inner, vm, peer_epoch);
-                    (Some(send_key), Some(recv_key))
-                }
-                Err(e) => {
-                    tracing::warn!(peer = vm, %addr, error = %e, "fabric handshake with peer failed");
-                    return None;
-                }
-            }
+    let (send_key, recv_key, peer_epoch) = match initiate(inner, vm, &mut stream, deadline) {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::warn!(peer = vm, %addr, error = %e, "fabric handshake with peer failed");
+            return None;
         }
-        FabricAuth::Insecure => (None, None),
     };
+    if let Some(e) = peer_epoch {
+        lost::note_epoch(inner, vm, e);
+    }
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
     let reader = stream.try_clone().ok()?;
