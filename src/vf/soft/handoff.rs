@@ -386,7 +386,9 @@ fn dial_source(inner: &Arc<Inner>, addr: &str) -> Option<(FrameReader, FrameWrit
     let _ = stream.set_nodelay(true);
     // Both ends are this VM: the one key proves either to the other. Its epoch is this VM's
     // own, not a peer's: it is not noted.
-    let (send_key, recv_key, _) = link::initiate(inner, &inner.vm, &mut stream, deadline)
+    let link::Dialled {
+        send_key, recv_key, ..
+    } = link::initiate(inner, &inner.vm, &mut stream, deadline)
         .map_err(|e| tracing::debug!(%addr, error = %e, "VF handoff: handshake failed"))
         .ok()?;
     let _ = stream.set_read_timeout(Some(SEEK_ANSWER));

@@ -250,22 +250,34 @@ fn announce_round(inner: &Arc<Inner>, vm: &str) -> Option<Arc<Link>> {
     install(inner, vm, link)
 }
 
+/// What a dialler's handshake gives: the link's MAC keys and the peer's epoch (all `None` on
+/// an insecure fabric).
+#[derive(Default)]
+pub(super) struct Dialled {
+    pub(super) send_key: Option<auth::Key>,
+    pub(super) recv_key: Option<auth::Key>,
+    pub(super) peer_epoch: Option<u64>,
+}
+
 /// The dialler's handshake with the companion that speaks for `peer`, if the fabric
-/// authenticates: the link's send and receive MAC keys and the peer's epoch (all `None` on an
-/// insecure fabric).
+/// authenticates.
 pub(super) fn initiate(
     inner: &Inner,
     peer: &str,
     stream: &mut TcpStream,
     deadline: Instant,
-) -> Result<(Option<auth::Key>, Option<auth::Key>, Option<u64>), auth::HandshakeError> {
+) -> Result<Dialled, auth::HandshakeError> {
     match &inner.auth {
         FabricAuth::Keys(keys) => {
             let epoch = inner.epoch.load(Ordering::SeqCst);
             let s = auth::initiate(keys, &inner.vm, epoch, peer, stream, deadline)?;
-            Ok((Some(s.send_key), Some(s.recv_key), Some(s.peer_epoch)))
+            Ok(Dialled {
+                send_key: Some(s.send_key),
+                recv_key: Some(s.recv_key),
+                peer_epoch: Some(s.peer_epoch),
+            })
         }
-        FabricAuth::Insecure => Ok((None, None, None)),
+        FabricAuth::Insecure => Ok(Dialled::default()),
     }
 }
 
@@ -284,7 +296,11 @@ pub(super) fn connect(
         .map_err(|e| tracing::debug!(peer = vm, %addr, error = %e, "fabric dial failed"))
         .ok()?;
     let _ = stream.set_nodelay(true);
-    let (send_key, recv_key, peer_epoch) = match initiate(inner, vm, &mut stream, deadline) {
+    let Dialled {
+        send_key,
+        recv_key,
+        peer_epoch,
+    } = match initiate(inner, vm, &mut stream, deadline) {
         Ok(keys) => keys,
         Err(e) => {
             tracing::warn!(peer = vm, %addr, error = %e, "fabric handshake with peer failed");
