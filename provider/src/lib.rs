@@ -5,12 +5,15 @@
 //! - [`ffi`]: libfabric 1.17's C types, generated from libfabric-dev's headers;
 //! - [`getinfo`]: what the provider offers, checked against `fi_getinfo`'s hints;
 //! - [`provider`]: the `struct fi_provider` and its entry points (panics caught, `-FI_E*`);
+//! - [`tagmatch`]: the tag-matching engine (posted and unexpected queues), independent of the
+//!   transport;
 //! - [`error`]: the errors and their `-FI_E*` codes.
 
 pub mod error;
 pub mod ffi;
 pub mod getinfo;
 pub mod provider;
+pub mod tagmatch;
 
 /// Logs an entry point's failure on stderr when `VFMIG_FI_LOG` is set (libfabric's core asks
 /// every provider, so refusals are normal and silent by default).
