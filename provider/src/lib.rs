@@ -7,13 +7,25 @@
 //! - [`provider`]: the `struct fi_provider` and its entry points (panics caught, `-FI_E*`);
 //! - [`tagmatch`]: the tag-matching engine (posted and unexpected queues), independent of the
 //!   transport;
+//! - [`fabric`], [`av`], [`cq`], [`ep`] (with `ep_ops` and `ep_data`, its C tables): the
+//!   libfabric objects;
+//!   `object` is what they share (fid header, class check, `-FI_ENOSYS` stubs);
+//! - [`transport`]: what carries an endpoint's eager messages (in-process loopback for now);
 //! - [`error`]: the errors and their `-FI_E*` codes.
 
+pub mod av;
+pub mod cq;
+pub mod ep;
+mod ep_data;
+mod ep_ops;
 pub mod error;
+pub mod fabric;
 pub mod ffi;
 pub mod getinfo;
+mod object;
 pub mod provider;
 pub mod tagmatch;
+pub mod transport;
 
 /// Logs an entry point's failure on stderr when `VFMIG_FI_LOG` is set (libfabric's core asks
 /// every provider, so refusals are normal and silent by default).

@@ -62,11 +62,12 @@ unsafe extern "C" fn vfmig_getinfo(
 }
 
 unsafe extern "C" fn vfmig_fabric(
-    _attr: *mut ffi::fi_fabric_attr,
-    _fabric: *mut *mut ffi::fid_fabric,
-    _context: *mut c_void,
+    attr: *mut ffi::fi_fabric_attr,
+    fabric: *mut *mut ffi::fid_fabric,
+    context: *mut c_void,
 ) -> c_int {
-    guard("fi_fabric", || Err(FiError::NotImplemented("fi_fabric")))
+    // SAFETY: libfabric's fi_fabric contract, passed on.
+    unsafe { crate::fabric::open_fabric(attr, fabric, context) }
 }
 
 unsafe extern "C" fn vfmig_cleanup() {
@@ -131,13 +132,21 @@ mod tests {
     }
 
     #[test]
-    fn fabric_is_not_implemented_yet() {
+    fn fabric_needs_attributes_and_its_own_name() {
         let p = fi_prov_ini();
         let mut fabric = std::ptr::null_mut();
         // SAFETY: the provider's fabric entry with a valid out-pointer.
         let rc = unsafe {
             ((*p).fabric.unwrap())(std::ptr::null_mut(), &mut fabric, std::ptr::null_mut())
         };
-        assert_eq!(rc, -(ffi::FI_ENOSYS as i32));
+        assert_eq!(rc, -(ffi::FI_EINVAL as i32));
+        let mut attr = ffi::fi_fabric_attr {
+            name: c"tcp".as_ptr() as *mut _,
+            ..Default::default()
+        };
+        // SAFETY: as above, with valid attributes.
+        let rc = unsafe { ((*p).fabric.unwrap())(&mut attr, &mut fabric, std::ptr::null_mut()) };
+        assert_eq!(rc, -(ffi::FI_ENOENT as i32));
+        assert!(fabric.is_null());
     }
 }

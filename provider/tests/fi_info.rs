@@ -1,23 +1,11 @@
 //! libfabric's own `fi_info` (libfabric-bin) loads the built provider from FI_PROVIDER_PATH
 //! under its installed name, libvfmig-fi.so, and lists what it offers.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-/// The cdylib cargo built for this test run (target/<profile>/deps/libvfmig_fi.so), copied into
-/// a fresh directory as libvfmig-fi.so.
-fn provider_dir() -> tempfile::TempDir {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps directory");
-    let candidates = [deps.join("libvfmig_fi.so"), deps.join("../libvfmig_fi.so")];
-    let built: &PathBuf = candidates
-        .iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("libvfmig_fi.so not found next to {}", exe.display()));
-    let dir = tempfile::tempdir().expect("temporary directory");
-    std::fs::copy(built, dir.path().join("libvfmig-fi.so")).expect("copying the provider");
-    dir
-}
+use common::provider_dir;
+use std::path::Path;
+use std::process::{Command, Output};
 
 fn fi_info(provider_path: &Path, args: &[&str]) -> Output {
     Command::new("fi_info")
