@@ -14,7 +14,7 @@ use crate::av::AvTable;
 use crate::cq::{CqInner, Entry, Progress};
 use crate::error::FiError;
 use crate::ffi;
-use crate::getinfo::MAX_MSG_SIZE;
+use crate::getinfo::{INJECT_SIZE, MAX_MSG_SIZE};
 use crate::tagmatch::{Completion, Delivery, Matcher, Message, NotClaimed, Recv, Selector};
 use crate::transport::{Kind, Transport, Wire};
 
@@ -211,7 +211,8 @@ impl EpState {
         inject: bool,
     ) -> Result<(), FiError> {
         self.check_enabled()?;
-        if payload.len() > MAX_MSG_SIZE {
+        let inject = inject || flags & ffi::FI_INJECT as u64 != 0;
+        if payload.len() > MAX_MSG_SIZE || (inject && payload.len() > INJECT_SIZE) {
             return Err(FiError::MessageSize(payload.len()));
         }
         let peer = {
@@ -236,7 +237,7 @@ impl EpState {
             .send(&peer, wire)
             .map_err(FiError::Transport)?;
         let wanted = !self.selective_tx || flags & ffi::FI_COMPLETION as u64 != 0;
-        if !inject && flags & ffi::FI_INJECT as u64 == 0 && wanted {
+        if !inject && wanted {
             if let Some(cq) = &self.tx_cq {
                 cq.push(Entry {
                     context: context as usize,
@@ -280,15 +281,18 @@ impl EpState {
         }
         let m = self.matcher(kind);
         let completion = match mode {
-            RecvMode::Post => match m.post(recv) {
-                Some(d) => return self.deliver(kind, d),
-                None => return Ok(()),
-            },
+            RecvMode::Post => {
+                if let Some(d) = m.post(recv) {
+                    self.deliver(kind, d);
+                }
+                return Ok(());
+            }
             RecvMode::Claim => {
                 let d = m.claim(recv).map_err(|NotClaimed| {
                     FiError::Invalid("FI_CLAIM without a claiming FI_PEEK")
                 })?;
-                return self.deliver(kind, d);
+                self.deliver(kind, d);
+                return Ok(());
             }
             RecvMode::Peek => m.peek(sel, ctx),
             RecvMode::PeekClaim => m.peek_claim(sel, ctx),
@@ -330,14 +334,13 @@ impl EpState {
                 payload: wire.payload,
             };
             if let Some(d) = self.matcher(wire.kind).arrive(msg) {
-                // A delivery cannot fail: the receive's buffer was given when it was posted.
-                let _ = self.deliver(wire.kind, d);
+                self.deliver(wire.kind, d);
             }
         }
         self.arrivals = arrivals;
     }
 
-    fn deliver(&mut self, kind: Kind, d: Delivery<usize, RecvBuf, Vec<u8>>) -> Result<(), FiError> {
+    fn deliver(&mut self, kind: Kind, d: Delivery<usize, RecvBuf, Vec<u8>>) {
         let n = d.copy_len();
         if n > 0 {
             // SAFETY: the application gave a buffer of recv.len >= n bytes with the receive,
@@ -349,7 +352,6 @@ impl EpState {
         let c = d.completion();
         let wanted = !self.selective_rx || d.recv.buf.flags & ffi::FI_COMPLETION as u64 != 0;
         self.push_rx(rx_entry(kind, &c, d.recv.buf.ptr), wanted);
-        Ok(())
     }
 
     fn push_rx(&self, entry: Entry, wanted: bool) {
