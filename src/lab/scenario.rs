@@ -2,7 +2,6 @@
 //! host (network namespace), talking over soft VFs; midway, VM `a` migrates to a fresh QEMU and
 //! companion on another host, and the job's result is checked against a run without migration.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -11,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::demo::DemoError;
-use super::faults::{FaultRecord, Injection, Injector, PeerCompanion, Restarted, Targets};
+use super::faults::{Injection, Injector, PeerCompanion, Targets};
 use super::hosts::{Hosts, HostsError};
 use crate::companion::control::{error_chain, ControlError};
 use crate::orchestrator::hotplug;
@@ -19,7 +18,7 @@ use crate::orchestrator::launch::{
     mac_for, stand_in_vf_device, FabricSpec, GuestImage, LaunchError, Nic, PassthroughSlot, Role,
     RunningVm, VmSpec, PASSTHROUGH_DEVICE,
 };
-use crate::orchestrator::migrate::{migrate, MigrateOptions, MigrationSummary, Observer};
+use crate::orchestrator::migrate::{migrate, MigrateOptions, Observer};
 use crate::orchestrator::strategy::{
     Strategy, StrategyError, StrategyInputs, StrategyKind, VfDevices,
 };
@@ -30,10 +29,13 @@ use crate::vf::soft::ClusterMap;
 const FABRIC_PORT: u16 = 7000;
 
 mod ranks;
+mod report;
 #[cfg(test)]
 use ranks::rank_result;
 pub(super) use ranks::wait_for_results;
 pub use ranks::{job_lines, RankResult};
+pub(super) use report::{report, MigrationOutcome};
+pub use report::{IterationMedians, ScenarioReport};
 
 /// The job the VMs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -97,67 +99,6 @@ pub struct ScenarioOptions {
     pub fault: Option<(Fault, Duration)>,
     /// Where the migration's timeline goes.
     pub trace: Option<Arc<crate::trace::TraceRecorder>>,
-}
-
-/// The scenario's result; the last line of the demo is this, as JSON.
-#[derive(Debug, Clone, Serialize)]
-pub struct ScenarioReport {
-    /// The job.
-    pub workload: Workload,
-    /// How `a` migrated (`null`: it did not).
-    pub strategy: Option<StrategyKind>,
-    /// VMs.
-    pub vms: usize,
-    /// Every rank's checksum equals the reference run's.
-    pub checksum_match: bool,
-    /// Checksums by rank.
-    pub checksums: BTreeMap<String, Option<String>>,
-    /// The reference run's checksums.
-    pub reference: BTreeMap<String, Option<String>>,
-    /// Operations that failed or never completed, as the ranks saw them.
-    pub lost_ops: u64,
-    /// Operations that completed twice, as the ranks saw them.
-    pub duplicate_ops: u64,
-    /// Longest gap in completed RDMA operations seen by a peer of `a`, ms.
-    pub blackout_ms: f64,
-    /// QEMU's total migration time, ms.
-    pub total_ms: u64,
-    /// QEMU's downtime, ms.
-    pub downtime_ms: u64,
-    /// Distinct pages `a`'s VF wrote during the migration (its companion's epoch bitmap): each
-    /// was logged into QEMU's dirty log and sent again at least once because of the device.
-    pub device_dirty_pages: Option<u64>,
-    /// rdma-bw: bytes `a` sent.
-    pub bytes_sent: Option<u64>,
-    /// rdma-bw: bytes `b` received.
-    pub bytes_received: Option<u64>,
-    /// Median iteration time before, during and after the migration, ms (rank 0).
-    pub iteration_ms: IterationMedians,
-    /// The migration, when there was one and it completed.
-    pub migration: Option<MigrationSummary>,
-    /// Why the migration did not complete (an injected fault).
-    pub migration_error: Option<String>,
-    /// `passthrough-hotplug` after a failed migration: whether the source has its VF back,
-    /// with its guest driver up.
-    pub source_vf_restored: Option<bool>,
-    /// Per rank.
-    pub ranks: BTreeMap<String, RankResult>,
-    /// The fault injected into the migration, if any, and when it fired.
-    pub fault: Option<FaultRecord>,
-    /// A job that stopped making progress after an injected fault: which ranks gave no
-    /// result (only when the injection asks for stalls to be reported, not failed).
-    pub stalled: Option<String>,
-}
-
-/// Median iteration times around the migration.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct IterationMedians {
-    /// Before it.
-    pub before: f64,
-    /// While it ran.
-    pub during: f64,
-    /// After it.
-    pub after: f64,
 }
 
 /// Errors of a scenario.
@@ -298,21 +239,6 @@ impl Job {
         logs[0].extend(a_elsewhere.map(|v| v.paths.serial_log.clone()));
         logs
     }
-}
-
-/// What migrating `a` left for the report.
-#[derive(Default)]
-pub(super) struct MigrationOutcome {
-    pub(super) migration: Option<MigrationSummary>,
-    migration_error: Option<String>,
-    source_vf_restored: Option<bool>,
-    pub(super) device_dirty_pages: Option<u64>,
-    /// Rank `a`'s iterations when the migration started and when it ended.
-    pub(super) iters_at: (usize, usize),
-    /// The fault injected.
-    fault: Option<FaultRecord>,
-    /// A peer companion the fault started again: it runs until the job ends.
-    _restarted: Option<Restarted>,
 }
 
 /// Step 1: the hosts, the cluster file, every rank's VM, and `a`'s destination when it
@@ -638,75 +564,6 @@ fn migrate_a_by_qmp(
     .map_err(ScenarioError::QmpDriver)?;
     outcome.migration = Some(summary);
     Ok(outcome)
-}
-
-/// Step 5: the report from the ranks' results and the migration's outcome (`checksum_match`
-/// is filled in by [`run_compared`]).
-pub(super) fn report(
-    opts: &ScenarioOptions,
-    vm_names: &[String],
-    ranks: Vec<RankResult>,
-    outcome: MigrationOutcome,
-) -> ScenarioReport {
-    let by_name: BTreeMap<String, RankResult> = vm_names
-        .iter()
-        .cloned()
-        .zip(ranks.iter().cloned())
-        .collect();
-    let checksums = by_name
-        .iter()
-        .map(|(n, r)| (n.clone(), r.checksum.clone()))
-        .collect();
-    // Lost: failed completions, a rank that ended without its result, and (rdma-bw) bytes
-    // sent that never arrived, in messages.
-    let mut lost_ops: u64 = ranks
-        .iter()
-        .map(|r| r.failed_completions + u64::from(!r.done))
-        .sum();
-    let bytes_sent = ranks[0].bytes;
-    let bytes_received = ranks.get(1).and_then(|r| r.bytes);
-    if opts.workload == Workload::RdmaBw {
-        let (s, r) = (bytes_sent.unwrap_or(0), bytes_received.unwrap_or(0));
-        lost_ops += s.saturating_sub(r).div_ceil(u64::from(opts.n.max(1)));
-    }
-    let duplicate_ops = ranks.iter().map(|r| r.duplicates).sum();
-    let blackout_ms = ranks[1..]
-        .iter()
-        .filter_map(|r| r.blackout_ms)
-        .fold(0.0, f64::max);
-    let it = &ranks[0].iteration_ms;
-    let (b, d) = (
-        outcome.iters_at.0.min(it.len()),
-        outcome.iters_at.1.min(it.len()),
-    );
-    let summary = outcome.migration.clone().unwrap_or_default();
-    ScenarioReport {
-        workload: opts.workload,
-        strategy: opts.strategy,
-        vms: opts.vms,
-        checksum_match: false,
-        checksums,
-        reference: BTreeMap::new(),
-        lost_ops,
-        duplicate_ops,
-        device_dirty_pages: outcome.device_dirty_pages,
-        bytes_sent,
-        bytes_received,
-        blackout_ms,
-        total_ms: summary.total_ms,
-        downtime_ms: summary.downtime_ms,
-        iteration_ms: IterationMedians {
-            before: median(&it[..b]),
-            during: median(&it[b..d.max(b)]),
-            after: median(&it[d.max(b)..]),
-        },
-        migration: outcome.migration,
-        migration_error: outcome.migration_error,
-        source_vf_restored: outcome.source_vf_restored,
-        ranks: by_name,
-        fault: outcome.fault,
-        stalled: None,
-    }
 }
 
 /// Runs the reference (no migration) and the migration, and compares their checksums. For

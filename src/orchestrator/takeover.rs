@@ -2,11 +2,11 @@
 //! its undo. The companions move it themselves (the source sends its state at the quiesce,
 //! the destination claims it when its VM runs: [`crate::companion::handoff`]); step 6 of
 //! [`migrate`](super::migrate::migrate) checks that the state arrived before it resumes the
-//! destination ([`take_over_vf`]) and reads what the takeover took ([`finish_takeover`]);
-//! once the destination runs the source's copy is dropped ([`release_source_vf`], which the
+//! destination (`take_over_vf`) and reads what the takeover took ([`finish_takeover`]);
+//! once the destination runs the source's copy is dropped (`release_source_vf`, which the
 //! claim did already); if the destination cannot take over or start, the source takes its
-//! state back and resumes ([`roll_back`]). The companions' own steps of the move end up on
-//! the trace ([`record_companion_steps`]).
+//! state back and resumes (`roll_back`). The companions' own steps of the move end up on
+//! the trace (`record_companion_steps`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
