@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::provider_dir;
+use common::{provider_dir, text};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -16,15 +16,6 @@ fn fi_info(provider_path: &Path, args: &[&str]) -> Output {
         .unwrap_or_else(|e| {
             panic!("running fi_info (libfabric-bin; tools/setup.sh installs it): {e}")
         })
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

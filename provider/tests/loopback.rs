@@ -5,6 +5,7 @@
 //! truncation, peek / claim / discard, and the refusals, over VFMIG_FI_TRANSPORT=loopback.
 
 mod common;
+use common::text;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -37,15 +38,6 @@ fn run(exe: &Path, provider_path: &Path, transport: Option<&str>) -> Output {
         None => cmd.env_remove("VFMIG_FI_TRANSPORT"),
     };
     cmd.output().expect("running the C test program")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! (the loopback transport carries them within the process).
 
 mod common;
+use common::text;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -52,15 +53,6 @@ fn mpirun(exe: &Path, provider_path: &Path, transport: Option<&str>) -> Output {
         .env("VFMIG_FI_TRANSPORT", transport.unwrap_or("none"));
     cmd.output()
         .expect("running mpirun (openmpi-bin; tools/setup.sh installs it)")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

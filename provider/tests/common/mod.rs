@@ -1,6 +1,7 @@
 //! What the integration tests share: the built provider, installed under libfabric's name.
 
 use std::path::PathBuf;
+use std::process::Output;
 
 /// The cdylib cargo built for this test run (target/<profile>/deps/libvfmig_fi.so), copied into
 /// a fresh directory as libvfmig-fi.so.
@@ -15,4 +16,14 @@ pub fn provider_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temporary directory");
     std::fs::copy(built, dir.path().join("libvfmig-fi.so")).expect("copying the provider");
     dir
+}
+
+/// A finished process's status and output, for a failed assertion's message.
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
