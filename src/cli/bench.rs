@@ -225,8 +225,9 @@ pub struct JobArgs {
     /// lu-lite grid size.
     #[arg(long, default_value_t = 256)]
     n: u32,
-    /// lu-lite iterations of each run of `bench faults` (`bench soak` sizes its job from
-    /// `--migrations` and `--iters-per-migration` instead).
+    /// lu-lite iterations of each run of `bench faults`, and of `bench drivers` (at least
+    /// 2000 there); `bench soak` sizes its job from `--migrations` and
+    /// `--iters-per-migration` instead.
     #[arg(long, default_value_t = 600)]
     iters: u32,
     /// Migrate once rank `a` has done this many iterations.
