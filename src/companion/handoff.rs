@@ -346,12 +346,7 @@ impl Handoff {
     /// Destination: the handoff ends without a takeover (`vf_release`: the migration was
     /// rolled back). A state that arrived is dropped and none is claimed.
     pub fn drop_incoming(&self) {
-        if self.incoming.swap(false, Ordering::SeqCst) {
-            *self.pending.lock() = None;
-            self.arrived.notify_all();
-            if let Some(vf) = self.device.fabric() {
-                vf.end_handoff();
-            }
+        if self.end_incoming() {
             self.report.lock().phase = HandoffPhase::Idle;
         }
     }
@@ -359,12 +354,21 @@ impl Handoff {
     /// Destination: a handoff ended by `vf_import` over the control socket (the orchestrator
     /// moved the state itself).
     pub fn imported_over_control(&self) {
-        if self.incoming.swap(false, Ordering::SeqCst) {
+        self.end_incoming();
+    }
+
+    /// Destination: the state is no longer expected; what arrived is dropped, a start waiting
+    /// for it stops waiting, and the link to the source closes. Whether it was expected.
+    fn end_incoming(&self) -> bool {
+        let was = self.incoming.swap(false, Ordering::SeqCst);
+        if was {
             *self.pending.lock() = None;
+            self.arrived.notify_all();
             if let Some(vf) = self.device.fabric() {
                 vf.end_handoff();
             }
         }
+        was
     }
 
     /// Destination, when QEMU starts the vhost device (the VM runs here): takes the state over
@@ -388,6 +392,10 @@ impl Handoff {
             pending.take()
         };
         let waited = started.elapsed();
+        // Ended meanwhile (rolled back, or imported over the control socket): not a failure.
+        if taken.is_none() && !self.end_incoming() {
+            return;
+        }
         let outcome = match taken {
             None => Err(format!(
                 "no VF state came from the source's companion within {:.1} s of the VM's start \
@@ -398,8 +406,7 @@ impl Handoff {
             )),
             Some((generation, reply)) => self.take_over(vf, generation, reply, waited),
         };
-        self.incoming.store(false, Ordering::SeqCst);
-        vf.end_handoff();
+        self.end_incoming();
         if let Err(e) = outcome {
             tracing::error!("VF handoff failed: {e}");
             let mut r = self.report.lock();
@@ -614,5 +621,26 @@ mod tests {
         );
         src.handoff.take_back().unwrap();
         assert!(src.device.owns_vf_state());
+    }
+
+    #[test]
+    fn a_start_waiting_for_the_state_stops_when_the_handoff_is_ended_and_is_no_failure() {
+        let (_src, dst) = source_and_destination();
+        *dst.handoff.state_wait.lock() = Duration::from_secs(10);
+        let waiting = {
+            let h = dst.handoff.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                h.on_device_start();
+                t.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        dst.handoff.drop_incoming();
+        let waited = waiting.join().unwrap();
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+        let r = dst.handoff.report();
+        assert_eq!(r.phase, HandoffPhase::Idle, "{r:?}");
+        assert!(r.error.is_none(), "{r:?}");
     }
 }
