@@ -113,8 +113,17 @@ fn seek_body(vm: &str, listen: &str) -> Vec<u8> {
     format!("{vm}\n{listen}").into_bytes()
 }
 
+/// Longest `Seek` body taken: a VM name and a `host:port`.
+const MAX_SEEK: usize = 512;
+
 /// Reads a `Seek`'s body: (VM, listen address).
 pub(super) fn parse_seek(body: &[u8]) -> Result<(String, String), WireError> {
+    if body.len() > MAX_SEEK {
+        return Err(WireError::Malformed(format!(
+            "a VF handoff seek of {} bytes (at most {MAX_SEEK})",
+            body.len()
+        )));
+    }
     std::str::from_utf8(body)
         .ok()
         .and_then(|s| s.split_once('\n'))
@@ -153,6 +162,9 @@ pub(super) fn serve_seeker(
     writer.frame(&handoff(HandoffOp::Here, 0, Vec::new()))?;
     writer.flush().map_err(WireError::from)?;
     let _ = writer.stream().set_write_timeout(Some(SEND_TIMEOUT));
+    // The precopy may take long: the link waits for the switchover without a read timeout
+    // (the handshake's deadline was set on it).
+    let _ = writer.stream().set_read_timeout(None);
     let stream = writer.stream().try_clone().map_err(WireError::from)?;
     let writer = Arc::new(Mutex::new(writer));
     let (queue, queued) = crossbeam_channel::bounded::<Frame>(MAX_QUEUED);
@@ -187,10 +199,6 @@ pub(super) fn serve_seeker(
         let _ = old.stream.shutdown(std::net::Shutdown::Both);
     }
     tracing::info!(destination = %listen, "VF handoff: the destination's companion waits for this VM's VF");
-    // The precopy may take long: the link waits for the switchover without a read timeout.
-    if let Some(d) = inner.handoff.destination.lock().as_ref() {
-        let _ = d.stream.set_read_timeout(None);
-    }
     let result = (|| loop {
         match reader.frame()? {
             None => return Ok(()),
@@ -468,5 +476,24 @@ fn follow_source(inner: &Arc<Inner>, mut reader: FrameReader) -> Result<(), Hand
             }
             op => return Err(HandoffLinkError::OutOfTurn(op)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seek_names_the_vm_and_its_address_in_few_bytes() {
+        let (vm, listen) = parse_seek(&seek_body("a", "10.0.0.2:7000")).unwrap();
+        assert_eq!((vm.as_str(), listen.as_str()), ("a", "10.0.0.2:7000"));
+        assert!(parse_seek(b"no newline").unwrap_err().is_malformed());
+        let mut huge = seek_body("a", "10.0.0.2:7000");
+        huge.resize(MAX_SEEK + 1, b'x');
+        let e = parse_seek(&huge).unwrap_err();
+        assert!(
+            e.is_malformed() && e.to_string().contains("at most 512"),
+            "{e}"
+        );
     }
 }
