@@ -64,10 +64,6 @@ pub fn run(
     }
     let names = scenario::names(opts.vms);
     let peers = opts.vms - 1;
-    std::fs::create_dir_all(&opts.run_dir).map_err(|source| ScenarioError::Io {
-        path: opts.run_dir.clone(),
-        source,
-    })?;
     let hosts = LibvirtHosts::start_beside(&opts.run_dir, 2, peers, &opts.vfmig_bin)?;
     let net = hosts.net();
     // `a` on libvirt host 0 (and may move to host 1); rank i ≥ 1 on host i + 1.
