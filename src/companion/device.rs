@@ -141,6 +141,15 @@ pub struct Device {
     awaiting_start: AtomicBool,
 }
 
+/// When a VM whose VF state is imported runs here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmStart {
+    /// It runs already: the handoff imports at the VM's first memory table here.
+    Runs,
+    /// It starts later (`vf_import` before `cont`): its first memory table says so.
+    Later,
+}
+
 impl Device {
     /// Holds `backend` (none: the companion has no VF), whose writes are logged through
     /// `dma`'s guest memory.
@@ -217,15 +226,19 @@ impl Device {
         self.record.lock().last_error = Some(msg);
     }
 
+    /// The requests that moved with the state can be read from guest RAM: the VM runs here.
+    fn replay_now(&self) {
+        if let Some(vf) = &self.fabric {
+            vf.replay_now();
+        }
+    }
+
     /// Maps the memory table `mem` into the device at IOVA = GPA (unmapping what changed).
     pub fn on_memory_table(&self, mem: &Arc<GuestRamMmap>) {
         if self.awaiting_start.swap(false, Ordering::SeqCst) {
             tracing::info!("the VM runs here: the imported VF is live");
             steps::instant("vm-runs-here", "first memory table after the import");
-            // The requests that moved with the state can be read from guest RAM now.
-            if let Some(vf) = &self.fabric {
-                vf.replay_now();
-            }
+            self.replay_now();
         }
         let Some(dev) = self.device() else { return };
         let regions = MappedRegion::from_guest_ram(mem);
@@ -377,12 +390,14 @@ impl Device {
 
     /// Takes over a migrated VM's VF state and the frames that waited for its guest, then
     /// tells the VF's peers where the VM now lives. The state is validated before any of it
-    /// is applied.
+    /// is applied. `start` says whether the VM runs here already (the handoff imports at its
+    /// first memory table) or starts later (`vf_import` before `cont`).
     pub fn import(
         &self,
         guest: &GuestLink,
         state: VfState,
         rx_frames: &[String],
+        start: VmStart,
     ) -> Result<VfImportReply, DeviceError> {
         let persist = self.persist.as_ref().ok_or(DeviceError::NoVf)?;
         if rx_frames.len() > MAX_WAITING_FRAMES {
@@ -409,11 +424,16 @@ impl Device {
         // kicks for them here, so the vring worker takes them once the rings run.
         guest.owe_tx_drain();
         *self.handover.lock() = Handover::Here;
-        self.awaiting_start.store(true, Ordering::SeqCst);
+        if start == VmStart::Later {
+            self.awaiting_start.store(true, Ordering::SeqCst);
+        }
         steps::span("vf-import", started, format!("{qps} QPs"));
         let started = Instant::now();
         let announced_to = persist.announce();
         steps::span("announce", started, announced_to.join(","));
+        if start == VmStart::Runs {
+            self.replay_now();
+        }
         Ok(VfImportReply { announced_to })
     }
 
@@ -774,10 +794,12 @@ pub(crate) mod tests {
         assert!(json["vf"].is_object() && json["rx_frames"].is_array());
         let bad = [String::from("zz")];
         assert!(matches!(
-            dst.import(&dst_guest, exported.vf.clone(), &bad),
+            dst.import(&dst_guest, exported.vf.clone(), &bad, VmStart::Later),
             Err(DeviceError::FrameHex { index: 0, .. })
         ));
-        let imported = dst.import(&dst_guest, exported.vf, &[]).unwrap();
+        let imported = dst
+            .import(&dst_guest, exported.vf, &[], VmStart::Later)
+            .unwrap();
         assert!(imported.announced_to.is_empty(), "no peers in the cluster");
         assert!(dst.verbs().unwrap().connect_qp(qp, "nobody", 1).is_err());
         src.resume();
@@ -853,7 +875,7 @@ pub(crate) mod tests {
         let exported = src.export(&src_guest).unwrap();
         let frames = vec![String::from("00"); MAX_WAITING_FRAMES + 1];
         assert!(matches!(
-            dst.import(&dst_guest, exported.vf, &frames),
+            dst.import(&dst_guest, exported.vf, &frames, VmStart::Later),
             Err(DeviceError::TooManyFrames { .. })
         ));
         assert_eq!(dst_guest.stats().frames_waiting, 0);
@@ -889,7 +911,8 @@ pub(crate) mod tests {
 
         // A destination that imported, its VM not started yet (a roll-back may follow).
         let (dst, dst_dma, dst_guest) = soft_handle("m");
-        dst.import(&dst_guest, exported.vf, &[]).unwrap();
+        dst.import(&dst_guest, exported.vf, &[], VmStart::Later)
+            .unwrap();
         assert_eq!(dst.on_qemu_gone(), None);
         assert!(!retired(&dst), "retired before the VM ran here");
         // QEMU starts the device (its first memory table): the VF is live here now.

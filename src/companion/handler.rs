@@ -10,7 +10,7 @@ use super::control::{
     QuitReply, ReadReply, Reply, Request, ScanReply, SendEventReply, SetThrottleReply,
     SetTrackingReply, StatsReply, StatusReply, StepsReply, WriteReply, MAX_READ,
 };
-use super::device::DeviceError;
+use super::device::{DeviceError, VmStart};
 use super::generator::{self, Generator, GeneratorError, GeneratorStatus, WindowError};
 use super::Companion;
 use crate::memory::{guest_ram, DmaError};
@@ -176,7 +176,7 @@ impl Handler for Companion {
             Request::VfImport { vf, rx_frames } => {
                 let reply = self
                     .device
-                    .import(&self.guest, vf, &rx_frames)
+                    .import(&self.guest, vf, &rx_frames, VmStart::Later)
                     .map_err(RequestError::VfImport)?;
                 self.net.handoff().imported_over_control();
                 Ok(reply.into())

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::control::protocol::required;
 use super::control::{VfExportReply, VfReclaimReply};
-use super::device::{Device, DeviceError};
+use super::device::{Device, DeviceError, VmStart};
 use super::guest_link::GuestLink;
 use crate::trace::steps;
 use crate::vf::soft::{ClaimAnswer, HandoffHooks};
@@ -380,6 +380,12 @@ impl Handoff {
         let Some(vf) = self.device.fabric() else {
             return;
         };
+        // Its vCPUs run from here on; its rings wait for the VF state to be taken over.
+        tracing::info!("the VM runs here: taking over its VF state");
+        steps::instant(
+            "vm-runs-here",
+            "first memory table: the VF state is claimed next",
+        );
         let started = Instant::now();
         let taken = {
             let mut pending = self.pending.lock();
@@ -442,7 +448,7 @@ impl Handoff {
         let started = Instant::now();
         let imported = self
             .device
-            .import(&self.guest, reply.vf, &reply.rx_frames)
+            .import(&self.guest, reply.vf, &reply.rx_frames, VmStart::Runs)
             .map_err(|e| format!("the VF state from the source could not be imported: {e}"))?;
         let mut r = self.report.lock();
         r.phase = HandoffPhase::TakenOver;
