@@ -2,7 +2,7 @@
 //! `seq`, completions queued into a CQ, events handed to a callback — all received by one
 //! helper thread.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -52,7 +52,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Shared {
     io: Box<dyn Transport>,
     mac: [u8; 6],
+    /// This process's share of the `seq` space (its PID's low 16 bits, shifted): other
+    /// processes of the guest see our replies too, and take only theirs.
+    seq_base: u32,
     seq: AtomicU32,
+    /// The QPs this device created or posted to: every process of the guest sees every
+    /// completion, and keeps those of its own QPs.
+    qps: Mutex<HashSet<u32>>,
     stop: AtomicBool,
     pending: Mutex<HashMap<u32, Option<Reply>>>,
     replied: Condvar,
@@ -77,7 +83,11 @@ impl Shared {
     }
 
     fn next_seq(&self) -> u32 {
-        self.seq.fetch_add(1, Ordering::Relaxed)
+        self.seq_base | (self.seq.fetch_add(1, Ordering::Relaxed) & 0xffff)
+    }
+
+    fn own_qp(&self, qp: u32) {
+        lock(&self.qps).insert(qp);
     }
 
     /// The receiver thread's loop.
@@ -139,7 +149,14 @@ impl Shared {
                     }
                 }
             }
-            Message::Completions(cs) => {
+            Message::Completions(mut cs) => {
+                {
+                    let qps = lock(&self.qps);
+                    cs.retain(|c| qps.contains(&c.qp));
+                }
+                if cs.is_empty() {
+                    return;
+                }
                 self.completions
                     .fetch_add(cs.len() as u64, Ordering::Relaxed);
                 lock(&self.cq).extend(cs);
@@ -206,6 +223,7 @@ fn command_name(m: &Message) -> &'static str {
         Message::RegMr { .. } => "REG_MR",
         Message::DeregMr { .. } => "DEREG_MR",
         Message::CreateQp => "CREATE_QP",
+        Message::CreateQpAt { .. } => "CREATE_QP_AT",
         Message::ConnectQp { .. } => "CONNECT_QP",
         Message::PostSend { .. } => "POST_SEND",
         Message::PostRecv { .. } => "POST_RECV",
@@ -267,7 +285,9 @@ impl Device {
         let shared = Arc::new(Shared {
             io,
             mac,
+            seq_base: (std::process::id() & 0xffff) << 16,
             seq: AtomicU32::new(1),
+            qps: Mutex::new(HashSet::new()),
             stop: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             replied: Condvar::new(),
@@ -394,7 +414,16 @@ impl Device {
 
     /// Creates a QP; returns its number.
     pub fn create_qp(&self) -> io::Result<u32> {
-        Ok(self.shared.call(Message::CreateQp, self.timeout)? as u32)
+        let qp = self.shared.call(Message::CreateQp, self.timeout)? as u32;
+        self.shared.own_qp(qp);
+        Ok(qp)
+    }
+
+    /// Creates the QP numbered `qp` (not 0, not in use), a number its peer can compute.
+    pub fn create_qp_at(&self, qp: u32) -> io::Result<u32> {
+        self.shared.call(Message::CreateQpAt { qp }, self.timeout)?;
+        self.shared.own_qp(qp);
+        Ok(qp)
     }
 
     /// Connects local QP `qp` to QP `peer_qp` of the VM named `peer`.
@@ -418,6 +447,11 @@ impl Device {
     }
 
     fn post(&self, msg: Message) -> io::Result<()> {
+        // Its completion comes back to this process even for a QP it did not create (a
+        // mistake the companion answers with an error completion).
+        if let Message::PostSend { qp, .. } | Message::PostRecv { qp, .. } = &msg {
+            self.shared.own_qp(*qp);
+        }
         let seq = self.shared.next_seq();
         self.shared.send(seq, msg)
     }
@@ -621,6 +655,21 @@ mod tests {
                         reply(&t, f.seq, 0, next_qp, "");
                         next_qp += 1;
                     }
+                    Message::CreateQpAt { qp } => {
+                        // Another process's completion: every process of the guest sees it.
+                        send(
+                            &t,
+                            Message::Completions(vec![Completion {
+                                wr_id: 1,
+                                qp: 4242,
+                                opcode: Opcode::Send,
+                                status: Status::Success,
+                                byte_len: 1,
+                                imm: None,
+                            }]),
+                        );
+                        reply(&t, f.seq, 0, qp.into(), "");
+                    }
                     Message::ConnectQp { .. } => reply(&t, f.seq, 0, 0, ""),
                     Message::PostSend { qp, wr_id, sge, op } => {
                         let opcode = match op {
@@ -708,7 +757,11 @@ mod tests {
             .enumerate()
             .all(|(i, c)| c.wr_id == i as u64 && c.opcode == Opcode::Write && c.byte_len == 100));
         assert_eq!(got[50].imm, Some(77));
+        // A QP at a number asked for; another process's completion is not ours.
+        assert_eq!(dev.create_qp_at(0x8000_0001).unwrap(), 0x8000_0001);
+        assert!(dev.wait_cq(4, Duration::from_millis(100)).is_empty());
         let st = dev.stats();
+        assert_eq!(st.completions, 51, "{st:?}");
         assert_eq!(st.malformed, 4, "{st:?}"); // two CREATE_QPs, two bad frames each
         assert_eq!(st.stray_replies, 2);
         assert_eq!(st.events, 2);

@@ -56,7 +56,8 @@ struct Vm {
     mac: [u8; 6],
     regions: Vec<Region>,
     next_key: u32,
-    qps: Vec<Qp>,
+    qps: HashMap<u32, Qp>,
+    next_qp: u32,
     suspended: bool,
 }
 
@@ -71,6 +72,8 @@ pub struct Log {
     pub writes: u64,
     /// Failed deliveries (unknown peer and the like).
     pub failures: u64,
+    /// SENDs that found no receive posted (an RNR on a real VF).
+    pub sends_without_receive: u64,
 }
 
 #[derive(Default)]
@@ -139,7 +142,7 @@ impl Vm {
         Some(r.ptr + (addr - r.addr) as usize)
     }
     fn qp(&mut self, n: u32) -> Option<&mut Qp> {
-        self.qps.get_mut((n as usize).checked_sub(1)?)
+        self.qps.get_mut(&n)
     }
 }
 
@@ -175,7 +178,8 @@ impl Fabric {
                 mac,
                 regions: Vec::new(),
                 next_key: 1,
-                qps: Vec::new(),
+                qps: HashMap::new(),
+                next_qp: 1,
                 suspended: false,
             },
         );
@@ -238,9 +242,21 @@ impl Fabric {
             }
             Message::CreateQp => {
                 let vm = st.vms.get_mut(me).unwrap();
-                vm.qps.push(Qp::default());
-                let n = vm.qps.len() as u64;
-                vm.reply(seq, 0, n, "");
+                while vm.qps.contains_key(&vm.next_qp) {
+                    vm.next_qp += 1;
+                }
+                let n = vm.next_qp;
+                vm.qps.insert(n, Qp::default());
+                vm.reply(seq, 0, n.into(), "");
+            }
+            Message::CreateQpAt { qp } => {
+                let vm = st.vms.get_mut(me).unwrap();
+                if qp == 0 || vm.qps.contains_key(&qp) {
+                    vm.reply(seq, 1, 0, "QP number in use");
+                } else {
+                    vm.qps.insert(qp, Qp::default());
+                    vm.reply(seq, 0, qp.into(), "");
+                }
             }
             Message::ConnectQp { qp, peer, peer_qp } => {
                 let vm = st.vms.get_mut(me).unwrap();
@@ -348,6 +364,10 @@ impl Fabric {
                 ));
                 return;
             }
+        }
+        let q = st.vms.get_mut(&pname).unwrap().qp(pqp).unwrap();
+        if target.is_none() && q.recvs.len() <= q.waiting.len() {
+            st.log.sends_without_receive += 1;
         }
         let q = st.vms.get_mut(&pname).unwrap().qp(pqp).unwrap();
         q.waiting

@@ -14,6 +14,7 @@
 
 #![deny(missing_docs)]
 
+pub mod channel;
 pub mod device;
 #[cfg(test)]
 mod fake;

@@ -236,6 +236,12 @@ pub enum Message {
     },
     /// Guest: a new QP. Reply value: its number.
     CreateQp,
+    /// Guest: a new QP numbered `qp` (not 0, not in use), so that a peer can compute the
+    /// number instead of being told it. Reply value: `qp`.
+    CreateQpAt {
+        /// The number asked for.
+        qp: u32,
+    },
     /// Guest: connect a QP to a peer VM's QP. Reply value: 0.
     ConnectQp {
         /// Local QP.
@@ -294,6 +300,7 @@ const K_CONNECT_QP: u8 = 5;
 const K_POST_SEND: u8 = 6;
 const K_POST_RECV: u8 = 7;
 const K_EVENT_ACK: u8 = 8;
+const K_CREATE_QP_AT: u8 = 9;
 const K_REPLY: u8 = 0x81;
 const K_COMPLETIONS: u8 = 0x82;
 const K_EVENT: u8 = 0x83;
@@ -373,6 +380,10 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             K_DEREG_MR
         }
         Message::CreateQp => K_CREATE_QP,
+        Message::CreateQpAt { qp } => {
+            w.u32(*qp);
+            K_CREATE_QP_AT
+        }
         Message::ConnectQp { qp, peer, peer_qp } => {
             w.u32(*qp);
             w.u32(*peer_qp);
@@ -630,6 +641,7 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
         }
         K_DEREG_MR => Message::DeregMr { key: r.u32()? },
         K_CREATE_QP => Message::CreateQp,
+        K_CREATE_QP_AT => Message::CreateQpAt { qp: r.u32()? },
         K_CONNECT_QP => {
             let qp = r.u32()?;
             let peer_qp = r.u32()?;
@@ -740,6 +752,7 @@ mod tests {
             },
             Message::DeregMr { key: 4 },
             Message::CreateQp,
+            Message::CreateQpAt { qp: 0x8000_0007 },
             Message::ConnectQp {
                 qp: 1,
                 peer: "rank-2".into(),

@@ -502,6 +502,7 @@ impl GuestLink {
             ),
             proto::Message::DeregMr { key } => Some(vf.deregister_mr(key).map(|_| 0)),
             proto::Message::CreateQp => Some(vf.create_qp().map(u64::from)),
+            proto::Message::CreateQpAt { qp } => Some(vf.create_qp_at(qp).map(u64::from)),
             proto::Message::ConnectQp { qp, peer, peer_qp } => {
                 Some(vf.connect_qp(qp, &peer, peer_qp).map(|_| 0))
             }
@@ -807,6 +808,9 @@ mod tests {
         }
         fn create_qp(&self) -> Result<u32, VerbsError> {
             Ok(1)
+        }
+        fn create_qp_at(&self, qp: u32) -> Result<u32, VerbsError> {
+            Ok(qp)
         }
         fn connect_qp(&self, _: u32, _: &str, _: u32) -> Result<(), VerbsError> {
             Ok(())

@@ -38,6 +38,7 @@ pub(super) fn guest() -> Vec<Vec<u8>> {
             },
         ),
         command(3, proto::Message::CreateQp),
+        command(3, proto::Message::CreateQpAt { qp: 0x8000_0001 }),
         command(
             4,
             proto::Message::ConnectQp {

@@ -110,6 +110,9 @@ pub enum VerbsError {
     /// No such QP.
     #[error("QP {0} does not exist")]
     NoSuchQp(u32),
+    /// A QP number asked for is 0 or taken.
+    #[error("QP number {0} is 0 or in use; ask for another")]
+    QpInUse(u32),
     /// No such region.
     #[error("memory region {0} does not exist")]
     NoSuchMr(u32),

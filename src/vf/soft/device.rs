@@ -69,11 +69,27 @@ impl SoftVf {
 
     /// A new reliable-connected QP, not yet connected.
     pub fn create_qp(&self) -> u32 {
+        let random = self.inner.random_ids.load(Ordering::Relaxed);
         let mut st = self.inner.state.lock();
+        // Numbers asked for with `create_qp_at` may lie ahead of the counter: skip them.
+        while st.next_qp == 0 || st.qps.contains_key(&st.next_qp) {
+            st.advance_qp(random);
+        }
         let n = st.next_qp;
-        st.advance_qp(self.inner.random_ids.load(Ordering::Relaxed));
+        st.advance_qp(random);
         st.qps.insert(n, Qp::new());
         n
+    }
+
+    /// A new QP numbered `qp`, so that a peer can compute its number; refused if 0 or in
+    /// use.
+    pub fn create_qp_at(&self, qp: u32) -> Result<u32, VerbsError> {
+        let mut st = self.inner.state.lock();
+        if qp == 0 || st.qps.contains_key(&qp) {
+            return Err(VerbsError::QpInUse(qp));
+        }
+        st.qps.insert(qp, Qp::new());
+        Ok(qp)
     }
 
     /// Connects a QP to a peer VM's QP; the peer must be in the cluster map.
@@ -159,6 +175,10 @@ impl Vf for SoftVf {
 
     fn create_qp(&self) -> Result<u32, VerbsError> {
         Ok(SoftVf::create_qp(self))
+    }
+
+    fn create_qp_at(&self, qp: u32) -> Result<u32, VerbsError> {
+        SoftVf::create_qp_at(self, qp)
     }
 
     fn connect_qp(&self, qp: u32, peer_vm: &str, peer_qp: u32) -> Result<(), VerbsError> {

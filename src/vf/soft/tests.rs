@@ -1351,3 +1351,38 @@ fn another_vm_cannot_seek_this_vms_vf() {
     assert!(src.vf.handoff_destination().is_none());
     assert!(!src.vf.handoff_send_state(1, b"secret".to_vec()));
 }
+
+#[test]
+fn qps_at_numbers_both_ends_compute_carry_a_write_and_taken_numbers_are_refused() {
+    let (a, b) = (vm("a"), vm("b"));
+    a.vf.set_peer_address("b", b.vf.listen_addr());
+    b.vf.set_peer_address("a", a.vf.listen_addr());
+    let access = Access {
+        local_write: true,
+        remote_write: true,
+    };
+    let seg = vec![GpaRange {
+        gpa: BUF_GPA,
+        len: 64 << 10,
+    }];
+    let ka = a.vf.register_mr(BUF_VA, seg.clone(), access).unwrap();
+    let kb = b.vf.register_mr(BUF_VA, seg, access).unwrap();
+    // Each end computes the other's number; nothing is exchanged.
+    let (qa, qb) = (0x8000_00a1, 0x8000_00b2);
+    assert_eq!(a.vf.create_qp_at(qa).unwrap(), qa);
+    assert_eq!(b.vf.create_qp_at(qb).unwrap(), qb);
+    a.vf.connect_qp(qa, "b", qb).unwrap();
+    b.vf.connect_qp(qb, "a", qa).unwrap();
+    a.dma.write(BUF_GPA, b"numbered").unwrap();
+    a.vf.post_send(qa, write_wr(1, ka, kb, 8, 0x40, None))
+        .unwrap();
+    assert_eq!(one(&a.vf).status, Status::Success);
+    assert_eq!(b.dma.read(BUF_GPA + 0x40, 8).unwrap(), b"numbered");
+    // Taken, or 0: refused, and the QP there is untouched.
+    assert!(matches!(a.vf.create_qp_at(qa), Err(VerbsError::QpInUse(n)) if n == qa));
+    assert!(matches!(a.vf.create_qp_at(0), Err(VerbsError::QpInUse(0))));
+    // The counter skips a number asked for ahead of it.
+    let next = a.vf.create_qp();
+    assert!(a.vf.create_qp_at(next + 1).is_ok());
+    assert_eq!(a.vf.create_qp(), next + 2);
+}

@@ -45,6 +45,10 @@ impl Vf for VfioVerbs {
         self.refuse()
     }
 
+    fn create_qp_at(&self, _: u32) -> Result<u32, VerbsError> {
+        self.refuse()
+    }
+
     fn connect_qp(&self, _: u32, _: &str, _: u32) -> Result<(), VerbsError> {
         self.refuse()
     }
