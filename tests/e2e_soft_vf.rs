@@ -21,6 +21,8 @@ fn options(workload: Workload, strategy: Option<Strategy>, dir: &RunDir) -> Scen
         Workload::RdmaBw => (2, 65536, RDMA_BW_ITERS, 2),
         // 64 B ping-pong, no migration.
         Workload::RdmaLat => (2, 64, 2000, 0),
+        // Messages of 5 KB to 120 KB (two segments) around three VMs.
+        Workload::MsgRing => (3, 40_000, 600, 150),
     };
     ScenarioOptions {
         driver: Default::default(),
@@ -175,6 +177,37 @@ fn lu_lite_negative_control_without_tracking_changes_the_result() {
         r.checksums, reference.checksums,
         "with the dirty log off, RDMA writes during precopy must be lost and the checksum must show it"
     );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
+fn msg_ring_across_a_migration_delivers_every_message_whole() {
+    let _m = machine();
+    init_logging();
+    let dir = RunDir::new("msg-ring");
+    let r = scenario::run_compared(
+        &options(Workload::MsgRing, Some(Strategy::Transparent), &dir),
+        &mut Quiet,
+    )
+    .expect("msg-ring runs");
+    eprintln!(
+        "checksums {:?} reference {:?} ranks {:?}",
+        r.checksums, r.reference, r.ranks
+    );
+    assert!(r.migration.is_some());
+    assert!(
+        r.checksum_match,
+        "every message arrives whole, as without migration"
+    );
+    for (name, rank) in &r.ranks {
+        assert!(rank.done && rank.errors.is_empty(), "{name}: {rank:?}");
+        assert_eq!(rank.failed_completions, 0, "{name}: messages that differed");
+        assert_eq!(rank.iteration_ms.len(), 600, "{name}");
+    }
+    assert_eq!(r.lost_ops, 0);
 }
 
 #[test]

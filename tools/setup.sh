@@ -128,7 +128,7 @@ pack_cpio() { (cd "$1" && find . | cpio -o -H newc --quiet | gzip -1) > "$2.tmp"
 # ---- 3. guest initramfs -----------------------------------------------------
 # The guest binaries (static) are built by cargo when the guest crate exists.
 initrd=$cache/initramfs.cpio.gz
-guest_bins=(vfmig-agent lu-lite rdma-bw rdma-lat vf-probe)
+guest_bins=(vfmig-agent lu-lite rdma-bw rdma-lat vf-probe msg-ring)
 guest_hash=none
 if [ -f "$repo/guest/Cargo.toml" ]; then
   # the sources of the guest crate and of the protocol crate it uses

@@ -250,6 +250,15 @@ impl std::fmt::Debug for Device {
     }
 }
 
+/// The high 16 bits of this device's `seq`: from the PID and the device's index in the
+/// process, so that the devices of the guest's processes (and of one process) tell their
+/// replies apart.
+fn seq_base() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let index = NEXT.fetch_add(1, Ordering::Relaxed);
+    ((std::process::id() << 4) ^ index) << 16
+}
+
 /// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -285,7 +294,7 @@ impl Device {
         let shared = Arc::new(Shared {
             io,
             mac,
-            seq_base: (std::process::id() & 0xffff) << 16,
+            seq_base: seq_base(),
             seq: AtomicU32::new(1),
             qps: Mutex::new(HashSet::new()),
             stop: AtomicBool::new(false),

@@ -62,6 +62,12 @@ impl AvTable {
         }
     }
 
+    /// The names inserted from index `from` on (removed ones skipped), and the next index.
+    pub fn names_from(&self, from: usize) -> (Vec<String>, usize) {
+        let names = self.names.iter().skip(from).flatten().cloned().collect();
+        (names, self.names.len())
+    }
+
     /// The name behind `addr`.
     pub fn name(&self, addr: ffi::fi_addr_t) -> Option<&str> {
         self.names.get(addr as usize)?.as_deref()

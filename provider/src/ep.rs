@@ -68,6 +68,8 @@ pub struct EpState {
     tagged: EpMatcher,
     msg: EpMatcher,
     arrivals: Vec<(String, Wire)>,
+    /// How many of the bound AV's entries the transport was told to expect.
+    expected: usize,
 }
 
 /// The state behind a `fid_ep`, shared with the completion queues it is bound to.
@@ -99,6 +101,7 @@ impl EpShared {
             tagged: Matcher::new(directed),
             msg: Matcher::new(directed),
             arrivals: Vec::new(),
+            expected: 0,
         })))
     }
 
@@ -319,6 +322,19 @@ impl EpState {
 
     /// Matches what the transport received since the last call.
     pub fn progress(&mut self) {
+        // Peers inserted since the last turn: the transport gets ready for their messages.
+        if let Some(av) = &self.av {
+            let (new, next) = av
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .names_from(self.expected);
+            self.expected = next;
+            for name in new {
+                if let Err(e) = self.transport.expect(&name) {
+                    crate::log_message(&format!("getting ready for {name}: {e}"));
+                }
+            }
+        }
         let mut arrivals = std::mem::take(&mut self.arrivals);
         self.transport.poll(&mut arrivals);
         for (from, wire) in arrivals.drain(..) {

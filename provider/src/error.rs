@@ -66,6 +66,8 @@ impl FiError {
                 ffi::FI_EHOSTUNREACH
             }
             FiError::Transport(crate::transport::TransportError::Unavailable(..)) => ffi::FI_ENOSYS,
+            FiError::Transport(crate::transport::TransportError::Busy(_)) => ffi::FI_EAGAIN,
+            FiError::Transport(crate::transport::TransportError::Failed(_)) => ffi::FI_EIO,
             FiError::Panic(_) => ffi::FI_EOTHER,
         };
         code as i32

@@ -20,7 +20,7 @@ pub const PROVIDER_VERSION: u32 = ffi::fi_version(0, 1);
 /// The oldest API version answered: 1.5 gave `mr_mode` its bit meaning (Open MPI 4.1 asks 1.5).
 pub const MIN_API_VERSION: u32 = ffi::fi_version(1, 5);
 /// The largest message: eager messages only, one bounce buffer each.
-pub const MAX_MSG_SIZE: usize = 64 * 1024;
+pub const MAX_MSG_SIZE: usize = vfmig_guest::channel::MAX_MESSAGE;
 /// Sends up to this size complete at once (`fi_inject`, `FI_INJECT`).
 pub const INJECT_SIZE: usize = 256;
 /// Bytes of remote CQ data carried by a message (the VF's immediate is 32 bits).

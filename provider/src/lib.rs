@@ -10,7 +10,8 @@
 //! - [`fabric`], [`av`], [`cq`], [`ep`] (with `ep_ops` and `ep_data`, its C tables): the
 //!   libfabric objects;
 //!   `object` is what they share (fid header, class check, `-FI_ENOSYS` stubs);
-//! - [`transport`]: what carries an endpoint's eager messages (in-process loopback for now);
+//! - [`transport`]: what carries an endpoint's messages; [`softvf`]: over the guest's soft VF
+//!   (the default), or in process (`loopback`, for tests);
 //! - [`error`]: the errors and their `-FI_E*` codes.
 
 pub mod av;
@@ -24,8 +25,15 @@ pub mod ffi;
 pub mod getinfo;
 mod object;
 pub mod provider;
+pub mod softvf;
 pub mod tagmatch;
 pub mod transport;
+
+/// Says on stderr what went wrong outside any call (a peer's link failed): the application
+/// would otherwise only see its messages stop.
+pub(crate) fn log_message(msg: &str) {
+    eprintln!("vfmig-fi: {msg}");
+}
 
 /// Logs an entry point's failure on stderr when `VFMIG_FI_LOG` is set (libfabric's core asks
 /// every provider, so refusals are normal and silent by default).

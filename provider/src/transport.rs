@@ -36,7 +36,13 @@ pub enum TransportError {
     #[error("no endpoint named {0:?} is reachable")]
     UnknownPeer(String),
     #[error("the transport {0:?} is not available: {1}")]
-    Unavailable(String, &'static str),
+    Unavailable(String, String),
+    /// Too much waits to be sent: progress, then retry (`-FI_EAGAIN`).
+    #[error("{0}")]
+    Busy(String),
+    /// The VF refused, or the link to the peer failed (`-FI_EIO`).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// What carries an endpoint's messages.
@@ -47,17 +53,24 @@ pub trait Transport: Send {
     fn send(&mut self, peer: &str, wire: Wire) -> Result<(), TransportError>;
     /// Appends the messages that arrived, with their senders' names, to `out`.
     fn poll(&mut self, out: &mut Vec<(String, Wire)>);
+    /// Gets ready for messages from the endpoint named `peer` (it was inserted into the
+    /// address vector): a transport with per-peer receive resources sets them up here.
+    fn expect(&mut self, peer: &str) -> Result<(), TransportError> {
+        let _ = peer;
+        Ok(())
+    }
 }
 
-/// Opens the transport that `VFMIG_FI_TRANSPORT` names (`loopback`; the soft VF's transport is
-/// not written yet).
+/// Opens the transport that `VFMIG_FI_TRANSPORT` names: `softvf` (the default: the guest's
+/// soft VF, see [`crate::softvf`]) or `loopback` (the endpoints of one process, for tests).
 pub fn open_from_env() -> Result<Box<dyn Transport>, TransportError> {
-    let which = std::env::var("VFMIG_FI_TRANSPORT").unwrap_or_else(|_| "device".into());
+    let which = std::env::var("VFMIG_FI_TRANSPORT").unwrap_or_else(|_| "softvf".into());
     match which.as_str() {
         "loopback" => Ok(Box::new(Loopback::open())),
+        "softvf" => Ok(Box::new(crate::softvf::SoftVfTransport::open_from_env()?)),
         other => Err(TransportError::Unavailable(
             other.to_string(),
-            "only VFMIG_FI_TRANSPORT=loopback is implemented; the soft VF transport is not",
+            "VFMIG_FI_TRANSPORT is softvf (the default) or loopback".into(),
         )),
     }
 }

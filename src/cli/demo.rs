@@ -55,7 +55,9 @@ pub struct Args {
     pub lead_time: f64,
     /// Run an MPI-style job across VMs on soft VFs instead of the generator, and migrate
     /// VM `a` midway: `lu-lite` (compared with a run without migration), `rdma-bw` (every
-    /// byte sent must arrive; --n is the message size) or `rdma-lat`.
+    /// byte sent must arrive; --n is the message size), `rdma-lat`, or `msg-ring` (messages
+    /// of 1 B to several 64 KiB segments around a ring on the libfabric provider's message
+    /// channel, checked and compared with a run without migration; --n is the base size).
     #[arg(long, value_enum)]
     pub workload: Option<Workload>,
     /// With --workload: what drives the migration. `vfmig` (vfmig's orchestrator, every
@@ -68,10 +70,10 @@ pub struct Args {
     /// VMs of the job, each on its own test host (network namespace).
     #[arg(long, default_value_t = 3)]
     pub vms: usize,
-    /// lu-lite grid size.
+    /// lu-lite grid size; the message size of rdma-bw, rdma-lat and msg-ring.
     #[arg(long, default_value_t = 256)]
     pub n: u32,
-    /// lu-lite iterations.
+    /// Iterations of the job.
     #[arg(long, default_value_t = 1500)]
     pub iters: u32,
     /// Migrate once rank `a` has done this many iterations.

@@ -47,6 +47,10 @@ pub enum Workload {
     RdmaBw,
     /// perftest-style WRITE latency between `a` and `b` (ping-pong).
     RdmaLat,
+    /// Messages of one byte to several 64 KiB segments around a ring, over the message
+    /// channel the libfabric provider uses (`--n` is the base size); every message is checked
+    /// and goes into a checksum.
+    MsgRing,
 }
 
 pub use super::faults::Fault;
@@ -340,6 +344,7 @@ pub(super) fn guest_args(opts: &ScenarioOptions, me: &str) -> String {
         Workload::LuLite => "lu-lite:--n",
         Workload::RdmaBw => "rdma-bw:--size",
         Workload::RdmaLat => "rdma-lat:--size",
+        Workload::MsgRing => "msg-ring:--size",
     };
     let (tool, size) = tool.split_once(':').unwrap_or_default();
     format!(
@@ -575,7 +580,7 @@ pub fn run_compared(
 ) -> Result<ScenarioReport, ScenarioError> {
     let mut migrated_opts = opts.clone();
     migrated_opts.run_dir = opts.run_dir.join("migrated");
-    if opts.workload != Workload::LuLite {
+    if !matches!(opts.workload, Workload::LuLite | Workload::MsgRing) {
         let mut report = run(&migrated_opts, observer)?;
         report.checksum_match = report.lost_ops == 0
             && match opts.workload {
