@@ -693,6 +693,17 @@ mod tests {
             .collect()
     }
 
+    /// Channels of VMs a and b over a fake fabric, unless pinned buffers cannot be made here.
+    fn two() -> Option<(Fabric, Vec<Channel>)> {
+        if !root() {
+            eprintln!("skipped: needs root for pagemap");
+            return None;
+        }
+        let fabric = Fabric::default();
+        let chs = channels(&fabric, &["a", "b"]);
+        Some((fabric, chs))
+    }
+
     fn pattern(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -726,12 +737,9 @@ mod tests {
 
     #[test]
     fn messages_of_every_size_arrive_whole_and_in_order_with_credits_flowing_back() {
-        if !root() {
-            eprintln!("skipped: needs root for pagemap");
+        let Some((fabric, mut chs)) = two() else {
             return;
-        }
-        let fabric = Fabric::default();
-        let mut chs = channels(&fabric, &["a", "b"]);
+        };
         let b = chs[1].addr().clone();
         let a = chs[0].addr().clone();
         chs[1].connect(&a).unwrap();
@@ -800,12 +808,9 @@ mod tests {
 
     #[test]
     fn too_long_too_much_and_a_taken_qp_number_are_errors_that_say_so() {
-        if !root() {
-            eprintln!("skipped: needs root for pagemap");
+        let Some((_fabric, mut chs)) = two() else {
             return;
-        }
-        let fabric = Fabric::default();
-        let mut chs = channels(&fabric, &["a", "b"]);
+        };
         let b = chs[1].addr().clone();
         let long = Message {
             kind: 0,

@@ -50,8 +50,8 @@ fn vm_retrying_every(name: &str, retry_interval: Duration) -> TestVm {
     TestVm { vf, dma }
 }
 
-/// Two VMs that know each other, with one connected QP each and a 64 KiB region each.
-fn pair() -> (TestVm, TestVm, u32, u32, u32, u32) {
+/// Two VMs that know each other, with a 64 KiB region each (their keys).
+fn known_pair() -> (TestVm, TestVm, u32, u32) {
     let (a, b) = (vm("a"), vm("b"));
     a.vf.set_peer_address("b", b.vf.listen_addr());
     b.vf.set_peer_address("a", a.vf.listen_addr());
@@ -65,6 +65,12 @@ fn pair() -> (TestVm, TestVm, u32, u32, u32, u32) {
     }];
     let ka = a.vf.register_mr(BUF_VA, seg.clone(), access).unwrap();
     let kb = b.vf.register_mr(BUF_VA, seg, access).unwrap();
+    (a, b, ka, kb)
+}
+
+/// Two VMs that know each other, with one connected QP each and a 64 KiB region each.
+fn pair() -> (TestVm, TestVm, u32, u32, u32, u32) {
+    let (a, b, ka, kb) = known_pair();
     let (qa, qb) = (a.vf.create_qp(), b.vf.create_qp());
     a.vf.connect_qp(qa, "b", qb).unwrap();
     b.vf.connect_qp(qb, "a", qa).unwrap();
@@ -1354,19 +1360,7 @@ fn another_vm_cannot_seek_this_vms_vf() {
 
 #[test]
 fn qps_at_numbers_both_ends_compute_carry_a_write_and_taken_numbers_are_refused() {
-    let (a, b) = (vm("a"), vm("b"));
-    a.vf.set_peer_address("b", b.vf.listen_addr());
-    b.vf.set_peer_address("a", a.vf.listen_addr());
-    let access = Access {
-        local_write: true,
-        remote_write: true,
-    };
-    let seg = vec![GpaRange {
-        gpa: BUF_GPA,
-        len: 64 << 10,
-    }];
-    let ka = a.vf.register_mr(BUF_VA, seg.clone(), access).unwrap();
-    let kb = b.vf.register_mr(BUF_VA, seg, access).unwrap();
+    let (a, b, ka, kb) = known_pair();
     // Each end computes the other's number; nothing is exchanged.
     let (qa, qb) = (0x8000_00a1, 0x8000_00b2);
     assert_eq!(a.vf.create_qp_at(qa).unwrap(), qa);
