@@ -216,6 +216,29 @@ fn msg_ring_across_a_migration_delivers_every_message_whole() {
     assert_eq!(r.lost_ops, 0);
 }
 
+/// The channel honours SUSPEND and RESUME: the cooperative strategy waits for every VM's
+/// acknowledgement, which the channel gives once its sends in flight have completed.
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
+fn msg_ring_under_the_cooperative_strategy_delivers_every_message_whole() {
+    let _m = machine();
+    init_logging();
+    let dir = RunDir::new("msg-ring-cooperative");
+    let r = scenario::run_compared(
+        &options(Workload::MsgRing, Some(Strategy::Cooperative), &dir),
+        &mut Quiet,
+    )
+    .expect("msg-ring runs");
+    assert!(r.migration.is_some());
+    assert!(r.checksum_match, "{:?} vs {:?}", r.checksums, r.reference);
+    for (name, rank) in &r.ranks {
+        assert!(rank.done && rank.errors.is_empty(), "{name}: {rank:?}");
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "e2e"),

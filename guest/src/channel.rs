@@ -11,6 +11,9 @@
 //!   spends one credit per segment and learns of freed slots from the credits carried in the
 //!   peer's headers, so it never meets an empty receive queue (no RNR storm). One credit is
 //!   kept for a credit-only message, which returns credits when nothing else goes back.
+//! - **SUSPEND and RESUME** (the `cooperative` strategy): after SUSPEND the channel posts no
+//!   more sends, and acknowledges once its sends in flight have completed; receives go on.
+//!   RESUME lets the queued messages go. One process per VM acknowledges for the VM.
 //! - **Bounds.** Queued bytes per channel ([`MAX_QUEUED`]), message length ([`MAX_MESSAGE`]),
 //!   peers ([`MAX_PEERS`]). A malformed segment from a peer breaks that peer only.
 //!
@@ -18,9 +21,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use vfmig_proto::{access, Opcode, Sge, Status};
+use vfmig_proto::{access, Event, Opcode, Sge, Status};
 
 use crate::{Device, PinnedBuffer};
 
@@ -276,6 +279,15 @@ pub struct Channel {
     failed: Vec<(Addr, String)>,
     /// Called with every new chunk before it is registered (the fake fabric's tests).
     on_chunk: Option<ChunkHook>,
+    /// SUSPEND: requested by the companion, and acknowledged.
+    suspend: Arc<Mutex<Suspend>>,
+}
+
+/// Where a cooperative migration's SUSPEND stands.
+#[derive(Debug, Default, Clone, Copy)]
+struct Suspend {
+    requested: bool,
+    acked: bool,
 }
 
 type ChunkHook = Box<dyn Fn(&PinnedBuffer) + Send>;
@@ -316,8 +328,25 @@ impl Channel {
             to_self: VecDeque::new(),
             failed: Vec::new(),
             on_chunk,
+            suspend: Arc::default(),
         };
         ch.send_free = ch.take_slots(SEND_SLOTS)?;
+        let suspend = ch.suspend.clone();
+        let acker = ch.dev.event_acker();
+        ch.dev.on_event(Box::new(move |e| {
+            let mut s = suspend.lock().unwrap_or_else(|p| p.into_inner());
+            match e {
+                // Acknowledged by `progress` once no send is in flight.
+                Event::Suspend => s.requested = true,
+                Event::Resume => {
+                    *s = Suspend::default();
+                    let _ = acker.ack(e);
+                }
+                Event::Migrated => {
+                    let _ = acker.ack(e);
+                }
+            }
+        }));
         Ok(ch)
     }
 
@@ -447,7 +476,27 @@ impl Channel {
         for i in 0..self.peers.len() {
             self.pump(i);
         }
+        self.acknowledge_suspend();
         std::mem::take(&mut self.failed)
+    }
+
+    /// Whether a SUSPEND holds the sends.
+    pub fn suspended(&self) -> bool {
+        self.suspend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .requested
+    }
+
+    /// Acknowledges a SUSPEND once no send is in flight.
+    fn acknowledge_suspend(&mut self) {
+        let mut s = self.suspend.lock().unwrap_or_else(|p| p.into_inner());
+        if s.requested && !s.acked && self.send_free.len() == SEND_SLOTS {
+            match self.dev.ack_event(Event::Suspend) {
+                Ok(()) => s.acked = true,
+                Err(e) => eprintln!("vfmig: acknowledging SUSPEND: {e}"),
+            }
+        }
     }
 
     fn fail(&mut self, i: usize, why: String) {
@@ -541,7 +590,7 @@ impl Channel {
     fn pump(&mut self, i: usize) {
         loop {
             let p = &self.peers[i];
-            if p.failed.is_some() || self.send_free.is_empty() {
+            if p.failed.is_some() || self.send_free.is_empty() || self.suspended() {
                 return;
             }
             let data_ok = p.credits >= 2 && !p.queue.is_empty();
@@ -804,6 +853,36 @@ mod tests {
             log.sends_without_receive, 0,
             "credits keep a receive ready for every send"
         );
+    }
+
+    #[test]
+    fn after_suspend_nothing_is_sent_until_resume_and_everything_arrives() {
+        let Some((fabric, mut chs)) = two() else {
+            return;
+        };
+        // SUSPEND to a at its first send; RESUME 50 ms after its acknowledgement.
+        fabric.suspend_after("a", 0);
+        let (a, b) = (chs[0].addr().clone(), chs[1].addr().clone());
+        chs[1].connect(&a).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        for i in 0..20 {
+            let msg = Message {
+                kind: 1,
+                tag: i,
+                data: None,
+                payload: pattern(100_000, i as u8),
+            };
+            chs[0].send(&b, msg).unwrap();
+        }
+        let got = until(&mut chs, 1, 20);
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, (_, m))| m.payload == pattern(100_000, i as u8)));
+        let log = fabric.log();
+        assert_eq!(log.suspend_acks.get("a"), Some(&1), "{log:?}");
+        assert_eq!(log.sends_while_suspended, 0, "{log:?}");
+        assert!(!chs[0].suspended());
     }
 
     #[test]
