@@ -9,7 +9,7 @@ use vfmig::lab::demo::DemoOptions;
 use vfmig::lab::faults::{self, FaultPhase, MatrixOptions};
 use vfmig::lab::scenario::{Fault, ScenarioOptions, Workload};
 use vfmig::lab::soak::{self, SoakOptions};
-use vfmig::lab::{bench, converge_bench, drivers_bench, fabric_bench, plan_bench};
+use vfmig::lab::{bench, converge_bench, drivers_bench, fabric_bench, ops_bench, plan_bench};
 use vfmig::orchestrator::migrate::{with_progress, Observer};
 
 use super::{image, init_logging, run_dir_or_temp, vfmig_bin};
@@ -162,6 +162,17 @@ pub enum BenchCommand {
         /// Rounds of the three drivers.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// What the companion adds to each operation's latency, measured inside it: TX, from a
+    /// POST_SEND taken off the guest's TX queue to its request on the fabric; RX, from a
+    /// peer's request read off the fabric to its receive completion in the guest's RX used
+    /// ring. Two VMs, no migration: rdma-lat (64 B ping-pong), then msg-ring (the libfabric
+    /// provider's message channel). Prints a markdown table (median and p99 per companion),
+    /// then one JSON line `{"rows":[…]}`. Each workload runs `--iters` iterations, at least
+    /// 2000.
+    Ops {
         #[command(flatten)]
         job: JobArgs,
     },
@@ -355,6 +366,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let opts = job.options(iters, 128 << 20)?;
             let rows = drivers_bench::run(&opts, rounds, |l| eprintln!("bench: {l}"))?;
             println!("{}", drivers_bench::markdown(&rows));
+            println!("{}", serde_json::json!({ "rows": rows }));
+            Ok(())
+        }
+        BenchCommand::Ops { job } => {
+            let iters = job.iters.max(2000);
+            let opts = job.options(iters, 128 << 20)?;
+            let rows = ops_bench::run(&opts, iters, |l| eprintln!("bench: {l}"))?;
+            println!("{}", ops_bench::markdown(&rows));
             println!("{}", serde_json::json!({ "rows": rows }));
             Ok(())
         }

@@ -26,7 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use vfmig_proto as proto;
@@ -35,6 +35,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::memory::DmaEngine;
 use crate::vf::verbs::{Access, GpaRange, RecvWr, SendWr, VerbsError};
 use crate::vf::Vf;
+
+use super::op_latency::{OpLatency, OpLatencyReport};
 
 /// Largest message a guest may post (the fabric's largest payload).
 pub const MAX_MESSAGE: u32 = 16 << 20;
@@ -198,6 +200,8 @@ pub struct GuestLinkStats {
     pub suspend_acks: u64,
     /// RESUME events the guest runtime acknowledged.
     pub resume_acks: u64,
+    /// What the companion adds to each operation's latency (see `op_latency`).
+    pub op_latency: OpLatencyReport,
 }
 
 #[derive(Default)]
@@ -210,11 +214,28 @@ struct Counters {
     resume_acks: AtomicU64,
 }
 
+/// A frame for the guest, with when the fabric delivered the requests behind the receive
+/// completions it carries (for the companion's RX latency).
+#[derive(Debug)]
+pub struct ForGuest {
+    frame: Vec<u8>,
+    arrivals: Vec<Instant>,
+}
+
+impl std::ops::Deref for ForGuest {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.frame
+    }
+}
+
 /// The guest's end of the VF.
 pub struct GuestLink {
     vf: Option<Arc<dyn Vf>>,
     dma: Arc<DmaEngine>,
-    rx: Mutex<VecDeque<Vec<u8>>>,
+    rx: Mutex<VecDeque<ForGuest>>,
+    /// What the companion adds to each operation's latency.
+    latency: OpLatency,
     /// Written when frames are queued; the vring worker then fills the receive queue.
     pub rx_event: EventFd,
     guest_mac: Mutex<[u8; 6]>,
@@ -239,6 +260,7 @@ impl GuestLink {
             vf,
             dma,
             rx: Mutex::new(VecDeque::new()),
+            latency: OpLatency::default(),
             rx_event: EventFd::new(EFD_NONBLOCK)?,
             guest_mac: Mutex::new([0xff; 6]),
             counters: Counters::default(),
@@ -267,6 +289,7 @@ impl GuestLink {
             frames_waiting: self.rx.lock().len() as u64,
             suspend_acks: c.suspend_acks.load(Ordering::Relaxed),
             resume_acks: c.resume_acks.load(Ordering::Relaxed),
+            op_latency: self.latency.report(),
         }
     }
 
@@ -314,8 +337,17 @@ impl GuestLink {
                     budget.complete(c);
                 }
             }
-            let msg = proto::Message::Completions(cs);
-            self.queue(0, msg);
+            let arrivals: Vec<Instant> = cs
+                .iter()
+                .filter(|c| {
+                    matches!(
+                        c.opcode,
+                        proto::Opcode::Recv | proto::Opcode::RecvRdmaWithImm
+                    )
+                })
+                .filter_map(|c| vf.arrival(c.qp, c.wr_id))
+                .collect();
+            self.queue_with(0, proto::Message::Completions(cs), arrivals);
             crate::trace::steps::first("first-completion-to-guest", "");
         }
     }
@@ -336,13 +368,19 @@ impl GuestLink {
 
     /// Queues a frame for the guest.
     pub fn queue(&self, seq: u32, msg: proto::Message) {
+        self.queue_with(seq, msg, Vec::new());
+    }
+
+    /// Queues a frame for the guest whose completions' requests came off the fabric at
+    /// `arrivals`.
+    fn queue_with(&self, seq: u32, msg: proto::Message, arrivals: Vec<Instant>) {
         let frame = proto::encode(&proto::Frame {
             dst: *self.guest_mac.lock(),
             src: proto::COMPANION_MAC,
             seq,
             msg,
         });
-        self.rx.lock().push_back(frame);
+        self.rx.lock().push_back(ForGuest { frame, arrivals });
         let _ = self.rx_event.write(1);
     }
 
@@ -405,7 +443,7 @@ impl GuestLink {
     }
 
     /// Takes the next frame for the guest, unless the device is quiesced.
-    pub fn next_for_guest(&self) -> Option<Vec<u8>> {
+    pub fn next_for_guest(&self) -> Option<ForGuest> {
         if self.dma.gate_state().quiesced {
             return None;
         }
@@ -413,26 +451,33 @@ impl GuestLink {
     }
 
     /// Puts back a frame that found no receive buffer.
-    pub fn put_back(&self, frame: Vec<u8>) {
+    pub fn put_back(&self, frame: ForGuest) {
         self.rx.lock().push_front(frame);
     }
 
-    /// Counts a frame written into the guest's receive queue.
-    pub fn delivered(&self) {
+    /// Counts a frame written into the guest's receive queue (its used ring): the receive
+    /// completions in it are measured from their arrival off the fabric.
+    pub fn delivered(&self, frame: &ForGuest) {
         self.counters.to_guest.fetch_add(1, Ordering::Relaxed);
+        for at in &frame.arrivals {
+            self.latency.rx(at.elapsed());
+        }
     }
 
     /// Frames waiting for the guest, taken for a migration (with the pump stopped).
     pub fn take_waiting(&self) -> Vec<Vec<u8>> {
         let _pump = self.pump.lock();
-        self.rx.lock().drain(..).collect()
+        self.rx.lock().drain(..).map(|f| f.frame).collect()
     }
 
     /// Queues frames that waited at the source.
     pub fn restore_waiting(&self, frames: Vec<Vec<u8>>) {
         let mut rx = self.rx.lock();
-        for f in frames.into_iter().rev() {
-            rx.push_front(f);
+        for frame in frames.into_iter().rev() {
+            rx.push_front(ForGuest {
+                frame,
+                arrivals: Vec::new(),
+            });
         }
         drop(rx);
         let _ = self.rx_event.write(1);
@@ -440,6 +485,12 @@ impl GuestLink {
 
     /// Handles one frame the guest transmitted (without the virtio-net header).
     pub fn on_frame(&self, bytes: &[u8]) {
+        self.on_frame_taken_at(bytes, Instant::now());
+    }
+
+    /// [`Self::on_frame`], for a frame taken off the TX queue at `taken` (a POST_SEND is
+    /// measured from there to its request on the fabric).
+    pub fn on_frame_taken_at(&self, bytes: &[u8], taken: Instant) {
         if bytes.len() < 14 || u16::from_be_bytes([bytes[12], bytes[13]]) != proto::ETHERTYPE {
             self.counters.other.fetch_add(1, Ordering::Relaxed);
             return;
@@ -520,12 +571,13 @@ impl GuestLink {
                 let admitted = self.budget.lock().admit_send(qp, s.len);
                 match admitted {
                     Err(refused) => self.refuse_post(refused, qp, wr_id, opcode),
-                    Ok(_) => {
-                        if let Err(err) = vf.post_send(qp, SendWr { wr_id, sge: s, op }) {
+                    Ok(_) => match vf.post_send(qp, SendWr { wr_id, sge: s, op }) {
+                        Ok(()) => self.latency.tx(taken.elapsed()),
+                        Err(err) => {
                             self.budget.lock().unpost_send(qp);
                             tracing::warn!(error = %err, "POST_SEND refused");
                         }
-                    }
+                    },
                 }
                 None
             }
@@ -881,6 +933,8 @@ mod tests {
         }
         let held = (MAX_SEND_BYTES / (8 << 20)) as usize;
         assert_eq!(vf.sends.lock().len(), held);
+        // Each send the VF took is measured from the TX queue; refused ones are not.
+        assert_eq!(link.stats().op_latency.tx.ops, held as u64);
         let refused = completions(&link, 40 - held);
         assert_eq!(refused.len(), 40 - held);
         assert!(refused

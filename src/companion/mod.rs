@@ -13,6 +13,7 @@ pub mod generator;
 pub mod guest_link;
 mod handler;
 pub mod handoff;
+pub mod op_latency;
 pub mod vhost_filter;
 pub mod vhost_net;
 

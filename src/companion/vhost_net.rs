@@ -154,6 +154,7 @@ impl NetBackend {
         }
         crate::trace::steps::first("first-frame-from-guest", "");
         for chain in chains {
+            let taken = std::time::Instant::now();
             let head = chain.head_index();
             let mut frame = Vec::new();
             for desc in chain.filter(|d| !d.is_write_only()) {
@@ -171,7 +172,8 @@ impl NetBackend {
                 Ordering::Relaxed,
             );
             if frame.len() > NET_HDR_LEN as usize {
-                self.guest.on_frame(&frame[NET_HDR_LEN as usize..]);
+                self.guest
+                    .on_frame_taken_at(&frame[NET_HDR_LEN as usize..], taken);
             }
             state
                 .add_used(head, 0)
@@ -213,18 +215,20 @@ impl NetBackend {
                 }
                 written += n;
             }
-            if written < data.len() {
+            let whole = written == data.len();
+            if !whole {
                 tracing::warn!(
                     frame = frame.len(),
                     written,
                     "guest receive buffer too small for a vfmig frame: dropped"
                 );
-            } else {
-                self.guest.delivered();
             }
             state
                 .add_used(head, written as u32)
                 .map_err(|e| io::Error::other(format!("RX used ring: {e}")))?;
+            if whole {
+                self.guest.delivered(&frame);
+            }
             delivered = true;
         }
         if delivered {

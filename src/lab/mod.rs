@@ -30,6 +30,7 @@ pub mod libvirt_demo;
 pub mod libvirt_hosts;
 pub mod libvirt_job;
 pub mod nested;
+pub mod ops_bench;
 pub mod plan_bench;
 pub mod qmp_driver;
 pub mod scenario;

@@ -2,6 +2,7 @@
 //! host (network namespace), talking over soft VFs; midway, VM `a` migrates to a fresh QEMU and
 //! companion on another host, and the job's result is checked against a run without migration.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -193,7 +194,33 @@ pub fn run_with(
     let (ranks, stalled) = wait_for_results(opts, &job.names, &logs, deadline, stall)?;
     let mut report = report(opts, &job.names, ranks, outcome);
     report.stalled = stalled;
+    report.op_latency = op_latency(&job);
     Ok(report)
+}
+
+/// What each companion of the job added to each operation's latency, as its stats say now.
+fn op_latency(job: &Job) -> BTreeMap<String, crate::companion::op_latency::OpLatencyReport> {
+    let named = job.names.iter().cloned().zip(&job.vms).chain(
+        job.dest
+            .iter()
+            .map(|d| (format!("{}-dest", job.names[0]), d)),
+    );
+    named
+        .filter_map(|(name, vm)| {
+            let stats = crate::companion::control::ControlClient::connect(
+                &vm.paths.control_socket,
+                Duration::from_secs(5),
+            )
+            .and_then(|mut c| c.stats());
+            match stats {
+                Ok(s) => Some((name, s.guest_link.op_latency)),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %error_chain(&e), "a companion's stats are unreadable");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// The VMs of a run, each rank on its own test host, and `a`'s destination when it migrates.

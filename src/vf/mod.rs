@@ -58,6 +58,12 @@ pub trait Vf: Send + Sync {
     fn poll_cq(&self, max: usize) -> Result<Vec<Completion>, VerbsError>;
     /// Waits up to `timeout` for at least one completion, then takes up to `max`.
     fn wait_cq(&self, max: usize, timeout: Duration) -> Result<Vec<Completion>, VerbsError>;
+    /// When the request behind receive completion `(qp, wr_id)` came off the fabric, if the
+    /// VF knows (the companion's latency figures).
+    fn arrival(&self, qp: u32, wr_id: u64) -> Option<std::time::Instant> {
+        let _ = (qp, wr_id);
+        None
+    }
 }
 
 /// What of a VF moves with the VM at switchover besides guest RAM, as cloud-hypervisor's

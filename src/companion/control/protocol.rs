@@ -564,6 +564,10 @@ mod tests {
                         "frames_from_guest": 0, "other_frames": 0, "malformed_frames": 0,
                         "frames_to_guest": 0, "frames_waiting": 0, "suspend_acks": 1,
                         "resume_acks": 0,
+                        "op_latency": {
+                            "tx": {"ops": 0, "median_us": 0.0, "p99_us": 0.0, "max_us": 0.0},
+                            "rx": {"ops": 0, "median_us": 0.0, "p99_us": 0.0, "max_us": 0.0},
+                        },
                     },
                     "throttle": {
                         "policy": "auto", "bandwidth": 8000000, "rate": 6400000,

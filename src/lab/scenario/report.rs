@@ -58,6 +58,10 @@ pub struct ScenarioReport {
     /// A job that stopped making progress after an injected fault: which ranks gave no
     /// result (only when the injection asks for stalls to be reported, not failed).
     pub stalled: Option<String>,
+    /// What each companion added to each operation's latency (TX queue to fabric, fabric to
+    /// RX used ring), read when the job ended: by VM (`a`, `b`, …; `a-dest` for `a`'s
+    /// destination).
+    pub op_latency: BTreeMap<String, crate::companion::op_latency::OpLatencyReport>,
 }
 
 /// Median iteration times around the migration.
@@ -152,5 +156,6 @@ pub(in crate::lab) fn report(
         ranks: by_name,
         fault: outcome.fault,
         stalled: None,
+        op_latency: BTreeMap::new(),
     }
 }

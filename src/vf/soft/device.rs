@@ -181,6 +181,10 @@ impl Vf for SoftVf {
         SoftVf::create_qp_at(self, qp)
     }
 
+    fn arrival(&self, qp: u32, wr_id: u64) -> Option<std::time::Instant> {
+        SoftVf::arrival(self, qp, wr_id)
+    }
+
     fn connect_qp(&self, qp: u32, peer_vm: &str, peer_qp: u32) -> Result<(), VerbsError> {
         SoftVf::connect_qp(self, qp, peer_vm, peer_qp)
     }

@@ -95,6 +95,9 @@ struct Inner {
     moved: AtomicBool,
     /// Memory keys and QP numbers drawn at random (see [`SoftVf::randomize_ids`]).
     random_ids: AtomicBool,
+    /// When the requests behind the latest receive completions came off the fabric:
+    /// `(qp, wr_id, when)`, oldest first, at most [`MAX_ARRIVALS`] (see [`SoftVf::arrival`]).
+    arrivals: Mutex<std::collections::VecDeque<(u32, u64, std::time::Instant)>>,
     /// Connections served, for the caps.
     conns: Mutex<link::Conns>,
     /// The last parallel announce.
@@ -132,6 +135,9 @@ struct Inner {
 pub struct SoftVf {
     inner: Arc<Inner>,
 }
+
+/// Receive completions whose arrival time is kept for the companion's latency figures.
+const MAX_ARRIVALS: usize = 4096;
 
 impl SoftVf {
     /// A soft VF for `vm`, writing guest RAM through `dma`, listening for peers on `listen`
@@ -174,6 +180,7 @@ impl SoftVf {
             retired: AtomicBool::new(false),
             moved: AtomicBool::new(false),
             random_ids: AtomicBool::new(false),
+            arrivals: Mutex::new(std::collections::VecDeque::new()),
             conns: Mutex::new(link::Conns::default()),
             announce_round: Mutex::new(link::Round::default()),
             announce_seq: AtomicU64::new(0),
@@ -252,6 +259,17 @@ impl SoftVf {
     /// Lets peers announce that they moved to `addr` (a destination's fabric address).
     pub fn allow_address(&self, addr: &str) {
         self.inner.allowed.lock().insert(addr.into());
+    }
+
+    /// When the request behind receive completion `(qp, wr_id)` came off the fabric, if it is
+    /// among the latest kept; marks older than it are dropped (completions are taken in
+    /// order).
+    pub fn arrival(&self, qp: u32, wr_id: u64) -> Option<std::time::Instant> {
+        let mut a = self.inner.arrivals.lock();
+        let at = a.iter().position(|&(q, w, _)| q == qp && w == wr_id)?;
+        let (_, _, when) = a[at];
+        a.drain(..=at);
+        Some(when)
     }
 
     /// From now on, memory keys and QP numbers are drawn at random (unused, never 0), not

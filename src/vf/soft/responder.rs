@@ -136,6 +136,7 @@ impl<'a> Request<'a> {
 
 /// Applies a request from `peer`.
 pub(super) fn apply<P: AsRef<[u8]>>(inner: &Arc<Inner>, peer: &str, frame: FrameOf<P>) -> Outcome {
+    let arrived = std::time::Instant::now();
     let Some(req) = Request::from_frame(&frame) else {
         return Outcome::Ack(AckStatus::RemoteInvalid);
     };
@@ -165,7 +166,7 @@ pub(super) fn apply<P: AsRef<[u8]>>(inner: &Arc<Inner>, peer: &str, frame: Frame
         Some(Ok(())) => {
             #[cfg(test)]
             pause_after_dma(inner);
-            finish(inner, &req)
+            finish(inner, &req, arrived)
         }
         Some(Err(())) => Outcome::Ack(AckStatus::RemoteAccess),
         None => Outcome::Close,
@@ -333,7 +334,7 @@ fn receive_target(
 }
 
 /// After the bytes landed: the QP expects the next PSN, and the receive (if any) completes.
-fn finish(inner: &Inner, req: &Request) -> Outcome {
+fn finish(inner: &Inner, req: &Request, arrived: std::time::Instant) -> Outcome {
     let mut st = inner.state.lock();
     let Some(q) = st.qps.get_mut(&req.dst_qp) else {
         return Outcome::Ack(AckStatus::NoSuchQp);
@@ -345,6 +346,13 @@ fn finish(inner: &Inner, req: &Request) -> Outcome {
         None
     };
     if let Some(r) = recv {
+        {
+            let mut a = inner.arrivals.lock();
+            if a.len() >= super::MAX_ARRIVALS {
+                a.pop_front();
+            }
+            a.push_back((req.dst_qp, r.wr_id, arrived));
+        }
         complete(
             &mut st,
             inner,

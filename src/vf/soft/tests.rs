@@ -203,6 +203,14 @@ fn send_lands_in_the_posted_receive_and_waits_for_one() {
     let r = one(&b.vf);
     assert_eq!((r.wr_id, r.opcode, r.byte_len), (6, Opcode::Recv, 100));
     assert_eq!(b.dma.read(BUF_GPA + 0x1000, 100).unwrap(), vec![0xab; 100]);
+    // When the SEND came off the fabric is kept for the companion's latency, once.
+    let arrived = b.vf.arrival(qb, 6).expect("the receive's arrival is kept");
+    assert!(arrived.elapsed() < Duration::from_secs(10));
+    assert!(b.vf.arrival(qb, 6).is_none(), "taken once");
+    assert!(
+        a.vf.arrival(qa, 5).is_none(),
+        "a send's completion has none"
+    );
 }
 
 #[test]
