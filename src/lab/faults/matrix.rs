@@ -394,6 +394,7 @@ mod tests {
                 notes: vec![],
             }),
             stalled: None,
+            op_latency: BTreeMap::new(),
         }
     }
 
