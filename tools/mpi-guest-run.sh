@@ -50,7 +50,7 @@ ip link set "$nic" up
   for j in $($bb seq 0 $((count - 1))); do echo "10.78.0.$((j + 1)) mpi$j"; done
 } > /etc/hosts
 /usr/sbin/dropbear -s -r /etc/dropbear/dropbear_ed25519_host_key -p 22
-echo "vfmig-mpi: up $me 10.78.0.$((index + 1)) on $nic"
+echo "vfmig-mpi: up $me 10.78.0.$((index + 1)) on $nic, $($bb awk '/^MemAvailable/ {print int($2 / 1024)}' /proc/meminfo) MiB available"
 
 [ -n "$hpcc" ] && {
   IFS=: read -r n nb p q <<HPCC
