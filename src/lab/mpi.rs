@@ -20,9 +20,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::hosts::{Hosts, HostsError};
+use super::qmp_driver::QmpDriveError;
 use crate::orchestrator::launch::{
     mac_for, GuestImage, IpNic, LaunchError, Nic, Role, RunningVm, VmSpec,
 };
+use crate::orchestrator::summary::MigrationSummary;
 
 /// Open MPI's own libfabric path over TCP: the MPI data path until the vfmig provider takes
 /// its place.
@@ -67,6 +69,15 @@ pub enum MpiError {
         serial: PathBuf,
         /// Its last lines.
         tail: String,
+    },
+    /// The migration failed.
+    #[error("MPI run: migrating VM {vm} failed")]
+    Migration {
+        /// The VM.
+        vm: String,
+        /// Why.
+        #[source]
+        source: Box<QmpDriveError>,
     },
     /// HPCC's output has no summary to judge.
     #[error("hpccoutf.txt has no summary section (HPCC did not finish)")]
@@ -413,6 +424,10 @@ pub struct MpiRunOptions {
     pub hpcc: Option<HpccInput>,
     /// NetPIPE between the first two VMs up to this message size; none: no NetPIPE.
     pub netpipe_max_bytes: Option<u64>,
+    /// Migrate the last VM to a fresh QEMU and companion on another test host this long after
+    /// HPCC (or the first job) started, by plain QMP (`migrate-incoming`, `migrate`, `cont`);
+    /// none: no migration.
+    pub migrate_after: Option<Duration>,
     /// How long the whole run may take.
     pub timeout: Duration,
 }
@@ -435,6 +450,8 @@ pub struct MpiReport {
     pub netpipe_job: Option<JobOutcome>,
     /// NetPIPE's points.
     pub netpipe: Vec<NetpipePoint>,
+    /// The migration of the last VM, when there was one.
+    pub migration: Option<MigrationSummary>,
     /// Seconds from the first launch until every guest's driver had started its NIC.
     pub boot_secs: f64,
     /// Seconds of the whole run.
@@ -501,7 +518,8 @@ fn tail(path: &Path, lines: usize) -> String {
 /// from its console.
 pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
     let start = Instant::now();
-    let hosts = Hosts::create(opts.vms)?;
+    // One host more for the migration's destination.
+    let hosts = Hosts::create(opts.vms + usize::from(opts.migrate_after.is_some()))?;
     let mut jobs = Vec::new();
     if opts.hpcc.is_some() {
         jobs.push(MpiJob {
@@ -533,11 +551,66 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
         })?;
     }
     let boot_secs = start.elapsed().as_secs_f64();
+    let launch_error = |vm: &str| {
+        let vm = vm.to_string();
+        move |e| MpiError::Launch {
+            vm,
+            source: Box::new(e),
+        }
+    };
+    // The last VM's destination: the same NICs (its IP NIC's MAC included) on the next host.
+    let last = opts.vms - 1;
+    let dest = match opts.migrate_after {
+        None => None,
+        Some(_) => {
+            let mut spec = vm_spec(opts, &hosts, last, &jobs, group);
+            spec.role = Role::Destination;
+            spec.run_dir = opts.run_dir.join(format!("{}-destination", spec.name));
+            spec.netns = Some(hosts.netns(opts.vms));
+            if let Some(nic) = spec.ip_nic.as_mut() {
+                nic.local = hosts.addr(opts.vms);
+            }
+            let name = spec.name.clone();
+            Some(RunningVm::launch(spec).map_err(launch_error(&name))?)
+        }
+    };
     let serial = vms[0].paths.serial_log.clone();
+    let mut migration = None;
+    // When this process first saw a job start on rank 0's console.
+    let mut job_started: Option<Instant> = None;
     let console = loop {
         let c = Console::parse(&std::fs::read_to_string(&serial).unwrap_or_default());
         if c.done {
             break c;
+        }
+        if job_started.is_none() && !c.jobs.is_empty() {
+            job_started = Some(Instant::now());
+        }
+        if let (Some(after), Some(dest), None) = (opts.migrate_after, dest.as_ref(), &migration) {
+            if let Some(since) = job_started {
+                if since.elapsed() >= after {
+                    let src = &vms[last];
+                    let name = src.spec.name.clone();
+                    let summary = super::qmp_driver::migrate(
+                        &src.qmp().map_err(launch_error(&name))?,
+                        &dest.qmp().map_err(launch_error(&name))?,
+                        &format!("tcp:{}:4444", hosts.addr(opts.vms)),
+                        None,
+                        opts.timeout,
+                        None,
+                    )
+                    .map_err(|e| MpiError::Migration {
+                        vm: name,
+                        source: Box::new(e),
+                    })?;
+                    tracing::info!(
+                        total_ms = summary.total_ms,
+                        downtime_ms = summary.downtime_ms,
+                        "MPI run: the last VM migrated"
+                    );
+                    migration = Some(summary);
+                }
+            }
         }
         if start.elapsed() > opts.timeout {
             return Err(MpiError::Timeout {
@@ -565,6 +638,7 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
             .map(|j| netpipe_points(&j.output))
             .unwrap_or_default(),
         netpipe_job,
+        migration,
         boot_secs,
         wall_secs: start.elapsed().as_secs_f64(),
     })
