@@ -306,6 +306,7 @@ fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps
         }),
         guest_args: "vfmig.run=vf-probe vfmig.args=--me:a".into(),
         passthrough: None,
+        ip_nic: None,
     })
     .expect("launch");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);

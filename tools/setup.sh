@@ -6,6 +6,7 @@
 #   - libfabric 1.17 (headers, fi_info), libclang (bindgen) and Open MPI 4.1, for the provider
 #   - a Debian guest kernel (cloud flavour), unpacked
 #   - the guest initramfs: busybox, the virtio-net modules, vfmig's init and guest binaries
+#   - the MPI guest image: that initramfs plus Debian's Open MPI, HPCC and NetPIPE (lab only)
 # Idempotent: what it fetched is cached under $VFMIG_CACHE (default: <repo>/.cache).
 # Run as root (apt-get). Safe to run again; it does only what is missing.
 set -euo pipefail
@@ -180,4 +181,8 @@ if [ ! -e "$l1_initrd" ] || [ "$(cat "$cache/l1-initramfs.stamp" 2>/dev/null)" !
   pack_cpio "$stage" "$l1_initrd"
   echo "$l1_stamp" > "$cache/l1-initramfs.stamp"
 fi
+# ---- 5. the MPI guest image ---------------------------------------------------------------
+# Debian's Open MPI, HPCC, NetPIPE and libfabric with dropbear, over the initramfs of section 3
+# (tools/mpi-image.sh says how).
+bash "$repo/tools/mpi-image.sh" "$cache"
 log "ready: kernel $kdir/vmlinuz ($kver), initramfs $initrd, L1 kernel $gkver, $(qemu-system-x86_64 --version | head -1)"

@@ -85,6 +85,7 @@ pub fn run(args: Args) -> Result<()> {
         fabric: None,
         guest_args: String::new(),
         passthrough,
+        ip_nic: None,
     })?;
     println!("{}", serde_json::to_string(&vm.paths)?);
     let stop = cancel_on_signal()?;

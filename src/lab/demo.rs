@@ -204,6 +204,7 @@ pub fn vm_spec(opts: &DemoOptions, name: &str, role: Role) -> VmSpec {
         fabric: None,
         guest_args: String::new(),
         passthrough: None,
+        ip_nic: None,
     }
 }
 

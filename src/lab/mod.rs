@@ -10,6 +10,7 @@
 //!   throttle and with QEMU's auto-converge;
 //! - [`plan_bench`]: several VMs migrated at once against what the bandwidth allows;
 //! - [`fabric_bench`]: the soft VF against memcpy and loopback TCP;
+//! - [`mpi`]: Debian's unmodified Open MPI, HPCC and NetPIPE across the MPI guest image's VMs;
 //! - [`stats`]: statistics of repeated measurements (medians);
 //! - [`hosts`]: network namespaces standing for cluster hosts;
 //! - [`libvirt_hosts`]: a libvirtd in each of them, for migrations driven by `virsh`;
@@ -29,6 +30,7 @@ pub mod hosts;
 pub mod libvirt_demo;
 pub mod libvirt_hosts;
 pub mod libvirt_job;
+pub mod mpi;
 pub mod nested;
 pub mod ops_bench;
 pub mod plan_bench;

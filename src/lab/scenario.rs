@@ -407,6 +407,7 @@ pub(super) fn rank_spec(
         fabric: Some(fabric),
         guest_args: guest_args(opts, name),
         passthrough: None,
+        ip_nic: None,
     }
 }
 

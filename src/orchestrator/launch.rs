@@ -10,8 +10,8 @@ mod spec;
 
 pub use qemu_args::{parse_args, qemu_args};
 pub use spec::{
-    mac_for, stand_in_vf_device, FabricSpec, GuestImage, Nic, PassthroughSlot, Role, RunPaths,
-    VmSpec, PASSTHROUGH_DEVICE, PASSTHROUGH_PORT,
+    mac_for, stand_in_vf_device, FabricSpec, GuestImage, IpNic, Nic, PassthroughSlot, Role,
+    RunPaths, VmSpec, PASSTHROUGH_DEVICE, PASSTHROUGH_PORT,
 };
 
 use std::fs::File;

@@ -13,6 +13,7 @@ const VHOST_USER_NIC_ARGS: &str =
 const PLAIN_NIC_ARGS: &str = include_str!("../../../qemu-patches-free-config/plain-nic.args");
 const PASSTHROUGH_PORT_ARGS: &str =
     include_str!("../../../qemu-patches-free-config/passthrough-port.args");
+const IP_NIC_ARGS: &str = include_str!("../../../qemu-patches-free-config/ip-nic.args");
 
 /// Parses an option file: one option per line, `#` comments, the first space splits the option
 /// from its value; placeholders `{key}` are replaced from `vars`.
@@ -121,6 +122,17 @@ pub fn qemu_args(spec: &VmSpec, paths: &RunPaths) -> Result<Vec<String>, LaunchE
             args.extend(["-device".to_string(), device.clone()]);
         }
     }
+    if let Some(nic) = &spec.ip_nic {
+        args.extend(parse_args(
+            "ip-nic.args",
+            &read_config(&spec.config_dir, "ip-nic.args", IP_NIC_ARGS)?,
+            &[
+                ("ip_mac", nic.mac.clone()),
+                ("ip_group", nic.group.to_string()),
+                ("ip_local", nic.local.to_string()),
+            ],
+        )?);
+    }
     if spec.role == Role::Destination {
         args.extend(parse_args(
             "destination.args",
@@ -156,6 +168,7 @@ mod tests {
             fabric: None,
             guest_args: String::new(),
             passthrough: None,
+            ip_nic: None,
         }
     }
 
@@ -184,6 +197,31 @@ mod tests {
             joined.contains("share=on"),
             "same RAM backend as with the companion"
         );
+    }
+
+    #[test]
+    fn an_ip_nic_comes_after_the_companions_nic_on_its_multicast_segment() {
+        let mut s = spec(Role::Destination);
+        s.ip_nic = Some(crate::orchestrator::launch::IpNic {
+            mac: "52:54:00:aa:bb:cc".into(),
+            group: "230.78.1.2:7001".parse().unwrap(),
+            local: "10.77.20.2".parse().unwrap(),
+        });
+        let args = qemu_args(&s, &RunPaths::under(&s.run_dir)).unwrap();
+        let joined = args.join(" ");
+        assert!(joined
+            .contains("-netdev socket,id=vfmig-ip,mcast=230.78.1.2:7001,localaddr=10.77.20.2"));
+        assert!(joined.contains(
+            "-device virtio-net-pci,netdev=vfmig-ip,id=vfmig-ip-nic,mac=52:54:00:aa:bb:cc"
+        ));
+        // eth0 stays the companion's NIC: the IP NIC is enumerated after it.
+        let nic = |id: &str| args.iter().position(|a| a.contains(id)).unwrap();
+        assert!(nic("id=vfmig-nic") < nic("id=vfmig-ip-nic"));
+        s.ip_nic = None;
+        let joined = qemu_args(&s, &RunPaths::under(&s.run_dir))
+            .unwrap()
+            .join(" ");
+        assert!(!joined.contains("vfmig-ip"));
     }
 
     #[test]

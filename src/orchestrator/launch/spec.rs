@@ -37,12 +37,18 @@ pub struct GuestImage {
 impl GuestImage {
     /// The image `tools/setup.sh` builds: under `$VFMIG_CACHE`, or `.cache/` of the source tree.
     pub fn from_setup() -> Result<Self, LaunchError> {
+        Self::from_setup_with("initramfs.cpio.gz")
+    }
+
+    /// The kernel of [`GuestImage::from_setup`] with another initramfs of the same cache
+    /// (`mpi-initramfs.cpio.gz`: the MPI guest).
+    pub fn from_setup_with(initrd: &str) -> Result<Self, LaunchError> {
         let cache = std::env::var_os("VFMIG_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache"));
         let image = Self {
             kernel: cache.join("kernel/vmlinuz"),
-            initrd: cache.join("initramfs.cpio.gz"),
+            initrd: cache.join(initrd),
         };
         for f in [&image.kernel, &image.initrd] {
             if !f.exists() {
@@ -87,6 +93,24 @@ pub struct VmSpec {
     /// A pcie-root-port for a passthrough VF (`passthrough-hotplug`), with or without a device
     /// in it; none: no port.
     pub passthrough: Option<PassthroughSlot>,
+    /// A second NIC on an IP segment shared by the VMs of a run (the MPI runtime's path);
+    /// none: only the vhost-user NIC.
+    pub ip_nic: Option<IpNic>,
+}
+
+/// A second virtio-net NIC on a QEMU multicast socket segment (`ip-nic.args`), apart from
+/// the companion's NIC. Every QEMU of a run joins the same group, a destination too, with the
+/// VM's MAC: the segment has no switch to learn where a MAC is, so the guest's address
+/// follows the VM through a migration with nothing to update.
+#[derive(Debug, Clone)]
+pub struct IpNic {
+    /// The NIC's MAC address (the same at the source and the destination).
+    pub mac: String,
+    /// The segment: a multicast group and port, `230.x.y.z:port`.
+    pub group: std::net::SocketAddrV4,
+    /// The host address QEMU sends and joins the group from (the host's address on its
+    /// bridge, or 127.0.0.1 when the VMs share this host's loopback).
+    pub local: std::net::Ipv4Addr,
 }
 
 /// The PCIe slot of a passthrough VF.
