@@ -303,6 +303,7 @@ fn bad_verbs_and_malformed_frames_from_a_real_guest_are_refused_and_the_vf_keeps
             cluster,
             key: Some(keys.private_keys["a"].clone()),
             untracked: false,
+            no_handoff: false,
         }),
         guest_args: "vfmig.run=vf-probe vfmig.args=--me:a".into(),
         passthrough: None,

@@ -27,6 +27,10 @@ done
 idle() { echo "vfmig-mpi: $*"; while true; do $bb sleep 3600; done; }
 [ -n "$index" ] && [ -n "$count" ] || idle "no vfmig.mpi=INDEX:COUNT; idle"
 
+# Pinned buffers of the vfmig provider (one 2 MiB chunk per 32 slots of 64 KiB): huge pages,
+# so that each is one guest-physical segment; and locked pages stay where they are.
+echo 32 > /proc/sys/vm/nr_hugepages 2>/dev/null
+echo 0 > /proc/sys/vm/compact_unevictable_allowed 2>/dev/null
 mount -t tmpfs -o size=64m shm /dev/shm 2>/dev/null || { $bb mkdir -p /dev/shm && mount -t tmpfs -o size=64m shm /dev/shm; }
 # The MPI NIC, found by its MAC (eth0 is the vhost-user NIC of the companion).
 nic=

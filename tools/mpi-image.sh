@@ -84,9 +84,27 @@ RSH
   echo "$overlay_stamp" > "$cache/mpi-overlay.stamp"
 fi
 
-image_stamp="$overlay_stamp $(sha256sum < "$base" | cut -c1-16)"
+# vfmig's own pieces, a third archive rebuilt when their sources change: the libfabric
+# provider where libfabric looks by default (so `--mca mtl_ofi_provider_include vfmig` is all
+# Open MPI needs), and mpi-ring, a deterministic MPI job built with Debian's mpicc.
+vfmig_overlay=$cache/mpi-vfmig.cpio.gz
+vfmig_stamp=$( (cd "$repo" && find provider guest proto -type f \
+                  \( -name '*.rs' -o -name '*.toml' -o -name '*.c' -o -name '*.h' \) -print0 |
+                  LC_ALL=C sort -z | xargs -0 cat; cat "$0") | sha256sum | cut -c1-16)
+if [ ! -e "$vfmig_overlay" ] || [ "$(cat "$cache/mpi-vfmig.stamp" 2>/dev/null)" != "$vfmig_stamp" ]; then
+  log "building vfmig's libfabric provider and mpi-ring for the MPI guest image"
+  vstage=$cache/mpi-vfmig.stage
+  rm -rf "$vstage"; mkdir -p "$vstage/usr/lib/x86_64-linux-gnu/libfabric" "$vstage/usr/bin"
+  bash "$repo/tools/build-provider.sh" "$vstage/usr/lib/x86_64-linux-gnu/libfabric" 2>/dev/null
+  mpicc -O2 -o "$vstage/usr/bin/mpi-ring" "$repo/provider/tests/mpi/ring_checksum.c"
+  (cd "$vstage" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -6) > "$vfmig_overlay.tmp"
+  mv "$vfmig_overlay.tmp" "$vfmig_overlay"
+  echo "$vfmig_stamp" > "$cache/mpi-vfmig.stamp"
+fi
+
+image_stamp="$overlay_stamp $vfmig_stamp $(sha256sum < "$base" | cut -c1-16)"
 if [ ! -e "$image" ] || [ "$(cat "$cache/mpi-initramfs.stamp" 2>/dev/null)" != "$image_stamp" ]; then
-  cat "$base" "$overlay" > "$image.tmp"
+  cat "$base" "$overlay" "$vfmig_overlay" > "$image.tmp"
   mv "$image.tmp" "$image"
   echo "$image_stamp" > "$cache/mpi-initramfs.stamp"
   log "MPI guest image $image: $(( $(stat -c %s "$image") / 1024 / 1024 )) MiB"

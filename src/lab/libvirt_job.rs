@@ -93,6 +93,7 @@ pub fn run(
                 cluster: cluster_file.clone(),
                 key: keys.private_keys.get(name).cloned(),
                 untracked: false,
+                no_handoff: false,
             },
         );
         vms.push(RunningVm::launch(spec).map_err(ScenarioError::from)?);

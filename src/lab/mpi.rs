@@ -22,13 +22,15 @@ use serde::Serialize;
 use super::hosts::{Hosts, HostsError};
 use super::qmp_driver::QmpDriveError;
 use crate::orchestrator::launch::{
-    mac_for, GuestImage, IpNic, LaunchError, Nic, Role, RunningVm, VmSpec,
+    mac_for, FabricSpec, GuestImage, IpNic, LaunchError, Nic, Role, RunningVm, VmSpec,
 };
 use crate::orchestrator::summary::MigrationSummary;
+use crate::vf::soft::ClusterMap;
 
-/// Open MPI's own libfabric path over TCP: the MPI data path until the vfmig provider takes
-/// its place.
+/// Open MPI's own libfabric path over TCP, on the IP NIC.
 pub const TCP_PROVIDER: &str = "tcp;ofi_rxm";
+/// vfmig's libfabric provider, on the soft VF (`provider/`).
+pub const VFMIG_PROVIDER: &str = "vfmig";
 
 /// The MPI image's initramfs in `tools/setup.sh`'s cache.
 pub const MPI_INITRD: &str = "mpi-initramfs.cpio.gz";
@@ -70,6 +72,9 @@ pub enum MpiError {
         /// Its last lines.
         tail: String,
     },
+    /// The soft VFs' cluster file and keys could not be written.
+    #[error("MPI run: cannot write the soft VFs' cluster file")]
+    Cluster(#[source] Box<super::scenario::ScenarioError>),
     /// The migration failed.
     #[error("MPI run: migrating VM {vm} failed")]
     Migration {
@@ -199,6 +204,8 @@ pub fn guest_args(
     let mut a = vec![
         format!("vfmig.mpi={index}:{count}"),
         format!("vfmig.mpi_mac={ip_mac}"),
+        // The VM's name in the soft VFs' cluster map, for the vfmig provider.
+        format!("vfmig.vm={}", guest_host(index)),
     ];
     if index == 0 {
         if let Some(h) = hpcc {
@@ -424,6 +431,16 @@ pub struct MpiRunOptions {
     pub hpcc: Option<HpccInput>,
     /// NetPIPE between the first two VMs up to this message size; none: no NetPIPE.
     pub netpipe_max_bytes: Option<u64>,
+    /// `mpi-ring` on every VM (`provider/tests/mpi/ring_checksum.c`), this many rounds, after
+    /// HPCC; none: not run.
+    pub ring_iters: Option<u32>,
+    /// Whether the migrated VM's destination companion takes the VF over (`--incoming`);
+    /// false: the negative control, in which the VF's state stays behind.
+    pub handoff: bool,
+    /// The libfabric provider of every job ([`TCP_PROVIDER`] or [`VFMIG_PROVIDER`]). With
+    /// vfmig, every VM has a soft VF on an authenticated fabric, and the migrated VM's
+    /// companions hand its VF over.
+    pub provider: String,
     /// Migrate the last VM to a fresh QEMU and companion on another test host this long after
     /// HPCC (or the first job) started, by plain QMP (`migrate-incoming`, `migrate`, `cont`);
     /// none: no migration.
@@ -448,6 +465,8 @@ pub struct MpiReport {
     pub hpcc_error: Option<String>,
     /// NetPIPE's job.
     pub netpipe_job: Option<JobOutcome>,
+    /// `mpi-ring`'s job: its last line is its JSON verdict.
+    pub ring_job: Option<JobOutcome>,
     /// NetPIPE's points.
     pub netpipe: Vec<NetpipePoint>,
     /// The migration of the last VM, when there was one.
@@ -507,6 +526,51 @@ fn vm_spec(
     }
 }
 
+/// The soft VFs of a run on the vfmig provider: every VM's fabric address in the cluster
+/// map, and the destination's host among its hosts.
+struct Fabrics {
+    cluster: PathBuf,
+    keys: crate::vf::soft::Generated,
+    addrs: Vec<String>,
+}
+
+impl Fabrics {
+    /// The fabric of VM `name` on test host `host`.
+    fn spec(&self, name: &str, host: usize) -> FabricSpec {
+        FabricSpec {
+            listen: self.addrs[host].clone(),
+            cluster: self.cluster.clone(),
+            key: self.keys.private_keys.get(name).cloned(),
+            untracked: false,
+            no_handoff: false,
+        }
+    }
+}
+
+fn fabrics(opts: &MpiRunOptions, hosts: &Hosts) -> Result<Option<Fabrics>, MpiError> {
+    if opts.provider != VFMIG_PROVIDER {
+        return Ok(None);
+    }
+    let hosts_used = opts.vms + usize::from(opts.migrate_after.is_some());
+    let addrs: Vec<String> = (0..hosts_used)
+        .map(|i| format!("{}:{}", hosts.addr(i), super::scenario::FABRIC_PORT))
+        .collect();
+    let cluster = ClusterMap {
+        vms: (0..opts.vms)
+            .map(|i| (guest_host(i), addrs[i].clone()))
+            .collect(),
+        hosts: addrs[opts.vms..].to_vec(),
+        ..ClusterMap::default()
+    };
+    let (cluster, keys) = super::scenario::write_cluster_in(&opts.run_dir, &cluster)
+        .map_err(|e| MpiError::Cluster(Box::new(e)))?;
+    Ok(Some(Fabrics {
+        cluster,
+        keys,
+        addrs,
+    }))
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -521,22 +585,34 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
     // One host more for the migration's destination.
     let hosts = Hosts::create(opts.vms + usize::from(opts.migrate_after.is_some()))?;
     let mut jobs = Vec::new();
+    let on = |ranks: usize, program: &[&str]| MpiLaunch {
+        provider: opts.provider.clone(),
+        ..MpiLaunch::new(ranks, program)
+    };
     if opts.hpcc.is_some() {
         jobs.push(MpiJob {
             name: "hpcc".into(),
-            launch: MpiLaunch::new(opts.vms, &["hpcc"]),
+            launch: on(opts.vms, &["hpcc"]),
+        });
+    }
+    if let Some(iters) = opts.ring_iters {
+        jobs.push(MpiJob {
+            name: "ring".into(),
+            launch: on(opts.vms, &["mpi-ring", &iters.to_string()]),
         });
     }
     if let Some(max) = opts.netpipe_max_bytes {
         jobs.push(MpiJob {
             name: "netpipe".into(),
-            launch: MpiLaunch::new(2, &["NPopenmpi", "-u", &max.to_string(), "-p", "0"]),
+            launch: on(2, &["NPopenmpi", "-u", &max.to_string(), "-p", "0"]),
         });
     }
+    let fabrics = fabrics(opts, &hosts)?;
     let group = segment();
     let mut vms = Vec::new();
     for i in 0..opts.vms {
-        let spec = vm_spec(opts, &hosts, i, &jobs, group);
+        let mut spec = vm_spec(opts, &hosts, i, &jobs, group);
+        spec.fabric = fabrics.as_ref().map(|f| f.spec(&spec.name, i));
         let vm = spec.name.clone();
         vms.push(RunningVm::launch(spec).map_err(|e| MpiError::Launch {
             vm,
@@ -564,6 +640,10 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
         None => None,
         Some(_) => {
             let mut spec = vm_spec(opts, &hosts, last, &jobs, group);
+            spec.fabric = fabrics.as_ref().map(|f| FabricSpec {
+                no_handoff: !opts.handoff,
+                ..f.spec(&spec.name, opts.vms)
+            });
             spec.role = Role::Destination;
             spec.run_dir = opts.run_dir.join(format!("{}-destination", spec.name));
             spec.netns = Some(hosts.netns(opts.vms));
@@ -591,13 +671,21 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
                 if since.elapsed() >= after {
                     let src = &vms[last];
                     let name = src.spec.name.clone();
+                    // With soft VFs, the companions are read after the migration (the
+                    // handoff's figures); plain QMP drives it either way.
+                    let ctl = fabrics.as_ref().map(|_| {
+                        (
+                            src.paths.control_socket.as_path(),
+                            dest.paths.control_socket.as_path(),
+                        )
+                    });
                     let summary = super::qmp_driver::migrate(
                         &src.qmp().map_err(launch_error(&name))?,
                         &dest.qmp().map_err(launch_error(&name))?,
                         &format!("tcp:{}:4444", hosts.addr(opts.vms)),
                         None,
                         opts.timeout,
-                        None,
+                        ctl,
                     )
                     .map_err(|e| MpiError::Migration {
                         vm: name,
@@ -638,6 +726,7 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
             .map(|j| netpipe_points(&j.output))
             .unwrap_or_default(),
         netpipe_job,
+        ring_job: console.jobs.get("ring").cloned(),
         migration,
         boot_secs,
         wall_secs: start.elapsed().as_secs_f64(),

@@ -27,7 +27,7 @@ use crate::orchestrator::summary::error_text;
 use crate::vf::soft::ClusterMap;
 
 /// Port every soft VF listens on, in its own host.
-const FABRIC_PORT: u16 = 7000;
+pub(in crate::lab) const FABRIC_PORT: u16 = 7000;
 
 mod ranks;
 mod report;
@@ -305,6 +305,7 @@ pub(super) fn start_job(opts: &ScenarioOptions) -> Result<Job, ScenarioError> {
                     && opts.strategy == Some(StrategyKind::UnsafeNoTracking)
                     && role == Role::Source
                     && name == "a",
+                no_handoff: false,
             },
         );
         // passthrough-hotplug: `a` has an emulated PCIe NIC standing in for its vfio-pci VF;
@@ -342,11 +343,19 @@ pub(super) fn write_cluster(
     opts: &ScenarioOptions,
     cluster: &ClusterMap,
 ) -> Result<(PathBuf, crate::vf::soft::Generated), ScenarioError> {
-    std::fs::create_dir_all(&opts.run_dir).map_err(|source| ScenarioError::Io {
-        path: opts.run_dir.clone(),
+    write_cluster_in(&opts.run_dir, cluster)
+}
+
+/// [`write_cluster`], into `run_dir`.
+pub(in crate::lab) fn write_cluster_in(
+    run_dir: &std::path::Path,
+    cluster: &ClusterMap,
+) -> Result<(PathBuf, crate::vf::soft::Generated), ScenarioError> {
+    std::fs::create_dir_all(run_dir).map_err(|source| ScenarioError::Io {
+        path: run_dir.to_path_buf(),
         source,
     })?;
-    let cluster_file = opts.run_dir.join("cluster.json");
+    let cluster_file = run_dir.join("cluster.json");
     std::fs::write(
         &cluster_file,
         serde_json::to_string_pretty(cluster).unwrap_or_default(),
@@ -356,7 +365,7 @@ pub(super) fn write_cluster(
         source,
     })?;
     let keys =
-        crate::vf::soft::generate_keys(&cluster_file, &opts.run_dir.join("keys")).map_err(|e| {
+        crate::vf::soft::generate_keys(&cluster_file, &run_dir.join("keys")).map_err(|e| {
             ScenarioError::Io {
                 path: cluster_file.clone(),
                 source: std::io::Error::other(e.to_string()),

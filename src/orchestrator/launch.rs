@@ -191,7 +191,7 @@ impl RunningVm {
                 None => cmd.arg("--insecure-fabric"),
             };
             // A destination's companion gets the VF's state from the source's, at switchover.
-            if spec.role == Role::Destination {
+            if spec.role == Role::Destination && !f.no_handoff {
                 cmd.arg("--incoming");
             }
             if f.untracked {

@@ -147,6 +147,10 @@ pub struct FabricSpec {
     /// The companion starts with `--unsafe-no-tracking`: the negative control of a migration
     /// that no vfmig command drives (it loses the device's writes).
     pub untracked: bool,
+    /// A destination's companion does not take the VF over from the source's (no
+    /// `--incoming`): the negative control of a migration in which the VF's state stays
+    /// behind.
+    pub no_handoff: bool,
 }
 
 /// The files of one VM's run directory.
