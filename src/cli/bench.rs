@@ -9,7 +9,9 @@ use vfmig::lab::demo::DemoOptions;
 use vfmig::lab::faults::{self, FaultPhase, MatrixOptions};
 use vfmig::lab::scenario::{Fault, ScenarioOptions, Workload};
 use vfmig::lab::soak::{self, SoakOptions};
-use vfmig::lab::{bench, converge_bench, drivers_bench, fabric_bench, ops_bench, plan_bench};
+use vfmig::lab::{
+    bench, converge_bench, drivers_bench, fabric_bench, netpipe_bench, ops_bench, plan_bench,
+};
 use vfmig::orchestrator::migrate::{with_progress, Observer};
 
 use super::{image, init_logging, run_dir_or_temp, vfmig_bin};
@@ -175,6 +177,25 @@ pub enum BenchCommand {
     Ops {
         #[command(flatten)]
         job: JobArgs,
+    },
+    /// Debian's NetPIPE (`NPopenmpi`) between two MPI-image VMs over vfmig's libfabric
+    /// provider on the soft VFs and over Open MPI's own `tcp;ofi_rxm` on the guests' IP
+    /// segment, alternating, no migration: the median latency of the smallest message and
+    /// throughput at the largest, with their ratios to vfmig's. Prints a markdown table, then
+    /// one JSON line `{"rows":[…]}`.
+    Netpipe {
+        /// Rounds per provider.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// NetPIPE's largest message, bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_bytes: u64,
+        /// Guest RAM per VM in MiB.
+        #[arg(long, default_value_t = 512)]
+        mem_mib: u64,
+        /// Where to put the run directories (default: a fresh temporary directory).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
     },
     /// VM `a` migrated back and forth between two test hosts N times under lu-lite, each time
     /// into a fresh QEMU and companion (the old source quit); then the job's checksum against
@@ -366,6 +387,24 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let opts = job.options(iters, 128 << 20)?;
             let rows = drivers_bench::run(&opts, rounds, |l| eprintln!("bench: {l}"))?;
             println!("{}", drivers_bench::markdown(&rows));
+            println!("{}", serde_json::json!({ "rows": rows }));
+            Ok(())
+        }
+        BenchCommand::Netpipe {
+            rounds,
+            max_bytes,
+            mem_mib,
+            run_dir,
+        } => {
+            let opts = netpipe_bench::NetpipeBenchOptions {
+                rounds,
+                max_bytes,
+                mem_mib,
+                run_dir: run_dir_or_temp(run_dir)?,
+                vfmig_bin: vfmig_bin()?,
+            };
+            let rows = netpipe_bench::run(&opts, |l| eprintln!("bench: {l}"))?;
+            println!("{}", netpipe_bench::markdown(&rows));
             println!("{}", serde_json::json!({ "rows": rows }));
             Ok(())
         }

@@ -32,6 +32,7 @@ pub mod libvirt_hosts;
 pub mod libvirt_job;
 pub mod mpi;
 pub mod nested;
+pub mod netpipe_bench;
 pub mod ops_bench;
 pub mod plan_bench;
 pub mod qmp_driver;

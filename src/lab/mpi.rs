@@ -226,7 +226,7 @@ pub fn guest_args(
 }
 
 /// One job as rank 0's console showed it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct JobOutcome {
     /// Its exit status (`None`: it never ended).
     pub exit: Option<i32>,
