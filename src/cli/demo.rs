@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 
 use vfmig::companion::converge::DeviceThrottle;
 use vfmig::lab::demo::{self, DemoOptions};
+use vfmig::lab::mpi::{self, HpccInput, MpiRunOptions};
 use vfmig::lab::scenario::{self, ScenarioOptions, Workload};
 use vfmig::orchestrator::migrate::with_progress;
 use vfmig::orchestrator::StrategyKind;
@@ -58,8 +59,12 @@ pub struct Args {
     /// byte sent must arrive; --n is the message size), `rdma-lat`, or `msg-ring` (messages
     /// of 1 B to several 64 KiB segments around a ring on the libfabric provider's message
     /// channel, checked and compared with a run without migration; --n is the base size).
+    /// `hpcc`: Debian's unmodified HPCC across --vms VMs of the MPI guest image, on vfmig's
+    /// libfabric provider, the last VM migrated 20 s in (plain QMP; the companions hand its VF
+    /// over), beside the same run without migration: the last line has HPCC's verdict and
+    /// figures for both, and the migration's total time and downtime.
     #[arg(long, value_enum)]
-    pub workload: Option<Workload>,
+    pub workload: Option<DemoWorkload>,
     /// With --workload: what drives the migration. `vfmig` (vfmig's orchestrator, every
     /// strategy) or `qmp` (a plain QMP client, as libvirt or Nova: `migrate-incoming`,
     /// `migrate`, `cont` and no vfmig command; the companions hand the VF over themselves;
@@ -88,14 +93,103 @@ pub struct Args {
     pub device_throttle: DeviceThrottle,
 }
 
+/// The jobs of `--workload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoWorkload {
+    /// See `vfmig::lab::scenario::Workload`.
+    LuLite,
+    /// See `vfmig::lab::scenario::Workload`.
+    RdmaBw,
+    /// See `vfmig::lab::scenario::Workload`.
+    RdmaLat,
+    /// See `vfmig::lab::scenario::Workload`.
+    MsgRing,
+    /// Debian's unmodified HPCC on the vfmig provider (the MPI guest image).
+    Hpcc,
+}
+
 /// Runs the demo, or the scenario with `--workload`, and prints its report.
 pub fn run(args: Args) -> Result<()> {
     init_logging("vfmig=info,warn");
     let recorder = args.trace.as_ref().map(|_| Arc::new(TraceRecorder::new()));
-    match args.workload {
-        Some(workload) => run_scenario(workload, args, recorder),
-        None => run_generator(args, recorder),
+    let workload = match args.workload {
+        None => return run_generator(args, recorder),
+        Some(DemoWorkload::Hpcc) => return run_hpcc(args),
+        Some(DemoWorkload::LuLite) => Workload::LuLite,
+        Some(DemoWorkload::RdmaBw) => Workload::RdmaBw,
+        Some(DemoWorkload::RdmaLat) => Workload::RdmaLat,
+        Some(DemoWorkload::MsgRing) => Workload::MsgRing,
+    };
+    run_scenario(workload, args, recorder)
+}
+
+/// `--workload hpcc`: HPCC without migration, then with the last VM migrated 20 s in.
+fn run_hpcc(args: Args) -> Result<()> {
+    if args.strategy != StrategyKind::Transparent {
+        bail!(
+            "--workload hpcc migrates as libvirt or Nova would (plain QMP, the companions hand \
+             the VF over: transparent); --strategy {:?} is not offered for it",
+            args.strategy
+        );
     }
+    let vms = args.vms.max(2);
+    let run_dir = run_dir_or_temp(args.run_dir)?;
+    let base = MpiRunOptions {
+        vms,
+        mem_mib: 512,
+        run_dir: run_dir.join("reference"),
+        accel: args.accel,
+        image: mpi::mpi_image()?,
+        vfmig_bin: vfmig_bin()?,
+        hpcc: Some(HpccInput::small(vms as u32)),
+        netpipe_max_bytes: None,
+        ring_iters: None,
+        handoff: true,
+        provider: mpi::VFMIG_PROVIDER.into(),
+        migrate_after: None,
+        timeout: Duration::from_secs(1800),
+    };
+    eprintln!("demo: HPCC on {vms} VMs on the vfmig provider, without migration…");
+    let reference = mpi::run(&base)?;
+    eprintln!("demo: HPCC again, mpi{} migrated 20 s in…", vms - 1);
+    let migrated = mpi::run(&MpiRunOptions {
+        run_dir: run_dir.join("migrated"),
+        migrate_after: Some(Duration::from_secs(20)),
+        ..base
+    })?;
+    let verdict = |r: &mpi::MpiReport| {
+        serde_json::json!({
+            "success": r.hpcc.as_ref().is_some_and(|h| h.passed()),
+            "summary": r.hpcc,
+            "error": r.hpcc_error,
+            "secs": r.hpcc_job.as_ref().and_then(|j| j.secs),
+            "exit": r.hpcc_job.as_ref().and_then(|j| j.exit),
+        })
+    };
+    let m = migrated.migration.as_ref();
+    eprintln!(
+        "demo: HPCC passed: {} with the migration, {} without; migration {} ms, downtime {} ms; \
+         run directories kept in {}",
+        verdict(&migrated)["success"],
+        verdict(&reference)["success"],
+        m.map_or(0, |m| m.total_ms),
+        m.map_or(0, |m| m.downtime_ms),
+        run_dir.display()
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "workload": "hpcc",
+            "provider": mpi::VFMIG_PROVIDER,
+            "vms": vms,
+            "hpcc": verdict(&migrated),
+            "reference": verdict(&reference),
+            "total_ms": m.map(|m| m.total_ms),
+            "downtime_ms": m.map(|m| m.downtime_ms),
+            "vf_takeover": m.and_then(|m| m.vf_takeover.clone()),
+        })
+    );
+    Ok(())
 }
 
 /// Writes the timeline, with `meta`, when `--trace` asked for one.
