@@ -772,7 +772,10 @@ mod tests {
             &["hpccoutf.txt"],
         );
         assert!(
-            a0.starts_with("vfmig.mpi=0:2 vfmig.mpi_mac=52:54:00:01:02:03 vfmig.hpcc=400:40:1:2")
+            a0.starts_with(
+                "vfmig.mpi=0:2 vfmig.mpi_mac=52:54:00:01:02:03 vfmig.vm=mpi0 vfmig.hpcc=400:40:1:2"
+            ),
+            "{a0}"
         );
         assert!(a0.contains(" vfmig.mpi_job=hpcc:mpirun:--allow-run-as-root:-np:2:"));
         assert!(a0.ends_with(":hpcc vfmig.mpi_show=hpccoutf.txt"));
@@ -784,7 +787,7 @@ mod tests {
             &jobs,
             &["hpccoutf.txt"],
         );
-        assert_eq!(a1, "vfmig.mpi=1:2 vfmig.mpi_mac=m");
+        assert_eq!(a1, "vfmig.mpi=1:2 vfmig.mpi_mac=m vfmig.vm=mpi1");
     }
 
     const CONSOLE: &str = "vfmig-guest: nic-bound eth0\r\n\
