@@ -110,6 +110,9 @@ pub enum VerbsError {
     /// No such QP.
     #[error("QP {0} does not exist")]
     NoSuchQp(u32),
+    /// The VF holds as many QPs as a state may carry.
+    #[error("the VF has {0} QPs, as many as it can carry through a migration; none is added")]
+    TooManyQps(usize),
     /// A QP number asked for is 0 or taken.
     #[error("QP number {0} is 0 or in use; ask for another")]
     QpInUse(u32),

@@ -81,6 +81,16 @@ impl SoftVf {
         n
     }
 
+    /// Whether the guest may add a QP: no more than a VF state carries through a migration
+    /// (a state with more would be refused at the destination).
+    fn qp_room(&self) -> Result<(), VerbsError> {
+        let n = self.inner.state.lock().qps.len();
+        if n >= super::persist::limits::MAX_QPS {
+            return Err(VerbsError::TooManyQps(n));
+        }
+        Ok(())
+    }
+
     /// A new QP numbered `qp`, so that a peer can compute its number; refused if 0 or in
     /// use.
     pub fn create_qp_at(&self, qp: u32) -> Result<u32, VerbsError> {
@@ -174,10 +184,12 @@ impl Vf for SoftVf {
     }
 
     fn create_qp(&self) -> Result<u32, VerbsError> {
+        self.qp_room()?;
         Ok(SoftVf::create_qp(self))
     }
 
     fn create_qp_at(&self, qp: u32) -> Result<u32, VerbsError> {
+        self.qp_room()?;
         SoftVf::create_qp_at(self, qp)
     }
 

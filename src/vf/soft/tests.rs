@@ -1388,3 +1388,23 @@ fn qps_at_numbers_both_ends_compute_carry_a_write_and_taken_numbers_are_refused(
     assert!(a.vf.create_qp_at(next + 1).is_ok());
     assert_eq!(a.vf.create_qp(), next + 2);
 }
+
+#[test]
+fn the_guest_adds_no_qp_beyond_what_a_state_carries_through_a_migration() {
+    use crate::vf::Vf;
+    let a = vm("a");
+    {
+        let mut st = a.vf.inner.state.lock();
+        for n in 1..=super::persist::limits::MAX_QPS as u32 {
+            st.qps.insert(n, super::state::Qp::new());
+        }
+    }
+    let full = super::persist::limits::MAX_QPS;
+    assert!(matches!(Vf::create_qp(&a.vf), Err(VerbsError::TooManyQps(n)) if n == full));
+    assert!(matches!(
+        Vf::create_qp_at(&a.vf, 0x8000_0001),
+        Err(VerbsError::TooManyQps(_))
+    ));
+    a.vf.inner.state.lock().qps.remove(&1);
+    assert!(Vf::create_qp_at(&a.vf, 0x8000_0001).is_ok());
+}
