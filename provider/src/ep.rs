@@ -15,7 +15,7 @@ use crate::cq::{CqInner, Entry, Progress};
 use crate::error::FiError;
 use crate::ffi;
 use crate::getinfo::{INJECT_SIZE, MAX_MSG_SIZE};
-use crate::tagmatch::{Completion, Delivery, Matcher, Message, NotClaimed, Recv, Selector};
+use crate::tagmatch::{Addr, Completion, Delivery, Matcher, Message, NotClaimed, Recv, Selector};
 use crate::transport::{Kind, Transport, Wire};
 
 /// Where a posted receive's data goes, and the flags it was posted with.
@@ -70,6 +70,9 @@ pub struct EpState {
     arrivals: Vec<(String, Wire)>,
     /// How many of the bound AV's entries the transport was told to expect.
     expected: usize,
+    /// Peers whose link failed (at most one per AV entry): a receive only they could match
+    /// completes in error at once.
+    failed: std::collections::HashSet<Addr>,
 }
 
 /// The state behind a `fid_ep`, shared with the completion queues it is bound to.
@@ -102,6 +105,7 @@ impl EpShared {
             msg: Matcher::new(directed),
             arrivals: Vec::new(),
             expected: 0,
+            failed: Default::default(),
         })))
     }
 
@@ -287,6 +291,8 @@ impl EpState {
             RecvMode::Post => {
                 if let Some(d) = m.post(recv) {
                     self.deliver(kind, d);
+                } else if self.failed.contains(&sel.src) {
+                    self.fail_receives(sel.src);
                 }
                 return Ok(());
             }
@@ -354,6 +360,32 @@ impl EpState {
             }
         }
         self.arrivals = arrivals;
+        for (name, why) in self.transport.take_failed() {
+            let Some(src) = self
+                .av
+                .as_ref()
+                .map(|av| av.lock().unwrap_or_else(|e| e.into_inner()).addr_of(&name))
+            else {
+                continue;
+            };
+            if src == ffi::FI_ADDR_UNSPEC {
+                continue;
+            }
+            crate::log_message(&format!(
+                "vfmig: receives from {name} complete with an error (FI_EIO): {why}"
+            ));
+            self.failed.insert(src);
+            self.fail_receives(src);
+        }
+    }
+
+    /// Completes in error every posted receive only the failed peer at `src` could match.
+    fn fail_receives(&mut self, src: Addr) {
+        for kind in [Kind::Tagged, Kind::Msg] {
+            for (recv, c) in self.matcher(kind).fail_source(src) {
+                self.push_rx(rx_entry(kind, &c, recv.buf.ptr), true);
+            }
+        }
     }
 
     fn deliver(&mut self, kind: Kind, d: Delivery<usize, RecvBuf, Vec<u8>>) {
@@ -460,6 +492,73 @@ mod tests {
         );
         assert_ne!(got[0].flags & ffi::FI_REMOTE_CQ_DATA as u64, 0);
         assert_eq!(&buf[..5], b"hello");
+    }
+
+    /// A transport whose only peer's link has failed.
+    struct Failed {
+        told: bool,
+    }
+
+    impl Transport for Failed {
+        fn name(&self) -> &str {
+            "me"
+        }
+        fn send(&mut self, _: &str, _: Wire) -> Result<(), crate::transport::TransportError> {
+            Err(crate::transport::TransportError::Failed("gone".into()))
+        }
+        fn poll(&mut self, _: &mut Vec<(String, Wire)>) {}
+        fn take_failed(&mut self) -> Vec<(String, String)> {
+            if std::mem::replace(&mut self.told, true) {
+                Vec::new()
+            } else {
+                vec![("peer".into(), "its link broke".into())]
+            }
+        }
+    }
+
+    #[test]
+    fn receives_only_a_failed_peer_could_match_complete_with_an_error() {
+        let e = EpShared::new(Box::new(Failed { told: false }), true, 0, 0);
+        let mut table = AvTable::default();
+        table.insert("peer".into()); // fi_addr 0
+        table.insert("me".into());
+        let cq = Arc::new(CqInner::new(ffi::FI_CQ_FORMAT_TAGGED).unwrap());
+        {
+            let mut s = e.lock();
+            s.bind_cq(cq.clone(), ffi::FI_TRANSMIT as u64 | ffi::FI_RECV as u64)
+                .unwrap();
+            s.bind_av(Arc::new(Mutex::new(table)));
+            s.enable().unwrap();
+        }
+        let mut buf = [0u8; 8];
+        let mut post = |src, c| {
+            let sel = Selector {
+                src,
+                tag: 5,
+                ignore: 0,
+            };
+            e.lock()
+                .recv(
+                    Kind::Tagged,
+                    RecvMode::Post,
+                    sel,
+                    buf.as_mut_ptr().cast(),
+                    8,
+                    ctx(c),
+                    0,
+                )
+                .unwrap();
+        };
+        post(0, 1);
+        post(crate::tagmatch::ANY_SRC, 2);
+        assert!(matches!(cq.take(8), Err(FiError::Again)));
+        e.lock().progress();
+        let err = cq.take_error().expect("an error entry");
+        assert_eq!((err.context, err.error), (1, Some((ffi::FI_EIO, 0))));
+        // A receive posted later for the failed peer fails at once; one from any source stays.
+        post(0, 3);
+        assert_eq!(cq.take_error().expect("an error entry").context, 3);
+        assert!(matches!(cq.take(8), Err(FiError::Again)));
     }
 
     #[test]

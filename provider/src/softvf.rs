@@ -54,6 +54,8 @@ pub struct SoftVfTransport {
     ch: Channel,
     /// Peers whose link failed, with why: later sends to them fail with it.
     failed: HashMap<String, String>,
+    /// Of those, the ones the endpoint has not yet been told of.
+    newly_failed: Vec<(String, String)>,
 }
 
 impl SoftVfTransport {
@@ -91,6 +93,7 @@ impl SoftVfTransport {
             name,
             ch,
             failed: HashMap::new(),
+            newly_failed: Vec::new(),
         })
     }
 
@@ -132,7 +135,8 @@ impl Transport for SoftVfTransport {
         for (peer, why) in self.ch.progress(&mut got) {
             let peer = peer.to_string();
             crate::log_message(&format!("vfmig: the link to {peer} failed: {why}"));
-            self.failed.insert(peer, why);
+            self.failed.insert(peer.clone(), why.clone());
+            self.newly_failed.push((peer, why));
         }
         out.extend(got.into_iter().map(|(from, m)| {
             (
@@ -150,6 +154,10 @@ impl Transport for SoftVfTransport {
     fn expect(&mut self, peer: &str) -> Result<(), TransportError> {
         let addr = self.addr(peer)?;
         self.ch.connect(&addr).map_err(|e| failed(peer, e))
+    }
+
+    fn take_failed(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.newly_failed)
     }
 }
 

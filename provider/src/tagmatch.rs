@@ -105,6 +105,8 @@ pub enum CompletionError {
     Canceled,
     /// A peek found no matching message (`FI_ENOMSG`).
     NoMessage,
+    /// The only peer that could match the receive failed (`FI_EIO`).
+    PeerFailed,
 }
 
 impl CompletionError {
@@ -114,6 +116,7 @@ impl CompletionError {
             CompletionError::Truncated { .. } => ffi::FI_ETRUNC,
             CompletionError::Canceled => ffi::FI_ECANCELED,
             CompletionError::NoMessage => ffi::FI_ENOMSG,
+            CompletionError::PeerFailed => ffi::FI_EIO,
         }
     }
 }
@@ -320,6 +323,26 @@ impl<C: Copy + Eq, B, P> Matcher<C, B, P> {
         let recv = self.posted.remove(i)?;
         let completion = Completion::error(context, recv.sel, CompletionError::Canceled);
         Some((recv, completion))
+    }
+
+    /// The peer at `src` failed: every posted receive that only it could match is taken back,
+    /// in order, with its `FI_EIO` error completion. Without directed receive no receive names
+    /// a source, and none is taken.
+    pub fn fail_source(&mut self, src: Addr) -> Vec<(Recv<C, B>, Completion<C>)> {
+        if !self.directed || src == ANY_SRC {
+            return Vec::new();
+        }
+        let (failed, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.posted)
+            .into_iter()
+            .partition(|r| r.sel.src == src);
+        self.posted = kept;
+        failed
+            .into_iter()
+            .map(|r| {
+                let c = Completion::error(r.context, r.sel, CompletionError::PeerFailed);
+                (r, c)
+            })
+            .collect()
     }
 
     fn find_unexpected(&self, sel: Selector) -> Option<usize> {
@@ -616,5 +639,37 @@ mod tests {
             m.cancel(2).is_none(),
             "a matched receive cannot be cancelled"
         );
+    }
+
+    #[test]
+    fn a_failed_peer_takes_back_only_the_receives_it_alone_could_match() {
+        let from = |src| Selector {
+            src,
+            tag: 1,
+            ignore: 0,
+        };
+        let mut m = M::new(true);
+        assert!(m.post(recv(1, from(A), 8)).is_none());
+        assert!(m.post(recv(2, from(ANY_SRC), 8)).is_none());
+        assert!(m.post(recv(3, from(A), 8)).is_none());
+        assert!(m.post(recv(4, from(B), 8)).is_none());
+        let failed = m.fail_source(A);
+        let got: Vec<_> = failed.iter().map(|(r, c)| (r.context, c.error)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, Some(CompletionError::PeerFailed)),
+                (3, Some(CompletionError::PeerFailed))
+            ]
+        );
+        assert_eq!(failed[0].1.error.unwrap().errno(), ffi::FI_EIO);
+        assert!(m.fail_source(A).is_empty(), "taken back once");
+        // The others still match.
+        assert_eq!(m.arrive(msg(B, 1, b"x")).expect("matched").recv.context, 2);
+        assert_eq!(m.arrive(msg(B, 1, b"y")).expect("matched").recv.context, 4);
+        // Without directed receive no receive belongs to one source.
+        let mut m = M::new(false);
+        assert!(m.post(recv(1, from(A), 8)).is_none());
+        assert!(m.fail_source(A).is_empty());
     }
 }

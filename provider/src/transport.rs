@@ -59,6 +59,11 @@ pub trait Transport: Send {
         let _ = peer;
         Ok(())
     }
+    /// The peers whose link failed since the last call, with why: nothing more will come
+    /// from them.
+    fn take_failed(&mut self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// Opens the transport that `VFMIG_FI_TRANSPORT` names: `softvf` (the default: the guest's
