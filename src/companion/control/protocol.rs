@@ -559,6 +559,7 @@ mod tests {
                         "requests_sent": 5, "requests_replayed": 0, "requests_applied": 4,
                         "duplicates": 0, "held": 3, "malformed_frames": 0,
                         "qps_lost": 0, "gone_refused": 0,
+                        "peer_moves": [{"vm": "b", "silent_ms": 12.5}],
                     },
                     "guest_link": {
                         "frames_from_guest": 0, "other_frames": 0, "malformed_frames": 0,

@@ -530,6 +530,7 @@ fn hello(
                 }
                 tracing::info!(peer = %vm, %listen, "peer announces its new place: replaying held requests");
                 inner.book.lock().insert(vm.clone(), listen);
+                inner.heard.lock().moved(&vm, Instant::now());
                 drop_link(inner, &vm);
                 steps::rearm();
                 steps::instant("announce-received", vm.as_str());
@@ -656,6 +657,7 @@ fn serve_peer(inner: &Arc<Inner>, id: u64, mut stream: TcpStream) -> Result<(), 
         };
         if status == AckStatus::Ok {
             steps::first("request-applied", &peer);
+            inner.heard.lock().request(&peer, Instant::now());
         }
         #[cfg(test)]
         if inner

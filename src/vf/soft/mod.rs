@@ -63,7 +63,7 @@ pub use auth::{
 pub use cluster::{ClusterFileError, ClusterMap};
 pub use handoff::{ClaimAnswer, HandoffHooks};
 pub use link::{FabricTiming, ANNOUNCE_DEADLINE, MAX_HANDSHAKING, MAX_PER_PEER};
-pub use metrics::SoftVfStats;
+pub use metrics::{PeerMove, SoftVfStats};
 pub use persist::{QpState, StateError, VfState, VF_STATE_VERSION};
 
 use link::Link;
@@ -116,6 +116,8 @@ struct Inner {
     retry_wake: Condvar,
     closed: AtomicBool,
     stats: Mutex<SoftVfStats>,
+    /// When each peer VM was last heard from, for the blackout of its moves.
+    heard: Mutex<metrics::Heard>,
     /// The VF's handoff between this VM's companions (see [`handoff`]).
     handoff: handoff::Handoff,
     /// Held while a peer's request is applied (see `responder::apply`).
@@ -192,6 +194,7 @@ impl SoftVf {
             retry_wake: Condvar::new(),
             closed: AtomicBool::new(false),
             stats: Mutex::new(SoftVfStats::default()),
+            heard: Mutex::new(metrics::Heard::default()),
             handoff: handoff::Handoff::default(),
             applying: Mutex::new(()),
             rx: Mutex::new(responder::Receive::default()),
