@@ -1,9 +1,9 @@
 //! Debian's unmodified Open MPI across the MPI guest image's VMs, each with its companion on
-//! its own test host: HPCC on every VM, during which the last VM migrates to another host
+//! its own test host: HPCC on three VMs, during which the last VM migrates to another host
 //! (plain QMP: the companions hand its soft VF over), then `mpi-ring` (a deterministic MPI
-//! checksum) and NetPIPE between two, all started by `mpirun` in rank 0's guest over dropbear,
-//! their messages on vfmig's libfabric provider over the soft VFs. Two VMs: three take 4 to 7
-//! minutes under TCG on two cores, most of it in HPCC's ring bandwidth test.
+//! checksum) and NetPIPE, all started by `mpirun` in rank 0's guest over dropbear, their
+//! messages on vfmig's libfabric provider over the soft VFs. The negative controls: the same
+//! migration without the VF handoff, and `mpi-ring` migrated with the VF's writes untracked.
 
 mod common;
 
@@ -11,31 +11,24 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{init_logging, machine, RunDir};
-use vfmig::lab::mpi::{self, HpccInput, MpiRunOptions, VFMIG_PROVIDER};
+use vfmig::lab::mpi::{self, HpccInput, MpiRunOptions, RingJob, RingVerdict, VFMIG_PROVIDER};
 
 /// NetPIPE's largest message: enough to leave the latency regime, short under TCG.
 const NETPIPE_MAX: u64 = 65536;
 /// When the last VM migrates, after HPCC started (it runs about two minutes under TCG).
 const MIGRATE_AFTER: Duration = Duration::from_secs(20);
-/// Rounds of `mpi-ring` (messages of 1 B to 1 MiB).
-const RING_ITERS: u32 = 60;
 
-/// `mpi-ring`'s JSON verdict: the last line of its output that has a checksum.
-fn ring_verdict(output: &str) -> serde_json::Value {
-    output
-        .lines()
-        .rev()
-        .filter_map(|l| {
-            l.find('{')
-                .and_then(|at| serde_json::from_str(&l[at..]).ok())
-        })
-        .find(|v: &serde_json::Value| v.get("checksum").is_some())
-        .unwrap_or_else(|| panic!("mpi-ring printed no verdict:\n{output}"))
-}
+/// `mpi-ring` after HPCC: messages of 1 B to 1 MiB, waited for at once.
+const RING: RingJob = RingJob {
+    iters: 60,
+    max_bytes: 1 << 20,
+    hold_ms: 0,
+    dirty_mib: 0,
+};
 
 /// `mpi-ring`'s checksum for `ranks` ranks, run on this host by Debian's own Open MPI over
 /// its shared-memory path: what the guests must print, whatever carries their messages.
-fn ring_reference(ranks: usize) -> String {
+fn ring_reference(ranks: usize, ring: RingJob) -> String {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("mpi-ring");
     let src = concat!(
@@ -53,11 +46,17 @@ fn ring_reference(ranks: usize) -> String {
         "{}",
         String::from_utf8_lossy(&cc.stderr)
     );
+    // The same rounds and sizes; the hold changes when messages are read, not what they are.
+    let quick = RingJob {
+        hold_ms: 0,
+        dirty_mib: 0,
+        ..ring
+    };
     let out = std::process::Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np"])
         .arg(ranks.to_string())
         .arg(&exe)
-        .arg(RING_ITERS.to_string())
+        .args(&quick.program()[1..])
         .output()
         .expect("mpirun");
     assert!(
@@ -65,9 +64,11 @@ fn ring_reference(ranks: usize) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v = ring_verdict(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(v["errors"], 0);
-    v["checksum"].as_str().unwrap().to_string()
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = RingVerdict::parse(&stdout)
+        .unwrap_or_else(|| panic!("mpi-ring printed no verdict:\n{stdout}"));
+    assert_eq!(v.errors, 0);
+    v.checksum
 }
 
 /// HPCC, then mpi-ring and NetPIPE, on `vms` VMs on the vfmig provider; the last VM migrates
@@ -82,10 +83,13 @@ fn options(dir: &RunDir, vms: usize, handoff: bool) -> MpiRunOptions {
         vfmig_bin: PathBuf::from(env!("CARGO_BIN_EXE_vfmig")),
         hpcc: Some(HpccInput::small(vms as u32)),
         netpipe_max_bytes: Some(NETPIPE_MAX),
-        ring_iters: Some(RING_ITERS),
+        ring: Some(RING),
         handoff,
+        tracking: true,
         provider: VFMIG_PROVIDER.into(),
         migrate_after: Some(MIGRATE_AFTER),
+        migrate_from: None,
+        precopy_at_least: None,
         timeout: Duration::from_secs(600),
     }
 }
@@ -98,9 +102,9 @@ fn options(dir: &RunDir, vms: usize, handoff: bool) -> MpiRunOptions {
 fn hpcc_mpi_ring_and_netpipe_run_unmodified_on_the_vfmig_provider_across_a_migration() {
     let _m = machine();
     init_logging();
-    let reference = ring_reference(2);
+    let vms = 3;
+    let reference = ring_reference(vms, RING);
     let dir = RunDir::new("mpi");
-    let vms = 2;
     let opts = options(&dir, vms, true);
     let r = mpi::run(&opts).expect("MPI run");
     eprintln!(
@@ -120,6 +124,11 @@ fn hpcc_mpi_ring_and_netpipe_run_unmodified_on_the_vfmig_provider_across_a_migra
         m.downtime_ms
     );
     assert_eq!(m.status, "completed");
+    // The peers heard from the migrated VM again, at its new place.
+    let blackout = r
+        .blackout_ms
+        .expect("no peer heard from the VM after its move");
+    eprintln!("blackout seen by the peers: {blackout:.1} ms");
     // The VF moved with the VM, and with it the QPs the provider had made for HPCC.
     let t = m
         .vf_takeover
@@ -149,9 +158,9 @@ fn hpcc_mpi_ring_and_netpipe_run_unmodified_on_the_vfmig_provider_across_a_migra
     // of a run on this host.
     let job = r.ring_job.as_ref().expect("the ring job ran");
     assert_eq!(job.exit, Some(0), "mpirun mpi-ring:\n{}", job.output);
-    let v = ring_verdict(&job.output);
-    assert_eq!(v["errors"], 0, "{v}");
-    assert_eq!(v["checksum"].as_str(), Some(reference.as_str()), "{v}");
+    let v = r.ring.as_ref().expect("mpi-ring printed its verdict");
+    assert_eq!((v.errors, v.ranks), (0, vms as u32), "{v:?}");
+    assert_eq!(v.checksum, reference, "{v:?}");
 
     // NetPIPE: every size up to the largest, each with a time and a throughput.
     let job = r.netpipe_job.as_ref().expect("the netpipe job ran");
@@ -181,7 +190,7 @@ fn without_the_vf_handoff_hpcc_on_the_vfmig_provider_fails() {
     init_logging();
     let dir = RunDir::new("mpi-no-handoff");
     let mut opts = options(&dir, 2, false);
-    opts.ring_iters = None;
+    opts.ring = None;
     opts.netpipe_max_bytes = None;
     // HPCC takes about 50 s here with the handoff: without it, it hangs on the receives the
     // stranded QPs will never complete (the provider says on stderr that their links
@@ -196,5 +205,94 @@ fn without_the_vf_handoff_hpcc_on_the_vfmig_provider_fails() {
     assert!(
         !passed,
         "HPCC passed although the VF's state stayed behind at the source"
+    );
+}
+
+/// The dirty log's negative control: `mpi-ring` with each round's message left unread in the
+/// receive slots for a while, so that the migration's last moments find messages the VF wrote
+/// but the guest has not read. With the migrated VM's VF writes logged, every message arrives
+/// as sent and the checksum is the host's; with them untracked (`unsafe-no-tracking`), the
+/// destination's copy of those slots is stale and the same check must fail.
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
+fn mpi_ring_migrated_without_tracking_the_vfs_writes_fails_its_checksum() {
+    let _m = machine();
+    init_logging();
+    let ring = RingJob {
+        iters: 80,
+        max_bytes: 200_000,
+        hold_ms: 250,
+        dirty_mib: 16,
+    };
+    let reference = ring_reference(2, ring);
+    let run = |tracking: bool| {
+        let dir = RunDir::new(if tracking {
+            "mpi-hold"
+        } else {
+            "mpi-hold-untracked"
+        });
+        let opts = MpiRunOptions {
+            hpcc: None,
+            netpipe_max_bytes: None,
+            ring: Some(ring),
+            tracking,
+            // Once the ring turns (MPI is up in every guest), not during its start-up.
+            migrate_from: Some("\"iter\":10}".into()),
+            migrate_after: Some(Duration::from_secs(1)),
+            // Pre-copy runs 8 s (each rank keeps rewriting 16 MiB, so QEMU cannot converge
+            // sooner): the receive slots are sent early and refilled many times after.
+            precopy_at_least: Some(Duration::from_secs(8)),
+            timeout: Duration::from_secs(240),
+            ..options(&dir, 2, true)
+        };
+        let outcome = mpi::run(&opts);
+        eprintln!(
+            "tracking {tracking}: {}",
+            match &outcome {
+                Ok(r) => format!(
+                    "ring {:?}, exit {:?}, migration {:?}; its output:\n{}",
+                    r.ring,
+                    r.ring_job.as_ref().and_then(|j| j.exit),
+                    r.migration.as_ref().map(|m| (m.total_ms, m.downtime_ms)),
+                    r.ring_job.as_ref().map_or("", |j| j.output.as_str()),
+                ),
+                Err(e) => format!("{e}"),
+            }
+        );
+        outcome
+    };
+    let passed = |outcome: &Result<mpi::MpiReport, mpi::MpiError>| {
+        outcome.as_ref().is_ok_and(|r| {
+            r.migration.is_some()
+                && r.ring_job.as_ref().is_some_and(|j| j.exit == Some(0))
+                && r.ring
+                    .as_ref()
+                    .is_some_and(|v| v.errors == 0 && v.checksum == reference)
+        })
+    };
+    let tracked = run(true);
+    assert!(
+        passed(&tracked),
+        "mpi-ring failed with the VF's writes tracked: {tracked:?}"
+    );
+    // Without tracking, the run itself works (boot, ring, migration); what the guest reads
+    // after the move is wrong: a message differs, or a stale slot's header breaks the link
+    // (the provider says so, and Open MPI aborts the job).
+    let r = run(false).expect("the run without tracking");
+    assert!(r.migration.is_some(), "the VM did not migrate");
+    let job = r.ring_job.as_ref().expect("the ring job ran");
+    let wrong = r
+        .ring
+        .as_ref()
+        .is_some_and(|v| v.errors > 0 || v.checksum != reference);
+    let broken = job.exit != Some(0) && job.output.contains("malformed segment");
+    assert!(
+        wrong || broken,
+        "mpi-ring saw nothing wrong although the VF's writes were not tracked: the check \
+         cannot see a lost write; its output:\n{}",
+        job.output
     );
 }

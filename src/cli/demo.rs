@@ -62,7 +62,9 @@ pub struct Args {
     /// `hpcc`: Debian's unmodified HPCC across --vms VMs of the MPI guest image, on vfmig's
     /// libfabric provider, the last VM migrated 20 s in (plain QMP; the companions hand its VF
     /// over), beside the same run without migration: the last line has HPCC's verdict and
-    /// figures for both, and the migration's total time and downtime.
+    /// figures for both, and the migration's total time, downtime and blackout (as the peers'
+    /// soft VFs saw it). `--strategy unsafe-no-tracking` starts the migrated VM's companion
+    /// without dirty tracking (the negative control).
     #[arg(long, value_enum)]
     pub workload: Option<DemoWorkload>,
     /// With --workload: what drives the migration. `vfmig` (vfmig's orchestrator, every
@@ -125,10 +127,14 @@ pub fn run(args: Args) -> Result<()> {
 
 /// `--workload hpcc`: HPCC without migration, then with the last VM migrated 20 s in.
 fn run_hpcc(args: Args) -> Result<()> {
-    if args.strategy != StrategyKind::Transparent {
+    if !matches!(
+        args.strategy,
+        StrategyKind::Transparent | StrategyKind::UnsafeNoTracking
+    ) {
         bail!(
             "--workload hpcc migrates as libvirt or Nova would (plain QMP, the companions hand \
-             the VF over: transparent); --strategy {:?} is not offered for it",
+             the VF over): --strategy transparent, or unsafe-no-tracking for the negative \
+             control; {:?} is not offered for it",
             args.strategy
         );
     }
@@ -143,10 +149,13 @@ fn run_hpcc(args: Args) -> Result<()> {
         vfmig_bin: vfmig_bin()?,
         hpcc: Some(HpccInput::small(vms as u32)),
         netpipe_max_bytes: None,
-        ring_iters: None,
+        ring: None,
         handoff: true,
+        tracking: args.strategy == StrategyKind::Transparent,
         provider: mpi::VFMIG_PROVIDER.into(),
         migrate_after: None,
+        migrate_from: None,
+        precopy_at_least: None,
         timeout: Duration::from_secs(1800),
     };
     eprintln!("demo: HPCC on {vms} VMs on the vfmig provider, without migration…");
@@ -168,12 +177,15 @@ fn run_hpcc(args: Args) -> Result<()> {
     };
     let m = migrated.migration.as_ref();
     eprintln!(
-        "demo: HPCC passed: {} with the migration, {} without; migration {} ms, downtime {} ms; \
-         run directories kept in {}",
+        "demo: HPCC passed: {} with the migration, {} without; migration {} ms, downtime {} ms, \
+         blackout {} ms; run directories kept in {}",
         verdict(&migrated)["success"],
         verdict(&reference)["success"],
         m.map_or(0, |m| m.total_ms),
         m.map_or(0, |m| m.downtime_ms),
+        migrated
+            .blackout_ms
+            .map_or("unknown".into(), |b| format!("{b:.1}")),
         run_dir.display()
     );
     println!(
@@ -186,6 +198,8 @@ fn run_hpcc(args: Args) -> Result<()> {
             "reference": verdict(&reference),
             "total_ms": m.map(|m| m.total_ms),
             "downtime_ms": m.map(|m| m.downtime_ms),
+            "blackout_ms": migrated.blackout_ms,
+            "strategy": args.strategy,
             "vf_takeover": m.and_then(|m| m.vf_takeover.clone()),
         })
     );

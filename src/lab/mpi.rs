@@ -431,12 +431,15 @@ pub struct MpiRunOptions {
     pub hpcc: Option<HpccInput>,
     /// NetPIPE between the first two VMs up to this message size; none: no NetPIPE.
     pub netpipe_max_bytes: Option<u64>,
-    /// `mpi-ring` on every VM (`provider/tests/mpi/ring_checksum.c`), this many rounds, after
-    /// HPCC; none: not run.
-    pub ring_iters: Option<u32>,
+    /// `mpi-ring` on every VM (`provider/tests/mpi/ring_checksum.c`), after HPCC; none: not
+    /// run.
+    pub ring: Option<RingJob>,
     /// Whether the migrated VM's destination companion takes the VF over (`--incoming`);
     /// false: the negative control, in which the VF's state stays behind.
     pub handoff: bool,
+    /// Whether the migrated VM's source companion logs the VF's writes into QEMU's dirty log;
+    /// false: the negative control `unsafe-no-tracking` (`--unsafe-no-tracking`).
+    pub tracking: bool,
     /// The libfabric provider of every job ([`TCP_PROVIDER`] or [`VFMIG_PROVIDER`]). With
     /// vfmig, every VM has a soft VF on an authenticated fabric, and the migrated VM's
     /// companions hand its VF over.
@@ -445,8 +448,66 @@ pub struct MpiRunOptions {
     /// HPCC (or the first job) started, by plain QMP (`migrate-incoming`, `migrate`, `cont`);
     /// none: no migration.
     pub migrate_after: Option<Duration>,
+    /// Count `migrate_after` from the first time rank 0's console shows this text instead
+    /// (e.g. a job's first progress line, once MPI is up).
+    pub migrate_from: Option<String>,
+    /// Keep the migration's pre-copy going at least this long (see
+    /// [`super::qmp_driver::Precopy::at_least`]); none: QEMU converges when it can.
+    pub precopy_at_least: Option<Duration>,
     /// How long the whole run may take.
     pub timeout: Duration,
+}
+
+/// `mpi-ring`'s arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RingJob {
+    /// Rounds.
+    pub iters: u32,
+    /// Largest message, bytes (sizes cycle from 1 B up to 1 MiB, capped here).
+    pub max_bytes: u32,
+    /// How long each rank leaves a round's message unread in its receive buffers, ms (0: it
+    /// waits at once).
+    pub hold_ms: u32,
+    /// MiB of its own memory each rank writes every round (so that a migration's pre-copy has
+    /// pages to send again and again).
+    pub dirty_mib: u32,
+}
+
+impl RingJob {
+    /// `mpi-ring`'s command line.
+    pub fn program(&self) -> Vec<String> {
+        ["mpi-ring".to_string()]
+            .into_iter()
+            .chain(
+                [self.iters, self.max_bytes, self.hold_ms, self.dirty_mib].map(|n| n.to_string()),
+            )
+            .collect()
+    }
+}
+
+/// `mpi-ring`'s verdict: the last JSON line of its output that has a checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RingVerdict {
+    /// Ranks.
+    pub ranks: u32,
+    /// Rounds.
+    pub iters: u64,
+    /// The checksum of every byte every rank received.
+    pub checksum: String,
+    /// Messages that differed from what their senders made.
+    pub errors: u64,
+}
+
+impl RingVerdict {
+    /// Reads the verdict out of `mpi-ring`'s output; `None` if it printed none.
+    pub fn parse(output: &str) -> Option<Self> {
+        output.lines().rev().find_map(|l| {
+            let at = l.find('{')?;
+            let v: serde_json::Value = serde_json::from_str(&l[at..]).ok()?;
+            v.get("checksum")?;
+            serde_json::from_value(v).ok()
+        })
+    }
 }
 
 /// The MPI guest image of `tools/setup.sh`.
@@ -467,10 +528,16 @@ pub struct MpiReport {
     pub netpipe_job: Option<JobOutcome>,
     /// `mpi-ring`'s job: its last line is its JSON verdict.
     pub ring_job: Option<JobOutcome>,
+    /// `mpi-ring`'s verdict, when it printed one.
+    pub ring: Option<RingVerdict>,
     /// NetPIPE's points.
     pub netpipe: Vec<NetpipePoint>,
     /// The migration of the last VM, when there was one.
     pub migration: Option<MigrationSummary>,
+    /// The migrated VM's blackout as its peers saw it, ms: the longest any peer's soft VF
+    /// heard no request from it, from the last from its old place to the first from its new
+    /// one (vfmig provider only; `None` before any request from the new place).
+    pub blackout_ms: Option<f64>,
     /// Seconds from the first launch until every guest's driver had started its NIC.
     pub boot_secs: f64,
     /// Seconds of the whole run.
@@ -571,6 +638,27 @@ fn fabrics(opts: &MpiRunOptions, hosts: &Hosts) -> Result<Option<Fabrics>, MpiEr
     }))
 }
 
+/// The longest silence of `moved` that the soft VFs of `peers` saw across its last move, ms.
+fn blackout_seen_by_peers(peers: &[RunningVm], moved: &str) -> Option<f64> {
+    peers
+        .iter()
+        .filter_map(|vm| {
+            let stats = crate::companion::control::ControlClient::connect(
+                &vm.paths.control_socket,
+                Duration::from_secs(5),
+            )
+                .and_then(|mut c| c.stats());
+            match stats {
+                Ok(s) => s.soft_vf?.peer_moves.into_iter().rev().find(|m| m.vm == moved)?.silent_ms,
+                Err(e) => {
+                    tracing::warn!(vm = %vm.spec.name, error = %e, "MPI run: cannot read a peer's companion");
+                    None
+                }
+            }
+        })
+        .reduce(f64::max)
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -595,10 +683,12 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
             launch: on(opts.vms, &["hpcc"]),
         });
     }
-    if let Some(iters) = opts.ring_iters {
+    if let Some(ring) = opts.ring {
+        let program = ring.program();
+        let program: Vec<&str> = program.iter().map(String::as_str).collect();
         jobs.push(MpiJob {
             name: "ring".into(),
-            launch: on(opts.vms, &["mpi-ring", &iters.to_string()]),
+            launch: on(opts.vms, &program),
         });
     }
     if let Some(max) = opts.netpipe_max_bytes {
@@ -612,7 +702,11 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
     let mut vms = Vec::new();
     for i in 0..opts.vms {
         let mut spec = vm_spec(opts, &hosts, i, &jobs, group);
-        spec.fabric = fabrics.as_ref().map(|f| f.spec(&spec.name, i));
+        spec.fabric = fabrics.as_ref().map(|f| FabricSpec {
+            // The negative control: the VM that migrates does not log its VF's writes.
+            untracked: !opts.tracking && i == opts.vms - 1 && opts.migrate_after.is_some(),
+            ..f.spec(&spec.name, i)
+        });
         let vm = spec.name.clone();
         vms.push(RunningVm::launch(spec).map_err(|e| MpiError::Launch {
             vm,
@@ -663,7 +757,11 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
         if c.done {
             break c;
         }
-        if job_started.is_none() && !c.jobs.is_empty() {
+        let started = match &opts.migrate_from {
+            None => !c.jobs.is_empty(),
+            Some(mark) => c.jobs.values().any(|j| j.output.contains(mark.as_str())),
+        };
+        if job_started.is_none() && started {
             job_started = Some(Instant::now());
         }
         if let (Some(after), Some(dest), None) = (opts.migrate_after, dest.as_ref(), &migration) {
@@ -683,7 +781,10 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
                         &src.qmp().map_err(launch_error(&name))?,
                         &dest.qmp().map_err(launch_error(&name))?,
                         &format!("tcp:{}:4444", hosts.addr(opts.vms)),
-                        None,
+                        super::qmp_driver::Precopy {
+                            max_bandwidth: None,
+                            at_least: opts.precopy_at_least,
+                        },
                         opts.timeout,
                         ctl,
                     )
@@ -717,6 +818,11 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
         },
     };
     let netpipe_job = console.jobs.get("netpipe").cloned();
+    let ring_job = console.jobs.get("ring").cloned();
+    let blackout_ms = match (&migration, &fabrics) {
+        (Some(_), Some(_)) => blackout_seen_by_peers(&vms[..last], &guest_host(last)),
+        _ => None,
+    };
     Ok(MpiReport {
         hpcc_job: console.jobs.get("hpcc").cloned(),
         hpcc,
@@ -726,8 +832,12 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
             .map(|j| netpipe_points(&j.output))
             .unwrap_or_default(),
         netpipe_job,
-        ring_job: console.jobs.get("ring").cloned(),
+        ring: ring_job
+            .as_ref()
+            .and_then(|j| RingVerdict::parse(&j.output)),
+        ring_job,
         migration,
+        blackout_ms,
         boot_secs,
         wall_secs: start.elapsed().as_secs_f64(),
     })
@@ -736,6 +846,32 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mpi_rings_verdict_is_its_last_line_with_a_checksum() {
+        let job = RingJob {
+            iters: 80,
+            max_bytes: 200_000,
+            hold_ms: 250,
+            dirty_mib: 16,
+        };
+        assert_eq!(job.program(), ["mpi-ring", "80", "200000", "250", "16"]);
+        let out = "{\"tool\":\"mpi-ring\",\"rank\":0,\"iter\":0}\n\
+                   [mpi1:00117] noise {not json}\n\
+                   {\"tool\":\"mpi-ring\",\"ranks\":2,\"iters\":80,\"checksum\":\"63c8\",\"errors\":1}\n\
+                   done\n";
+        assert_eq!(
+            RingVerdict::parse(out),
+            Some(RingVerdict {
+                ranks: 2,
+                iters: 80,
+                checksum: "63c8".into(),
+                errors: 1
+            })
+        );
+        // A job that aborted before its verdict has none.
+        assert_eq!(RingVerdict::parse(&out[..out.find("[mpi1").unwrap()]), None);
+    }
 
     #[test]
     fn the_launch_line_names_the_provider_once_and_the_ip_nic() {

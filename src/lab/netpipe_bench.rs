@@ -92,10 +92,13 @@ pub fn run(
                 vfmig_bin: opts.vfmig_bin.clone(),
                 hpcc: None,
                 netpipe_max_bytes: Some(opts.max_bytes),
-                ring_iters: None,
+                ring: None,
                 handoff: true,
+                tracking: true,
                 provider: provider.to_string(),
                 migrate_after: None,
+                migrate_from: None,
+                precopy_at_least: None,
                 timeout: Duration::from_secs(600),
             })
             .map_err(failed)?;

@@ -49,7 +49,7 @@ pub fn migrate(
     src: &QmpClient,
     dst: &QmpClient,
     uri: &str,
-    max_bandwidth: Option<u64>,
+    precopy: Precopy,
     timeout: Duration,
     companions: Option<(&Path, &Path)>,
 ) -> Result<MigrationSummary, QmpDriveError> {
@@ -63,15 +63,25 @@ pub fn migrate(
     let started = Instant::now();
     dst.migrate_incoming(uri)
         .map_err(on("migrate-incoming", "destination"))?;
-    if let Some(bw) = max_bandwidth {
+    if let Some(bw) = precopy.max_bandwidth {
         src.migrate_set_parameters(json!({ "max-bandwidth": bw }))
             .map_err(on("migrate-set-parameters", "source"))?;
     }
+    if precopy.at_least.is_some() {
+        src.migrate_set_parameters(json!({ "downtime-limit": HELD_DOWNTIME_MS }))
+            .map_err(on("migrate-set-parameters", "source"))?;
+    }
     src.migrate(uri).map_err(on("migrate", "source"))?;
+    let mut held = precopy.at_least;
     let info = loop {
         let info = src.query_migrate().map_err(on("query-migrate", "source"))?;
         if info.is_finished() {
             break info;
+        }
+        if held.is_some_and(|d| started.elapsed() >= d) {
+            src.migrate_set_parameters(json!({ "downtime-limit": DEFAULT_DOWNTIME_MS }))
+                .map_err(on("migrate-set-parameters", "source"))?;
+            held = None;
         }
         if started.elapsed() > timeout {
             let _ = src.migrate_cancel();
@@ -109,6 +119,24 @@ pub fn migrate(
     }
     Ok(summary)
 }
+
+/// How the source's pre-copy is shaped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Precopy {
+    /// QEMU's `max-bandwidth`, bytes/s; none: QEMU's own.
+    pub max_bandwidth: Option<u64>,
+    /// Keep pre-copy iterating at least this long: QEMU's `downtime-limit` is held at
+    /// [`HELD_DOWNTIME_MS`] (no guest that writes memory converges), then set back to
+    /// [`DEFAULT_DOWNTIME_MS`]. A page that only the VF writes is then sent once, early, and
+    /// again only if the VF's writes reach QEMU's dirty log: what a negative control of that
+    /// log needs.
+    pub at_least: Option<Duration>,
+}
+
+/// `downtime-limit` while [`Precopy::at_least`] holds pre-copy open, ms.
+pub const HELD_DOWNTIME_MS: u64 = 1;
+/// QEMU's default `downtime-limit`, ms.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 
 /// The VF handoff, as the two companions report it once the destination runs.
 fn handoff_of(src_ctl: &Path, dst_ctl: &Path) -> Option<crate::orchestrator::summary::Takeover> {

@@ -599,7 +599,10 @@ fn migrate_a_by_qmp(
         &a.qmp()?,
         &dest.qmp()?,
         &format!("tcp:{}:{}", job.hosts.addr(opts.vms), 4444),
-        opts.max_bandwidth,
+        super::qmp_driver::Precopy {
+            max_bandwidth: opts.max_bandwidth,
+            at_least: None,
+        },
         opts.timeout,
         Some((&a.paths.control_socket, &dest.paths.control_socket)),
     )
