@@ -125,17 +125,24 @@ fn hpcc_mpi_ring_and_netpipe_run_unmodified_on_the_vfmig_provider_across_a_migra
     );
     assert_eq!(m.status, "completed");
     // The peers heard from the migrated VM again, at its new place.
-    let blackout = r
-        .blackout_ms
+    let silence = r
+        .peer_silence_ms
         .expect("no peer heard from the VM after its move");
-    eprintln!("blackout seen by the peers: {blackout:.1} ms");
     // The VF moved with the VM, and with it the QPs the provider had made for HPCC.
     let t = m
         .vf_takeover
         .as_ref()
         .expect("the companions handed the VF over");
-    eprintln!("VF handoff: {t:?}");
+    eprintln!("VF handoff: {t:?}; silence seen by the peers: {silence:.1} ms");
     assert!(t.qps > 0, "no QP of the provider moved: {t:?}");
+    // The VF's blackout runs from the source's quiesce, after pre-copy, to the announce just
+    // after the destination runs: inside the migration's wall time, give or take the announce.
+    assert!(
+        t.blackout_ms > 0.0 && t.blackout_ms < m.wall_ms as f64,
+        "VF blackout {} ms in a migration of {} ms",
+        t.blackout_ms,
+        m.wall_ms
+    );
     let job = r.hpcc_job.as_ref().expect("the hpcc job ran");
     assert!(
         job.secs.unwrap_or(0) > MIGRATE_AFTER.as_secs(),

@@ -62,8 +62,8 @@ pub struct Args {
     /// `hpcc`: Debian's unmodified HPCC across --vms VMs of the MPI guest image, on vfmig's
     /// libfabric provider, the last VM migrated 20 s in (plain QMP; the companions hand its VF
     /// over), beside the same run without migration: the last line has HPCC's verdict and
-    /// figures for both, and the migration's total time, downtime and blackout (as the peers'
-    /// soft VFs saw it). `--strategy unsafe-no-tracking` starts the migrated VM's companion
+    /// figures for both, and the migration's total time, downtime, the VF's blackout (source
+    /// quiesce to the destination's announce) and the silence the peers' soft VFs saw. `--strategy unsafe-no-tracking` starts the migrated VM's companion
     /// without dirty tracking (the negative control).
     #[arg(long, value_enum)]
     pub workload: Option<DemoWorkload>,
@@ -178,13 +178,15 @@ fn run_hpcc(args: Args) -> Result<()> {
     let m = migrated.migration.as_ref();
     eprintln!(
         "demo: HPCC passed: {} with the migration, {} without; migration {} ms, downtime {} ms, \
-         blackout {} ms; run directories kept in {}",
+         VF blackout {} ms, silence seen by the peers {} ms; run directories kept in {}",
         verdict(&migrated)["success"],
         verdict(&reference)["success"],
         m.map_or(0, |m| m.total_ms),
         m.map_or(0, |m| m.downtime_ms),
+        m.and_then(|m| m.vf_takeover.as_ref())
+            .map_or("unknown".into(), |t| format!("{:.1}", t.blackout_ms)),
         migrated
-            .blackout_ms
+            .peer_silence_ms
             .map_or("unknown".into(), |b| format!("{b:.1}")),
         run_dir.display()
     );
@@ -198,7 +200,8 @@ fn run_hpcc(args: Args) -> Result<()> {
             "reference": verdict(&reference),
             "total_ms": m.map(|m| m.total_ms),
             "downtime_ms": m.map(|m| m.downtime_ms),
-            "blackout_ms": migrated.blackout_ms,
+            "blackout_ms": m.and_then(|m| m.vf_takeover.as_ref()).map(|t| t.blackout_ms),
+            "peer_silence_ms": migrated.peer_silence_ms,
             "strategy": args.strategy,
             "vf_takeover": m.and_then(|m| m.vf_takeover.clone()),
         })

@@ -98,6 +98,9 @@ pub struct HandoffReport {
     /// Destination: the import and the announce.
     #[serde(deserialize_with = "required")]
     pub import_us: Option<f64>,
+    /// Destination: when the announce to the peers ended (the VF is served here from then).
+    #[serde(deserialize_with = "required")]
+    pub announced_at_unix_us: Option<f64>,
     /// Destination: the peers told of the VM's new place.
     pub announced_to: Vec<String>,
     /// What went wrong, if anything.
@@ -455,6 +458,7 @@ impl Handoff {
         r.waited_us = Some(waited.as_secs_f64() * 1e6);
         r.claim_us = Some(claim_us);
         r.import_us = Some(started.elapsed().as_secs_f64() * 1e6);
+        r.announced_at_unix_us = Some(steps::unix_us(Instant::now()));
         r.announced_to = imported.announced_to;
         tracing::info!(generation, announced_to = ?r.announced_to, "VF handoff: the VF state is taken over; the VF is served here");
         Ok(())

@@ -534,10 +534,12 @@ pub struct MpiReport {
     pub netpipe: Vec<NetpipePoint>,
     /// The migration of the last VM, when there was one.
     pub migration: Option<MigrationSummary>,
-    /// The migrated VM's blackout as its peers saw it, ms: the longest any peer's soft VF
+    /// The migrated VM's silence as its peers saw it, ms: the longest any peer's soft VF
     /// heard no request from it, from the last from its old place to the first from its new
-    /// one (vfmig provider only; `None` before any request from the new place).
-    pub blackout_ms: Option<f64>,
+    /// one (vfmig provider only; `None` before any request from the new place). It holds the
+    /// VF's blackout ([`crate::orchestrator::summary::Takeover::blackout_ms`]) and whatever
+    /// time the application itself sent nothing around it.
+    pub peer_silence_ms: Option<f64>,
     /// Seconds from the first launch until every guest's driver had started its NIC.
     pub boot_secs: f64,
     /// Seconds of the whole run.
@@ -639,7 +641,7 @@ fn fabrics(opts: &MpiRunOptions, hosts: &Hosts) -> Result<Option<Fabrics>, MpiEr
 }
 
 /// The longest silence of `moved` that the soft VFs of `peers` saw across its last move, ms.
-fn blackout_seen_by_peers(peers: &[RunningVm], moved: &str) -> Option<f64> {
+fn silence_seen_by_peers(peers: &[RunningVm], moved: &str) -> Option<f64> {
     peers
         .iter()
         .filter_map(|vm| {
@@ -819,8 +821,8 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
     };
     let netpipe_job = console.jobs.get("netpipe").cloned();
     let ring_job = console.jobs.get("ring").cloned();
-    let blackout_ms = match (&migration, &fabrics) {
-        (Some(_), Some(_)) => blackout_seen_by_peers(&vms[..last], &guest_host(last)),
+    let peer_silence_ms = match (&migration, &fabrics) {
+        (Some(_), Some(_)) => silence_seen_by_peers(&vms[..last], &guest_host(last)),
         _ => None,
     };
     Ok(MpiReport {
@@ -837,7 +839,7 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
             .and_then(|j| RingVerdict::parse(&j.output)),
         ring_job,
         migration,
-        blackout_ms,
+        peer_silence_ms,
         boot_secs,
         wall_secs: start.elapsed().as_secs_f64(),
     })

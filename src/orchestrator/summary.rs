@@ -107,6 +107,13 @@ pub struct Takeover {
     pub waiting_frames: usize,
     /// Peers told of the VM's new place.
     pub announced_to: Vec<String>,
+    /// The VF's blackout: from the source's quiesce (nothing is applied or sent there after
+    /// it) to the end of the destination's announce (peers replay to the new place from
+    /// then), ms (0 if not seen). Whatever the workload, no request crosses the VF between.
+    pub blackout_ms: f64,
+    /// When the source's export began (unix µs), for `blackout_ms`.
+    #[serde(skip)]
+    pub exported_at_unix_us: Option<f64>,
 }
 
 pub use crate::errors::chain as error_text;

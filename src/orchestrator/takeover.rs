@@ -223,6 +223,7 @@ pub fn takeover_of(sent: &HandoffReport, received: &HandoffReport) -> Takeover {
         pending_requests: received.pending_requests,
         waiting_frames: received.waiting_frames,
         bytes: received.bytes,
+        exported_at_unix_us: sent.export_started_at_unix_us,
         ..Default::default()
     };
     fill_takeover(&mut info, received);
@@ -234,6 +235,9 @@ fn fill_takeover(info: &mut Takeover, r: &HandoffReport) {
     if r.phase == HandoffPhase::TakenOver {
         info.takeover_ms = (r.claim_us.unwrap_or(0.0) + r.import_us.unwrap_or(0.0)) / 1e3;
         info.announced_to = r.announced_to.clone();
+        if let (Some(a), Some(b)) = (info.exported_at_unix_us, r.announced_at_unix_us) {
+            info.blackout_ms = (b - a) / 1e3;
+        }
     }
 }
 
@@ -258,5 +262,31 @@ pub fn finish_takeover(dst_ctl: &Path, info: &mut Takeover, wait: Duration) {
             _ if Instant::now() > deadline => return,
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vfs_blackout_runs_from_the_sources_export_to_the_destinations_announce() {
+        let sent = HandoffReport {
+            export_started_at_unix_us: Some(1_000_000.0),
+            ..Default::default()
+        };
+        let mut received = HandoffReport {
+            phase: HandoffPhase::TakenOver,
+            received_at_unix_us: Some(1_004_000.0),
+            claim_us: Some(1_500.0),
+            import_us: Some(2_000.0),
+            announced_at_unix_us: Some(1_061_000.0),
+            ..Default::default()
+        };
+        let t = takeover_of(&sent, &received);
+        assert_eq!((t.ms, t.takeover_ms, t.blackout_ms), (4.0, 3.5, 61.0));
+        // Not taken over yet: no blackout to report.
+        received.phase = HandoffPhase::Received;
+        assert_eq!(takeover_of(&sent, &received).blackout_ms, 0.0);
     }
 }
