@@ -228,10 +228,12 @@ fn without_the_vf_handoff_hpcc_on_the_vfmig_provider_fails() {
 fn mpi_ring_migrated_without_tracking_the_vfs_writes_fails_its_checksum() {
     let _m = machine();
     init_logging();
+    // Each round's message waits 1 s unread for some 50 ms of exchange: the migration's
+    // last moment almost always finds one in the slots.
     let ring = RingJob {
-        iters: 80,
+        iters: 40,
         max_bytes: 200_000,
-        hold_ms: 250,
+        hold_ms: 1000,
         dirty_mib: 16,
     };
     let reference = ring_reference(2, ring);
@@ -247,11 +249,12 @@ fn mpi_ring_migrated_without_tracking_the_vfs_writes_fails_its_checksum() {
             ring: Some(ring),
             tracking,
             // Once the ring turns (MPI is up in every guest), not during its start-up.
-            migrate_from: Some("\"iter\":10}".into()),
+            migrate_from: Some("\"iter\":5}".into()),
             migrate_after: Some(Duration::from_secs(1)),
-            // Pre-copy runs 8 s (each rank keeps rewriting 16 MiB, so QEMU cannot converge
-            // sooner): the receive slots are sent early and refilled many times after.
-            precopy_at_least: Some(Duration::from_secs(8)),
+            // Pre-copy goes on 4 s after its first pass (each rank keeps rewriting 16 MiB, so
+            // QEMU cannot converge sooner): the receive slots, sent in the first pass, are
+            // refilled several times before the VM stops.
+            precopy_at_least: Some(Duration::from_secs(4)),
             timeout: Duration::from_secs(240),
             ..options(&dir, 2, true)
         };
@@ -287,19 +290,27 @@ fn mpi_ring_migrated_without_tracking_the_vfs_writes_fails_its_checksum() {
     );
     // Without tracking, the run itself works (boot, ring, migration); what the guest reads
     // after the move is wrong: a message differs, or a stale slot's header breaks the link
-    // (the provider says so, and Open MPI aborts the job).
-    let r = run(false).expect("the run without tracking");
-    assert!(r.migration.is_some(), "the VM did not migrate");
-    let job = r.ring_job.as_ref().expect("the ring job ran");
-    let wrong = r
-        .ring
-        .as_ref()
-        .is_some_and(|v| v.errors > 0 || v.checksum != reference);
-    let broken = job.exit != Some(0) && job.output.contains("malformed segment");
-    assert!(
-        wrong || broken,
-        "mpi-ring saw nothing wrong although the VF's writes were not tracked: the check \
-         cannot see a lost write; its output:\n{}",
-        job.output
+    // (the provider says so, and Open MPI aborts the job). That needs the VM to stop while a
+    // message lies unread in its slots, some 95% of the time: a second migration is tried
+    // when the first stopped between two holds.
+    let mut outputs = Vec::new();
+    for _attempt in 0..2 {
+        let r = run(false).expect("the run without tracking");
+        assert!(r.migration.is_some(), "the VM did not migrate");
+        let job = r.ring_job.as_ref().expect("the ring job ran");
+        let wrong = r
+            .ring
+            .as_ref()
+            .is_some_and(|v| v.errors > 0 || v.checksum != reference);
+        let broken = job.exit != Some(0) && job.output.contains("malformed segment");
+        if wrong || broken {
+            return;
+        }
+        outputs.push(job.output.clone());
+    }
+    panic!(
+        "mpi-ring saw nothing wrong in two migrations although the VF's writes were not \
+         tracked: the check cannot see a lost write; its outputs:\n{}",
+        outputs.join("\n---\n")
     );
 }

@@ -73,12 +73,18 @@ pub fn migrate(
     }
     src.migrate(uri).map_err(on("migrate", "source"))?;
     let mut held = precopy.at_least;
+    // When QEMU's first pass over RAM ended (its second dirty-log sync).
+    let mut first_pass_done: Option<Instant> = None;
     let info = loop {
         let info = src.query_migrate().map_err(on("query-migrate", "source"))?;
         if info.is_finished() {
             break info;
         }
-        if held.is_some_and(|d| started.elapsed() >= d) {
+        let syncs = info.ram.as_ref().and_then(|r| r.dirty_sync_count);
+        if first_pass_done.is_none() && syncs.unwrap_or(0) >= 2 {
+            first_pass_done = Some(Instant::now());
+        }
+        if held.is_some_and(|d| first_pass_done.is_some_and(|t| t.elapsed() >= d)) {
             src.migrate_set_parameters(json!({ "downtime-limit": DEFAULT_DOWNTIME_MS }))
                 .map_err(on("migrate-set-parameters", "source"))?;
             held = None;
@@ -125,11 +131,11 @@ pub fn migrate(
 pub struct Precopy {
     /// QEMU's `max-bandwidth`, bytes/s; none: QEMU's own.
     pub max_bandwidth: Option<u64>,
-    /// Keep pre-copy iterating at least this long: QEMU's `downtime-limit` is held at
-    /// [`HELD_DOWNTIME_MS`] (no guest that writes memory converges), then set back to
-    /// [`DEFAULT_DOWNTIME_MS`]. A page that only the VF writes is then sent once, early, and
-    /// again only if the VF's writes reach QEMU's dirty log: what a negative control of that
-    /// log needs.
+    /// Keep pre-copy iterating at least this long after its first pass over RAM: QEMU's
+    /// `downtime-limit` is held at [`HELD_DOWNTIME_MS`] (no guest that writes memory
+    /// converges), then set back to [`DEFAULT_DOWNTIME_MS`]. A page that only the VF writes is
+    /// then sent once, in the first pass, and again only if the VF's writes reach QEMU's dirty
+    /// log: what a negative control of that log needs.
     pub at_least: Option<Duration>,
 }
 

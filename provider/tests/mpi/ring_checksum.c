@@ -77,7 +77,7 @@ int main(int argc, char **argv) {
         fill(want, n, prev, i);
         if (memcmp(in, want, n) != 0) errors++;
         for (size_t k = 0; k < n; k++) { h ^= in[k]; h *= 0x100000001b3ULL; }
-        if (i % 50 == 0 || (hold_ms > 0 && i % 10 == 0)) {
+        if (i % 50 == 0 || (hold_ms > 0 && i % 5 == 0)) {
             printf("{\"tool\":\"mpi-ring\",\"rank\":%d,\"iter\":%ld}\n", rank, i);
             fflush(stdout);
         }
