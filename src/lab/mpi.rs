@@ -468,8 +468,8 @@ pub struct RingJob {
     /// How long each rank leaves a round's message unread in its receive buffers, ms (0: it
     /// waits at once).
     pub hold_ms: u32,
-    /// MiB of its own memory each rank writes every round (so that a migration's pre-copy has
-    /// pages to send again and again).
+    /// MiB of its own memory each rank keeps rewriting while it holds (so that a migration's
+    /// pre-copy always has pages to send).
     pub dirty_mib: u32,
 }
 
@@ -642,23 +642,23 @@ fn fabrics(opts: &MpiRunOptions, hosts: &Hosts) -> Result<Option<Fabrics>, MpiEr
 
 /// The longest silence of `moved` that the soft VFs of `peers` saw across its last move, ms.
 fn silence_seen_by_peers(peers: &[RunningVm], moved: &str) -> Option<f64> {
-    peers
-        .iter()
-        .filter_map(|vm| {
-            let stats = crate::companion::control::ControlClient::connect(
-                &vm.paths.control_socket,
-                Duration::from_secs(5),
-            )
-                .and_then(|mut c| c.stats());
-            match stats {
-                Ok(s) => s.soft_vf?.peer_moves.into_iter().rev().find(|m| m.vm == moved)?.silent_ms,
-                Err(e) => {
-                    tracing::warn!(vm = %vm.spec.name, error = %e, "MPI run: cannot read a peer's companion");
-                    None
-                }
+    use crate::companion::control::ControlClient;
+    let silence_at = |vm: &RunningVm| {
+        let stats = ControlClient::connect(&vm.paths.control_socket, Duration::from_secs(5))
+            .and_then(|mut c| c.stats());
+        match stats {
+            Ok(s) => {
+                let moves = s.soft_vf?.peer_moves;
+                moves.into_iter().rev().find(|m| m.vm == moved)?.silent_ms
             }
-        })
-        .reduce(f64::max)
+            Err(e) => {
+                let vm = &vm.spec.name;
+                tracing::warn!(%vm, error = %e, "MPI run: cannot read a peer's companion");
+                None
+            }
+        }
+    };
+    peers.iter().filter_map(silence_at).reduce(f64::max)
 }
 
 fn tail(path: &Path, lines: usize) -> String {
