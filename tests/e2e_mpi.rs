@@ -2,8 +2,9 @@
 //! its own test host: HPCC on three VMs, during which the last VM migrates to another host
 //! (plain QMP: the companions hand its soft VF over), then `mpi-ring` (a deterministic MPI
 //! checksum) and NetPIPE, all started by `mpirun` in rank 0's guest over dropbear, their
-//! messages on vfmig's libfabric provider over the soft VFs. The negative controls: the same
-//! migration without the VF handoff, and `mpi-ring` migrated with the VF's writes untracked.
+//! messages on vfmig's libfabric provider over the soft VFs; NetPIPE again while one of its VMs
+//! migrates. The negative controls: the same migration without the VF handoff, and `mpi-ring`
+//! migrated with the VF's writes untracked.
 
 mod common;
 
@@ -312,5 +313,52 @@ fn mpi_ring_migrated_without_tracking_the_vfs_writes_fails_its_checksum() {
         "mpi-ring saw nothing wrong in two migrations although the VF's writes were not \
          tracked: the check cannot see a lost write; its outputs:\n{}",
         outputs.join("\n---\n")
+    );
+}
+
+/// NetPIPE (`NPmpi`) between two VMs on the vfmig provider while one of them migrates: every
+/// size still goes back and forth, up to the largest, and the VF moved with its QPs.
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "end-to-end (real QEMU): `bash tools/test.sh` runs it"
+)]
+fn netpipe_runs_on_while_one_of_its_two_vms_migrates() {
+    let _m = machine();
+    init_logging();
+    let dir = RunDir::new("mpi-netpipe");
+    let after = Duration::from_secs(3);
+    let opts = MpiRunOptions {
+        hpcc: None,
+        ring: None,
+        // Three seconds into NetPIPE's measurements (about 15 s under TCG).
+        migrate_from: Some("Now starting the main loop".into()),
+        migrate_after: Some(after),
+        timeout: Duration::from_secs(300),
+        ..options(&dir, 2, true)
+    };
+    let r = mpi::run(&opts).expect("MPI run");
+    let m = r
+        .migration
+        .as_ref()
+        .expect("NetPIPE ended before the migration began");
+    assert_eq!(m.status, "completed");
+    let t = m.vf_takeover.as_ref().expect("the VF was handed over");
+    assert!(t.qps > 0, "no QP of the provider moved: {t:?}");
+    let job = r.netpipe_job.as_ref().expect("the netpipe job ran");
+    assert_eq!(job.exit, Some(0), "mpirun NPopenmpi:\n{}", job.output);
+    let last = r.netpipe.last().expect("NetPIPE printed no result line");
+    assert_eq!(last.bytes, NETPIPE_MAX, "{:?}", r.netpipe);
+    assert!(r.netpipe.iter().all(|p| p.usec > 0.0) && last.mbps > 0.0);
+    eprintln!(
+        "NetPIPE across a migration ({} ms, downtime {} ms, VF blackout {:.1} ms): {:.1} us at \
+         {} B, {:.1} Mbit/s at {} B",
+        m.total_ms,
+        m.downtime_ms,
+        t.blackout_ms,
+        r.netpipe[0].usec,
+        r.netpipe[0].bytes,
+        last.mbps,
+        last.bytes
     );
 }
