@@ -530,7 +530,7 @@ fn hello(
                 }
                 tracing::info!(peer = %vm, %listen, "peer announces its new place: replaying held requests");
                 inner.book.lock().insert(vm.clone(), listen);
-                inner.heard.lock().moved(&vm, Instant::now());
+                inner.heard.lock().moved(&vm);
                 drop_link(inner, &vm);
                 steps::rearm();
                 steps::instant("announce-received", vm.as_str());

@@ -52,7 +52,7 @@ pub(super) struct Heard {
     /// whether it has announced a move since.
     last: HashMap<String, (Instant, bool)>,
     /// The moves seen.
-    moves: VecDeque<(PeerMove, Instant)>,
+    moves: VecDeque<PeerMove>,
 }
 
 impl Heard {
@@ -63,7 +63,7 @@ impl Heard {
             return;
         };
         if std::mem::take(moved) {
-            if let Some((m, _)) = self.moves.iter_mut().rev().find(|(m, _)| m.vm == vm) {
+            if let Some(m) = self.moves.iter_mut().rev().find(|m| m.vm == vm) {
                 m.silent_ms = Some(now.saturating_duration_since(*last).as_secs_f64() * 1e3);
             }
         }
@@ -71,7 +71,7 @@ impl Heard {
     }
 
     /// `vm` announced its new place: its silence runs from its last request here.
-    pub(super) fn moved(&mut self, vm: &str, now: Instant) {
+    pub(super) fn moved(&mut self, vm: &str) {
         let Some((_, moved)) = self.last.get_mut(vm) else {
             // Never heard from before its move: there is no silence to measure.
             return;
@@ -84,15 +84,14 @@ impl Heard {
         if self.moves.len() == MAX_MOVES {
             self.moves.pop_front();
         }
-        let m = PeerMove {
+        self.moves.push_back(PeerMove {
             vm: vm.to_string(),
             silent_ms: None,
-        };
-        self.moves.push_back((m, now));
+        });
     }
 
     fn moves(&self) -> Vec<PeerMove> {
-        self.moves.iter().map(|(m, _)| m.clone()).collect()
+        self.moves.iter().cloned().collect()
     }
 }
 
@@ -125,8 +124,8 @@ mod tests {
         let mut h = Heard::default();
         h.request("b", at(0));
         h.request("b", at(10));
-        h.moved("b", at(50));
-        h.moved("b", at(60)); // a retried announce: the same move
+        h.moved("b");
+        h.moved("b"); // a retried announce: the same move
         assert_eq!(h.moves()[0].silent_ms, None);
         h.request("c", at(70));
         h.request("b", at(90));
@@ -139,14 +138,14 @@ mod tests {
             }]
         );
         // Never heard from before: no move to measure.
-        h.moved("d", at(100));
+        h.moved("d");
         assert_eq!(h.moves().len(), 1);
         for i in 0..2 * MAX_MOVES as u64 {
-            h.moved("b", at(200 + 2 * i));
+            h.moved("b");
             h.request("b", at(201 + 2 * i));
         }
         assert_eq!(h.moves().len(), MAX_MOVES);
-        // Each silence: from the request 1 ms before the announce to the one 1 ms after.
+        // Each silence: 2 ms, from one request of the loop to the next.
         assert_eq!(h.moves()[MAX_MOVES - 1].silent_ms, Some(2.0));
     }
 }
