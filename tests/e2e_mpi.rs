@@ -229,12 +229,12 @@ fn without_the_vf_handoff_hpcc_on_the_vfmig_provider_fails() {
 fn mpi_ring_migrated_without_tracking_the_vfs_writes_fails_its_checksum() {
     let _m = machine();
     init_logging();
-    // Each round's message waits 1 s unread for some 50 ms of exchange: the migration's
-    // last moment almost always finds one in the slots.
+    // Each round's message waits 2 s unread in the slots, and the migration is let converge
+    // only just after the migrated rank began a hold: the VM stops with a message unread.
     let ring = RingJob {
-        iters: 40,
+        iters: 25,
         max_bytes: 200_000,
-        hold_ms: 1000,
+        hold_ms: 2000,
         dirty_mib: 16,
     };
     let reference = ring_reference(2, ring);
@@ -253,8 +253,8 @@ fn mpi_ring_migrated_without_tracking_the_vfs_writes_fails_its_checksum() {
             migrate_from: Some("\"iter\":5}".into()),
             migrate_after: Some(Duration::from_secs(1)),
             // Pre-copy goes on 4 s after its first pass (each rank keeps rewriting 16 MiB, so
-            // QEMU cannot converge sooner): the receive slots, sent in the first pass, are
-            // refilled several times before the VM stops.
+            // QEMU cannot converge sooner), then until a hold begins: the receive slots, sent
+            // in the first pass, are refilled before the VM stops.
             precopy_at_least: Some(Duration::from_secs(4)),
             timeout: Duration::from_secs(240),
             ..options(&dir, 2, true)
@@ -292,11 +292,19 @@ fn mpi_ring_migrated_without_tracking_the_vfs_writes_fails_its_checksum() {
     // Without tracking, the run itself works (boot, ring, migration); what the guest reads
     // after the move is wrong: a message differs, or a stale slot's header breaks the link
     // (the provider says so, and Open MPI aborts the job). That needs the VM to stop while a
-    // message lies unread in its slots, some 95% of the time: a second migration is tried
-    // when the first stopped between two holds.
+    // message lies unread in its slots: a second migration is tried if the first stopped
+    // outside a hold all the same (a hold seen late on a loaded machine).
     let mut outputs = Vec::new();
     for _attempt in 0..2 {
-        let r = run(false).expect("the run without tracking");
+        let r = match run(false) {
+            Ok(r) => r,
+            // A stale header can also leave a message waiting for segments its sender never
+            // sends: the ring stalls where the tracked run of the same job finished.
+            Err(mpi::MpiError::Timeout { tail, .. }) if tail.contains("\"tool\":\"mpi-ring\"") => {
+                return
+            }
+            Err(e) => panic!("the run without tracking: {e}"),
+        };
         assert!(r.migration.is_some(), "the VM did not migrate");
         let job = r.ring_job.as_ref().expect("the ring job ran");
         let wrong = r

@@ -640,6 +640,42 @@ fn fabrics(opts: &MpiRunOptions, hosts: &Hosts) -> Result<Option<Fabrics>, MpiEr
     }))
 }
 
+/// Says whether `mpi-ring`'s rank `rank` (one per VM) has just begun a hold: its line
+/// `{"tool":"mpi-ring","rank":R,"hold":I}` appeared on the console less than 300 ms ago (of a
+/// hold of seconds). Always yes when the console has no such line: nothing to wait for.
+struct HoldWatch<'a> {
+    serial: &'a Path,
+    mark: String,
+    /// Hold lines counted at the last look, and when their count last grew (none yet: the
+    /// first look only counts).
+    seen: std::cell::Cell<Option<(usize, Option<Instant>)>>,
+}
+
+impl<'a> HoldWatch<'a> {
+    fn new(serial: &'a Path, rank: usize) -> Self {
+        Self {
+            serial,
+            mark: format!("\"tool\":\"mpi-ring\",\"rank\":{rank},\"hold\":"),
+            seen: Default::default(),
+        }
+    }
+
+    fn just_began(&self) -> bool {
+        let text = std::fs::read_to_string(self.serial).unwrap_or_default();
+        let holds = text.matches(self.mark.as_str()).count();
+        if holds == 0 {
+            return true;
+        }
+        let at = match self.seen.get() {
+            Some((before, at)) if holds == before => at,
+            Some(_) => Some(Instant::now()),
+            None => None,
+        };
+        self.seen.set(Some((holds, at)));
+        at.is_some_and(|t| t.elapsed() < Duration::from_millis(300))
+    }
+}
+
 /// The longest silence of `moved` that the soft VFs of `peers` saw across its last move, ms.
 fn silence_seen_by_peers(peers: &[RunningVm], moved: &str) -> Option<f64> {
     use crate::companion::control::ControlClient;
@@ -754,6 +790,7 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
     let mut migration = None;
     // When this process first saw a job start on rank 0's console.
     let mut job_started: Option<Instant> = None;
+    let holds = HoldWatch::new(&serial, last);
     let console = loop {
         let c = Console::parse(&std::fs::read_to_string(&serial).unwrap_or_default());
         if c.done {
@@ -786,6 +823,7 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
                         super::qmp_driver::Precopy {
                             max_bandwidth: None,
                             at_least: opts.precopy_at_least,
+                            release_when: Some(&|| holds.just_began()),
                         },
                         opts.timeout,
                         ctl,

@@ -49,7 +49,7 @@ pub fn migrate(
     src: &QmpClient,
     dst: &QmpClient,
     uri: &str,
-    precopy: Precopy,
+    precopy: Precopy<'_>,
     timeout: Duration,
     companions: Option<(&Path, &Path)>,
 ) -> Result<MigrationSummary, QmpDriveError> {
@@ -84,7 +84,8 @@ pub fn migrate(
         if first_pass_done.is_none() && syncs.unwrap_or(0) >= 2 {
             first_pass_done = Some(Instant::now());
         }
-        if held.is_some_and(|d| first_pass_done.is_some_and(|t| t.elapsed() >= d)) {
+        let ready = || precopy.release_when.is_none_or(|f| f());
+        if held.is_some_and(|d| first_pass_done.is_some_and(|t| t.elapsed() >= d)) && ready() {
             src.migrate_set_parameters(json!({ "downtime-limit": DEFAULT_DOWNTIME_MS }))
                 .map_err(on("migrate-set-parameters", "source"))?;
             held = None;
@@ -127,8 +128,8 @@ pub fn migrate(
 }
 
 /// How the source's pre-copy is shaped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Precopy {
+#[derive(Default)]
+pub struct Precopy<'a> {
     /// QEMU's `max-bandwidth`, bytes/s; none: QEMU's own.
     pub max_bandwidth: Option<u64>,
     /// Keep pre-copy iterating at least this long after its first pass over RAM: QEMU's
@@ -137,6 +138,10 @@ pub struct Precopy {
     /// then sent once, in the first pass, and again only if the VF's writes reach QEMU's dirty
     /// log: what a negative control of that log needs.
     pub at_least: Option<Duration>,
+    /// With `at_least`: once it has passed, pre-copy is let converge only when this says so
+    /// (polled every 10 ms), e.g. when the guest has just begun what the test wants the VM
+    /// stopped in.
+    pub release_when: Option<&'a dyn Fn() -> bool>,
 }
 
 /// `downtime-limit` while [`Precopy::at_least`] holds pre-copy open, ms.

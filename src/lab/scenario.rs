@@ -601,7 +601,7 @@ fn migrate_a_by_qmp(
         &format!("tcp:{}:{}", job.hosts.addr(opts.vms), 4444),
         super::qmp_driver::Precopy {
             max_bandwidth: opts.max_bandwidth,
-            at_least: None,
+            ..Default::default()
         },
         opts.timeout,
         Some((&a.paths.control_socket, &dest.paths.control_socket)),

@@ -72,7 +72,12 @@ int main(int argc, char **argv) {
         MPI_Request rq[2];
         MPI_Irecv(in, (int)n, MPI_BYTE, prev, (int)(i & 0x7fff), MPI_COMM_WORLD, &rq[0]);
         MPI_Isend(out, (int)n, MPI_BYTE, next, (int)(i & 0x7fff), MPI_COMM_WORLD, &rq[1]);
-        if (hold_ms > 0) hold_for(hold_ms, scratch, dirty, (int)i);
+        if (hold_ms > 0) {
+            /* Said as each hold begins, so that a test can stop the VM inside one. */
+            printf("{\"tool\":\"mpi-ring\",\"rank\":%d,\"hold\":%ld}\n", rank, i);
+            fflush(stdout);
+            hold_for(hold_ms, scratch, dirty, (int)i);
+        }
         MPI_Waitall(2, rq, MPI_STATUSES_IGNORE);
         fill(want, n, prev, i);
         if (memcmp(in, want, n) != 0) errors++;
