@@ -72,6 +72,18 @@ fn ring_reference(ranks: usize, ring: RingJob) -> String {
     v.checksum
 }
 
+/// NetPIPE's job ended well, with every size up to the largest, each with a time and a
+/// throughput; its first and last points.
+fn netpipe_checked(r: &mpi::MpiReport) -> (mpi::NetpipePoint, mpi::NetpipePoint) {
+    let job = r.netpipe_job.as_ref().expect("the netpipe job ran");
+    assert_eq!(job.exit, Some(0), "mpirun NPopenmpi:\n{}", job.output);
+    let last = *r.netpipe.last().expect("NetPIPE printed no result line");
+    assert_eq!(last.bytes, NETPIPE_MAX, "{:?}", r.netpipe);
+    // (Throughput rounds to 0.00 Mbit/s for the smallest messages under TCG.)
+    assert!(r.netpipe.iter().all(|p| p.usec > 0.0) && last.mbps > 0.0);
+    (r.netpipe[0], last)
+}
+
 /// HPCC, then mpi-ring and NetPIPE, on `vms` VMs on the vfmig provider; the last VM migrates
 /// during HPCC, its VF handed over by its companions unless `handoff` is false.
 fn options(dir: &RunDir, vms: usize, handoff: bool) -> MpiRunOptions {
@@ -170,16 +182,10 @@ fn hpcc_mpi_ring_and_netpipe_run_unmodified_on_the_vfmig_provider_across_a_migra
     assert_eq!((v.errors, v.ranks), (0, vms as u32), "{v:?}");
     assert_eq!(v.checksum, reference, "{v:?}");
 
-    // NetPIPE: every size up to the largest, each with a time and a throughput.
-    let job = r.netpipe_job.as_ref().expect("the netpipe job ran");
-    assert_eq!(job.exit, Some(0), "mpirun NPopenmpi:\n{}", job.output);
-    let last = r.netpipe.last().expect("NetPIPE printed no result line");
-    assert_eq!(last.bytes, NETPIPE_MAX, "{:?}", r.netpipe);
-    // (Throughput rounds to 0.00 Mbit/s for the smallest messages under TCG.)
-    assert!(r.netpipe.iter().all(|p| p.usec > 0.0) && last.mbps > 0.0);
+    let (first, last) = netpipe_checked(&r);
     eprintln!(
         "NetPIPE over vfmig: {:.1} us at {} B, {:.1} Mbit/s at {} B",
-        r.netpipe[0].usec, r.netpipe[0].bytes, last.mbps, last.bytes
+        first.usec, first.bytes, last.mbps, last.bytes
     );
 }
 
@@ -353,20 +359,10 @@ fn netpipe_runs_on_while_one_of_its_two_vms_migrates() {
     assert_eq!(m.status, "completed");
     let t = m.vf_takeover.as_ref().expect("the VF was handed over");
     assert!(t.qps > 0, "no QP of the provider moved: {t:?}");
-    let job = r.netpipe_job.as_ref().expect("the netpipe job ran");
-    assert_eq!(job.exit, Some(0), "mpirun NPopenmpi:\n{}", job.output);
-    let last = r.netpipe.last().expect("NetPIPE printed no result line");
-    assert_eq!(last.bytes, NETPIPE_MAX, "{:?}", r.netpipe);
-    assert!(r.netpipe.iter().all(|p| p.usec > 0.0) && last.mbps > 0.0);
+    let (first, last) = netpipe_checked(&r);
     eprintln!(
         "NetPIPE across a migration ({} ms, downtime {} ms, VF blackout {:.1} ms): {:.1} us at \
          {} B, {:.1} Mbit/s at {} B",
-        m.total_ms,
-        m.downtime_ms,
-        t.blackout_ms,
-        r.netpipe[0].usec,
-        r.netpipe[0].bytes,
-        last.mbps,
-        last.bytes
+        m.total_ms, m.downtime_ms, t.blackout_ms, first.usec, first.bytes, last.mbps, last.bytes
     );
 }
