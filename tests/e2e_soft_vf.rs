@@ -44,14 +44,20 @@ fn options(workload: Workload, strategy: Option<Strategy>, dir: &RunDir) -> Scen
     }
 }
 
+/// `workload` run without migration, every rank with its checksum.
+fn run_without_migration(workload: Workload, name: &str) -> ScenarioReport {
+    let dir = RunDir::new(name);
+    let r = scenario::run(&options(workload, None, &dir), &mut Quiet)
+        .unwrap_or_else(|e| panic!("{name} run: {e}"));
+    assert!(r.checksums.values().all(Option::is_some), "{r:?}");
+    r
+}
+
 /// The lu-lite run without migration, shared by the tests that compare with it.
 fn reference() -> &'static ScenarioReport {
     static REFERENCE: OnceLock<ScenarioReport> = OnceLock::new();
     REFERENCE.get_or_init(|| {
-        let dir = RunDir::new("lu-lite-reference");
-        let r = scenario::run(&options(Workload::LuLite, None, &dir), &mut Quiet)
-            .expect("reference run");
-        assert!(r.checksums.values().all(Option::is_some), "{r:?}");
+        let r = run_without_migration(Workload::LuLite, "lu-lite-reference");
         assert_eq!(r.lost_ops, 0);
         r
     })
@@ -182,13 +188,7 @@ fn lu_lite_negative_control_without_tracking_changes_the_result() {
 /// msg-ring without migration, shared by the tests that compare with it (as lu-lite's).
 fn msg_ring_reference() -> &'static ScenarioReport {
     static REFERENCE: OnceLock<ScenarioReport> = OnceLock::new();
-    REFERENCE.get_or_init(|| {
-        let dir = RunDir::new("msg-ring-reference");
-        let r = scenario::run(&options(Workload::MsgRing, None, &dir), &mut Quiet)
-            .expect("msg-ring reference run");
-        assert!(r.checksums.values().all(Option::is_some), "{r:?}");
-        r
-    })
+    REFERENCE.get_or_init(|| run_without_migration(Workload::MsgRing, "msg-ring-reference"))
 }
 
 /// msg-ring with `a` migrated under `strategy`; `checksum_match` against the shared reference.
