@@ -367,6 +367,8 @@ impl Device {
             return Err(DeviceError::Released);
         }
         let started = Instant::now();
+        // A TX drain that began before the quiesce finishes first: its posts are in the copy.
+        let _tx = guest.hold_tx();
         let vf = persist.export_state()?;
         let frames = guest.take_waiting();
         let rx_frames: Vec<String> = frames.iter().map(|f| control::to_hex(f)).collect();
@@ -806,6 +808,29 @@ pub(crate) mod tests {
         assert!(!src_dma.gate_state().quiesced);
         src.release();
         dst.release();
+    }
+
+    #[test]
+    fn an_export_waits_for_a_tx_drain_that_began_before_the_quiesce() {
+        let (src, _, src_guest) = soft_handle("m");
+        // The vring worker is taking the guest's TX frames (their posts reach the VF).
+        let turn = src_guest.tx_turn().expect("not quiesced yet");
+        src.quiesce("GET_VRING_BASE");
+        std::thread::scope(|s| {
+            let export = s.spawn(|| src.export(&src_guest).map(|e| e.vf.qps.len()));
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                !export.is_finished(),
+                "the state was copied while a post could still reach the VF"
+            );
+            // The drain's post lands, then the turn ends: the copy has it.
+            src.verbs().unwrap().create_qp().unwrap();
+            drop(turn);
+            assert_eq!(export.join().unwrap().unwrap(), 1);
+        });
+        // Quiesced, the worker gets no turn: the frames wait for the destination.
+        assert!(src_guest.tx_turn().is_none());
+        src.release();
     }
 
     #[test]

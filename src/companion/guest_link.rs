@@ -248,8 +248,12 @@ pub struct GuestLink {
     /// Posts refused by the budget.
     refused_posts: AtomicU64,
     /// Whether the vring worker left TX frames in the guest's ring because the RX queue was
-    /// full.
+    /// full, or because the device was quiesced.
     tx_paused: AtomicBool,
+    /// The vring worker's turn at the guest's TX ring: held while it takes frames (their
+    /// posts reach the VF), and by an export, so that no post lands in the VF after its
+    /// state was copied for the destination.
+    tx_turn: Mutex<()>,
 }
 
 impl GuestLink {
@@ -268,6 +272,7 @@ impl GuestLink {
             budget: Mutex::new(Budget::default()),
             refused_posts: AtomicU64::new(0),
             tx_paused: AtomicBool::new(false),
+            tx_turn: Mutex::new(()),
         });
         if link.vf.is_some() {
             let l = link.clone();
@@ -364,6 +369,27 @@ impl GuestLink {
     pub fn owe_tx_drain(&self) {
         self.tx_paused.store(true, Ordering::Relaxed);
         let _ = self.rx_event.write(1);
+    }
+
+    /// Takes the vring worker's turn at the guest's TX ring, unless the device is quiesced.
+    /// Quiesced (switchover), the guest's TX frames stay in its ring: the destination takes
+    /// them (its import owes them a drain), or this companion does once the device resumes.
+    /// A post taken here after the VF's state was exported would be lost with the frozen
+    /// copy, and the guest would wait for its completion for ever.
+    pub fn tx_turn(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        let turn = self.tx_turn.lock();
+        if self.dma.gate_state().quiesced {
+            // Taken on the first idle turn after a resume (see `owes_wakeup`).
+            self.tx_paused.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(turn)
+    }
+
+    /// Waits until the vring worker has finished taking TX frames, and keeps it from taking
+    /// more while the guard lives (the device is quiesced: it takes none after either).
+    pub fn hold_tx(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.tx_turn.lock()
     }
 
     /// Queues a frame for the guest.

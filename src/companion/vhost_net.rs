@@ -135,6 +135,10 @@ impl NetBackend {
     /// Takes every frame the guest queued for transmission: vfmig frames go to the guest
     /// link, others are counted and dropped.
     fn drain_tx(&self, vring: &VringRwLock<GuestRam>) -> io::Result<()> {
+        // Quiesced, the frames stay in the guest's ring for whoever runs the VM next.
+        let Some(_turn) = self.guest.tx_turn() else {
+            return Ok(());
+        };
         let mem = self.dma.ram().memory();
         let mut state = vring.get_mut();
         // Each frame may queue a reply for the guest; take no more than there is room for.
@@ -453,6 +457,28 @@ mod tests {
         let (net, guest, vrings, ram) = one_frame_in_the_tx_ring();
         // The guest kicked for its frame at the source; here the import owes it a drain.
         guest.owe_tx_drain();
+        net.handle_event(RX_PENDING_EVENT, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(used(&ram), 1, "the frame was left in the guest's ring");
+        assert_eq!(guest.stats().frames_from_guest, 1);
+    }
+
+    #[test]
+    fn tx_frames_kicked_before_the_switchover_stay_in_the_guest_ring_until_the_device_resumes() {
+        let (net, guest, vrings, ram) = one_frame_in_the_tx_ring();
+        // The guest kicked before its vCPUs stopped; the worker gets to the kick only after
+        // GET_VRING_BASE quiesced the device (and the VF state may be exported already).
+        net.dma.quiesce();
+        net.handle_event(TX_QUEUE, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(
+            used(&ram),
+            0,
+            "a frame taken now would be lost with the frozen copy"
+        );
+        assert_eq!(guest.stats().frames_from_guest, 0);
+        // The migration failed: the device resumes, and the next turn takes the frame.
+        net.dma.resume();
         net.handle_event(RX_PENDING_EVENT, EventSet::IN, &vrings, 0)
             .unwrap();
         assert_eq!(used(&ram), 1, "the frame was left in the guest's ring");
