@@ -242,6 +242,12 @@ pub enum Message {
         /// The number asked for.
         qp: u32,
     },
+    /// Guest: destroy a QP: its posted requests are dropped without completions, and a
+    /// peer's requests to it are answered as for a QP never created. Reply value: 0.
+    DestroyQp {
+        /// The QP.
+        qp: u32,
+    },
     /// Guest: connect a QP to a peer VM's QP. Reply value: 0.
     ConnectQp {
         /// Local QP.
@@ -301,6 +307,7 @@ const K_POST_SEND: u8 = 6;
 const K_POST_RECV: u8 = 7;
 const K_EVENT_ACK: u8 = 8;
 const K_CREATE_QP_AT: u8 = 9;
+const K_DESTROY_QP: u8 = 0x0a;
 const K_REPLY: u8 = 0x81;
 const K_COMPLETIONS: u8 = 0x82;
 const K_EVENT: u8 = 0x83;
@@ -383,6 +390,10 @@ pub fn encode(f: &Frame) -> Vec<u8> {
         Message::CreateQpAt { qp } => {
             w.u32(*qp);
             K_CREATE_QP_AT
+        }
+        Message::DestroyQp { qp } => {
+            w.u32(*qp);
+            K_DESTROY_QP
         }
         Message::ConnectQp { qp, peer, peer_qp } => {
             w.u32(*qp);
@@ -642,6 +653,7 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
         K_DEREG_MR => Message::DeregMr { key: r.u32()? },
         K_CREATE_QP => Message::CreateQp,
         K_CREATE_QP_AT => Message::CreateQpAt { qp: r.u32()? },
+        K_DESTROY_QP => Message::DestroyQp { qp: r.u32()? },
         K_CONNECT_QP => {
             let qp = r.u32()?;
             let peer_qp = r.u32()?;
@@ -753,6 +765,7 @@ mod tests {
             Message::DeregMr { key: 4 },
             Message::CreateQp,
             Message::CreateQpAt { qp: 0x8000_0007 },
+            Message::DestroyQp { qp: 0x8000_0007 },
             Message::ConnectQp {
                 qp: 1,
                 peer: "rank-2".into(),

@@ -163,6 +163,14 @@ impl Budget {
         }
     }
 
+    /// Frees everything of a destroyed QP: its posts will never complete.
+    fn forget_qp(&mut self, qp: u32) {
+        if let Some((sends, recvs)) = self.qps.remove(&qp) {
+            self.send_bytes -= sends.iter().sum::<u64>();
+            self.recvs -= u64::from(recvs);
+        }
+    }
+
     /// Frees a send the VF refused (it completes nothing).
     fn unpost_send(&mut self, qp: u32) {
         if let Some((sends, _)) = self.qps.get_mut(&qp) {
@@ -580,6 +588,10 @@ impl GuestLink {
             proto::Message::DeregMr { key } => Some(vf.deregister_mr(key).map(|_| 0)),
             proto::Message::CreateQp => Some(vf.create_qp().map(u64::from)),
             proto::Message::CreateQpAt { qp } => Some(vf.create_qp_at(qp).map(u64::from)),
+            proto::Message::DestroyQp { qp } => Some(vf.destroy_qp(qp).map(|()| {
+                self.budget.lock().forget_qp(qp);
+                0
+            })),
             proto::Message::ConnectQp { qp, peer, peer_qp } => {
                 Some(vf.connect_qp(qp, &peer, peer_qp).map(|_| 0))
             }
@@ -890,6 +902,9 @@ mod tests {
         fn create_qp_at(&self, qp: u32) -> Result<u32, VerbsError> {
             Ok(qp)
         }
+        fn destroy_qp(&self, _: u32) -> Result<(), VerbsError> {
+            Ok(())
+        }
         fn connect_qp(&self, _: u32, _: &str, _: u32) -> Result<(), VerbsError> {
             Ok(())
         }
@@ -988,6 +1003,26 @@ mod tests {
             (100, proto::Status::LocalLengthError)
         );
         assert_eq!(vf.sends.lock().len(), held + 1);
+    }
+
+    #[test]
+    fn a_destroyed_qp_gives_back_the_room_its_posts_held() {
+        let vf = Arc::new(Unreachable::default());
+        let link = GuestLink::new(Some(vf.clone()), dma()).unwrap();
+        let held = (MAX_SEND_BYTES / (8 << 20)) as u32;
+        for i in 0..held {
+            link.on_frame(&post_send(i, 1, u64::from(i), 8 << 20));
+        }
+        link.on_frame(&post_send(50, 2, 50, 8 << 20));
+        assert_eq!(completions(&link, 1)[0].status, proto::Status::Flushed);
+        // QP 1 goes, with its sends that never completed: their bytes are free again.
+        link.on_frame(&command(51, proto::Message::DestroyQp { qp: 1 }));
+        let reply = proto::decode(&link.next_for_guest().unwrap()).unwrap();
+        assert_eq!(reply.seq, 51);
+        assert!(matches!(reply.msg, proto::Message::Reply { status: 0, .. }));
+        link.on_frame(&post_send(52, 2, 52, 8 << 20));
+        assert_eq!(vf.sends.lock().len(), held as usize + 1);
+        assert_eq!(link.refused_posts(), 1);
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub(super) fn guest() -> Vec<Vec<u8>> {
                 event: proto::Event::Suspend,
             },
         ),
+        command(11, proto::Message::DestroyQp { qp: 2 }),
     ];
     let mut out = vec![join_pieces(&session)];
     out.extend(session.iter().map(|f| join_pieces(std::slice::from_ref(f))));

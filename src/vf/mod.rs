@@ -48,6 +48,8 @@ pub trait Vf: Send + Sync {
     fn create_qp(&self) -> Result<u32, VerbsError>;
     /// A new QP numbered `qp`, refused if 0 or in use.
     fn create_qp_at(&self, qp: u32) -> Result<u32, VerbsError>;
+    /// Destroys a QP: its posted requests are dropped without completions.
+    fn destroy_qp(&self, qp: u32) -> Result<(), VerbsError>;
     /// Connects a QP to a peer VM's QP.
     fn connect_qp(&self, qp: u32, peer_vm: &str, peer_qp: u32) -> Result<(), VerbsError>;
     /// Posts a send work request (WRITE, WRITE_WITH_IMM, SEND).

@@ -557,7 +557,7 @@ mod tests {
                     "generator": generator,
                     "soft_vf": {
                         "requests_sent": 5, "requests_replayed": 0, "requests_applied": 4,
-                        "duplicates": 0, "held": 3, "malformed_frames": 0,
+                        "duplicates": 0, "held": 3, "qps": 2, "malformed_frames": 0,
                         "qps_lost": 0, "gone_refused": 0,
                         "peer_moves": [{"vm": "b", "silent_ms": 12.5}],
                     },

@@ -102,6 +102,21 @@ impl SoftVf {
         Ok(qp)
     }
 
+    /// Destroys a QP: its posted sends and receives are dropped without completions (acks
+    /// that come for them later find no QP), and a peer's requests to it are answered
+    /// "receiver not ready", as for a QP not created yet. Its number may be created again.
+    pub fn destroy_qp(&self, qp: u32) -> Result<(), VerbsError> {
+        {
+            let mut st = self.inner.state.lock();
+            let q = st.qps.remove(&qp).ok_or(VerbsError::NoSuchQp(qp))?;
+            for p in q.unacked {
+                st.spare.give_frame(p.frame);
+            }
+        }
+        self.inner.rx.lock().forget(qp);
+        Ok(())
+    }
+
     /// Connects a QP to a peer VM's QP; the peer must be in the cluster map.
     pub fn connect_qp(&self, qp: u32, peer_vm: &str, peer_qp: u32) -> Result<(), VerbsError> {
         if !self.inner.book.lock().contains_key(peer_vm) {
@@ -191,6 +206,10 @@ impl Vf for SoftVf {
     fn create_qp_at(&self, qp: u32) -> Result<u32, VerbsError> {
         self.qp_room()?;
         SoftVf::create_qp_at(self, qp)
+    }
+
+    fn destroy_qp(&self, qp: u32) -> Result<(), VerbsError> {
+        SoftVf::destroy_qp(self, qp)
     }
 
     fn arrival(&self, qp: u32, wr_id: u64) -> Option<std::time::Instant> {

@@ -20,6 +20,9 @@ pub struct SoftVfStats {
     pub duplicates: u64,
     /// Requests held now for unreachable peers.
     pub held: u64,
+    /// QPs the VF holds now: created, and not yet destroyed by the guest (an endpoint that
+    /// closes destroys its QPs).
+    pub qps: u64,
     /// Malformed frames dropped.
     pub malformed_frames: u64,
     /// QPs failed because their peer's VF state was gone (a new epoch, or `Gone`).
@@ -99,14 +102,11 @@ impl SoftVf {
     /// Counters.
     pub fn stats(&self) -> SoftVfStats {
         let mut s = self.inner.stats.lock().clone();
-        s.held = self
-            .inner
-            .state
-            .lock()
-            .qps
-            .values()
-            .map(|q| q.unacked.len() as u64)
-            .sum();
+        {
+            let st = self.inner.state.lock();
+            s.held = st.qps.values().map(|q| q.unacked.len() as u64).sum();
+            s.qps = st.qps.len() as u64;
+        }
         s.peer_moves = self.inner.heard.lock().moves();
         s
     }

@@ -50,6 +50,13 @@ pub(super) struct PauseAfterDma {
     pub(super) go_on: std::sync::mpsc::Receiver<()>,
 }
 
+impl Receive {
+    /// A destroyed QP's receive side goes with it.
+    pub(super) fn forget(&mut self, qp: u32) {
+        self.qps.remove(&qp);
+    }
+}
+
 /// A local QP's receive side, beside its PSNs.
 #[derive(Default)]
 struct RxQp {

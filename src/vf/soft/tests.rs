@@ -1408,3 +1408,43 @@ fn the_guest_adds_no_qp_beyond_what_a_state_carries_through_a_migration() {
     a.vf.inner.state.lock().qps.remove(&1);
     assert!(Vf::create_qp_at(&a.vf, 0x8000_0001).is_ok());
 }
+
+#[test]
+fn a_destroyed_qp_leaves_nothing_behind_and_both_numbers_can_be_used_again() {
+    let (a, b, qa, qb, ka, kb) = pair();
+    b.vf.post_recv(
+        qb,
+        RecvWr {
+            wr_id: 7,
+            sge: Sge {
+                addr: BUF_VA,
+                len: 64,
+                lkey: kb,
+            },
+        },
+    )
+    .unwrap();
+    b.vf.destroy_qp(qb).unwrap();
+    a.vf.destroy_qp(qa).unwrap();
+    for (vf, q) in [(&a.vf, qa), (&b.vf, qb)] {
+        assert!(!vf.inner.state.lock().qps.contains_key(&q));
+        assert!(matches!(vf.destroy_qp(q), Err(VerbsError::NoSuchQp(n)) if n == q));
+        assert!(matches!(
+            vf.post_send(q, write_wr(1, ka, kb, 8, 0, None)),
+            Err(VerbsError::NoSuchQp(_))
+        ));
+    }
+    // The dropped receive completes nothing.
+    assert!(b.vf.wait_cq(1, Duration::from_millis(100)).is_empty());
+    // Both ends create the same numbers again: fresh QPs, fresh sequence numbers.
+    assert_eq!(a.vf.create_qp_at(qa).unwrap(), qa);
+    assert_eq!(b.vf.create_qp_at(qb).unwrap(), qb);
+    a.vf.connect_qp(qa, "b", qb).unwrap();
+    b.vf.connect_qp(qb, "a", qa).unwrap();
+    a.dma.write(BUF_GPA, b"again").unwrap();
+    a.vf.post_send(qa, write_wr(2, ka, kb, 5, 0x80, None))
+        .unwrap();
+    let c = one(&a.vf);
+    assert_eq!((c.wr_id, c.status), (2, Status::Success));
+    assert_eq!(b.dma.read(BUF_GPA + 0x80, 5).unwrap(), b"again");
+}

@@ -49,6 +49,10 @@ impl Vf for VfioVerbs {
         self.refuse()
     }
 
+    fn destroy_qp(&self, _: u32) -> Result<(), VerbsError> {
+        self.refuse()
+    }
+
     fn connect_qp(&self, _: u32, _: &str, _: u32) -> Result<(), VerbsError> {
         self.refuse()
     }
