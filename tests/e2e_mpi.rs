@@ -187,6 +187,17 @@ fn hpcc_mpi_ring_and_netpipe_run_unmodified_on_the_vfmig_provider_across_a_migra
         "NetPIPE over vfmig: {:.1} us at {} B, {:.1} Mbit/s at {} B",
         first.usec, first.bytes, last.mbps, last.bytes
     );
+
+    // Three jobs came and went: each closed its endpoints, and with them its QPs, on the
+    // migrated VM's destination too. A VF that kept them would carry them through every
+    // later migration, until the guest could make no more.
+    eprintln!("QPs left after the jobs: {:?}", r.qps_left);
+    assert_eq!(r.qps_left.len(), vms, "{:?}", r.qps_left);
+    assert!(
+        r.qps_left.values().all(|n| *n == Some(0)),
+        "QPs the ranks left behind: {:?}",
+        r.qps_left
+    );
 }
 
 /// The negative control: the destination's companion does not take the VF over, so the QPs

@@ -97,6 +97,9 @@ int vfmig_dereg_mr(const vfmig_dev *dev, uint32_t key);
 /* Creates a QP (its number goes to *qp) and connects it to QP `peer_qp` of VM `peer`. */
 int vfmig_create_qp(const vfmig_dev *dev, uint32_t *qp);
 int vfmig_connect_qp(const vfmig_dev *dev, uint32_t qp, const char *peer, uint32_t peer_qp);
+/* Destroys a QP: its posted work requests are dropped without completions. The VF keeps a QP
+ * (and carries it through every migration) until it is destroyed. */
+int vfmig_destroy_qp(const vfmig_dev *dev, uint32_t qp);
 
 /* Work requests: fire and forget; the outcome is a completion carrying wr_id.
  * A WRITE with immediate (has_imm != 0) consumes one of the peer's receives. */

@@ -659,8 +659,24 @@ impl Channel {
 
 impl Drop for Channel {
     fn drop(&mut self) {
-        // The regions go with the VF's other state when the device closes; the chunks stay
-        // pinned until then, so a late receive never lands in freed memory.
+        // The QPs go first, with the receives they hold in the slots: the VF keeps a QP
+        // until it is destroyed (and carries it through every migration), so an endpoint
+        // that closes gives its QPs back. A companion that does not answer is not asked
+        // again for the next one.
+        for p in &self.peers {
+            if let Err(e) = self.dev.destroy_qp(p.qp) {
+                eprintln!(
+                    "vfmig: QP {:#x} toward {} was not destroyed: {e}; the VF keeps it",
+                    p.qp, p.addr
+                );
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    break;
+                }
+            }
+        }
+        // A region goes after the QPs whose receives pointed into it: a receive left on a
+        // QP that stayed finds no region, and a region that stays keeps its chunk pinned, so
+        // nothing lands in freed memory.
         for (buf, key) in self.pool.chunks.drain(..) {
             if self.dev.deregister(key).is_ok() {
                 drop(buf);
@@ -853,6 +869,22 @@ mod tests {
             log.sends_without_receive, 0,
             "credits keep a receive ready for every send"
         );
+    }
+
+    #[test]
+    fn a_closed_channel_gives_its_qps_back_to_the_vf() {
+        let Some((fabric, mut chs)) = two() else {
+            return;
+        };
+        let b = chs[1].addr().clone();
+        let a = chs[0].addr().clone();
+        chs[0].connect(&b).unwrap();
+        chs[1].connect(&a).unwrap();
+        assert_eq!((fabric.qps("a"), fabric.qps("b")), (1, 1));
+        drop(chs.remove(0));
+        assert_eq!((fabric.qps("a"), fabric.qps("b")), (0, 1));
+        drop(chs);
+        assert_eq!(fabric.qps("b"), 0);
     }
 
     #[test]

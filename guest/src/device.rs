@@ -224,6 +224,7 @@ fn command_name(m: &Message) -> &'static str {
         Message::DeregMr { .. } => "DEREG_MR",
         Message::CreateQp => "CREATE_QP",
         Message::CreateQpAt { .. } => "CREATE_QP_AT",
+        Message::DestroyQp { .. } => "DESTROY_QP",
         Message::ConnectQp { .. } => "CONNECT_QP",
         Message::PostSend { .. } => "POST_SEND",
         Message::PostRecv { .. } => "POST_RECV",
@@ -433,6 +434,13 @@ impl Device {
         self.shared.call(Message::CreateQpAt { qp }, self.timeout)?;
         self.shared.own_qp(qp);
         Ok(qp)
+    }
+
+    /// Destroys QP `qp`: its posted requests are dropped without completions.
+    pub fn destroy_qp(&self, qp: u32) -> io::Result<()> {
+        self.shared.call(Message::DestroyQp { qp }, self.timeout)?;
+        lock(&self.shared.qps).remove(&qp);
+        Ok(())
     }
 
     /// Connects local QP `qp` to QP `peer_qp` of the VM named `peer`.

@@ -161,6 +161,16 @@ impl Fabric {
         self.0.lock().unwrap().suspend_after = Some((vm.to_string(), n));
     }
 
+    /// The QPs `vm` holds now.
+    pub fn qps(&self, vm: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .vms
+            .get(vm)
+            .map_or(0, |v| v.qps.len())
+    }
+
     /// What happened.
     pub fn log(&self) -> Log {
         self.0.lock().unwrap().log.clone()
@@ -256,6 +266,14 @@ impl Fabric {
                 } else {
                     vm.qps.insert(qp, Qp::default());
                     vm.reply(seq, 0, qp.into(), "");
+                }
+            }
+            Message::DestroyQp { qp } => {
+                let vm = st.vms.get_mut(me).unwrap();
+                if vm.qps.remove(&qp).is_some() {
+                    vm.reply(seq, 0, 0, "");
+                } else {
+                    vm.reply(seq, 1, 0, "no such QP");
                 }
             }
             Message::ConnectQp { qp, peer, peer_qp } => {

@@ -266,6 +266,15 @@ pub unsafe extern "C" fn vfmig_create_qp(d: *const VfmigDev, qp: *mut u32) -> c_
     })
 }
 
+/// Destroys `qp`: its posted work requests are dropped without completions.
+///
+/// # Safety
+/// `d` live (or NULL).
+#[no_mangle]
+pub unsafe extern "C" fn vfmig_destroy_qp(d: *const VfmigDev, qp: u32) -> c_int {
+    guard(-1, || status(dev(d)?.destroy_qp(qp)))
+}
+
 /// Connects local `qp` to QP `peer_qp` of the VM named `peer`.
 ///
 /// # Safety
@@ -450,6 +459,7 @@ mod tests {
             let msg = CStr::from_ptr(vfmig_last_error()).to_str().unwrap();
             assert!(!msg.is_empty());
             assert_eq!(vfmig_create_qp(std::ptr::null(), std::ptr::null_mut()), -1);
+            assert_eq!(vfmig_destroy_qp(std::ptr::null(), 1), -1);
             let mut wc = [VfmigWc::default(); 2];
             assert_eq!(vfmig_poll_cq(std::ptr::null(), wc.as_mut_ptr(), 2), -1);
             assert!(vfmig_buf_alloc(0).is_null());

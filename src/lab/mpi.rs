@@ -540,6 +540,10 @@ pub struct MpiReport {
     /// VF's blackout ([`crate::orchestrator::summary::Takeover::blackout_ms`]) and whatever
     /// time the application itself sent nothing around it.
     pub peer_silence_ms: Option<f64>,
+    /// The QPs each VM's soft VF still held once every job had ended (vfmig provider
+    /// only; the migrated VM's is its destination's): an endpoint that closes destroys its
+    /// QPs, so each is 0 unless a rank leaked them. `None`: the companion could not be read.
+    pub qps_left: BTreeMap<String, Option<u64>>,
     /// Seconds from the first launch until every guest's driver had started its NIC.
     pub boot_secs: f64,
     /// Seconds of the whole run.
@@ -678,23 +682,27 @@ impl<'a> HoldWatch<'a> {
 
 /// The longest silence of `moved` that the soft VFs of `peers` saw across its last move, ms.
 fn silence_seen_by_peers(peers: &[RunningVm], moved: &str) -> Option<f64> {
-    use crate::companion::control::ControlClient;
     let silence_at = |vm: &RunningVm| {
-        let stats = ControlClient::connect(&vm.paths.control_socket, Duration::from_secs(5))
-            .and_then(|mut c| c.stats());
-        match stats {
-            Ok(s) => {
-                let moves = s.soft_vf?.peer_moves;
-                moves.into_iter().rev().find(|m| m.vm == moved)?.silent_ms
-            }
-            Err(e) => {
-                let vm = &vm.spec.name;
-                tracing::warn!(%vm, error = %e, "MPI run: cannot read a peer's companion");
-                None
-            }
-        }
+        let moves = soft_vf_stats(vm)?.peer_moves;
+        moves.into_iter().rev().find(|m| m.vm == moved)?.silent_ms
     };
     peers.iter().filter_map(silence_at).reduce(f64::max)
+}
+
+/// The counters of `vm`'s soft VF, read from its companion (`None`, with a warning, when it
+/// cannot be read).
+fn soft_vf_stats(vm: &RunningVm) -> Option<crate::vf::soft::SoftVfStats> {
+    use crate::companion::control::ControlClient;
+    let stats = ControlClient::connect(&vm.paths.control_socket, Duration::from_secs(5))
+        .and_then(|mut c| c.stats());
+    match stats {
+        Ok(s) => s.soft_vf,
+        Err(e) => {
+            let vm = &vm.spec.name;
+            tracing::warn!(%vm, error = %e, "MPI run: cannot read a companion");
+            None
+        }
+    }
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -863,6 +871,19 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
         (Some(_), Some(_)) => silence_seen_by_peers(&vms[..last], &guest_host(last)),
         _ => None,
     };
+    let qps_left = match &fabrics {
+        None => BTreeMap::new(),
+        Some(_) => {
+            let here = vms[..last]
+                .iter()
+                .chain(std::iter::once(match (&migration, &dest) {
+                    (Some(_), Some(d)) => d,
+                    _ => &vms[last],
+                }));
+            here.map(|vm| (vm.spec.name.clone(), soft_vf_stats(vm).map(|s| s.qps)))
+                .collect()
+        }
+    };
     Ok(MpiReport {
         hpcc_job: console.jobs.get("hpcc").cloned(),
         hpcc,
@@ -878,6 +899,7 @@ pub fn run(opts: &MpiRunOptions) -> Result<MpiReport, MpiError> {
         ring_job,
         migration,
         peer_silence_ms,
+        qps_left,
         boot_secs,
         wall_secs: start.elapsed().as_secs_f64(),
     })
