@@ -58,6 +58,9 @@ impl SoftVf {
 
     /// Drops a region.
     pub fn deregister_mr(&self, key: u32) -> Result<(), VerbsError> {
+        // A peer's request in progress has its pages in hand: it lands first, so nothing is
+        // written there once the guest has the reply (and may free them).
+        let _applying = self.inner.applying.lock();
         self.inner
             .state
             .lock()
@@ -106,6 +109,8 @@ impl SoftVf {
     /// that come for them later find no QP), and a peer's requests to it are answered
     /// "receiver not ready", as for a QP not created yet. Its number may be created again.
     pub fn destroy_qp(&self, qp: u32) -> Result<(), VerbsError> {
+        // As for a region: a request in progress for this QP lands before the reply.
+        let _applying = self.inner.applying.lock();
         {
             let mut st = self.inner.state.lock();
             let q = st.qps.remove(&qp).ok_or(VerbsError::NoSuchQp(qp))?;

@@ -533,6 +533,47 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_qp_or_region_the_guest_gives_back_is_free_only_once_a_write_into_it_has_landed() {
+        for destroy in [true, false] {
+            let (b, qp, key) = target("b", "a");
+            let (reached_tx, reached) = mpsc::channel();
+            let (go_on, go_on_rx) = mpsc::channel();
+            b.inner.rx.lock().pause_after_dma = Some(PauseAfterDma {
+                reached: reached_tx,
+                go_on: go_on_rx,
+            });
+            let applier = {
+                let inner = b.inner.clone();
+                std::thread::spawn(move || apply(&inner, "a", write(qp, 1, key)))
+            };
+            reached.recv_timeout(Duration::from_secs(5)).unwrap();
+            // The request is half-applied: the guest must not get its reply (and free the
+            // pages) before it has finished.
+            let (done_tx, done) = mpsc::channel();
+            let giver = {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let r = if destroy {
+                        b.destroy_qp(qp)
+                    } else {
+                        b.deregister_mr(key)
+                    };
+                    let _ = done_tx.send(());
+                    r
+                })
+            };
+            assert!(
+                done.recv_timeout(Duration::from_millis(200)).is_err(),
+                "given back (destroy: {destroy}) while a write into it was in progress"
+            );
+            go_on.send(()).unwrap();
+            done.recv_timeout(Duration::from_secs(5)).unwrap();
+            giver.join().unwrap().unwrap();
+            applier.join().unwrap();
+        }
+    }
+
+    #[test]
     fn a_request_after_a_gap_is_nakked_once_per_gap() {
         let (b, qp, key) = target("b", "a");
         assert!(is_ack(
