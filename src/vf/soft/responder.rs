@@ -489,9 +489,16 @@ pub(super) mod tests {
         matches!(o, Outcome::Ack(s) if *s == want)
     }
 
-    #[test]
-    fn quiesce_and_export_wait_for_a_whole_apply_not_only_its_dma() {
-        let (b, qp, key) = target("b", "a");
+    /// Applies a WRITE from `a` to `b`'s `qp` and pauses it after its DMA, before `finish`;
+    /// runs `call` meanwhile, which must not return within 200 ms (`what` says what returned
+    /// too early), then lets the apply go on. Returns the apply's outcome and `call`'s result.
+    fn call_mid_apply<R: Send + 'static>(
+        b: &SoftVf,
+        qp: u32,
+        key: u32,
+        what: &str,
+        call: impl FnOnce() -> R + Send + 'static,
+    ) -> (Outcome, R) {
         let (reached_tx, reached) = mpsc::channel();
         let (go_on, go_on_rx) = mpsc::channel();
         b.inner.rx.lock().pause_after_dma = Some(PauseAfterDma {
@@ -500,31 +507,37 @@ pub(super) mod tests {
         });
         let applier = {
             let inner = b.inner.clone();
-            std::thread::spawn(move || {
-                matches!(
-                    apply(&inner, "a", write(qp, 1, key)),
-                    Outcome::Ack(AckStatus::Ok)
-                )
-            })
+            std::thread::spawn(move || apply(&inner, "a", write(qp, 1, key)))
         };
         reached.recv_timeout(Duration::from_secs(5)).unwrap();
-        // The DMA has landed; the PSN has not moved yet. A quiesce now must wait.
         let (done_tx, done) = mpsc::channel();
-        let quiescer = {
-            let mut dev = b.clone();
-            std::thread::spawn(move || {
-                dev.quiesce().unwrap();
-                let _ = done_tx.send(());
-            })
-        };
+        let caller = std::thread::spawn(move || {
+            let r = call();
+            let _ = done_tx.send(());
+            r
+        });
         assert!(
             done.recv_timeout(Duration::from_millis(200)).is_err(),
-            "the quiesce returned while a request was half-applied"
+            "{what} returned while a request was half-applied"
         );
         go_on.send(()).unwrap();
         done.recv_timeout(Duration::from_secs(5)).unwrap();
-        quiescer.join().unwrap();
-        assert!(applier.join().unwrap(), "the request was applied and acked");
+        let r = caller.join().unwrap();
+        (applier.join().unwrap(), r)
+    }
+
+    #[test]
+    fn quiesce_and_export_wait_for_a_whole_apply_not_only_its_dma() {
+        let (b, qp, key) = target("b", "a");
+        // The DMA has landed; the PSN has not moved yet. A quiesce now must wait.
+        let mut dev = b.clone();
+        let (applied, ()) = call_mid_apply(&b, qp, key, "the quiesce", move || {
+            dev.quiesce().unwrap();
+        });
+        assert!(
+            is_ack(&applied, AckStatus::Ok),
+            "the request was applied and acked"
+        );
         let state = VfPersist::export_state(&b).unwrap();
         assert_eq!(
             state.qps[0].expected_psn, 2,
@@ -534,43 +547,16 @@ pub(super) mod tests {
 
     #[test]
     fn a_qp_or_region_the_guest_gives_back_is_free_only_once_a_write_into_it_has_landed() {
-        for destroy in [true, false] {
-            let (b, qp, key) = target("b", "a");
-            let (reached_tx, reached) = mpsc::channel();
-            let (go_on, go_on_rx) = mpsc::channel();
-            b.inner.rx.lock().pause_after_dma = Some(PauseAfterDma {
-                reached: reached_tx,
-                go_on: go_on_rx,
-            });
-            let applier = {
-                let inner = b.inner.clone();
-                std::thread::spawn(move || apply(&inner, "a", write(qp, 1, key)))
-            };
-            reached.recv_timeout(Duration::from_secs(5)).unwrap();
-            // The request is half-applied: the guest must not get its reply (and free the
-            // pages) before it has finished.
-            let (done_tx, done) = mpsc::channel();
-            let giver = {
-                let b = b.clone();
-                std::thread::spawn(move || {
-                    let r = if destroy {
-                        b.destroy_qp(qp)
-                    } else {
-                        b.deregister_mr(key)
-                    };
-                    let _ = done_tx.send(());
-                    r
-                })
-            };
-            assert!(
-                done.recv_timeout(Duration::from_millis(200)).is_err(),
-                "given back (destroy: {destroy}) while a write into it was in progress"
-            );
-            go_on.send(()).unwrap();
-            done.recv_timeout(Duration::from_secs(5)).unwrap();
-            giver.join().unwrap().unwrap();
-            applier.join().unwrap();
-        }
+        // The guest must not get its reply (and free the pages) before the write has landed.
+        let (b, qp, key) = target("b", "a");
+        let vf = b.clone();
+        let (_, destroyed) = call_mid_apply(&b, qp, key, "DESTROY_QP", move || vf.destroy_qp(qp));
+        destroyed.unwrap();
+        let (b, qp, key) = target("b", "a");
+        let vf = b.clone();
+        let (_, deregistered) =
+            call_mid_apply(&b, qp, key, "DEREG_MR", move || vf.deregister_mr(key));
+        deregistered.unwrap();
     }
 
     #[test]
